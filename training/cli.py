@@ -1,0 +1,74 @@
+"""`lora-train`: train a LoRA from a YAML config, or continue a stopped run.
+
+    lora-train CONFIG.yaml [--run-dir DIR]
+    lora-train --resume RUN_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines on stderr that do not tear the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lora-train", description="Train a LoRA for Stable Diffusion 1.x/2.x.")
+    parser.add_argument("config", nargs="?", type=Path, help="training config (YAML)")
+    parser.add_argument("--run-dir", type=Path, help="run directory (default: <workspace>/runs/<name>-<UTC time>)")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run from its latest checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines on stderr")
+    args = parser.parse_args(argv)
+    if (args.config is None) == (args.resume is None):
+        parser.error("give either CONFIG or --resume RUN_DIR")
+
+    # Library chatter (loading bars, optional-backend notices) would drown the run's own lines.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Imported here so that `lora-train --help` answers without loading torch.
+    from training.config import ConfigError, TrainingConfig
+    from training.trainer import RunAlreadyExists, run_training
+
+    try:
+        if args.resume:
+            config = TrainingConfig.load(args.resume / "config.yaml")
+            run_dir = args.resume
+        else:
+            config = TrainingConfig.load(args.config)
+            run_dir = args.run_dir
+    except ConfigError as exc:
+        print(f"lora-train: {exc}", file=sys.stderr)
+        return 2
+
+    if not args.quiet:
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.getLogger("training").addHandler(handler)
+    try:
+        result = run_training(config, run_dir, resume=args.resume is not None, progress=not args.quiet)
+    except RunAlreadyExists as exc:
+        print(f"lora-train: {exc}", file=sys.stderr)
+        return 2
+    if result.state == "failed":
+        print(f"lora-train: failed: {result.error}", file=sys.stderr)
+        return 1
+    if result.state == "stopped":
+        print(f"stopped at step {result.step}; continue with: lora-train --resume {result.run_dir}")
+        return 130
+    print(f"done: {result.lora_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

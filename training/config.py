@@ -1,0 +1,327 @@
+"""The training configuration: the only home of every default.
+
+Field names follow the LoRA training guide the product is built from (`rank`, `alpha`,
+`test_prompts`, `prior_loss_weight`, ...), with the kohya names accepted where the guide
+uses them (`network_dim`, `network_alpha`, `sample_prompts`, `prior_preservation_weight`).
+Values that depend on the model or the dataset (`resolution`, `steps`) may be left out and
+are filled in by `resolve()` once those are known; a run writes the resolved config.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_MODEL = "runwayml/stable-diffusion-v1-5"
+STEPS_PER_IMAGE = 100  # the guide: "Optimal Steps = 100 x number_of_images"
+
+LrScheduler = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+]
+Optimizer = Literal["adamw", "adamw8bit", "adafactor", "lion", "prodigy", "sgd"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+OutputFormat = Literal["kohya", "diffusers"]
+CropMode = Literal["center", "random"]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used, with one line per problem naming field, value and rule."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid training config: " + "; ".join(problems))
+
+
+class TrainingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    # --- what to train -------------------------------------------------------------------
+    name: str = Field(
+        description="Run and output name: letters, digits, '.', '_' or '-' (no '/' or '..'); "
+        "the LoRA is written as <name>.safetensors."
+    )
+    model_name: str = Field(
+        DEFAULT_MODEL,
+        description="Base model: a local diffusers folder, a .safetensors/.ckpt file, a Hugging Face id "
+        "already in the local HF cache, or a built-in id such as 'builtin:tiny-sd15'.",
+    )
+    base_model_config: str | None = Field(
+        None,
+        description="Only for a single-file model_name: a diffusers folder or built-in id of the same "
+        "architecture whose configs are used (offline, they cannot be fetched).",
+    )
+    dataset_path: str = Field(
+        description="Folder of images with same-named .txt captions; subfolders are concepts, "
+        "'N_name' folders repeat N times, a 'validation' folder is held out."
+    )
+    trigger_word: str | None = Field(
+        None, description="Unique token put first in every caption that lacks it, e.g. 'xyz_style'."
+    )
+    trigger_words: dict[str, str] = Field(
+        default_factory=dict,
+        description="Trigger word per concept subfolder ({folder: word}); a concept folder not listed "
+        "uses trigger_word, else its folder name (without the 'N_' repeat prefix).",
+    )
+
+    # --- resolution and data ---------------------------------------------------------------
+    resolution: int | None = Field(
+        None,
+        ge=64,
+        le=4096,
+        multiple_of=8,
+        description="Training resolution in pixels (64-4096, multiple of 8); default: the model's native size.",
+    )
+    enable_bucketing: bool = Field(True, description="Group images by aspect ratio instead of squaring them.")
+    crop: CropMode = Field("center", description="How an image is cropped to its bucket.")
+    flip_aug: bool = Field(False, description="Randomly mirror images left-right (not for asymmetric subjects).")
+    caption_dropout_rate: float = Field(0.0, ge=0.0, le=1.0, description="Share of steps trained with an empty caption.")
+    shuffle_captions: bool = Field(False, description="Shuffle the comma-separated tags of each caption.")
+    keep_tokens: int = Field(
+        1, ge=0, le=100, description="Leading comma-separated tags kept in place when shuffling (the trigger word)."
+    )
+    cache_latents: bool = Field(True, description="Encode every image with the VAE once before training.")
+    cache_latents_to_disk: bool = Field(
+        False, description="Keep cached latents on disk instead of in memory (for large datasets)."
+    )
+
+    # --- optimisation ----------------------------------------------------------------------
+    steps: int | None = Field(
+        None, ge=1, le=1_000_000, description="Optimizer steps; default 100 x the number of training images."
+    )
+    batch_size: int = Field(1, ge=1, le=256, description="Images per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=256, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(
+        2e-4,
+        gt=0.0,
+        le=10.0,
+        validation_alias=AliasChoices("learning_rate", "lr"),
+        description="Peak learning rate: 2e-4 default, 1e-4 conservative, 5e-5 fine-tuning; Prodigy wants 1.0.",
+    )
+    text_encoder_lr: float | None = Field(
+        None, gt=0.0, le=10.0, description="Learning rate of the text encoder LoRA; default learning_rate."
+    )
+    lr_scheduler: LrScheduler = Field("constant", description="Learning-rate schedule (diffusers' get_scheduler).")
+    lr_warmup_steps: int = Field(0, ge=0, description="Steps of linear warm-up (not used by 'constant').")
+    lr_scheduler_num_cycles: int = Field(
+        3, ge=1, le=100, description="Cosine cycles of cosine_with_restarts (other schedules ignore it)."
+    )
+    optimizer: Optimizer = Field(
+        "adamw", description="adamw8bit needs bitsandbytes, lion needs lion-pytorch, prodigy needs prodigyopt."
+    )
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping.")
+    mixed_precision: MixedPrecision = Field(
+        "no", description="fp16/bf16 autocast on CUDA; on CPU training runs in fp32 and this is recorded only."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    low_vram: bool = Field(
+        False,
+        description="Keep the VAE and text encoder off the GPU except while they encode (CUDA only; "
+        "recorded only on CPU).",
+    )
+    noise_offset: float = Field(0.0, ge=0.0, le=1.0, description="Per-channel noise offset (0.05-0.1 helps dark/bright images).")
+    min_snr_gamma: float | None = Field(None, gt=0.0, le=100.0, description="Min-SNR loss weighting gamma (5 is common).")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for LoRA init, data order, noise and samples.")
+
+    # --- the LoRA --------------------------------------------------------------------------
+    rank: int = Field(32, ge=1, le=1024, description="LoRA rank (dim): 4-8 simple styles, 16-32 standard, 64+ complex.")
+    alpha: float | None = Field(
+        None, gt=0.0, le=4096, description="LoRA alpha; the update is scaled by alpha / rank. Default: equal to rank."
+    )
+    network_dim: int | None = Field(None, ge=1, le=1024, description="kohya name of rank; wins over rank when both are given.")
+    network_alpha: float | None = Field(None, gt=0.0, le=4096, description="kohya name of alpha; wins over alpha.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout (0.1-0.3 against overfitting).")
+    train_text_encoder: bool = Field(False, description="Also train a LoRA on the text encoder's attention.")
+    clip_skip: int = Field(1, ge=1, le=12, description="Use the text encoder's n-th layer from the end (2 for anime models).")
+    max_token_length: Literal[75, 150, 225] = Field(
+        75, description="Caption tokens encoded (in 75-token chunks, as kohya does); longer captions are cut."
+    )
+
+    # --- DreamBooth-style prior preservation -----------------------------------------------
+    prior_preservation: bool = Field(False, description="Train on generated class images too, so the class keeps its look.")
+    prior_loss_weight: float = Field(
+        1.0,
+        ge=0.0,
+        le=10.0,
+        validation_alias=AliasChoices("prior_loss_weight", "prior_preservation_weight"),
+        description="Weight of the class-image loss (alias prior_preservation_weight).",
+    )
+    instance_prompt: str | None = Field(None, description="Caption for images that have no .txt, e.g. 'xyz_person person'.")
+    class_prompt: str | None = Field(None, description="Prompt for class images, e.g. 'person'. Needed by prior_preservation.")
+    class_data_dir: str | None = Field(
+        None, description="Folder of class images; missing ones are generated with the base model. Default: in the run."
+    )
+    num_class_images: int = Field(100, ge=1, le=10_000, description="Class images wanted in class_data_dir.")
+
+    # --- sampling, checkpoints, output ------------------------------------------------------
+    test_prompts: list[str] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("test_prompts", "sample_prompts"),
+        description="Prompts rendered before step 1 and every sample_every steps (alias sample_prompts).",
+    )
+    sample_every: int = Field(250, ge=1, description="Render test_prompts every N steps.")
+    sample_steps: int = Field(20, ge=1, le=200, description="Denoising steps per sample image.")
+    sample_guidance_scale: float = Field(7.5, ge=0.0, le=50.0, description="Classifier-free guidance of sample images.")
+    disable_sampling: bool = Field(False, description="Skip sample images entirely (faster).")
+    save_every: int = Field(250, ge=1, description="Save a resumable checkpoint every N steps.")
+    keep_last_n_checkpoints: int = Field(3, ge=0, description="Checkpoints kept; older ones are deleted (0 keeps all).")
+    resume_from: str | None = Field(
+        None,
+        description="Start from a previous LoRA: a run name, run directory, checkpoint or .safetensors file. "
+        "A smaller rank is zero-padded to this rank (progressive training).",
+    )
+    output_format: OutputFormat = Field(
+        "kohya", description="kohya (ComfyUI, A1111/Forge) or diffusers (peft layout); both load in diffusers."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if ".." in value or not _NAME_RE.match(value):
+            raise ValueError(
+                "must be 1-100 letters, digits, '.', '_' or '-', start with a letter or digit, "
+                "and contain no '/' or '..'"
+            )
+        return value
+
+    @field_validator("test_prompts")
+    @classmethod
+    def _prompts_not_blank(cls, value: list[str]) -> list[str]:
+        if any(not p.strip() for p in value):
+            raise ValueError("prompts must not be empty")
+        return value
+
+    @field_validator("trigger_word")
+    @classmethod
+    def _trigger_is_one_token(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or "," in value):
+            raise ValueError("must be a non-empty word without commas, e.g. 'xyz_style'")
+        return value.strip() if value else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingConfig:
+        if self.prior_preservation and not self.class_prompt:
+            raise ValueError(
+                "prior_preservation needs class_prompt: add class_prompt (the generic class, e.g. 'person'), "
+                "or set prior_preservation to false"
+            )
+        if self.crop == "random" and self.cache_latents:
+            raise ValueError(
+                "crop 'random' cannot be combined with cache_latents (a cached latent bakes in one crop): "
+                "set crop to 'center' or cache_latents to false"
+            )
+        return self
+
+    # --- derived values ----------------------------------------------------------------------
+    @property
+    def effective_rank(self) -> int:
+        return self.network_dim if self.network_dim is not None else self.rank
+
+    @property
+    def effective_alpha(self) -> float:
+        if self.network_alpha is not None:
+            return self.network_alpha
+        return self.alpha if self.alpha is not None else float(self.effective_rank)
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size * self.gradient_accumulation_steps
+
+    def warnings(self) -> list[str]:
+        """Things that are allowed but probably not what the user meant."""
+        found = []
+        if self.network_dim is not None and self.network_dim != self.rank and "rank" in self.model_fields_set:
+            found.append(f"rank={self.rank} and network_dim={self.network_dim} differ: network_dim wins")
+        if self.network_alpha is not None and self.alpha is not None and self.network_alpha != self.alpha:
+            found.append(f"alpha={self.alpha:g} and network_alpha={self.network_alpha:g} differ: network_alpha wins")
+        if self.cache_latents_to_disk and not self.cache_latents:
+            found.append("cache_latents_to_disk has no effect while cache_latents is false")
+        if self.lr_scheduler == "constant" and self.lr_warmup_steps:
+            found.append("lr_scheduler 'constant' ignores lr_warmup_steps: use 'constant_with_warmup'")
+        if self.disable_sampling and self.test_prompts:
+            found.append("disable_sampling is on: test_prompts will not be rendered")
+        return found
+
+    def resolve(self, *, native_resolution: int, num_images: int) -> TrainingConfig:
+        """The config a run actually uses: model- and dataset-dependent defaults filled in,
+        and the kohya names folded into rank/alpha."""
+        return self.model_copy(
+            update={
+                "resolution": self.resolution or native_resolution,
+                "steps": self.steps or max(1, STEPS_PER_IMAGE * num_images),
+                "rank": self.effective_rank,
+                "alpha": self.effective_alpha,
+                "network_dim": None,
+                "network_alpha": None,
+            }
+        )
+
+    # --- YAML ------------------------------------------------------------------------------
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError([_describe(err) for err in exc.errors()]) from None
+
+    @classmethod
+    def from_yaml(cls, text: str) -> TrainingConfig:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"not valid YAML: {exc}"]) from None
+        if not isinstance(data, dict):
+            raise ConfigError(["the file must hold a mapping of option: value"])
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainingConfig:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError([f"cannot read config file {path}: {exc.strerror}"]) from None
+        return cls.from_yaml(text)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    """One pydantic error as 'field = value: rule (allowed ...)'."""
+    loc = ".".join(str(part) for part in err["loc"]) or "config"
+    field = err["loc"][0] if err["loc"] else None
+    if err["type"] == "extra_forbidden":
+        return f"unknown option '{loc}' (check the spelling; see the config reference)"
+    if err["type"] == "missing":
+        return f"{loc} is required"
+    message = err["msg"].removeprefix("Value error, ")
+    if field is None:  # a rule across fields: its message names them
+        return message
+    text = f"{loc} = {err['input']!r}: {message}"
+    allowed = _allowed(field) if isinstance(field, str) else None
+    return f"{text} (allowed: {allowed})" if allowed else text
+
+
+def _allowed(field: str) -> str | None:
+    info = TrainingConfig.model_fields.get(field)
+    if info is None:
+        return None
+    bounds = {}
+    for meta in info.metadata:
+        for key in ("ge", "gt", "le", "lt", "multiple_of"):
+            if getattr(meta, key, None) is not None:
+                bounds[key] = getattr(meta, key)
+    if not bounds:
+        return None
+    low = f">= {bounds['ge']}" if "ge" in bounds else f"> {bounds['gt']}" if "gt" in bounds else None
+    high = f"<= {bounds['le']}" if "le" in bounds else f"< {bounds['lt']}" if "lt" in bounds else None
+    parts = [p for p in (low, high) if p]
+    if "multiple_of" in bounds:
+        parts.append(f"a multiple of {bounds['multiple_of']}")
+    return " and ".join(parts)

@@ -1,0 +1,174 @@
+"""Batches for the training step: bucketed samples, cached latents and text embeddings.
+
+A *record* is one image (dataset or class image); a *sample* is one appearance of a record in
+an epoch (a record with repeats N is N samples). Batches hold samples of one bucket. All
+randomness of a sample (flip, crop, caption dropout and shuffle) comes from a generator seeded
+by its position (seed, epoch, batch, slot), so resuming needs only that position.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from training.data.buckets import Bucket, BucketBatches, assign_bucket, make_buckets, square_bucket
+from training.data.captions import augment_caption
+from training.data.dataset import ImageRecord
+from training.data.images import load_pixels
+from training.prompts import encode_prompts
+
+if TYPE_CHECKING:
+    from training.config import TrainingConfig
+    from training.models.loading import BaseModel
+
+log = logging.getLogger("training")
+ENCODE_BATCH = 8  # images per VAE call while caching; text prompts per text-encoder call is 4x this
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # (batch, 4, height / 8, width / 8), scaled by the VAE's scaling factor
+    conditioning: torch.Tensor  # (batch, 75 * n + 2, hidden): text-encoder states of the captions
+    loss_weights: torch.Tensor  # (batch,): 1 for dataset images, prior_loss_weight for class images
+    files: list[str]  # the images, so a loss spike can be traced to its data
+
+
+class TrainingData:
+    def __init__(self, records: list[ImageRecord], base: BaseModel, config: TrainingConfig, latent_cache_dir: Path):
+        self.records = records
+        self._base = base
+        self._config = config
+        self._latent_cache_dir = latent_cache_dir
+        step = base.bucket_step
+        if config.enable_bucketing:
+            buckets = make_buckets(config.resolution, step)
+            self.record_buckets = [assign_bucket(r.size, buckets, step) for r in records]
+        else:
+            self.record_buckets = [square_bucket(config.resolution, step)] * len(records)
+        self.samples = [i for i, record in enumerate(records) for _ in range(record.repeats)]
+        self.batches = BucketBatches([self.record_buckets[i] for i in self.samples], config.batch_size, config.seed)
+        self.epoch, self.batch_index = 0, 0
+        self._epoch_batches = self.batches.epoch(0)
+        self._latents: dict[tuple[int, bool], torch.Tensor] = {}
+        self._text: dict[str, torch.Tensor] = {}
+        self._vae_generator = torch.Generator(base.vae.device).manual_seed(config.seed)
+        self._needs_rng = config.flip_aug or config.crop == "random" or config.caption_dropout_rate > 0 or config.shuffle_captions
+
+    # --- caches ----------------------------------------------------------------------------
+    @property
+    def text_is_static(self) -> bool:
+        """Captions map to fixed embeddings: the text encoder is frozen and tags are not shuffled."""
+        return not self._config.train_text_encoder and not self._config.shuffle_captions
+
+    def cache_latents(self) -> None:
+        """Encode every record (both orientations with flip_aug) once, by bucket, with the VAE."""
+        by_bucket: dict[Bucket, list[int]] = defaultdict(list)
+        for index, bucket in enumerate(self.record_buckets):
+            by_bucket[bucket].append(index)
+        flips = (False, True) if self._config.flip_aug else (False,)
+        to_disk = self._config.cache_latents_to_disk
+        if to_disk:
+            self._latent_cache_dir.mkdir(parents=True, exist_ok=True)
+        for bucket, indices in by_bucket.items():
+            for first in range(0, len(indices), ENCODE_BATCH):
+                chunk = indices[first : first + ENCODE_BATCH]
+                for flip in flips:
+                    pixels = [self._pixels(i, bucket, flip, rng=None) for i in chunk]
+                    latents = self._encode_pixels(pixels)
+                    for index, latent in zip(chunk, latents):
+                        if to_disk:
+                            torch.save(latent.cpu().clone(), self._latent_file(index, flip))
+                        else:
+                            self._latents[(index, flip)] = latent
+        where = f"on disk in {self._latent_cache_dir}" if to_disk else "in memory"
+        log.info("cached the latents of %d image(s) %s", len(self.records), where)
+
+    def cache_text(self) -> None:
+        captions = sorted({r.caption for r in self.records} | ({""} if self._config.caption_dropout_rate > 0 else set()))
+        step = ENCODE_BATCH * 4
+        with torch.no_grad():
+            for first in range(0, len(captions), step):
+                chunk = captions[first : first + step]
+                for caption, states in zip(chunk, self._encode_text(chunk)):
+                    self._text[caption] = states
+        log.info("cached the text-encoder states of %d caption(s)", len(captions))
+
+    # --- batches ---------------------------------------------------------------------------
+    def next_batch(self) -> Batch:
+        if self.batch_index >= len(self._epoch_batches):
+            self.epoch, self.batch_index = self.epoch + 1, 0
+            self._epoch_batches = self.batches.epoch(self.epoch)
+        samples = self._epoch_batches[self.batch_index]
+        position = (self._config.seed, self.epoch, self.batch_index)
+        self.batch_index += 1
+
+        records = [self.samples[s] for s in samples]
+        bucket = self.record_buckets[records[0]]
+        rngs = [np.random.default_rng([*position, slot]) if self._needs_rng else None for slot in range(len(records))]
+        flips = [bool(self._config.flip_aug and rng.random() < 0.5) for rng in rngs]
+        captions = [
+            augment_caption(
+                self.records[r].caption,
+                dropout_rate=self._config.caption_dropout_rate,
+                shuffle=self._config.shuffle_captions,
+                keep_tokens=self._config.keep_tokens,
+                rng=rng,
+            )
+            if rng is not None
+            else self.records[r].caption
+            for r, rng in zip(records, rngs)
+        ]
+        if self._config.cache_latents:
+            latents = torch.stack([self._cached_latent(r, flip) for r, flip in zip(records, flips)])
+        else:
+            with torch.no_grad():
+                latents = self._encode_pixels([self._pixels(r, bucket, f, rng) for r, f, rng in zip(records, flips, rngs)])
+        if self._text:
+            conditioning = torch.stack([self._text[c] for c in captions])
+        else:
+            conditioning = self._encode_text(captions)
+        weights = torch.tensor([self.records[r].loss_weight for r in records], device=latents.device)
+        return Batch(latents, conditioning, weights, [str(self.records[r].path) for r in records])
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch_index": self.batch_index}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.epoch, self.batch_index = state["epoch"], state["batch_index"]
+        self._epoch_batches = self.batches.epoch(self.epoch)
+
+    # --- encoding --------------------------------------------------------------------------
+    def _pixels(self, index: int, bucket: Bucket, flip: bool, rng: np.random.Generator | None) -> torch.Tensor:
+        random_crop = self._config.crop == "random"
+        return load_pixels(self.records[index].path, bucket, random_crop=random_crop, flip=flip, rng=rng)
+
+    def _encode_pixels(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        vae = self._base.vae
+        with torch.no_grad():
+            batch = torch.stack(pixels).to(vae.device, vae.dtype)
+            latents = vae.encode(batch).latent_dist.sample(self._vae_generator)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).float()
+
+    def _encode_text(self, captions: list[str]) -> torch.Tensor:
+        return encode_prompts(
+            self._base.tokenizer,
+            self._base.text_encoder,
+            captions,
+            max_token_length=self._config.max_token_length,
+            clip_skip=self._config.clip_skip,
+        )
+
+    def _latent_file(self, index: int, flip: bool) -> Path:
+        return self._latent_cache_dir / f"{index:06d}{'_flip' if flip else ''}.pt"
+
+    def _cached_latent(self, index: int, flip: bool) -> torch.Tensor:
+        if (index, flip) in self._latents:
+            return self._latents[(index, flip)]
+        return torch.load(self._latent_file(index, flip), weights_only=True).to(self._base.unet.device)

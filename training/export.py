@@ -1,0 +1,135 @@
+"""Writing LoRA files that ComfyUI, A1111/Forge and diffusers load.
+
+- kohya: `lora_unet_*` / `lora_te_*` keys with `.lora_down.weight`, `.lora_up.weight` and
+  `.alpha` (diffusers' own PEFT -> kohya conversion, with the SD 1.x/2.x `lora_te_` prefix and
+  the run's alpha, which that conversion sets to the rank).
+- diffusers: peft keys (`unet.<module>.lora_A.weight`) with the adapter config (rank, alpha,
+  targets) in the `lora_adapter_metadata` entry diffusers reads back.
+
+Both carry kohya's `ss_*` metadata, `modelspec.*` and the full training config as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+from safetensors.torch import save_file
+
+from training.lora import canonical_module_name, lora_components, lora_state_dict
+from training.workspace import atomic_output
+
+if TYPE_CHECKING:
+    from training.config import TrainingConfig
+    from training.data.dataset import DatasetIndex
+    from training.models.loading import BaseModel
+
+
+def export_lora(
+    path: Path,
+    base: BaseModel,
+    config: TrainingConfig,
+    *,
+    dataset: DatasetIndex,
+    step: int,
+    epoch: int,
+    started_at: float,
+) -> Path:
+    """Write the current adapters of `base` to `path` (atomically) in `config.output_format`."""
+    state = {}
+    for key, value in lora_state_dict(base.unet, base.text_encoder).items():
+        prefix, rest = key.split(".", 1)
+        module, suffix = rest.rsplit(".lora_", 1)
+        state[f"{prefix}.{canonical_module_name(prefix, module)}.lora_{suffix}"] = value.detach().float().cpu().contiguous()
+
+    metadata = training_metadata(base, config, dataset=dataset, step=step, epoch=epoch, started_at=started_at)
+    if config.output_format == "kohya":
+        tensors = {}
+        for key, value in convert_state_dict_to_kohya(state).items():
+            key = key.replace("lora_te1_", "lora_te_")  # SD 1.x/2.x have one text encoder: kohya's lora_te_
+            if key.endswith(".alpha"):
+                value = torch.tensor(float(config.alpha))
+            tensors[key] = value
+    else:
+        tensors = state
+        adapter_config = {}
+        for prefix, model in lora_components(base.unet, base.text_encoder).items():
+            for field, value in model.peft_config["default"].to_dict().items():
+                adapter_config[f"{prefix}.{field}"] = sorted(value) if isinstance(value, set) else value
+        metadata["lora_adapter_metadata"] = json.dumps(adapter_config, sort_keys=True, default=str)
+
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+def training_metadata(
+    base: BaseModel, config: TrainingConfig, *, dataset: DatasetIndex, step: int, epoch: int, started_at: float
+) -> dict[str, str]:
+    """kohya's ss_* keys and the SAI model spec, all strings as safetensors requires."""
+    resolution = f"{config.resolution}x{config.resolution}"
+    v2 = base.family == "sd2"
+    architecture = {
+        "sd_v1": "stable-diffusion-v1",
+        "sd_v2": "stable-diffusion-v2-512",
+        "sd_v2_v": "stable-diffusion-v2-768-v",
+    }[base.base_model_version]
+    now = datetime.now(UTC)
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(config.rank),
+        "ss_network_alpha": f"{config.alpha:g}",
+        "ss_network_dropout": f"{config.dropout:g}",
+        "ss_learning_rate": f"{config.learning_rate:g}",
+        "ss_unet_lr": f"{config.learning_rate:g}",
+        "ss_text_encoder_lr": f"{config.text_encoder_lr or config.learning_rate:g}" if config.train_text_encoder else "0",
+        "ss_optimizer": config.optimizer,
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_lr_warmup_steps": str(config.lr_warmup_steps),
+        "ss_max_train_steps": str(config.steps),
+        "ss_steps": str(step),
+        "ss_epoch": str(epoch),
+        "ss_num_epochs": str(epoch),
+        "ss_seed": str(config.seed),
+        "ss_batch_size_per_device": str(config.batch_size),
+        "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
+        "ss_mixed_precision": config.mixed_precision,
+        "ss_max_grad_norm": f"{config.max_grad_norm:g}",
+        "ss_base_model_version": base.base_model_version,
+        "ss_v2": str(v2),
+        "ss_sd_model_name": config.model_name,
+        "ss_resolution": f"({config.resolution}, {config.resolution})",
+        "ss_clip_skip": str(config.clip_skip),
+        "ss_max_token_length": str(config.max_token_length),
+        "ss_noise_offset": f"{config.noise_offset:g}",
+        "ss_min_snr_gamma": f"{config.min_snr_gamma:g}" if config.min_snr_gamma else "None",
+        "ss_caption_dropout_rate": f"{config.caption_dropout_rate:g}",
+        "ss_shuffle_caption": str(config.shuffle_captions),
+        "ss_keep_tokens": str(config.keep_tokens),
+        "ss_flip_aug": str(config.flip_aug),
+        "ss_enable_bucket": str(config.enable_bucketing),
+        "ss_prior_loss_weight": f"{config.prior_loss_weight:g}",
+        "ss_num_train_images": str(dataset.num_samples),
+        "ss_dataset_dirs": json.dumps(
+            {c.folder or ".": {"n_repeats": c.repeats, "img_count": c.num_images} for c in dataset.concepts}
+        ),
+        "ss_tag_frequency": json.dumps(dataset.tag_frequency()),
+        "ss_output_name": config.name,
+        "ss_training_started_at": f"{started_at:.0f}",
+        "ss_training_finished_at": f"{now.timestamp():.0f}",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": "https://github.com/huggingface/diffusers",
+        "modelspec.title": config.name,
+        "modelspec.resolution": resolution,
+        "modelspec.prediction_type": "v" if base.prediction_type == "v_prediction" else "epsilon",
+        "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
+        "training_config": json.dumps(config.model_dump(mode="json"), sort_keys=True),
+    }
+    if config.trigger_word:
+        meta["modelspec.trigger_phrase"] = config.trigger_word
+    return meta

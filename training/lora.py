@@ -1,0 +1,178 @@
+"""The LoRA adapters: attaching them with peft, reading their weights, and starting from a
+previous LoRA file (also into a larger rank, for the guide's progressive training).
+
+Weights are addressed as `unet.<module path>` / `text_encoder.<module path>`, where the module
+path is the one in the loaded model (peft's own naming).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+
+UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]  # every attention projection
+TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+
+
+class LoraFileError(ValueError):
+    """A LoRA file that cannot be used to start from; the message says why."""
+
+
+def attach_lora(unet, text_encoder, *, rank: int, alpha: float, dropout: float, seed: int, train_text_encoder: bool):
+    """Add trainable LoRA adapters (A gaussian, B zero: the model starts unchanged)."""
+    torch.manual_seed(seed)  # the A matrices' initial values
+    unet.add_adapter(_lora_config(rank, alpha, dropout, UNET_TARGET_MODULES))
+    if train_text_encoder:
+        text_encoder.add_adapter(_lora_config(rank, alpha, dropout, TEXT_ENCODER_TARGET_MODULES))
+
+
+def _lora_config(rank: int, alpha: float, dropout: float, targets: list[str]) -> LoraConfig:
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=targets)
+
+
+def lora_components(unet, text_encoder) -> dict[str, torch.nn.Module]:
+    """The models that carry adapters, by their prefix."""
+    found = {"unet": unet}
+    if getattr(text_encoder, "peft_config", None):
+        found["text_encoder"] = text_encoder
+    return found
+
+
+def lora_state_dict(unet, text_encoder) -> dict[str, torch.Tensor]:
+    """peft-named LoRA weights of every component: `unet.<module>.lora_A.weight`, ..."""
+    state = {}
+    for prefix, model in lora_components(unet, text_encoder).items():
+        state.update({f"{prefix}.{key}": value for key, value in get_peft_model_state_dict(model).items()})
+    return state
+
+
+def canonical_module_name(prefix: str, module_name: str) -> str:
+    """The module path other tools use. kohya, ComfyUI and A1111 name CLIP text-encoder modules
+    `text_model.encoder.layers.N...` (transformers < 5 and the original checkpoints); transformers
+    5 dropped the `text_model` wrapper, so it is put back for files we write."""
+    if prefix == "text_encoder" and not module_name.startswith("text_model."):
+        return "text_model." + module_name
+    return module_name
+
+
+@dataclass
+class LoraWeights:
+    down: torch.Tensor  # A: (rank, in_features)
+    up: torch.Tensor  # B: (out_features, rank)
+    alpha: float
+
+
+def read_lora_file(path: Path, unet, text_encoder) -> dict[str, LoraWeights]:
+    """Read a kohya or diffusers/peft LoRA file into {'unet.<module>': LoraWeights}.
+
+    Keys are matched against the modules of the loaded models, so a file made for another
+    architecture is refused instead of half-applied.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            metadata = f.metadata() or {}
+    except Exception as exc:
+        raise LoraFileError(f"{path} is not a readable .safetensors LoRA file: {exc}") from None
+    if any(key.startswith(tuple(KOHYA_PREFIXES.values())) for key in tensors):
+        return _read_kohya(path, tensors, unet, text_encoder)
+    if any(".lora_A." in key for key in tensors):
+        return _read_peft(path, tensors, metadata, unet, text_encoder)
+    raise LoraFileError(f"{path} is neither a kohya (lora_unet_*) nor a diffusers/peft (*.lora_A.*) LoRA file")
+
+
+def _module_names(model: torch.nn.Module, prefix: str) -> set[str]:
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear | LoraLayer):
+            names.add(name)
+    return {f"{prefix}.{name}" for name in names}
+
+
+def _read_kohya(path: Path, tensors: dict, unet, text_encoder) -> dict[str, LoraWeights]:
+    by_kohya_name = {}
+    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
+        for full in _module_names(model, prefix):
+            module = full.split(".", 1)[1]
+            kohya = KOHYA_PREFIXES[prefix] + canonical_module_name(prefix, module).replace(".", "_")
+            by_kohya_name[kohya] = full
+    weights = {}
+    for key in tensors:
+        if not key.endswith(".lora_down.weight"):
+            continue
+        stem = key.removesuffix(".lora_down.weight")
+        if stem not in by_kohya_name:
+            raise LoraFileError(f"{path}: {stem} names no module of this base model (another architecture?)")
+        down, up = tensors[key], tensors.get(f"{stem}.lora_up.weight")
+        if up is None or down.ndim != 2:
+            raise LoraFileError(f"{path}: {stem} is not a plain linear LoRA (conv/LoCon layers are not supported)")
+        alpha = float(tensors[f"{stem}.alpha"]) if f"{stem}.alpha" in tensors else float(down.shape[0])
+        weights[by_kohya_name[stem]] = LoraWeights(down.float(), up.float(), alpha)
+    return weights
+
+
+def _read_peft(path: Path, tensors: dict, metadata: dict, unet, text_encoder) -> dict[str, LoraWeights]:
+    adapter_config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    known = _module_names(unet, "unet") | _module_names(text_encoder, "text_encoder")
+    weights = {}
+    for key in tensors:
+        if ".lora_A." not in key:
+            continue
+        stem = key.split(".lora_A.")[0]
+        prefix, module = stem.split(".", 1)
+        if prefix == "text_encoder" and stem not in known:
+            stem = f"{prefix}.{module.removeprefix('text_model.')}"  # written canonically, loaded without the wrapper
+        if stem not in known:
+            raise LoraFileError(f"{path}: {stem} names no module of this base model (another architecture?)")
+        down, up = tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")]
+        alpha = float(adapter_config.get(f"{prefix}.lora_alpha", down.shape[0]))
+        weights[stem] = LoraWeights(down.float(), up.float(), alpha)
+    return weights
+
+
+def load_lora_weights_into(weights: dict[str, LoraWeights], unet, text_encoder) -> list[str]:
+    """Copy `weights` into the attached adapters; a smaller rank is zero-padded.
+
+    Padding keeps the function of the old LoRA: its rows of A and columns of B are copied
+    (B rescaled by old scale / new scale, scale = alpha / rank), the new columns of B are zero and
+    the new rows of A keep their random init, so they start with no effect yet get gradients.
+    Returns notes for the log (modules of this run that the file does not cover).
+    """
+    components = lora_components(unet, text_encoder)
+    layers = {
+        f"{prefix}.{name}": module
+        for prefix, model in components.items()
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer)
+    }
+    needs_text_encoder = sorted(k for k in weights if k.startswith("text_encoder.") and k not in layers)
+    if needs_text_encoder:
+        raise LoraFileError(
+            "the LoRA has text-encoder weights but this run does not train the text encoder: "
+            "set train_text_encoder: true to keep them"
+        )
+    with torch.no_grad():
+        for name, w in weights.items():
+            if name not in layers:
+                raise LoraFileError(f"the LoRA has weights for {name}, which this run does not train")
+            layer = layers[name]
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            old_rank, new_rank = w.down.shape[0], a.shape[0]
+            if old_rank > new_rank:
+                raise LoraFileError(f"the LoRA has rank {old_rank}; set rank to {old_rank} or more to continue it")
+            if w.down.shape[1] != a.shape[1] or w.up.shape[0] != b.shape[0]:
+                raise LoraFileError(f"{name}: shapes differ from this base model (another architecture?)")
+            rescale = (w.alpha / old_rank) / layer.scaling["default"]
+            a[:old_rank] = w.down.to(a)
+            b.zero_()
+            b[:, :old_rank] = (w.up * rescale).to(b)
+    missing = sorted(set(layers) - set(weights))
+    return [f"{len(missing)} trained module(s) are not in the LoRA and start from zero"] if missing else []

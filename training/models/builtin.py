@@ -1,0 +1,167 @@
+"""Built-in tiny base models for offline tests and the demo.
+
+Each is a real Stable Diffusion pipeline (UNet2DConditionModel, AutoencoderKL,
+CLIPTextModel, CLIPTokenizer, scheduler) at toy size with random weights, built
+deterministically from a seed and saved as an ordinary diffusers folder under
+`<workspace>/models/`. The trainer loads that folder like any other: nothing about the
+built-ins is special-cased outside this module.
+
+Sizes: 64 px images, an 8x VAE (8x8 latents, as SD's 512 px -> 64x64), a two-level UNet
+with cross-attention at both levels, a 4-layer CLIP text encoder of width 32, and a
+byte-level BPE vocabulary of 514 tokens (every byte, as word-inner and word-final token,
+plus start/end), so any caption tokenizes without a downloaded vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.workspace import DIR_MODE
+
+BUILTIN_PREFIX = "builtin:"
+# Bump when a builder changes, so stale caches are rebuilt instead of reused.
+BUILDER_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    description: str
+    prediction_type: str  # "epsilon" or "v_prediction"
+    sd2: bool  # SD 2.x traits: linear attention projections, gelu text encoder, DDIM scheduler
+    seed: int
+
+
+BUILTINS: dict[str, TinySpec] = {
+    "tiny-sd15": TinySpec("tiny random SD 1.x (epsilon prediction)", "epsilon", sd2=False, seed=1234),
+    "tiny-sd2-v": TinySpec("tiny random SD 2.x (v-prediction)", "v_prediction", sd2=True, seed=4321),
+}
+
+
+def is_builtin(model_name: str) -> bool:
+    return model_name.startswith(BUILTIN_PREFIX)
+
+
+def builtin_names() -> list[str]:
+    return [BUILTIN_PREFIX + key for key in BUILTINS]
+
+
+def ensure_builtin(model_name: str, models_root: Path) -> Path:
+    """Return the folder of a built-in model, building it on first use.
+
+    The folder appears in one rename, so concurrent first uses never see a half-built model:
+    each builds into its own temporary folder and the loser of the rename discards its copy.
+    """
+    key = model_name.removeprefix(BUILTIN_PREFIX)
+    if key not in BUILTINS:
+        raise KeyError(f"unknown built-in model {model_name!r}; built-ins are: {', '.join(builtin_names())}")
+    target = models_root / f"builtin-{key}-v{BUILDER_VERSION}"
+    if (target / "model_index.json").is_file():
+        return target
+    models_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".building-{key}-", dir=models_root))
+    try:
+        _build_pipeline(BUILTINS[key]).save_pretrained(staging, safe_serialization=True)
+        try:
+            os.chmod(staging, DIR_MODE)
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _build_pipeline(spec: TinySpec):
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = _byte_level_clip_tokenizer()
+
+    torch.manual_seed(spec.seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,  # latent side; x8 VAE -> 64 px native resolution
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4) if spec.sd2 else 8,
+        use_linear_projection=spec.sd2,
+    )
+    torch.manual_seed(spec.seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    torch.manual_seed(spec.seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            hidden_act="gelu" if spec.sd2 else "quick_gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    betas = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    if spec.sd2:
+        scheduler = DDIMScheduler(
+            **betas, prediction_type=spec.prediction_type, clip_sample=False, set_alpha_to_one=False, steps_offset=1
+        )
+    else:
+        scheduler = PNDMScheduler(**betas, skip_prk_steps=True, steps_offset=1, prediction_type=spec.prediction_type)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _byte_level_clip_tokenizer():
+    """A CLIPTokenizer whose vocabulary is every byte (word-inner and word-final) and no merges."""
+    from transformers import CLIPTokenizer
+
+    symbols = _byte_symbols()
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = Path(tmp, "vocab.json"), Path(tmp, "merges.txt")
+        vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
+        merges_file.write_text("#version: 0.2\n", encoding="utf-8")
+        return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77)
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins that GPT-2/CLIP byte-level BPE uses for the byte values:
+    printable Latin-1 bytes stand for themselves, the other 68 map to code points from 256 up."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]

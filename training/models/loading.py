@@ -1,0 +1,183 @@
+"""Finding and loading a base model, offline.
+
+`model_name` may be a built-in id (`builtin:tiny-sd15`), a local diffusers folder, a
+single-file checkpoint (`.safetensors` / `.ckpt`), or a Hugging Face id that is already in
+the local HF cache (fetched only when the machine is online and HF_HUB_OFFLINE is unset).
+Whatever the source, the result is one `BaseModel` with the same components.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from training.models.builtin import builtin_names, ensure_builtin, is_builtin
+from training.workspace import models_dir
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+Family = Literal["sd1", "sd2"]
+
+
+class ModelNotFoundError(RuntimeError):
+    """The base model could not be found or loaded; the message says where we looked."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: Literal["builtin", "folder", "single_file", "hub"]
+    path: Path  # a diffusers folder, or the single file
+    config_folder: Path | None = None  # for single files: the diffusers folder giving the architecture
+
+
+@dataclass
+class BaseModel:
+    source: ModelSource
+    pipeline: StableDiffusionPipeline
+    noise_scheduler: DDPMScheduler  # the training-time scheduler, from the model's own scheduler config
+    family: Family
+    native_resolution: int  # sample_size x VAE scale factor: 512 for SD 1.5, 64 for the tiny built-ins
+    vae_scale_factor: int
+    bucket_step: int  # pixels by which bucket sides step: VAE factor x UNet downsampling (64 for SD)
+
+    @property
+    def unet(self) -> UNet2DConditionModel:
+        return self.pipeline.unet
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.pipeline.vae
+
+    @property
+    def text_encoder(self) -> CLIPTextModel:
+        return self.pipeline.text_encoder
+
+    @property
+    def tokenizer(self) -> CLIPTokenizer:
+        return self.pipeline.tokenizer
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    @property
+    def base_model_version(self) -> str:
+        """The kohya `ss_base_model_version` tag: sd_v1, sd_v2 or sd_v2_v (v-prediction)."""
+        if self.family == "sd1":
+            return "sd_v1"
+        return "sd_v2_v" if self.prediction_type == "v_prediction" else "sd_v2"
+
+
+def resolve_model(model_name: str, base_model_config: str | None = None) -> ModelSource:
+    """Find `model_name` without downloading anything that is not allowed to be downloaded."""
+    if is_builtin(model_name):
+        try:
+            return ModelSource("builtin", ensure_builtin(model_name, models_dir()))
+        except KeyError as exc:
+            raise ModelNotFoundError(str(exc.args[0])) from None
+    local = Path(model_name).expanduser()
+    if local.is_dir():
+        if not (local / "model_index.json").is_file():
+            raise ModelNotFoundError(
+                f"{local} is a folder but not a diffusers pipeline (no model_index.json); point model_name at a "
+                "diffusers folder, a .safetensors/.ckpt checkpoint, or a Hugging Face id"
+            )
+        return ModelSource("folder", local.resolve())
+    if local.is_file():
+        if local.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise ModelNotFoundError(f"{local} is not a .safetensors or .ckpt checkpoint")
+        config_folder = resolve_model(base_model_config).path if base_model_config else None
+        return ModelSource("single_file", local.resolve(), config_folder)
+    if local.suffix.lower() in SINGLE_FILE_SUFFIXES or model_name.startswith(("/", ".", "~")):
+        raise ModelNotFoundError(f"model file or folder {local} does not exist")
+    return ModelSource("hub", _from_hf_cache(model_name))
+
+
+def _from_hf_cache(repo_id: str) -> Path:
+    from diffusers import DiffusionPipeline
+    from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+
+    try:
+        return Path(DiffusionPipeline.download(repo_id, local_files_only=True))
+    except Exception as cache_miss:  # diffusers raises several types for "not cached"
+        if HF_HUB_OFFLINE:
+            raise _not_found(repo_id, HF_HUB_CACHE) from cache_miss
+    try:
+        return Path(DiffusionPipeline.download(repo_id))
+    except Exception as download_error:
+        raise _not_found(repo_id, HF_HUB_CACHE) from download_error
+
+
+def _not_found(model_name: str, hf_cache: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"model {model_name!r} not found: it is not a local folder or file ({Path(model_name).expanduser().resolve()}), "
+        f"not a built-in ({', '.join(builtin_names())}), and not in the Hugging Face cache ({hf_cache}), "
+        "and it could not be downloaded from here. Download it once on a machine that is online "
+        f"(huggingface-cli download {model_name}), or set model_name to a local diffusers folder or "
+        ".safetensors file."
+    )
+
+
+def load_base_model(source: ModelSource, device: torch.device) -> BaseModel:
+    """Load every component of the pipeline in fp32 (LoRA weights train in fp32 on any device;
+    autocast handles mixed precision), frozen and in eval mode."""
+    import torch
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    try:
+        if source.kind == "single_file":
+            config = str(source.config_folder) if source.config_folder else None
+            pipeline = StableDiffusionPipeline.from_single_file(
+                str(source.path), config=config, local_files_only=True, safety_checker=None
+            )
+        else:
+            index = (source.path / "model_index.json").read_text(encoding="utf-8")
+            if '"text_encoder_2"' in index or '"transformer"' in index:
+                raise ModelNotFoundError(
+                    f"{source.path} is an SDXL/FLUX-class model; this trainer handles Stable Diffusion 1.x/2.x"
+                )
+            pipeline = StableDiffusionPipeline.from_pretrained(
+                str(source.path), safety_checker=None, requires_safety_checker=False
+            )
+    except ModelNotFoundError:
+        raise
+    except Exception as exc:
+        hint = (
+            " A single-file checkpoint needs its architecture's configs offline: set base_model_config to a "
+            "diffusers folder (or built-in id) of the same architecture."
+            if source.kind == "single_file"
+            else ""
+        )
+        raise ModelNotFoundError(f"could not load the model at {source.path}: {exc}.{hint}") from exc
+
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.to(device)
+    for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    unet_downsampling = 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
+    return BaseModel(
+        source=source,
+        pipeline=pipeline,
+        noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config),
+        # SD 2.x UNets use linear projections in their transformer blocks; SD 1.x use 1x1 convs.
+        family="sd2" if pipeline.unet.config.use_linear_projection else "sd1",
+        native_resolution=pipeline.unet.config.sample_size * vae_scale_factor,
+        vae_scale_factor=vae_scale_factor,
+        bucket_step=vae_scale_factor * unet_downsampling,
+    )
+
+
+def pick_device() -> torch.device:
+    import torch
+
+    if os.environ.get("LORA_TRAIN_DEVICE"):
+        return torch.device(os.environ["LORA_TRAIN_DEVICE"])
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

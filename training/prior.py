@@ -1,0 +1,55 @@
+"""DreamBooth-style prior preservation: class images generated with the base model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from training.data.dataset import IMAGE_SUFFIXES
+from training.workspace import atomic_output
+
+if TYPE_CHECKING:
+    from training.config import TrainingConfig
+    from training.models.loading import BaseModel
+
+log = logging.getLogger("training")
+GENERATION_BATCH = 4
+GENERATION_STEPS = 25  # enough for recognisable class images at SD scale; each is a one-off cost
+
+
+def ensure_class_images(base: BaseModel, config: TrainingConfig, class_dir: Path) -> list[Path]:
+    """Return `num_class_images` class images from `class_dir`, generating the missing ones.
+
+    Must run before the LoRA is attached: class images show what the base model makes of
+    `class_prompt`, which is what prior preservation keeps.
+    """
+    class_dir.mkdir(parents=True, exist_ok=True)
+    existing = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    missing = config.num_class_images - len(existing)
+    if missing > 0:
+        log.info("generating %d class image(s) of %r into %s", missing, config.class_prompt, class_dir)
+        base.unet.eval()
+        number = len(existing)
+        with torch.no_grad():
+            while missing > 0:
+                count = min(GENERATION_BATCH, missing)
+                generator = torch.Generator(base.unet.device).manual_seed(config.seed + number)
+                images = base.pipeline(
+                    [config.class_prompt] * count,
+                    height=config.resolution,
+                    width=config.resolution,
+                    num_inference_steps=GENERATION_STEPS,
+                    generator=generator,
+                ).images
+                for image in images:
+                    while (path := class_dir / f"class_{number:05d}.png").exists():
+                        number += 1  # never overwrite a class image the user put there
+                    with atomic_output(path) as tmp:
+                        image.save(tmp, format="PNG")
+                    number += 1
+                missing -= count
+        existing = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return existing[: config.num_class_images]

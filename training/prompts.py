@@ -1,0 +1,44 @@
+"""Text conditioning: captions and prompts to CLIP hidden states, kohya-compatible.
+
+Long prompts: `max_token_length` of 150 or 225 encodes the caption in 75-token chunks, each
+wrapped in its own start/end tokens, and joins the chunks' hidden states (dropping the inner
+start/end states), so the UNet sees 75 x n + 2 positions; at 75 this is plain CLIP encoding.
+clip_skip n takes the n-th hidden layer from the end, passed through the final layer norm
+(A1111/kohya semantics: 1 = last layer, 2 = penultimate).
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_TOKENS = 75  # CLIP's 77 positions minus start and end
+
+
+def encode_prompts(
+    tokenizer, text_encoder, prompts: list[str], *, max_token_length: int, clip_skip: int
+) -> torch.Tensor:
+    """(batch, 75 * n + 2, hidden) conditioning for `prompts`, with n = max_token_length / 75."""
+    device = text_encoder.device
+    ids = tokenizer(
+        prompts, padding="max_length", truncation=True, max_length=max_token_length + 2, return_tensors="pt"
+    ).input_ids.to(device)
+    body = ids[:, 1:-1]  # (batch, 75 * n): captions without the start token and the final end/pad token
+    start = ids[:, :1]
+    end = torch.full_like(start, tokenizer.eos_token_id)
+    chunks = []
+    for first in range(0, max_token_length, CHUNK_TOKENS):
+        chunk_ids = torch.cat([start, body[:, first : first + CHUNK_TOKENS], end], dim=1)  # (batch, 77)
+        chunks.append(_hidden_states(text_encoder, chunk_ids, clip_skip))
+    if len(chunks) == 1:
+        return chunks[0]
+    inner = [c[:, 1:-1] for c in chunks]
+    return torch.cat([chunks[0][:, :1], *inner, chunks[-1][:, -1:]], dim=1)
+
+
+def _hidden_states(text_encoder, input_ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
+    if clip_skip == 1:
+        return text_encoder(input_ids).last_hidden_state
+    hidden = text_encoder(input_ids, output_hidden_states=True).hidden_states[-clip_skip]
+    # transformers < 5 wraps the CLIP text transformer in `.text_model`; 5.x does not.
+    final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+    return final_norm(hidden)

@@ -1,0 +1,130 @@
+"""The run directory: the contract between a training process and whoever watches it.
+
+See training/README.md for the layout. Every file is either replaced atomically (status,
+config, checkpoints, LoRA, sample images) or appended one whole line per write (jsonl).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from training.workspace import append_line, atomic_write_json, runs_dir
+
+RunState = Literal["running", "completed", "failed", "stopped"]
+HEARTBEAT_SECONDS = 2.0  # status.json is rewritten at least this often while the process lives
+_CHECKPOINT_DIR = re.compile(r"^step(\d{6,})$")
+
+
+def default_run_dir(name: str) -> Path:
+    return runs_dir() / f"{name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+
+
+class RunFiles:
+    def __init__(self, run_dir: Path):
+        self.dir = run_dir
+        self.config = run_dir / "config.yaml"
+        self.status = run_dir / "status.json"
+        self.metrics = run_dir / "metrics.jsonl"
+        self.log = run_dir / "train.log"
+        self.samples = run_dir / "samples"
+        self.samples_index = self.samples / "index.jsonl"
+        self.checkpoints = run_dir / "checkpoints"
+        self.latent_cache = run_dir / "latent_cache"
+
+    def create(self) -> None:
+        for folder in (self.dir, self.samples, self.checkpoints):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def lora(self, name: str) -> Path:
+        return self.dir / f"{name}.safetensors"
+
+    def sample_image(self, step: int, prompt_index: int) -> Path:
+        return self.samples / f"step{step:06d}_p{prompt_index}.png"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step{step:06d}"
+
+    def list_checkpoints(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints, oldest first (a half-written one is a dot-folder and not listed)."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = []
+        for folder in self.checkpoints.iterdir():
+            match = _CHECKPOINT_DIR.match(folder.name)
+            if match and folder.is_dir():
+                found.append((int(match.group(1)), folder))
+        return sorted(found)
+
+    def prune_checkpoints(self, keep_last: int) -> None:
+        if keep_last <= 0:
+            return
+        for _, folder in self.list_checkpoints()[:-keep_last]:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def append_metric(self, row: dict[str, Any]) -> None:
+        append_line(self.metrics, json.dumps(row, sort_keys=True))
+
+    def append_sample(self, row: dict[str, Any]) -> None:
+        append_line(self.samples_index, json.dumps(row, sort_keys=True))
+
+
+class StatusWriter:
+    """Keeps `status.json` current: fields are merged in by `update()`, and a background thread
+    rewrites the file with a fresh heartbeat every HEARTBEAT_SECONDS, so a watcher can tell a
+    busy process (caching latents, rendering samples) from a dead one."""
+
+    def __init__(self, path: Path, total_steps: int | None = None):
+        self._path = path
+        self._lock = threading.Lock()
+        now = time.time()
+        self._fields: dict[str, Any] = {
+            "state": "running",
+            "step": 0,
+            "total_steps": total_steps,
+            "epoch": 0,
+            "loss": None,
+            "lr": None,
+            "it_per_s": None,
+            "eta_s": None,
+            "last_checkpoint": None,
+            "lora_path": None,
+            "error": None,
+            "pid": os.getpid(),
+            "started_at": now,
+        }
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="status-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.write()
+        self._thread.start()
+
+    def update(self, **fields: Any) -> None:
+        with self._lock:
+            self._fields.update(fields)
+
+    def finish(self, state: RunState, **fields: Any) -> None:
+        """Write the final state and stop the heartbeat."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.update(state=state, **fields)
+        self.write()
+
+    def write(self) -> None:
+        with self._lock:
+            now = time.time()
+            self._fields.update(heartbeat=now, updated_at=now)
+            atomic_write_json(self._path, self._fields)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            self.write()

@@ -1,0 +1,509 @@
+"""The LoRA training recipe for Stable Diffusion 1.x/2.x.
+
+`Trainer` has four phases, called in order by `run_training()`:
+setup (model, data, adapters, caches, optimizer; or state from a checkpoint),
+train (the step loop), save_checkpoint, and cleanup (final state, files closed).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from training.config import ConfigError, TrainingConfig
+from training.data.dataset import DatasetError, DatasetIndex, class_image_records, locate_dataset, scan_dataset
+from training.data.loader import Batch, TrainingData
+from training.export import export_lora
+from training.lora import LoraFileError, attach_lora, load_lora_weights_into, read_lora_file
+from training.models.loading import ModelNotFoundError, load_base_model, pick_device, resolve_model
+from training.optimizers import OptimizerUnavailable, build_lr_scheduler, build_optimizer
+from training.prior import ensure_class_images
+from training.resume import find_resume_lora, read_checkpoint_state, truncate_after
+from training.run_files import RunFiles, StatusWriter, default_run_dir
+from training.sampling import render_samples
+from training.workspace import DIR_MODE, atomic_output, atomic_write_text, datasets_dir
+
+log = logging.getLogger("training")
+
+LOSS_SMOOTHING = 0.9  # EMA weight of the loss and step time shown in status.json
+LOG_EVERY = 10  # steps between progress lines in train.log
+# Errors whose message already says what is wrong and what to do: reported without a traceback.
+EXPECTED_ERRORS = (ConfigError, DatasetError, ModelNotFoundError, OptimizerUnavailable, LoraFileError)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class RunAlreadyExists(RuntimeError):
+    pass
+
+
+@dataclass
+class RunResult:
+    state: str  # completed, stopped or failed
+    run_dir: Path
+    step: int
+    lora_path: Path | None = None
+    error: str | None = None
+
+
+class Trainer:
+    def __init__(self, config: TrainingConfig, run_dir: Path | None = None, *, resume: bool = False, progress: bool = False):
+        self.config = config
+        self.files = RunFiles(run_dir or default_run_dir(config.name))
+        self.resume = resume
+        self.progress = progress
+        self.stop_requested = False
+        self.step = 0
+        self.started_at = time.time()
+        self.status = StatusWriter(self.files.status)
+        self._loss_ema: float | None = None
+        self._step_time_ema: float | None = None
+
+    # ------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load and prepare everything. The order matters:
+        1. run directory, log and status first, so a watcher sees the run (and a setup error) at once;
+        2. the model before the data: its native resolution and bucket step shape the buckets;
+        3. the dataset before the resolved config: steps default to 100 x images;
+        4. class images before the LoRA: they must show the base model's own idea of the class;
+        5. latent/text caches before training, with the VAE and text encoder still frozen;
+        6. a checkpoint's state last, since it overwrites adapters, optimizer, schedule and RNG.
+        """
+        self._open_run_directory()
+        self.device = pick_device()
+        config = self.config
+        self.base = load_base_model(resolve_model(config.model_name, config.base_model_config), self.device)
+        self.dataset = scan_dataset(
+            locate_dataset(config.dataset_path, datasets_dir()),
+            trigger_word=config.trigger_word,
+            trigger_words=config.trigger_words,
+            instance_prompt=config.instance_prompt,
+        )
+        self.config = config = config.resolve(
+            native_resolution=self.base.native_resolution, num_images=self.dataset.num_images
+        )
+        self._check_against_model()
+        atomic_write_text(self.files.config, config.to_yaml())
+        self.status.update(total_steps=config.steps)
+        for warning in config.warnings() + self.dataset.warnings:
+            log.warning("%s", warning)
+
+        records = list(self.dataset.images)
+        if config.prior_preservation:
+            class_dir = Path(config.class_data_dir) if config.class_data_dir else self.files.dir / "class_images"
+            class_images = ensure_class_images(self.base, config, class_dir)
+            repeats = max(1, round(self.dataset.num_samples / max(1, len(class_images))))
+            records += class_image_records(
+                class_images, config.class_prompt, repeats=repeats, loss_weight=config.prior_loss_weight
+            )
+
+        self._prepare_precision()
+        attach_lora(
+            self.base.unet,
+            self.base.text_encoder,
+            rank=config.rank,
+            alpha=config.alpha,
+            dropout=config.dropout,
+            seed=config.seed,
+            train_text_encoder=config.train_text_encoder,
+        )
+        if config.resume_from and not self.resume:
+            lora_file = find_resume_lora(config.resume_from)
+            log.info("starting from the LoRA %s", lora_file)
+            weights = read_lora_file(lora_file, self.base.unet, self.base.text_encoder)
+            for note in load_lora_weights_into(weights, self.base.unet, self.base.text_encoder):
+                log.info("%s", note)
+        self._enable_memory_savers()
+
+        self.data = TrainingData(records, self.base, config, self.files.latent_cache)
+        if config.cache_latents:
+            self.data.cache_latents()
+        if self.data.text_is_static:
+            self.data.cache_text()
+        self._offload_encoders()
+
+        self.params = self._param_groups()
+        self.optimizer = build_optimizer(config.optimizer, self.params, config.learning_rate)
+        self.lr_scheduler = build_lr_scheduler(
+            config.lr_scheduler,
+            self.optimizer,
+            warmup_steps=config.lr_warmup_steps,
+            total_steps=config.steps,
+            num_cycles=config.lr_scheduler_num_cycles,
+        )
+        self.noise_generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.trainable = [p for group in self.params for p in group["params"]]
+        if self.resume:
+            self._restore_latest_checkpoint()
+        for line in self.describe():
+            log.info("%s", line)
+
+    # ------------------------------------------------------------------------------------------
+    def train(self) -> None:
+        config = self.config
+        accumulation = config.gradient_accumulation_steps
+        self.base.unet.train()
+        if config.train_text_encoder:
+            self.base.text_encoder.train()
+        if self.step == 0 and self._sampling_on():
+            self._render_samples()  # the baseline: what the prompts look like before any training
+        bar = tqdm(total=config.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
+        while self.step < config.steps and not self.stop_requested:
+            started = time.perf_counter()
+            lr = self.lr_scheduler.get_last_lr()[0]
+            loss_sum = torch.zeros((), device=self.device)
+            files: list[str] = []
+            for _ in range(accumulation):
+                batch = self.data.next_batch()
+                files += batch.files
+                with self._autocast():
+                    loss = self._loss(batch) / accumulation  # forward + loss
+                self.scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            loss_value = loss_sum.item()  # one device sync per step
+            if not math.isfinite(loss_value):
+                raise NonFiniteLoss(self._non_finite_message(loss_value, files))
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm or math.inf)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self._record_step(loss_value, float(grad_norm), lr, time.perf_counter() - started, bar)
+        bar.close()
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        """The denoising loss of one micro-batch: noise the latents at random timesteps and
+        score the UNet's prediction of the noise (epsilon) or of the velocity (v-prediction)."""
+        config, scheduler = self.config, self.base.noise_scheduler
+        latents = batch.latents  # (B, 4, h, w)
+        noise = torch.randn(latents.shape, generator=self.noise_generator, device=self.device)
+        if config.noise_offset:
+            # A per-image, per-channel shift teaches the model to change overall brightness.
+            offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=self.noise_generator, device=self.device)
+            noise = noise + config.noise_offset * offset
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=self.noise_generator, device=self.device
+        )
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = noise if self.base.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        conditioning = batch.conditioning if self.data.text_is_static else batch.conditioning.to(self.device)
+        prediction = self.base.unet(noisy.to(self._weight_dtype), timesteps, conditioning.to(self._weight_dtype)).sample
+        per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        if config.min_snr_gamma:
+            per_image = per_image * self._min_snr_weights(timesteps)
+        return (per_image * batch.loss_weights).mean()
+
+    def _min_snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma (Hang et al. 2023): down-weight easy, low-noise timesteps."""
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(self.base.noise_scheduler, timesteps)
+        clipped = torch.clamp(snr, max=self.config.min_snr_gamma)
+        return clipped / (snr + 1) if self.base.prediction_type == "v_prediction" else clipped / snr
+
+    # ------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """LoRA (in the output format), optimizer, schedule, RNG and data position for step N,
+        written into a hidden folder and renamed into place whole."""
+        final = self.files.checkpoint(self.step)
+        if final.exists():
+            return final
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=self.files.checkpoints))
+        try:
+            self._export(staging / f"{self.config.name}-step{self.step:06d}.safetensors")
+            with atomic_output(staging / "training_state.pt") as tmp:
+                torch.save(self._training_state(), tmp)
+            atomic_write_text(staging / "config.yaml", self.config.to_yaml())
+            os.chmod(staging, DIR_MODE)
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.files.prune_checkpoints(self.config.keep_last_n_checkpoints)
+        self.status.update(last_checkpoint=str(final))
+        log.info("saved checkpoint %s", final)
+        return final
+
+    def cleanup(self, result: RunResult) -> RunResult:
+        fields = {"step": self.step}
+        if result.lora_path:
+            fields["lora_path"] = str(result.lora_path)
+        if result.error:
+            fields["error"] = result.error
+        self.status.finish(result.state, **fields)
+        log.info("run %s at step %d: %s", result.state, self.step, result.error or self.files.dir)
+        log.removeHandler(self._log_handler)
+        self._log_handler.close()
+        return result
+
+    # ------------------------------------------------------------------------------------------
+    def finish(self) -> RunResult:
+        """After train(): a stopped run keeps a checkpoint to resume; a finished one exports its LoRA."""
+        if self.stop_requested:
+            if self.step > 0:
+                self.save_checkpoint()
+            return RunResult("stopped", self.files.dir, self.step)
+        lora_path = self._export(self.files.lora(self.config.name))
+        log.info("wrote %s", lora_path)
+        return RunResult("completed", self.files.dir, self.step, lora_path=lora_path)
+
+    def describe(self) -> list[str]:
+        """The resolved run, printed at start-up."""
+        config, data, dataset = self.config, self.data, self.dataset
+        buckets = ", ".join(f"{w}x{h}: {n}" for (w, h), n in data.batches.bucket_sizes().items())
+        concepts = ", ".join(
+            f"{c.folder or '(root)'} x{c.repeats} -> {c.trigger_word or '-'} ({c.num_images})" for c in dataset.concepts
+        )
+        per_epoch = data.batches.batches_per_epoch
+        epochs = config.steps * config.gradient_accumulation_steps / max(1, per_epoch)
+        unet_params = sum(p.numel() for p in self.params[0]["params"])
+        te_params = sum(p.numel() for g in self.params[1:] for p in g["params"])
+        extra = len(data.records) - len(dataset.images)
+        return [
+            f"model: {config.model_name} ({self.base.family}, {self.base.prediction_type}, native {self.base.native_resolution}px) on {self.device}",
+            f"images: {dataset.num_images} ({dataset.num_samples} per epoch with repeats), "
+            f"{len(dataset.validation)} held out for validation" + (f", {extra} class images" if extra else ""),
+            f"concepts: {concepts}",
+            f"buckets (samples): {buckets}",
+            f"batch: {config.batch_size} x {config.gradient_accumulation_steps} accumulation = {config.effective_batch_size} effective",
+            f"steps: {config.steps} ({epochs:.1f} epochs of {per_epoch} batches)",
+            f"trainable parameters: {unet_params + te_params:,} (unet {unet_params:,}, text encoder {te_params:,}); "
+            f"rank {config.rank}, alpha {config.alpha:g}",
+            f"optimizer: {config.optimizer} lr {config.learning_rate:g}, {config.lr_scheduler} schedule, "
+            f"{config.lr_warmup_steps} warm-up steps; precision {self._precision_label}",
+            f"run directory: {self.files.dir}",
+        ]
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+    def _record_step(self, loss: float, grad_norm: float, lr: float, step_time: float, bar: tqdm) -> None:
+        config = self.config
+        self.files.append_metric(
+            {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time": step_time, "time": time.time()}
+        )
+        self._loss_ema = loss if self._loss_ema is None else LOSS_SMOOTHING * self._loss_ema + (1 - LOSS_SMOOTHING) * loss
+        self._step_time_ema = (
+            step_time if self._step_time_ema is None else LOSS_SMOOTHING * self._step_time_ema + (1 - LOSS_SMOOTHING) * step_time
+        )
+        self.status.update(
+            step=self.step,
+            epoch=self.data.epoch + 1,
+            loss=self._loss_ema,
+            lr=lr,
+            it_per_s=1.0 / self._step_time_ema if self._step_time_ema > 0 else None,
+            eta_s=(config.steps - self.step) * self._step_time_ema,
+        )
+        bar.set_postfix(loss=f"{self._loss_ema:.4f}", lr=f"{lr:.2e}", refresh=False)
+        bar.update(1)
+        if self.step % LOG_EVERY == 0 or self.step == config.steps:
+            log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g", self.step, config.steps, self._loss_ema, lr, grad_norm)
+        if self._sampling_on() and self.step % config.sample_every == 0:
+            self._render_samples()
+        if self.step % config.save_every == 0 and self.step < config.steps:
+            self.save_checkpoint()
+
+    def _render_samples(self) -> None:
+        with self._encoders_on_device():
+            names = render_samples(self.base, self.config, self.files, self.step)
+        self.status.update(latest_samples=names)
+
+    def _sampling_on(self) -> bool:
+        return bool(self.config.test_prompts) and not self.config.disable_sampling
+
+    def _export(self, path: Path) -> Path:
+        return export_lora(
+            path, self.base, self.config, dataset=self.dataset, step=self.step, epoch=self.data.epoch + 1, started_at=self.started_at
+        )
+
+    def _non_finite_message(self, loss: float, files: list[str]) -> str:
+        checkpoints = self.files.list_checkpoints()
+        kept = f"the last good checkpoint is {checkpoints[-1][1]}" if checkpoints else "no checkpoint was saved yet"
+        return (
+            f"the loss became {loss} at step {self.step + 1} (batch: {', '.join(Path(f).name for f in files)}); "
+            f"lower learning_rate (now {self.config.learning_rate:g}), keep max_grad_norm on, or check those images; {kept}"
+        )
+
+    def _training_state(self) -> dict:
+        return {
+            "step": self.step,
+            "data": self.data.state(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "noise_rng": self.noise_generator.get_state(),
+            "loss_ema": self._loss_ema,
+        }
+
+    def _restore_latest_checkpoint(self) -> None:
+        checkpoints = self.files.list_checkpoints()
+        if not checkpoints:
+            log.info("no checkpoint in %s yet: starting from step 0", self.files.dir)
+            truncate_after(self.files, -1)
+            return
+        step, folder = checkpoints[-1]
+        lora_file, state = read_checkpoint_state(folder)
+        load_lora_weights_into(read_lora_file(lora_file, self.base.unet, self.base.text_encoder), self.base.unet, self.base.text_encoder)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.noise_generator.set_state(state["noise_rng"])
+        self.data.restore(state["data"])
+        self.step = state["step"]
+        self._loss_ema = state["loss_ema"]
+        truncate_after(self.files, step)
+        self.status.update(step=step, last_checkpoint=str(folder))
+        log.info("resumed from %s at step %d", folder, step)
+
+    def _open_run_directory(self) -> None:
+        has_run = self.files.status.exists() or self.files.list_checkpoints()
+        if has_run and not self.resume:
+            raise RunAlreadyExists(
+                f"{self.files.dir} already holds a run: continue it with --resume, or choose another --run-dir"
+            )
+        self.files.create()
+        handler = logging.FileHandler(self.files.log, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self._log_handler = handler
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        self.status.start()
+
+    def _check_against_model(self) -> None:
+        config, layers = self.config, self.base.text_encoder.config.num_hidden_layers
+        if config.clip_skip > layers:
+            raise ConfigError([f"clip_skip = {config.clip_skip}: the text encoder has only {layers} layers (allowed: 1-{layers})"])
+        if config.resolution < self.base.native_resolution:
+            log.info(
+                "training at %dpx, below the model's native %dpx (fine for speed; the guide advises not always "
+                "training at full resolution)",
+                config.resolution,
+                self.base.native_resolution,
+            )
+
+    # --- precision, memory and devices ---------------------------------------------------------
+    def _prepare_precision(self) -> None:
+        """fp16/bf16 autocast on CUDA with the frozen weights stored in that type; LoRA weights
+        stay fp32. On CPU everything runs in fp32."""
+        requested = self.config.mixed_precision
+        self._autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(requested)
+        if self.device.type != "cuda" and self._autocast_dtype is not None:
+            log.info("mixed_precision %s is recorded only: training on %s runs in fp32", requested, self.device.type)
+            self._autocast_dtype = None
+        self._weight_dtype = self._autocast_dtype or torch.float32
+        self._precision_label = requested if self._autocast_dtype else "fp32"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self._autocast_dtype == torch.float16)
+        if self._autocast_dtype is not None:
+            for model in (self.base.unet, self.base.text_encoder, self.base.vae):
+                model.to(dtype=self._autocast_dtype)
+            if self._autocast_dtype == torch.float16:
+                self.base.vae.to(dtype=torch.float32)  # SD VAEs overflow in fp16; they encode once anyway
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self._autocast_dtype or torch.float32, enabled=self._autocast_dtype is not None)
+
+    def _param_groups(self) -> list[dict]:
+        from diffusers.training_utils import cast_training_params
+
+        models = [self.base.unet] + ([self.base.text_encoder] if self.config.train_text_encoder else [])
+        cast_training_params(models, dtype=torch.float32)
+        groups = [{"params": [p for p in self.base.unet.parameters() if p.requires_grad], "lr": self.config.learning_rate}]
+        if self.config.train_text_encoder:
+            groups.append(
+                {
+                    "params": [p for p in self.base.text_encoder.parameters() if p.requires_grad],
+                    "lr": self.config.text_encoder_lr or self.config.learning_rate,
+                }
+            )
+        return groups
+
+    def _enable_memory_savers(self) -> None:
+        if self.config.gradient_checkpointing:
+            self.base.unet.enable_gradient_checkpointing()
+            if self.config.train_text_encoder:
+                self.base.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.config.low_vram and self.device.type != "cuda":
+            log.info("low_vram is recorded only: it moves encoders off the GPU, and this run is on %s", self.device.type)
+
+    def _offload_encoders(self) -> None:
+        """low_vram on CUDA: after caching, the VAE (and a frozen text encoder) wait on the CPU."""
+        if self.config.low_vram and self.device.type == "cuda":
+            if self.config.cache_latents:
+                self.base.vae.to("cpu")
+            if self.data.text_is_static:
+                self.base.text_encoder.to("cpu")
+            torch.cuda.empty_cache()
+
+    @contextmanager
+    def _encoders_on_device(self) -> Iterator[None]:
+        """Bring offloaded encoders back for sampling, and send them away again."""
+        if self.config.low_vram and self.device.type == "cuda":
+            self.base.vae.to(self.device)
+            self.base.text_encoder.to(self.device)
+        try:
+            yield
+        finally:
+            self._offload_encoders()
+
+
+def run_training(config: TrainingConfig, run_dir: Path | None = None, *, resume: bool = False, progress: bool = False) -> RunResult:
+    """The one entry point: setup, train, save, cleanup; SIGINT/SIGTERM stop with a checkpoint."""
+    trainer = Trainer(config, run_dir, resume=resume, progress=progress)
+    previous = _install_stop_handlers(trainer)
+    try:
+        trainer.setup()
+        trainer.train()
+        result = trainer.finish()
+    except RunAlreadyExists:
+        raise  # the directory belongs to another run: write nothing into it
+    except EXPECTED_ERRORS + (NonFiniteLoss,) as exc:
+        result = RunResult("failed", trainer.files.dir, trainer.step, error=str(exc))
+    except KeyboardInterrupt:
+        result = RunResult("stopped", trainer.files.dir, trainer.step, error="interrupted twice: no final checkpoint")
+    except Exception as exc:
+        log.exception("training failed")
+        result = RunResult("failed", trainer.files.dir, trainer.step, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        _restore_handlers(previous)
+    return trainer.cleanup(result)
+
+
+def _install_stop_handlers(trainer: Trainer) -> dict:
+    """First SIGINT/SIGTERM: finish the current step, save a checkpoint, end as 'stopped'.
+    A second one interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def request_stop(signum, frame):
+        if trainer.stop_requested:
+            raise KeyboardInterrupt
+        trainer.stop_requested = True
+        log.info("%s received: stopping after this step", signal.Signals(signum).name)
+
+    return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_handlers(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
