@@ -48,6 +48,7 @@ class TrainingConfig(BaseModel):
     )
     model_name: str = Field(
         DEFAULT_MODEL,
+        min_length=1,
         description="Base model: a local diffusers folder, a .safetensors/.ckpt file, a Hugging Face id "
         "already in the local HF cache, or a built-in id such as 'builtin:tiny-sd15'.",
     )
@@ -57,6 +58,7 @@ class TrainingConfig(BaseModel):
         "architecture whose configs are used (offline, they cannot be fetched).",
     )
     dataset_path: str = Field(
+        min_length=1,
         description="Folder of images with same-named .txt captions; subfolders are concepts, "
         "'N_name' folders repeat N times, a 'validation' folder is held out."
     )
@@ -198,10 +200,13 @@ class TrainingConfig(BaseModel):
 
     @field_validator("trigger_word")
     @classmethod
-    def _trigger_is_one_token(cls, value: str | None) -> str | None:
-        if value is not None and (not value.strip() or "," in value):
-            raise ValueError("must be a non-empty word without commas, e.g. 'xyz_style'")
-        return value.strip() if value else value
+    def _trigger_is_one_tag(cls, value: str | None) -> str | None:
+        return _check_trigger(value) if value is not None else None
+
+    @field_validator("trigger_words")
+    @classmethod
+    def _triggers_are_one_tag(cls, value: dict[str, str]) -> dict[str, str]:
+        return {folder: _check_trigger(word) for folder, word in value.items()}
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingConfig:
@@ -292,6 +297,22 @@ class TrainingConfig(BaseModel):
         return cls.from_yaml(text)
 
 
+def _check_trigger(word: str) -> str:
+    """A trigger word stays one caption tag: non-empty and without commas (tag shuffling splits on them)."""
+    if not word.strip() or "," in word:
+        raise ValueError("a trigger word must be non-empty and contain no commas, e.g. 'xyz_style'")
+    return word.strip()
+
+
+def _field_of(key: str) -> str:
+    """The field a key names, through aliases such as lr -> learning_rate."""
+    for name, info in TrainingConfig.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices) and key in alias.choices:
+            return name
+    return key
+
+
 def _describe(err: dict[str, Any]) -> str:
     """One pydantic error as 'field = value: rule (allowed ...)'."""
     loc = ".".join(str(part) for part in err["loc"]) or "config"
@@ -304,7 +325,7 @@ def _describe(err: dict[str, Any]) -> str:
     if field is None:  # a rule across fields: its message names them
         return message
     text = f"{loc} = {err['input']!r}: {message}"
-    allowed = _allowed(field) if isinstance(field, str) else None
+    allowed = _allowed(_field_of(field)) if isinstance(field, str) else None
     return f"{text} (allowed: {allowed})" if allowed else text
 
 

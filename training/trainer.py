@@ -95,13 +95,14 @@ class Trainer:
             trigger_words=config.trigger_words,
             instance_prompt=config.instance_prompt,
         )
+        warnings = config.warnings() + self.dataset.warnings  # before resolve() folds network_* into rank/alpha
         self.config = config = config.resolve(
             native_resolution=self.base.native_resolution, num_images=self.dataset.num_images
         )
         self._check_against_model()
         atomic_write_text(self.files.config, config.to_yaml())
         self.status.update(total_steps=config.steps)
-        for warning in config.warnings() + self.dataset.warnings:
+        for warning in warnings:
             log.warning("%s", warning)
 
         records = list(self.dataset.images)

@@ -35,13 +35,19 @@ def make_buckets(resolution: int, step: int) -> list[Bucket]:
 
 
 def assign_bucket(size: tuple[int, int], buckets: list[Bucket], step: int) -> Bucket:
-    """The bucket with the closest aspect ratio; a smaller image keeps its own size instead."""
+    """The bucket with the closest aspect ratio, if the image covers it on both sides.
+
+    Otherwise (no upscaling) the image gets a bucket of its own: its aspect clamped to 2:1 (the
+    excess is cropped), shrunk to the buckets' area if larger, sides rounded down to the step.
+    """
     width, height = size
     target = min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(width / height)))
-    if width * height >= target[0] * target[1]:
+    if width >= target[0] and height >= target[1]:
         return target
-    # No upscaling: shrink the bucket to fit inside the image, keeping the aspect on the step grid.
-    return (max(step, width // step * step), max(step, height // step * step))
+    width, height = min(width, height * MAX_ASPECT), min(height, width * MAX_ASPECT)
+    max_area = max(b[0] * b[1] for b in buckets)
+    shrink = min(1.0, math.sqrt(max_area / (width * height)))
+    return (max(step, int(width * shrink) // step * step), max(step, int(height * shrink) // step * step))
 
 
 def square_bucket(resolution: int, step: int) -> Bucket:

@@ -35,6 +35,7 @@ class ImageRecord:
     path: Path
     caption: str  # with the concept's trigger word first
     concept: str  # "" for images at the dataset root
+    folder: str  # the concept's folder name ("" for the root), e.g. "10_xyz_cat"
     repeats: int
     size: tuple[int, int]  # (width, height) in pixels
     loss_weight: float = 1.0  # prior_loss_weight for class images, 1 for the dataset's own
@@ -70,9 +71,8 @@ class DatasetIndex:
         """kohya's ss_tag_frequency: per concept folder, how often each comma-separated tag occurs."""
         freq: dict[str, Counter] = {}
         for record in self.images:
-            folder = next(c.folder for c in self.concepts if c.name == record.concept)
             tags = (t.strip() for t in record.caption.split(","))
-            freq.setdefault(folder or ".", Counter()).update(t for t in tags if t)
+            freq.setdefault(record.folder or ".", Counter()).update(t for t in tags if t)
         return {folder: dict(counter) for folder, counter in freq.items()}
 
 
@@ -89,7 +89,8 @@ def scan_dataset(
     root = root.resolve()
 
     folders = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
-    concept_folders = [p for p in folders if p.name != VALIDATION_FOLDER]
+    # A subfolder is a concept only if it holds images (a notes/ folder is not one).
+    concept_folders = [p for p in folders if p.name != VALIDATION_FOLDER and _image_files(p, recursive=True)]
     has_root_images = any(_image_files(root, recursive=False))
     single_concept = len(concept_folders) + int(has_root_images) == 1
 
@@ -99,9 +100,10 @@ def scan_dataset(
     broken: list[str] = []
 
     def add_concept(folder: Path, name: str, trigger: str | None, repeats: int, recursive: bool) -> None:
-        records = _read_records(folder, name, trigger, repeats, instance_prompt, recursive, warnings, broken, root)
+        folder_name = "" if folder == root else folder.name
+        records = _read_records(folder, name, folder_name, trigger, repeats, instance_prompt, recursive, warnings, broken, root)
         images.extend(records)
-        concepts.append(Concept(name, "" if folder == root else folder.name, trigger, repeats, len(records)))
+        concepts.append(Concept(name, folder_name, trigger, repeats, len(records)))
 
     if has_root_images:
         add_concept(root, "", trigger_word, 1, recursive=False)
@@ -118,7 +120,16 @@ def scan_dataset(
     validation: list[ImageRecord] = []
     if (root / VALIDATION_FOLDER).is_dir():
         validation = _read_records(
-            root / VALIDATION_FOLDER, VALIDATION_FOLDER, trigger_word, 1, instance_prompt, True, warnings, broken, root
+            root / VALIDATION_FOLDER,
+            VALIDATION_FOLDER,
+            VALIDATION_FOLDER,
+            trigger_word,
+            1,
+            instance_prompt,
+            True,
+            warnings,
+            broken,
+            root,
         )
 
     if broken:
@@ -139,6 +150,8 @@ def scan_dataset(
 def locate_dataset(dataset_path: str, datasets_root: Path) -> Path:
     """A folder path as given (absolute, or relative to the working directory), else a dataset
     name under the workspace's datasets/ folder."""
+    if not dataset_path.strip():
+        raise DatasetError("dataset_path is empty: give a dataset name or a folder path")
     given = Path(dataset_path).expanduser()
     if given.is_dir():
         return given.resolve()
@@ -158,7 +171,7 @@ def class_image_records(paths: list[Path], caption: str, *, repeats: int, loss_w
     for path in paths:
         size = _decoded_size(path, broken, path.parent)
         if size is not None:
-            records.append(ImageRecord(path, caption, "class", repeats, size, loss_weight))
+            records.append(ImageRecord(path, caption, "class", "class", repeats, size, loss_weight))
     if broken:
         raise DatasetError(f"class image(s) cannot be read; remove them: {'; '.join(broken)}")
     return records
@@ -176,6 +189,7 @@ def _image_files(folder: Path, recursive: bool) -> list[Path]:
 def _read_records(
     folder: Path,
     concept: str,
+    folder_name: str,
     trigger: str | None,
     repeats: int,
     instance_prompt: str | None,
@@ -196,7 +210,7 @@ def _read_records(
         if not caption:
             uncaptioned.append(str(path.relative_to(root)))
             caption = instance_prompt or trigger or ""
-        records.append(ImageRecord(path, with_trigger_first(caption, trigger), concept, repeats, size))
+        records.append(ImageRecord(path, with_trigger_first(caption, trigger), concept, folder_name, repeats, size))
     if uncaptioned:
         fallback = "instance_prompt" if instance_prompt else "the trigger word alone"
         warnings.append(f"{len(uncaptioned)} image(s) have no caption and train on {fallback}: {', '.join(uncaptioned[:10])}")
