@@ -38,7 +38,7 @@ _UNET_RESNET = {
 }
 # diffusers ResnetBlock2D (VAE) -> LDM ResnetBlock
 _VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
-# diffusers Attention (VAE mid block) -> LDM AttnBlock; the LDM q/k/v/proj_out are 1x1 convs
+# diffusers Attention (VAE mid block) -> LDM AttnBlock, whose q/k/v/proj_out are 1x1 convs
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
@@ -100,8 +100,8 @@ def unet_to_ldm(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, 
             if has_attention:
                 modules.append((f"up_blocks.{level}.attentions.{layer}", f"output_blocks.{block}.1", "same"))
             if layer == layers and level < levels - 1:
-                upsampler_slot = 2 if has_attention else 1
-                modules.append((f"up_blocks.{level}.upsamplers.0.conv", f"output_blocks.{block}.{upsampler_slot}.conv", "same"))
+                slot = 2 if has_attention else 1
+                modules.append((f"up_blocks.{level}.upsamplers.0.conv", f"output_blocks.{block}.{slot}.conv", "same"))
             block += 1
 
     return _rename(state_dict, modules, "UNet")
@@ -125,17 +125,17 @@ def vae_to_ldm(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, t
             (f"{part}.mid_block.attentions.0", f"{part}.mid.attn_1", "vae_attention"),
         ]
     for level in range(levels):
-        # Encoder levels keep their order; the decoder's LDM `up` list is numbered from the
-        # lowest resolution, so diffusers up_blocks.i is LDM up.{levels - 1 - i}.
+        # Encoder levels keep their order. LDM numbers the decoder's `up` levels by resolution
+        # (up.0 is the last, full-resolution one), diffusers by run order: up_blocks.i is up.{levels-1-i}.
+        down, up = f"encoder.down_blocks.{level}", f"decoder.up_blocks.{level}"
+        ldm_down, ldm_up = f"encoder.down.{level}", f"decoder.up.{levels - 1 - level}"
         for layer in range(layers):
-            modules.append((f"encoder.down_blocks.{level}.resnets.{layer}", f"encoder.down.{level}.block.{layer}", "vae_resnet"))
-        if level < levels - 1:
-            modules.append((f"encoder.down_blocks.{level}.downsamplers.0.conv", f"encoder.down.{level}.downsample.conv", "same"))
-        ldm_level = levels - 1 - level
+            modules.append((f"{down}.resnets.{layer}", f"{ldm_down}.block.{layer}", "vae_resnet"))
         for layer in range(layers + 1):
-            modules.append((f"decoder.up_blocks.{level}.resnets.{layer}", f"decoder.up.{ldm_level}.block.{layer}", "vae_resnet"))
+            modules.append((f"{up}.resnets.{layer}", f"{ldm_up}.block.{layer}", "vae_resnet"))
         if level < levels - 1:
-            modules.append((f"decoder.up_blocks.{level}.upsamplers.0.conv", f"decoder.up.{ldm_level}.upsample.conv", "same"))
+            modules.append((f"{down}.downsamplers.0.conv", f"{ldm_down}.downsample.conv", "same"))
+            modules.append((f"{up}.upsamplers.0.conv", f"{ldm_up}.upsample.conv", "same"))
     return _rename(state_dict, modules, "VAE")
 
 
@@ -147,7 +147,9 @@ def clip_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key.removeprefix("text_model."): value for key, value in state_dict.items()}
 
 
-def _rename(state_dict: dict[str, torch.Tensor], modules: list[tuple[str, str, str]], what: str) -> dict[str, torch.Tensor]:
+def _rename(
+    state_dict: dict[str, torch.Tensor], modules: list[tuple[str, str, str]], what: str
+) -> dict[str, torch.Tensor]:
     renamed: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for diffusers_prefix, ldm_prefix, kind in modules:

@@ -54,7 +54,9 @@ def test_ldm_layout_round_trips_through_diffusers_converters(tiny_sd15):
         "vae": convert_ldm_vae_checkpoint(checkpoint, _config(tiny_sd15 / "vae")),
         # transformers >= 5.6 saves CLIPTextModel without the text_model. level; diffusers strips
         # it the same way before loading (create_diffusers_clip_model_from_ldm).
-        "text_encoder": {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(checkpoint).items()},
+        "text_encoder": {
+            k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(checkpoint).items()
+        },
     }
     for component, converted in back.items():
         original = _weights(tiny_sd15 / component)
@@ -90,12 +92,13 @@ def test_ldm_single_file_loads_like_the_diffusers_folder(fixture, request, tmp_p
     latents = torch.randn(1, 4, 8, 8, generator=generator)
     states = torch.randn(1, 77, 32, generator=generator)
     image = torch.rand(1, 3, 64, 64, generator=generator) * 2 - 1
-    ids = base.tokenizer(
-        "a photo of xyz_shape", padding="max_length", max_length=77, truncation=True, return_tensors="pt"
-    ).input_ids
-    assert torch.equal(ids, reference.tokenizer(
-        "a photo of xyz_shape", padding="max_length", max_length=77, truncation=True, return_tensors="pt"
-    ).input_ids)
+    ids, reference_ids = (
+        model.tokenizer(
+            "a photo of xyz_shape", padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
+        for model in (base, reference)
+    )
+    assert torch.equal(ids, reference_ids)
 
     with torch.no_grad():
         outputs = [

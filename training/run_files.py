@@ -43,6 +43,19 @@ class RunFiles:
         for folder in (self.dir, self.samples, self.checkpoints):
             folder.mkdir(parents=True, exist_ok=True)
 
+    def remove_partial_writes(self) -> list[Path]:
+        """Delete what a killed process left half-written: hidden temporary files and staging
+        folders (every write goes through one, so nothing else can be partial)."""
+        removed = []
+        for folder in (self.dir, self.samples, self.checkpoints):
+            if not folder.is_dir():
+                continue
+            for entry in folder.iterdir():
+                if entry.name.startswith(".") and (entry.name.endswith(".tmp") or folder == self.checkpoints):
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                    removed.append(entry)
+        return removed
+
     def lora(self, name: str) -> Path:
         return self.dir / f"{name}.safetensors"
 

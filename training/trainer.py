@@ -384,12 +384,15 @@ class Trainer:
                 f"{self.files.dir} already holds a run: continue it with --resume, or choose another --run-dir"
             )
         self.files.create()
+        partial = self.files.remove_partial_writes() if self.resume else []
         handler = logging.FileHandler(self.files.log, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         self._log_handler = handler
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         self.status.start()
+        if partial:
+            log.info("removed %d partial write(s) of the previous process", len(partial))
 
     def _check_against_model(self) -> None:
         config, layers = self.config, self.base.text_encoder.config.num_hidden_layers

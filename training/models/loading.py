@@ -148,13 +148,19 @@ def load_base_model(source: ModelSource, device: torch.device) -> BaseModel:
     except ModelNotFoundError:
         raise
     except Exception as exc:
-        hint = (
-            " A single-file checkpoint needs its architecture's configs offline: set base_model_config to a "
-            "diffusers folder (or built-in id) of the same architecture."
-            if source.kind == "single_file"
-            else ""
-        )
-        raise ModelNotFoundError(f"could not load the model at {source.path}: {exc}.{hint}") from exc
+        if source.kind != "single_file":
+            hint = ""
+        elif source.config_folder is None:
+            hint = (
+                " A single-file checkpoint needs its architecture's configs offline: set base_model_config to a "
+                "diffusers folder (or built-in id) of the same architecture."
+            )
+        else:
+            hint = (
+                " Is it a Stable Diffusion 1.x/2.x checkpoint (.safetensors/.ckpt) of the same architecture as "
+                f"base_model_config ({source.config_folder})?"
+            )
+        raise ModelNotFoundError(f"could not load the model at {source.path}: {str(exc).rstrip('. ')}.{hint}") from exc
 
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(device)

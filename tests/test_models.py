@@ -1,0 +1,63 @@
+"""Finding and loading base models offline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training.models.builtin import ensure_builtin
+from training.models.loading import ModelNotFoundError, load_base_model, resolve_model
+
+
+def test_builtins_load_like_any_diffusers_folder(tiny_sd15, tiny_sd2v):
+    sd15 = load_base_model(resolve_model("builtin:tiny-sd15"), torch.device("cpu"))
+    assert sd15.source.kind == "builtin" and sd15.source.path == tiny_sd15
+    assert (sd15.family, sd15.prediction_type, sd15.native_resolution, sd15.bucket_step) == ("sd1", "epsilon", 64, 16)
+    sd2 = load_base_model(resolve_model(str(tiny_sd2v)), torch.device("cpu"))
+    assert sd2.source.kind == "folder"
+    assert (sd2.family, sd2.prediction_type, sd2.base_model_version) == ("sd2", "v_prediction", "sd_v2_v")
+    assert json.loads((tiny_sd15 / "model_index.json").read_text())["unet"] == ["diffusers", "UNet2DConditionModel"]
+
+
+def test_builtins_are_built_deterministically(tmp_path, tiny_sd15):
+    rebuilt = ensure_builtin("builtin:tiny-sd15", tmp_path / "models")
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        original, again = load_file(tiny_sd15 / part), load_file(rebuilt / part)
+        assert original.keys() == again.keys()
+        assert all(torch.equal(original[k], again[k]) for k in original)
+    assert ensure_builtin("builtin:tiny-sd15", tmp_path / "models") == rebuilt  # cached, not rebuilt
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [rebuilt.name]  # no staging left
+
+
+def test_unknown_builtin_lists_the_builtins():
+    with pytest.raises(ModelNotFoundError, match="builtin:tiny-sd15"):
+        resolve_model("builtin:huge")
+
+
+def test_a_model_not_found_offline_says_where_it_looked(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelNotFoundError) as raised:
+        resolve_model("someone/not-cached-model")
+    message = str(raised.value)
+    assert "someone/not-cached-model" in message
+    assert "Hugging Face cache" in message and "builtin:tiny-sd15" in message
+    assert "huggingface-cli download" in message
+
+
+def test_missing_paths_and_non_pipelines_are_refused(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        resolve_model(str(tmp_path / "nothing.safetensors"))
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ModelNotFoundError, match="model_index.json"):
+        resolve_model(str(tmp_path / "plain"))
+
+
+def test_sdxl_folders_are_refused_with_the_reason(tmp_path):
+    folder = tmp_path / "sdxl"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
+    with pytest.raises(ModelNotFoundError, match="SDXL"):
+        load_base_model(resolve_model(str(folder)), torch.device("cpu"))
