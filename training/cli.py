@@ -28,7 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, help="run directory (default: <workspace>/runs/<name>-<UTC time>)")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run from its latest checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines on stderr")
+    parser.add_argument("--options", action="store_true", help="list every config option with its default and exit")
     args = parser.parse_args(argv)
+    if args.options:
+        from training.config import options_reference
+
+        print(options_reference())
+        return 0
     if (args.config is None) == (args.resume is None):
         parser.error("give either CONFIG or --resume RUN_DIR")
 

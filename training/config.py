@@ -10,6 +10,7 @@ are filled in by `resolve()` once those are known; a run writes the resolved con
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,8 +68,8 @@ class TrainingConfig(BaseModel):
     )
     trigger_words: dict[str, str] = Field(
         default_factory=dict,
-        description="Trigger word per concept subfolder ({folder: word}); a concept folder not listed "
-        "uses trigger_word, else its folder name (without the 'N_' repeat prefix).",
+        description="Trigger word per concept subfolder ({folder: word}). A folder not listed is triggered "
+        "by its own name (without the 'N_' repeat prefix), or by trigger_word when it is the only concept.",
     )
 
     # --- resolution and data ---------------------------------------------------------------
@@ -295,6 +296,20 @@ class TrainingConfig(BaseModel):
         except OSError as exc:
             raise ConfigError([f"cannot read config file {path}: {exc.strerror}"]) from None
         return cls.from_yaml(text)
+
+
+def options_reference() -> str:
+    """Every option with its aliases, default and description, from the model itself."""
+    lines = []
+    for name, info in TrainingConfig.model_fields.items():
+        default = "required" if info.is_required() else ("[]" if info.default_factory is list else "{}" if info.default_factory is dict else repr(info.default))
+        aliases = [a for a in info.validation_alias.choices if a != name] if isinstance(info.validation_alias, AliasChoices) else []
+        also = f" (also: {', '.join(aliases)})" if aliases else ""
+        choices = typing.get_args(info.annotation) if typing.get_origin(info.annotation) is Literal else ()
+        allowed = "one of " + ", ".join(map(str, choices)) if choices else _allowed(name)
+        limits = f" [{allowed}]" if allowed else ""
+        lines.append(f"{name}{also} = {default}{limits}\n    {info.description}")
+    return "\n".join(lines)
 
 
 def _check_trigger(word: str) -> str:
