@@ -167,3 +167,20 @@ def test_no_samples_no_batches():
     assert batches.batches_per_epoch == 0
     assert batches.epoch(0) == []
     assert batches.bucket_sizes() == {}
+
+
+def test_random_crop_moves_the_window_and_center_does_not(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from training.data.images import load_pixels
+
+    path = tmp_path / "wide.png"
+    gradient = np.tile(np.arange(256, dtype=np.uint8), (64, 1))
+    Image.fromarray(np.stack([gradient] * 3, axis=-1)).save(path)  # 256x64, left dark, right bright
+    center = [load_pixels(path, (64, 64), random_crop=False, flip=False, rng=np.random.default_rng(s)) for s in range(4)]
+    assert all(c.equal(center[0]) for c in center)
+    crops = [load_pixels(path, (64, 32), random_crop=True, flip=False, rng=np.random.default_rng(s)) for s in range(8)]
+    assert len({round(c.mean().item(), 4) for c in crops}) > 1
+    flipped = load_pixels(path, (64, 64), random_crop=False, flip=True, rng=None)
+    assert flipped.equal(center[0].flip(-1))

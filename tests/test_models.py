@@ -38,13 +38,15 @@ def test_unknown_builtin_lists_the_builtins():
 
 
 def test_a_model_not_found_offline_says_where_it_looked(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(ModelNotFoundError) as raised:
         resolve_model("someone/not-cached-model")
     message = str(raised.value)
     assert "someone/not-cached-model" in message
     assert "Hugging Face cache" in message and "builtin:tiny-sd15" in message
-    assert "huggingface-cli download" in message
+    assert "huggingface-cli download" in message and str(tmp_path / "empty-cache") in message
 
 
 def test_missing_paths_and_non_pipelines_are_refused(tmp_path):
@@ -61,3 +63,22 @@ def test_sdxl_folders_are_refused_with_the_reason(tmp_path):
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
     with pytest.raises(ModelNotFoundError, match="SDXL"):
         load_base_model(resolve_model(str(folder)), torch.device("cpu"))
+
+
+def test_a_hugging_face_id_resolves_from_the_local_cache(monkeypatch, tmp_path, tiny_sd15):
+    """A repo already in the HF cache (here: the tiny model laid out as the hub lays out a download)."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-sd"
+    shutil.copytree(tiny_sd15, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    source = resolve_model("someone/tiny-sd")
+    assert source.kind == "hub" and source.path == repo / "snapshots" / revision
+    base = load_base_model(source, torch.device("cpu"))
+    assert base.native_resolution == 64

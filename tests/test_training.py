@@ -354,3 +354,62 @@ def test_config_warnings_reach_the_log(tmp_path, shapes):
     assert result.state == "completed"
     assert "network_dim wins" in (tmp_path / "run" / "train.log").read_text()
     assert "rank: 8" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_more_options_have_their_effect(tmp_path, shapes):
+    # seed: another seed, other noise, other losses
+    baseline = _first_loss(tmp_path / "seed42", shapes)
+    assert _first_loss(tmp_path / "seed7", shapes, seed=7) != baseline
+    # dropout acts on the LoRA path, which is zero at step 1 (B starts at 0): it shows from step 2 on
+    plain = run_training(fast_config(shapes, steps=2), tmp_path / "nodrop")
+    dropped = run_training(fast_config(shapes, steps=2, dropout=0.5), tmp_path / "drop")
+    assert plain.state == dropped.state == "completed"
+    assert _losses(tmp_path / "nodrop")[0] == _losses(tmp_path / "drop")[0]
+    assert _losses(tmp_path / "nodrop")[1] != _losses(tmp_path / "drop")[1]
+
+
+def test_gradient_clipping_limits_the_update(tmp_path, shapes):
+    """With SGD the update is proportional to the (clipped) gradient."""
+
+    def update_size(max_grad_norm: float) -> float:
+        trainer = Trainer(fast_config(shapes, steps=2, optimizer="sgd", max_grad_norm=max_grad_norm), tmp_path / f"clip{max_grad_norm}")
+        trainer.setup()
+        before = [p.detach().clone() for p in trainer.trainable]
+        trainer.train()
+        return sum((p.detach() - b).norm().item() for p, b in zip(trainer.trainable, before))
+
+    assert update_size(1e-4) < 0.1 * update_size(0.0)
+
+
+def test_accumulation_and_text_encoder_lr(tmp_path, shapes):
+    trainer = Trainer(
+        fast_config(shapes, steps=1, batch_size=1, gradient_accumulation_steps=3, train_text_encoder=True, text_encoder_lr=3e-5),
+        tmp_path / "run",
+    )
+    trainer.setup()
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-3, 3e-5]
+    trainer.train()
+    assert trainer.data.batch_index == 3  # one optimizer step consumed three micro-batches
+    assert len(_losses(tmp_path / "run")) == 1
+
+
+def test_without_bucketing_every_image_is_square(tmp_path):
+    dataset = tmp_path / "mixed"
+    make_shape_dataset(dataset, 2, trigger_word="xyz_shape", size=(120, 72))  # would bucket as 80x48
+    trainer = Trainer(fast_config(dataset, enable_bucketing=False), tmp_path / "run")
+    trainer.setup()
+    assert trainer.data.batches.bucket_sizes() == {(64, 64): 2}
+    assert trainer.data.next_batch().latents.shape == (2, 4, 8, 8)
+
+
+def test_sample_steps_and_guidance_change_the_sample(tmp_path, shapes):
+    def baseline_sample(name: str, **options) -> bytes:
+        config = fast_config(shapes, steps=1, disable_sampling=False, sample_every=100, test_prompts=["xyz_shape"], **options)
+        assert run_training(config, tmp_path / name).state == "completed"
+        with Image.open(tmp_path / name / "samples" / "step000000_p0.png") as image:
+            return image.tobytes()
+
+    reference = baseline_sample("ref", sample_steps=2)
+    assert baseline_sample("same", sample_steps=2) == reference  # fixed seed: reproducible
+    assert baseline_sample("steps", sample_steps=3) != reference
+    assert baseline_sample("guidance", sample_steps=2, sample_guidance_scale=1.5) != reference
