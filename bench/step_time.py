@@ -40,10 +40,16 @@ def bare_loop(dataset: Path, steps: int) -> list[float]:
     base = load_base_model(resolve_model("builtin:tiny-sd15"), torch.device("cpu"))
     images = sorted(dataset.glob("*.png"))[:BATCH]
     with torch.no_grad():
-        pixels = torch.stack([load_pixels(p, (RESOLUTION, RESOLUTION), random_crop=False, flip=False, rng=None) for p in images])
+        pixels = torch.stack(
+            [load_pixels(p, (RESOLUTION, RESOLUTION), random_crop=False, flip=False, rng=None) for p in images]
+        )
         latents = base.vae.encode(pixels).latent_dist.sample() * base.vae.config.scaling_factor
         ids = base.tokenizer(
-            [p.with_suffix(".txt").read_text() for p in images], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+            [p.with_suffix(".txt").read_text() for p in images],
+            padding="max_length",
+            max_length=77,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids
         states = base.text_encoder(ids).last_hidden_state
     attach_lora(base.unet, base.text_encoder, rank=RANK, alpha=RANK, dropout=0.0, seed=42, train_text_encoder=False)
@@ -73,9 +79,17 @@ def trainer(dataset: Path, steps: int) -> list[float]:
 
     config = TrainingConfig.from_dict(
         dict(
-            name="bench", model_name="builtin:tiny-sd15", dataset_path=str(dataset), resolution=RESOLUTION,
-            steps=steps, batch_size=BATCH, rank=RANK, learning_rate=LR, cache_latents=True,
-            disable_sampling=True, save_every=steps + 1,
+            name="bench",
+            model_name="builtin:tiny-sd15",
+            dataset_path=str(dataset),
+            resolution=RESOLUTION,
+            steps=steps,
+            batch_size=BATCH,
+            rank=RANK,
+            learning_rate=LR,
+            cache_latents=True,
+            disable_sampling=True,
+            save_every=steps + 1,
         )
     )
     run_dir = Path(tempfile.mkdtemp(prefix="bench-run-"))
@@ -115,11 +129,15 @@ def main() -> None:
         for variant in ("loop", "trainer"):
             out = subprocess.run(
                 [sys.executable, __file__, "--child", variant, "--dataset", str(dataset), "--steps", str(args.steps)],
-                env=env, capture_output=True, text=True, check=True,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
             ).stdout
             row = json.loads(out.strip().splitlines()[-1])
             results[variant].append(row)
-            print(f"run {run + 1} {variant:8s} median step {row['median_step_s'] * 1000:7.2f} ms  peak RSS {row['peak_rss_mib']:7.1f} MiB")
+            step_ms, rss = row["median_step_s"] * 1000, row["peak_rss_mib"]
+            print(f"run {run + 1} {variant:8s} median step {step_ms:7.2f} ms  peak RSS {rss:7.1f} MiB")
     loop_step = statistics.median(r["median_step_s"] for r in results["loop"])
     trainer_step = statistics.median(r["median_step_s"] for r in results["trainer"])
     loop_rss = statistics.median(r["peak_rss_mib"] for r in results["loop"])

@@ -64,7 +64,10 @@ def test_landscape_portrait_and_square_images():
     assert aspect(wide) == max(aspect(b) for b in buckets)
 
 
-@pytest.mark.parametrize(("size", "expected"), [((768, 512), (640, 384)), ((700, 600), (576, 448)), ((900, 540), (640, 384)), ((600, 512), (576, 448))])
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [((768, 512), (640, 384)), ((700, 600), (576, 448)), ((900, 540), (640, 384)), ((600, 512), (576, 448))],
+)
 def test_closest_aspect_wins(size, expected):
     buckets = make_buckets(512, 64)
     chosen = assign_bucket(size, buckets, 64)
@@ -106,7 +109,8 @@ def test_elongated_images_are_not_upscaled_either(size):
 
 
 @pytest.mark.parametrize(
-    ("resolution", "step", "expected"), [(520, 64, (512, 512)), (512, 64, (512, 512)), (575, 64, (512, 512)), (64, 16, (64, 64)), (30, 64, (64, 64))]
+    ("resolution", "step", "expected"),
+    [(520, 64, (512, 512)), (512, 64, (512, 512)), (575, 64, (512, 512)), (64, 16, (64, 64)), (30, 64, (64, 64))],
 )
 def test_square_bucket_rounds_down_to_the_step(resolution, step, expected):
     assert square_bucket(resolution, step) == expected
@@ -178,7 +182,9 @@ def test_random_crop_moves_the_window_and_center_does_not(tmp_path):
     path = tmp_path / "wide.png"
     gradient = np.tile(np.arange(256, dtype=np.uint8), (64, 1))
     Image.fromarray(np.stack([gradient] * 3, axis=-1)).save(path)  # 256x64, left dark, right bright
-    center = [load_pixels(path, (64, 64), random_crop=False, flip=False, rng=np.random.default_rng(s)) for s in range(4)]
+    center = [
+        load_pixels(path, (64, 64), random_crop=False, flip=False, rng=np.random.default_rng(s)) for s in range(4)
+    ]
     assert all(c.equal(center[0]) for c in center)
     crops = [load_pixels(path, (64, 32), random_crop=True, flip=False, rng=np.random.default_rng(s)) for s in range(8)]
     assert len({round(c.mean().item(), 4) for c in crops}) > 1

@@ -36,9 +36,7 @@ def test_no_dropout_keeps_the_caption():
 
 def test_partial_dropout_drops_about_that_share():
     rng = np.random.default_rng(123)
-    results = [
-        augment_caption(CAPTION, dropout_rate=0.3, shuffle=False, keep_tokens=1, rng=rng) for _ in range(2000)
-    ]
+    results = [augment_caption(CAPTION, dropout_rate=0.3, shuffle=False, keep_tokens=1, rng=rng) for _ in range(2000)]
     dropped = sum(r == "" for r in results)
     assert set(results) == {"", CAPTION}
     assert 0.25 < dropped / len(results) < 0.35

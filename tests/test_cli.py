@@ -50,6 +50,19 @@ def metric_steps(run: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def resume_until(run: Path, steps: int) -> subprocess.CompletedProcess:
+    """`lora-train --resume` after setting the run's total steps nearer (the run's config.yaml is
+    what a resume reads, so it is edited as a user would)."""
+    resolved = (run / "config.yaml").read_text().replace("steps: 100000", f"steps: {steps}")
+    atomic_write_text(run / "config.yaml", resolved)
+    return subprocess.run(
+        [sys.executable, "-m", "training.cli", "--resume", str(run), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def test_help_and_argument_errors():
     done = subprocess.run([sys.executable, "-m", "training.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "--resume" in done.stdout
@@ -71,7 +84,9 @@ def test_failed_run_exits_1_with_the_reason(tmp_path):
     config = write_config(tmp_path / "c.yaml", fast_config(tmp_path / "missing"))
     done = subprocess.run(
         [sys.executable, "-m", "training.cli", str(config), "--run-dir", str(tmp_path / "run"), "--quiet"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("lora-train: failed: dataset")
@@ -82,7 +97,9 @@ def test_completed_run_prints_the_resolved_run(tmp_path, shapes, tiny_sd15):
     config = write_config(tmp_path / "c.yaml", fast_config(shapes, steps=2))
     done = subprocess.run(
         [sys.executable, "-m", "training.cli", str(config), "--run-dir", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     for expected in ("images: 4", "buckets", "effective", "steps: 2", "trainable parameters"):
@@ -105,12 +122,7 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(tmp_path, shapes, t
     assert stopped_at >= 3 and status["last_checkpoint"].endswith(f"step{stopped_at:06d}")
     assert metric_steps(run) == list(range(1, stopped_at + 1))
 
-    # Continue to a nearer end: the run's config is the source of truth, so edit it as a user would.
-    resolved = (run / "config.yaml").read_text().replace("steps: 100000", f"steps: {stopped_at + 2}")
-    atomic_write_text(run / "config.yaml", resolved)
-    done = subprocess.run(
-        [sys.executable, "-m", "training.cli", "--resume", str(run), "--quiet"], capture_output=True, text=True, timeout=300
-    )
+    done = resume_until(run, stopped_at + 2)
     assert done.returncode == 0, done.stderr
     assert metric_steps(run) == list(range(1, stopped_at + 3))
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
@@ -119,8 +131,15 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(tmp_path, shapes, t
 def test_sigkill_leaves_only_whole_files(tmp_path, shapes, tiny_sd15):
     run = tmp_path / "run"
     config = fast_config(
-        shapes, steps=100000, batch_size=1, save_every=1, keep_last_n_checkpoints=2,
-        disable_sampling=False, sample_every=2, sample_steps=1, test_prompts=["xyz_shape a circle"],
+        shapes,
+        steps=100000,
+        batch_size=1,
+        save_every=1,
+        keep_last_n_checkpoints=2,
+        disable_sampling=False,
+        sample_every=2,
+        sample_steps=1,
+        test_prompts=["xyz_shape a circle"],
     )
     process = lora_train(str(write_config(tmp_path / "c.yaml", config)), "--run-dir", str(run), "--quiet")
     wait_for(lambda: len(metric_steps(run)) >= 4, what="four steps")
@@ -147,11 +166,7 @@ def test_sigkill_leaves_only_whole_files(tmp_path, shapes, tiny_sd15):
 
     # The killed run resumes from its newest checkpoint, dropping rows of the lost steps.
     last = int(checkpoints[-1].name.removeprefix("step"))
-    resolved = (run / "config.yaml").read_text().replace("steps: 100000", f"steps: {last + 1}")
-    atomic_write_text(run / "config.yaml", resolved)
-    done = subprocess.run(
-        [sys.executable, "-m", "training.cli", "--resume", str(run), "--quiet"], capture_output=True, text=True, timeout=300
-    )
+    done = resume_until(run, last + 1)
     assert done.returncode == 0, done.stderr
     assert metric_steps(run) == list(range(1, last + 2))
     leftovers = [p.name for p in run.rglob(".*")]
@@ -160,10 +175,14 @@ def test_sigkill_leaves_only_whole_files(tmp_path, shapes, tiny_sd15):
 
 def test_a_used_run_directory_is_refused(tmp_path, shapes, tiny_sd15):
     config = write_config(tmp_path / "c.yaml", fast_config(shapes, steps=1))
-    first = subprocess.run([sys.executable, "-m", "training.cli", str(config), "--run-dir", str(tmp_path / "run"), "--quiet"], timeout=300)
+    first = subprocess.run(
+        [sys.executable, "-m", "training.cli", str(config), "--run-dir", str(tmp_path / "run"), "--quiet"], timeout=300
+    )
     assert first.returncode == 0
     second = subprocess.run(
         [sys.executable, "-m", "training.cli", str(config), "--run-dir", str(tmp_path / "run"), "--quiet"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert second.returncode == 2 and "already holds a run" in second.stderr

@@ -108,8 +108,16 @@ def test_repeat_folders_become_concepts(tmp_path):
     index = scan(tmp_path, trigger_word="ignored_word")
     concepts = {c.name: c for c in index.concepts}
     assert set(concepts) == {"xyz_cat", "xyz_dog"}
-    assert (concepts["xyz_cat"].repeats, concepts["xyz_cat"].folder, concepts["xyz_cat"].num_images) == (10, "10_xyz_cat", 2)
-    assert (concepts["xyz_dog"].repeats, concepts["xyz_dog"].folder, concepts["xyz_dog"].num_images) == (1, "xyz_dog", 3)
+    assert (concepts["xyz_cat"].repeats, concepts["xyz_cat"].folder, concepts["xyz_cat"].num_images) == (
+        10,
+        "10_xyz_cat",
+        2,
+    )
+    assert (concepts["xyz_dog"].repeats, concepts["xyz_dog"].folder, concepts["xyz_dog"].num_images) == (
+        1,
+        "xyz_dog",
+        3,
+    )
     assert concepts["xyz_cat"].trigger_word == "xyz_cat"
     assert concepts["xyz_dog"].trigger_word == "xyz_dog"
     assert index.num_images == 5

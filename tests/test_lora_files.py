@@ -12,7 +12,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from training.lora import LoraFileError, read_lora_file
+from training.lora import read_lora_file
 from training.trainer import Trainer, run_training
 
 
@@ -41,7 +41,9 @@ def pipeline(folder):
 
 def latents_of(pipe):
     generator = torch.Generator().manual_seed(3)
-    return pipe("xyz_shape a blue square", num_inference_steps=3, height=64, width=64, generator=generator, output_type="latent").images
+    return pipe(
+        "xyz_shape a blue square", num_inference_steps=3, height=64, width=64, generator=generator, output_type="latent"
+    ).images
 
 
 def test_kohya_keys_name_real_modules_and_carry_alpha(trained):
@@ -153,13 +155,17 @@ def test_resume_from_a_run_name_finds_its_lora(tmp_path, shapes, workspace):
     first = run_training(fast_config(shapes, name="stage-one", steps=2), None)
     assert first.state == "completed"
     assert first.run_dir.parent == workspace / "runs"
-    second = run_training(fast_config(shapes, name="stage-two", steps=1, rank=8, resume_from="stage-one"), tmp_path / "two")
+    second = run_training(
+        fast_config(shapes, name="stage-two", steps=1, rank=8, resume_from="stage-one"), tmp_path / "two"
+    )
     assert second.state == "completed", second.error
     assert str(first.lora_path) in (tmp_path / "two" / "train.log").read_text()
 
 
 def test_resume_from_refuses_what_it_cannot_continue(trained, tmp_path, shapes):
-    smaller = run_training(fast_config(shapes, rank=2, resume_from=str(trained["kohya"]), train_text_encoder=True), tmp_path / "a")
+    smaller = run_training(
+        fast_config(shapes, rank=2, resume_from=str(trained["kohya"]), train_text_encoder=True), tmp_path / "a"
+    )
     assert smaller.state == "failed" and "rank 4" in smaller.error
 
     without_te = run_training(fast_config(shapes, rank=4, resume_from=str(trained["kohya"])), tmp_path / "b")
@@ -169,7 +175,13 @@ def test_resume_from_refuses_what_it_cannot_continue(trained, tmp_path, shapes):
     assert missing.state == "failed" and "no-such-run" in missing.error
 
     foreign = tmp_path / "foreign.safetensors"
-    save_file({"lora_unet_not_a_module.lora_down.weight": torch.zeros(4, 8), "lora_unet_not_a_module.lora_up.weight": torch.zeros(8, 4)}, str(foreign))
+    save_file(
+        {
+            "lora_unet_not_a_module.lora_down.weight": torch.zeros(4, 8),
+            "lora_unet_not_a_module.lora_up.weight": torch.zeros(8, 4),
+        },
+        str(foreign),
+    )
     other = run_training(fast_config(shapes, resume_from=str(foreign)), tmp_path / "d")
     assert other.state == "failed" and "names no module" in other.error
 

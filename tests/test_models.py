@@ -24,7 +24,11 @@ def test_builtins_load_like_any_diffusers_folder(tiny_sd15, tiny_sd2v):
 
 def test_builtins_are_built_deterministically(tmp_path, tiny_sd15):
     rebuilt = ensure_builtin("builtin:tiny-sd15", tmp_path / "models")
-    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+    for part in (
+        "unet/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ):
         original, again = load_file(tiny_sd15 / part), load_file(rebuilt / part)
         assert original.keys() == again.keys()
         assert all(torch.equal(original[k], again[k]) for k in original)
@@ -60,7 +64,14 @@ def test_missing_paths_and_non_pipelines_are_refused(tmp_path):
 def test_sdxl_folders_are_refused_with_the_reason(tmp_path):
     folder = tmp_path / "sdxl"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionXLPipeline",
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            }
+        )
+    )
     with pytest.raises(ModelNotFoundError, match="SDXL"):
         load_base_model(resolve_model(str(folder)), torch.device("cpu"))
 

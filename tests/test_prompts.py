@@ -11,7 +11,9 @@ from training.prompts import encode_prompts
 
 @pytest.fixture(scope="module")
 def clip(tiny_sd15):
-    return CLIPTokenizer.from_pretrained(tiny_sd15 / "tokenizer"), CLIPTextModel.from_pretrained(tiny_sd15 / "text_encoder").eval()
+    return CLIPTokenizer.from_pretrained(tiny_sd15 / "tokenizer"), CLIPTextModel.from_pretrained(
+        tiny_sd15 / "text_encoder"
+    ).eval()
 
 
 def encode(clip, prompts, **kwargs):
@@ -22,7 +24,9 @@ def encode(clip, prompts, **kwargs):
 
 def test_75_tokens_is_plain_clip_encoding(clip):
     tokenizer, text_encoder = clip
-    ids = tokenizer(["xyz_shape a red circle"], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        ["xyz_shape a red circle"], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         plain = text_encoder(ids).last_hidden_state
     assert torch.equal(encode(clip, ["xyz_shape a red circle"], max_token_length=75, clip_skip=1), plain)
@@ -40,8 +44,12 @@ def test_words_past_75_tokens_count_only_with_a_longer_limit(clip):
     # The tiny tokenizer has one token per character: 100 characters of padding push the last word past 75.
     head = "x" * 100
     a, b = f"{head} red", f"{head} blue"
-    assert torch.equal(encode(clip, [a], max_token_length=75, clip_skip=1), encode(clip, [b], max_token_length=75, clip_skip=1))
-    assert not torch.equal(encode(clip, [a], max_token_length=150, clip_skip=1), encode(clip, [b], max_token_length=150, clip_skip=1))
+    assert torch.equal(
+        encode(clip, [a], max_token_length=75, clip_skip=1), encode(clip, [b], max_token_length=75, clip_skip=1)
+    )
+    assert not torch.equal(
+        encode(clip, [a], max_token_length=150, clip_skip=1), encode(clip, [b], max_token_length=150, clip_skip=1)
+    )
 
 
 def test_clip_skip_takes_the_earlier_layer_through_the_final_norm(clip):

@@ -54,9 +54,7 @@ def test_ldm_layout_round_trips_through_diffusers_converters(tiny_sd15):
         "vae": convert_ldm_vae_checkpoint(checkpoint, _config(tiny_sd15 / "vae")),
         # transformers >= 5.6 saves CLIPTextModel without the text_model. level; diffusers strips
         # it the same way before loading (create_diffusers_clip_model_from_ldm).
-        "text_encoder": {
-            k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(checkpoint).items()
-        },
+        "text_encoder": {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(checkpoint).items()},
     }
     for component, converted in back.items():
         original = _weights(tiny_sd15 / component)

@@ -31,7 +31,9 @@ def training_latents(pipe, dataset: Path):
     captions = [p.with_suffix(".txt").read_text() for p in images]
     with torch.no_grad():
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-        ids = pipe.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        ids = pipe.tokenizer(
+            captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
         conditioning = pipe.text_encoder(ids).last_hidden_state
     return latents, conditioning
 
@@ -80,7 +82,12 @@ def test_lora_overfits_two_images_and_loads_in_diffusers(tmp_path, tiny_sd15):
 
 def test_run_directory_contract(tmp_path, shapes):
     config = fast_config(
-        shapes, steps=4, save_every=2, disable_sampling=False, sample_every=2, sample_steps=2,
+        shapes,
+        steps=4,
+        save_every=2,
+        disable_sampling=False,
+        sample_every=2,
+        sample_steps=2,
         test_prompts=["xyz_shape a red circle", "a green square"],
     )
     result = run_training(config, tmp_path / "run")
@@ -90,7 +97,20 @@ def test_run_directory_contract(tmp_path, shapes):
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "completed"
     assert status["step"] == status["total_steps"] == 4
-    for key in ("epoch", "loss", "lr", "it_per_s", "eta_s", "last_checkpoint", "lora_path", "error", "pid", "heartbeat", "started_at", "updated_at"):
+    for key in (
+        "epoch",
+        "loss",
+        "lr",
+        "it_per_s",
+        "eta_s",
+        "last_checkpoint",
+        "lora_path",
+        "error",
+        "pid",
+        "heartbeat",
+        "started_at",
+        "updated_at",
+    ):
         assert key in status
     assert Path(status["lora_path"]) == run / "test-run.safetensors"
     assert status["last_checkpoint"].endswith("step000002")
@@ -119,7 +139,9 @@ def test_run_directory_contract(tmp_path, shapes):
 def test_same_seed_same_losses_and_sampling_does_not_disturb_training(tmp_path, shapes):
     plain = run_training(fast_config(shapes, steps=3), tmp_path / "a")
     sampled = run_training(
-        fast_config(shapes, steps=3, disable_sampling=False, sample_every=1, sample_steps=2, test_prompts=["xyz_shape"]),
+        fast_config(
+            shapes, steps=3, disable_sampling=False, sample_every=1, sample_steps=2, test_prompts=["xyz_shape"]
+        ),
         tmp_path / "b",
     )
     assert plain.state == sampled.state == "completed"
@@ -216,7 +238,9 @@ def test_bucketing_trains_mixed_aspect_ratios(tmp_path):
     make_shape_dataset(dataset, 2, trigger_word="xyz_shape", size=(64, 64))
     make_shape_dataset(dataset / "wide", 2, trigger_word="xyz_shape", size=(120, 72), seed=1)
     make_shape_dataset(dataset / "tall", 2, trigger_word="xyz_shape", size=(72, 120), seed=2)
-    trainer = Trainer(fast_config(dataset, steps=6, trigger_words={"wide": "xyz_shape", "tall": "xyz_shape"}), tmp_path / "run")
+    trainer = Trainer(
+        fast_config(dataset, steps=6, trigger_words={"wide": "xyz_shape", "tall": "xyz_shape"}), tmp_path / "run"
+    )
     trainer.setup()
     assert trainer.data.batches.bucket_sizes() == {(48, 80): 2, (64, 64): 2, (80, 48): 2}
     shapes_seen = {tuple(trainer.data.next_batch().latents.shape) for _ in range(6)}
@@ -251,8 +275,13 @@ def test_default_steps_are_100_per_image_and_resolution_native(tmp_path, shapes)
 def test_prior_preservation_generates_and_uses_class_images(tmp_path, shapes):
     class_dir = tmp_path / "class"
     config = fast_config(
-        shapes, steps=2, prior_preservation=True, class_prompt="a shape", num_class_images=3,
-        class_data_dir=str(class_dir), prior_loss_weight=0.5,
+        shapes,
+        steps=2,
+        prior_preservation=True,
+        class_prompt="a shape",
+        num_class_images=3,
+        class_data_dir=str(class_dir),
+        prior_loss_weight=0.5,
     )
     trainer = Trainer(config, tmp_path / "run")
     trainer.setup()
@@ -293,7 +322,15 @@ def test_corrupt_image_stops_the_run_before_step_one(tmp_path, shapes):
         {"min_snr_gamma": 5.0, "noise_offset": 0.05, "gradient_checkpointing": True, "max_grad_norm": 0.0},
         {"mixed_precision": "bf16", "low_vram": True, "output_format": "diffusers"},
     ],
-    ids=["no-cache-random-crop-flip", "disk-cache", "caption-aug", "text-encoder", "accumulation", "loss-options", "recorded-only"],
+    ids=[
+        "no-cache-random-crop-flip",
+        "disk-cache",
+        "caption-aug",
+        "text-encoder",
+        "accumulation",
+        "loss-options",
+        "recorded-only",
+    ],
 )
 def test_options_train(tmp_path, shapes, options):
     result = run_training(fast_config(shapes, steps=2, **options), tmp_path / "run")
@@ -372,7 +409,10 @@ def test_gradient_clipping_limits_the_update(tmp_path, shapes):
     """With SGD the update is proportional to the (clipped) gradient."""
 
     def update_size(max_grad_norm: float) -> float:
-        trainer = Trainer(fast_config(shapes, steps=2, optimizer="sgd", max_grad_norm=max_grad_norm), tmp_path / f"clip{max_grad_norm}")
+        trainer = Trainer(
+            fast_config(shapes, steps=2, optimizer="sgd", max_grad_norm=max_grad_norm),
+            tmp_path / f"clip{max_grad_norm}",
+        )
         trainer.setup()
         before = [p.detach().clone() for p in trainer.trainable]
         trainer.train()
@@ -383,7 +423,9 @@ def test_gradient_clipping_limits_the_update(tmp_path, shapes):
 
 def test_accumulation_and_text_encoder_lr(tmp_path, shapes):
     trainer = Trainer(
-        fast_config(shapes, steps=1, batch_size=1, gradient_accumulation_steps=3, train_text_encoder=True, text_encoder_lr=3e-5),
+        fast_config(
+            shapes, steps=1, batch_size=1, gradient_accumulation_steps=3, train_text_encoder=True, text_encoder_lr=3e-5
+        ),
         tmp_path / "run",
     )
     trainer.setup()
@@ -404,7 +446,9 @@ def test_without_bucketing_every_image_is_square(tmp_path):
 
 def test_sample_steps_and_guidance_change_the_sample(tmp_path, shapes):
     def baseline_sample(name: str, **options) -> bytes:
-        config = fast_config(shapes, steps=1, disable_sampling=False, sample_every=100, test_prompts=["xyz_shape"], **options)
+        config = fast_config(
+            shapes, steps=1, disable_sampling=False, sample_every=100, test_prompts=["xyz_shape"], **options
+        )
         assert run_training(config, tmp_path / name).state == "completed"
         with Image.open(tmp_path / name / "samples" / "step000000_p0.png") as image:
             return image.tobytes()

@@ -13,10 +13,9 @@ from training.workspace import append_line, atomic_output, atomic_write_json, wo
 def test_atomic_output_replaces_only_when_complete(tmp_path):
     target = tmp_path / "status.json"
     atomic_write_json(target, {"state": "running"})
-    with pytest.raises(RuntimeError):
-        with atomic_output(target) as tmp:
-            tmp.write_text('{"state": "compl')  # a writer dying half-way
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_output(target) as tmp:
+        tmp.write_text('{"state": "compl')  # a writer dying half-way
+        raise RuntimeError("killed")
     assert target.read_text().strip().startswith("{") and '"running"' in target.read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]  # no temporary left behind
 

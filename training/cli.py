@@ -1,7 +1,7 @@
 """`lora-train`: train a LoRA from a YAML config, or continue a stopped run.
 
-    lora-train CONFIG.yaml [--run-dir DIR]
-    lora-train --resume RUN_DIR
+lora-train CONFIG.yaml [--run-dir DIR]
+lora-train --resume RUN_DIR
 """
 
 from __future__ import annotations

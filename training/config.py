@@ -20,9 +20,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 DEFAULT_MODEL = "runwayml/stable-diffusion-v1-5"
 STEPS_PER_IMAGE = 100  # the guide: "Optimal Steps = 100 x number_of_images"
 
-LrScheduler = Literal[
-    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
-]
+LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 Optimizer = Literal["adamw", "adamw8bit", "adafactor", "lion", "prodigy", "sgd"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 OutputFormat = Literal["kohya", "diffusers"]
@@ -61,7 +59,7 @@ class TrainingConfig(BaseModel):
     dataset_path: str = Field(
         min_length=1,
         description="Folder of images with same-named .txt captions; subfolders are concepts, "
-        "'N_name' folders repeat N times, a 'validation' folder is held out."
+        "'N_name' folders repeat N times, a 'validation' folder is held out.",
     )
     trigger_word: str | None = Field(
         None, description="Unique token put first in every caption that lacks it, e.g. 'xyz_style'."
@@ -83,7 +81,9 @@ class TrainingConfig(BaseModel):
     enable_bucketing: bool = Field(True, description="Group images by aspect ratio instead of squaring them.")
     crop: CropMode = Field("center", description="How an image is cropped to its bucket.")
     flip_aug: bool = Field(False, description="Randomly mirror images left-right (not for asymmetric subjects).")
-    caption_dropout_rate: float = Field(0.0, ge=0.0, le=1.0, description="Share of steps trained with an empty caption.")
+    caption_dropout_rate: float = Field(
+        0.0, ge=0.0, le=1.0, description="Share of steps trained with an empty caption."
+    )
     shuffle_captions: bool = Field(False, description="Shuffle the comma-separated tags of each caption.")
     keep_tokens: int = Field(
         1, ge=0, le=100, description="Leading comma-separated tags kept in place when shuffling (the trigger word)."
@@ -127,8 +127,12 @@ class TrainingConfig(BaseModel):
         description="Keep the VAE and text encoder off the GPU except while they encode (CUDA only; "
         "recorded only on CPU).",
     )
-    noise_offset: float = Field(0.0, ge=0.0, le=1.0, description="Per-channel noise offset (0.05-0.1 helps dark/bright images).")
-    min_snr_gamma: float | None = Field(None, gt=0.0, le=100.0, description="Min-SNR loss weighting gamma (5 is common).")
+    noise_offset: float = Field(
+        0.0, ge=0.0, le=1.0, description="Per-channel noise offset (0.05-0.1 helps dark/bright images)."
+    )
+    min_snr_gamma: float | None = Field(
+        None, gt=0.0, le=100.0, description="Min-SNR loss weighting gamma (5 is common)."
+    )
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for LoRA init, data order, noise and samples.")
 
     # --- the LoRA --------------------------------------------------------------------------
@@ -136,17 +140,23 @@ class TrainingConfig(BaseModel):
     alpha: float | None = Field(
         None, gt=0.0, le=4096, description="LoRA alpha; the update is scaled by alpha / rank. Default: equal to rank."
     )
-    network_dim: int | None = Field(None, ge=1, le=1024, description="kohya name of rank; wins over rank when both are given.")
+    network_dim: int | None = Field(
+        None, ge=1, le=1024, description="kohya name of rank; wins over rank when both are given."
+    )
     network_alpha: float | None = Field(None, gt=0.0, le=4096, description="kohya name of alpha; wins over alpha.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout (0.1-0.3 against overfitting).")
     train_text_encoder: bool = Field(False, description="Also train a LoRA on the text encoder's attention.")
-    clip_skip: int = Field(1, ge=1, le=12, description="Use the text encoder's n-th layer from the end (2 for anime models).")
+    clip_skip: int = Field(
+        1, ge=1, le=12, description="Use the text encoder's n-th layer from the end (2 for anime models)."
+    )
     max_token_length: Literal[75, 150, 225] = Field(
         75, description="Caption tokens encoded (in 75-token chunks, as kohya does); longer captions are cut."
     )
 
     # --- DreamBooth-style prior preservation -----------------------------------------------
-    prior_preservation: bool = Field(False, description="Train on generated class images too, so the class keeps its look.")
+    prior_preservation: bool = Field(
+        False, description="Train on generated class images too, so the class keeps its look."
+    )
     prior_loss_weight: float = Field(
         1.0,
         ge=0.0,
@@ -154,8 +164,12 @@ class TrainingConfig(BaseModel):
         validation_alias=AliasChoices("prior_loss_weight", "prior_preservation_weight"),
         description="Weight of the class-image loss (alias prior_preservation_weight).",
     )
-    instance_prompt: str | None = Field(None, description="Caption for images that have no .txt, e.g. 'xyz_person person'.")
-    class_prompt: str | None = Field(None, description="Prompt for class images, e.g. 'person'. Needed by prior_preservation.")
+    instance_prompt: str | None = Field(
+        None, description="Caption for images that have no .txt, e.g. 'xyz_person person'."
+    )
+    class_prompt: str | None = Field(
+        None, description="Prompt for class images, e.g. 'person'. Needed by prior_preservation."
+    )
     class_data_dir: str | None = Field(
         None, description="Folder of class images; missing ones are generated with the base model. Default: in the run."
     )
@@ -302,8 +316,18 @@ def options_reference() -> str:
     """Every option with its aliases, default and description, from the model itself."""
     lines = []
     for name, info in TrainingConfig.model_fields.items():
-        default = "required" if info.is_required() else ("[]" if info.default_factory is list else "{}" if info.default_factory is dict else repr(info.default))
-        aliases = [a for a in info.validation_alias.choices if a != name] if isinstance(info.validation_alias, AliasChoices) else []
+        default = (
+            "required"
+            if info.is_required()
+            else (
+                "[]" if info.default_factory is list else "{}" if info.default_factory is dict else repr(info.default)
+            )
+        )
+        aliases = (
+            [a for a in info.validation_alias.choices if a != name]
+            if isinstance(info.validation_alias, AliasChoices)
+            else []
+        )
         also = f" (also: {', '.join(aliases)})" if aliases else ""
         choices = typing.get_args(info.annotation) if typing.get_origin(info.annotation) is Literal else ()
         allowed = "one of " + ", ".join(map(str, choices)) if choices else _allowed(name)

@@ -44,7 +44,9 @@ def export_lora(
     for key, value in lora_state_dict(base.unet, base.text_encoder).items():
         prefix, rest = key.split(".", 1)
         module, suffix = rest.rsplit(".lora_", 1)
-        state[f"{prefix}.{canonical_module_name(prefix, module)}.lora_{suffix}"] = value.detach().float().cpu().contiguous()
+        state[f"{prefix}.{canonical_module_name(prefix, module)}.lora_{suffix}"] = (
+            value.detach().float().cpu().contiguous()
+        )
 
     metadata = training_metadata(base, config, dataset=dataset, step=step, epoch=epoch, started_at=started_at)
     if config.output_format == "kohya":
@@ -86,7 +88,9 @@ def training_metadata(
         "ss_network_dropout": f"{config.dropout:g}",
         "ss_learning_rate": f"{config.learning_rate:g}",
         "ss_unet_lr": f"{config.learning_rate:g}",
-        "ss_text_encoder_lr": f"{config.text_encoder_lr or config.learning_rate:g}" if config.train_text_encoder else "0",
+        "ss_text_encoder_lr": f"{config.text_encoder_lr or config.learning_rate:g}"
+        if config.train_text_encoder
+        else "0",
         "ss_optimizer": config.optimizer,
         "ss_lr_scheduler": config.lr_scheduler,
         "ss_lr_warmup_steps": str(config.lr_warmup_steps),

@@ -35,7 +35,9 @@ def attach_lora(unet, text_encoder, *, rank: int, alpha: float, dropout: float, 
 
 
 def _lora_config(rank: int, alpha: float, dropout: float, targets: list[str]) -> LoraConfig:
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=targets)
+    return LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=targets
+    )
 
 
 def lora_components(unet, text_encoder) -> dict[str, torch.nn.Module]:

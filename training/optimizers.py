@@ -43,7 +43,9 @@ def build_optimizer(name: str, param_groups: list[dict[str, Any]], learning_rate
     return optimizer_class(param_groups, lr=learning_rate, weight_decay=1e-2)
 
 
-def build_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, num_cycles: int):
+def build_lr_scheduler(
+    name: str, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, num_cycles: int
+):
     from diffusers.optimization import get_scheduler
 
     return get_scheduler(

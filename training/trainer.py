@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from training.config import ConfigError, TrainingConfig
-from training.data.dataset import DatasetError, DatasetIndex, class_image_records, locate_dataset, scan_dataset
+from training.data.dataset import DatasetError, class_image_records, locate_dataset, scan_dataset
 from training.data.loader import Batch, TrainingData
 from training.export import export_lora
 from training.lora import LoraFileError, attach_lora, load_lora_weights_into, read_lora_file
@@ -63,7 +63,9 @@ class RunResult:
 
 
 class Trainer:
-    def __init__(self, config: TrainingConfig, run_dir: Path | None = None, *, resume: bool = False, progress: bool = False):
+    def __init__(
+        self, config: TrainingConfig, run_dir: Path | None = None, *, resume: bool = False, progress: bool = False
+    ):
         self.config = config
         self.files = RunFiles(run_dir or default_run_dir(config.name))
         self.resume = resume
@@ -198,10 +200,16 @@ class Trainer:
         noise = torch.randn(latents.shape, generator=self.noise_generator, device=self.device)
         if config.noise_offset:
             # A per-image, per-channel shift teaches the model to change overall brightness.
-            offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=self.noise_generator, device=self.device)
+            offset = torch.randn(
+                (latents.shape[0], latents.shape[1], 1, 1), generator=self.noise_generator, device=self.device
+            )
             noise = noise + config.noise_offset * offset
         timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=self.noise_generator, device=self.device
+            0,
+            scheduler.config.num_train_timesteps,
+            (latents.shape[0],),
+            generator=self.noise_generator,
+            device=self.device,
         )
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = noise if self.base.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
@@ -279,12 +287,14 @@ class Trainer:
         te_params = sum(p.numel() for g in self.params[1:] for p in g["params"])
         extra = len(data.records) - len(dataset.images)
         return [
-            f"model: {config.model_name} ({self.base.family}, {self.base.prediction_type}, native {self.base.native_resolution}px) on {self.device}",
+            f"model: {config.model_name} ({self.base.family}, {self.base.prediction_type}, "
+            f"native {self.base.native_resolution}px) on {self.device}",
             f"images: {dataset.num_images} ({dataset.num_samples} per epoch with repeats), "
             f"{len(dataset.validation)} held out for validation" + (f", {extra} class images" if extra else ""),
             f"concepts: {concepts}",
             f"buckets (samples): {buckets}",
-            f"batch: {config.batch_size} x {config.gradient_accumulation_steps} accumulation = {config.effective_batch_size} effective",
+            f"batch: {config.batch_size} x {config.gradient_accumulation_steps} accumulation = "
+            f"{config.effective_batch_size} effective",
             f"steps: {config.steps} ({epochs:.1f} epochs of {per_epoch} batches)",
             f"trainable parameters: {unet_params + te_params:,} (unet {unet_params:,}, text encoder {te_params:,}); "
             f"rank {config.rank}, alpha {config.alpha:g}",
@@ -297,11 +307,22 @@ class Trainer:
     def _record_step(self, loss: float, grad_norm: float, lr: float, step_time: float, bar: tqdm) -> None:
         config = self.config
         self.files.append_metric(
-            {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time": step_time, "time": time.time()}
+            {
+                "step": self.step,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "step_time": step_time,
+                "time": time.time(),
+            }
         )
-        self._loss_ema = loss if self._loss_ema is None else LOSS_SMOOTHING * self._loss_ema + (1 - LOSS_SMOOTHING) * loss
+        self._loss_ema = (
+            loss if self._loss_ema is None else LOSS_SMOOTHING * self._loss_ema + (1 - LOSS_SMOOTHING) * loss
+        )
         self._step_time_ema = (
-            step_time if self._step_time_ema is None else LOSS_SMOOTHING * self._step_time_ema + (1 - LOSS_SMOOTHING) * step_time
+            step_time
+            if self._step_time_ema is None
+            else LOSS_SMOOTHING * self._step_time_ema + (1 - LOSS_SMOOTHING) * step_time
         )
         self.status.update(
             step=self.step,
@@ -314,7 +335,9 @@ class Trainer:
         bar.set_postfix(loss=f"{self._loss_ema:.4f}", lr=f"{lr:.2e}", refresh=False)
         bar.update(1)
         if self.step % LOG_EVERY == 0 or self.step == config.steps:
-            log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g", self.step, config.steps, self._loss_ema, lr, grad_norm)
+            log.info(
+                "step %d/%d loss %.4f lr %.3g grad_norm %.3g", self.step, config.steps, self._loss_ema, lr, grad_norm
+            )
         if self._sampling_on() and self.step % config.sample_every == 0:
             self._render_samples()
         if self.step % config.save_every == 0 and self.step < config.steps:
@@ -330,7 +353,13 @@ class Trainer:
 
     def _export(self, path: Path) -> Path:
         return export_lora(
-            path, self.base, self.config, dataset=self.dataset, step=self.step, epoch=self.data.epoch + 1, started_at=self.started_at
+            path,
+            self.base,
+            self.config,
+            dataset=self.dataset,
+            step=self.step,
+            epoch=self.data.epoch + 1,
+            started_at=self.started_at,
         )
 
     def _non_finite_message(self, loss: float, files: list[str]) -> str:
@@ -338,7 +367,8 @@ class Trainer:
         kept = f"the last good checkpoint is {checkpoints[-1][1]}" if checkpoints else "no checkpoint was saved yet"
         return (
             f"the loss became {loss} at step {self.step + 1} (batch: {', '.join(Path(f).name for f in files)}); "
-            f"lower learning_rate (now {self.config.learning_rate:g}), keep max_grad_norm on, or check those images; {kept}"
+            f"lower learning_rate (now {self.config.learning_rate:g}), keep max_grad_norm on, "
+            f"or check those images; {kept}"
         )
 
     def _training_state(self) -> dict:
@@ -362,7 +392,9 @@ class Trainer:
             return
         step, folder = checkpoints[-1]
         lora_file, state = read_checkpoint_state(folder)
-        load_lora_weights_into(read_lora_file(lora_file, self.base.unet, self.base.text_encoder), self.base.unet, self.base.text_encoder)
+        load_lora_weights_into(
+            read_lora_file(lora_file, self.base.unet, self.base.text_encoder), self.base.unet, self.base.text_encoder
+        )
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -397,7 +429,9 @@ class Trainer:
     def _check_against_model(self) -> None:
         config, layers = self.config, self.base.text_encoder.config.num_hidden_layers
         if config.clip_skip > layers:
-            raise ConfigError([f"clip_skip = {config.clip_skip}: the text encoder has only {layers} layers (allowed: 1-{layers})"])
+            raise ConfigError(
+                [f"clip_skip = {config.clip_skip}: the text encoder has only {layers} layers (allowed: 1-{layers})"]
+            )
         if config.resolution < self.base.native_resolution:
             log.info(
                 "training at %dpx, below the model's native %dpx (fine for speed; the guide advises not always "
@@ -425,14 +459,18 @@ class Trainer:
                 self.base.vae.to(dtype=torch.float32)  # SD VAEs overflow in fp16; they encode once anyway
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self._autocast_dtype or torch.float32, enabled=self._autocast_dtype is not None)
+        return torch.autocast(
+            self.device.type, dtype=self._autocast_dtype or torch.float32, enabled=self._autocast_dtype is not None
+        )
 
     def _param_groups(self) -> list[dict]:
         from diffusers.training_utils import cast_training_params
 
         models = [self.base.unet] + ([self.base.text_encoder] if self.config.train_text_encoder else [])
         cast_training_params(models, dtype=torch.float32)
-        groups = [{"params": [p for p in self.base.unet.parameters() if p.requires_grad], "lr": self.config.learning_rate}]
+        groups = [
+            {"params": [p for p in self.base.unet.parameters() if p.requires_grad], "lr": self.config.learning_rate}
+        ]
         if self.config.train_text_encoder:
             groups.append(
                 {
@@ -446,9 +484,13 @@ class Trainer:
         if self.config.gradient_checkpointing:
             self.base.unet.enable_gradient_checkpointing()
             if self.config.train_text_encoder:
-                self.base.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                self.base.text_encoder.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
         if self.config.low_vram and self.device.type != "cuda":
-            log.info("low_vram is recorded only: it moves encoders off the GPU, and this run is on %s", self.device.type)
+            log.info(
+                "low_vram is recorded only: it moves encoders off the GPU, and this run is on %s", self.device.type
+            )
 
     def _offload_encoders(self) -> None:
         """low_vram on CUDA: after caching, the VAE (and a frozen text encoder) wait on the CPU."""
@@ -471,7 +513,9 @@ class Trainer:
             self._offload_encoders()
 
 
-def run_training(config: TrainingConfig, run_dir: Path | None = None, *, resume: bool = False, progress: bool = False) -> RunResult:
+def run_training(
+    config: TrainingConfig, run_dir: Path | None = None, *, resume: bool = False, progress: bool = False
+) -> RunResult:
     """The one entry point: setup, train, save, cleanup; SIGINT/SIGTERM stop with a checkpoint."""
     trainer = Trainer(config, run_dir, resume=resume, progress=progress)
     previous = _install_stop_handlers(trainer)

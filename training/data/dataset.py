@@ -101,7 +101,9 @@ def scan_dataset(
 
     def add_concept(folder: Path, name: str, trigger: str | None, repeats: int, recursive: bool) -> None:
         folder_name = "" if folder == root else folder.name
-        records = _read_records(folder, name, folder_name, trigger, repeats, instance_prompt, recursive, warnings, broken, root)
+        records = _read_records(
+            folder, name, folder_name, trigger, repeats, instance_prompt, recursive, warnings, broken, root
+        )
         images.extend(records)
         concepts.append(Concept(name, folder_name, trigger, repeats, len(records)))
 
@@ -182,7 +184,9 @@ def _image_files(folder: Path, recursive: bool) -> list[Path]:
     return sorted(
         p
         for p in candidates
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 
 
@@ -213,7 +217,9 @@ def _read_records(
         records.append(ImageRecord(path, with_trigger_first(caption, trigger), concept, folder_name, repeats, size))
     if uncaptioned:
         fallback = "instance_prompt" if instance_prompt else "the trigger word alone"
-        warnings.append(f"{len(uncaptioned)} image(s) have no caption and train on {fallback}: {', '.join(uncaptioned[:10])}")
+        warnings.append(
+            f"{len(uncaptioned)} image(s) have no caption and train on {fallback}: {', '.join(uncaptioned[:10])}"
+        )
     return records
 
 

@@ -58,7 +58,9 @@ class TrainingData:
         self._latents: dict[tuple[int, bool], torch.Tensor] = {}
         self._text: dict[str, torch.Tensor] = {}
         self._vae_generator = torch.Generator(base.vae.device).manual_seed(config.seed)
-        self._needs_rng = config.flip_aug or config.crop == "random" or config.caption_dropout_rate > 0 or config.shuffle_captions
+        self._needs_rng = (
+            config.flip_aug or config.crop == "random" or config.caption_dropout_rate > 0 or config.shuffle_captions
+        )
 
     # --- caches ----------------------------------------------------------------------------
     @property
@@ -90,7 +92,9 @@ class TrainingData:
         log.info("cached the latents of %d image(s) %s", len(self.records), where)
 
     def cache_text(self) -> None:
-        captions = sorted({r.caption for r in self.records} | ({""} if self._config.caption_dropout_rate > 0 else set()))
+        captions = sorted(
+            {r.caption for r in self.records} | ({""} if self._config.caption_dropout_rate > 0 else set())
+        )
         step = ENCODE_BATCH * 4
         with torch.no_grad():
             for first in range(0, len(captions), step):
@@ -128,7 +132,9 @@ class TrainingData:
             latents = torch.stack([self._cached_latent(r, flip) for r, flip in zip(records, flips)])
         else:
             with torch.no_grad():
-                latents = self._encode_pixels([self._pixels(r, bucket, f, rng) for r, f, rng in zip(records, flips, rngs)])
+                latents = self._encode_pixels(
+                    [self._pixels(r, bucket, f, rng) for r, f, rng in zip(records, flips, rngs)]
+                )
         if self._text:
             conditioning = torch.stack([self._text[c] for c in captions])
         else:

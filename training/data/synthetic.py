@@ -8,7 +8,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 70), "blue": (40, 80, 220), "yellow": (235, 210, 40), "purple": (140, 50, 170)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 70),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 50, 170),
+}
 SHAPES = ("circle", "square", "triangle")
 
 

@@ -116,7 +116,8 @@ def _from_hf_cache(repo_id: str) -> Path:
 
 def _not_found(model_name: str, hf_cache: str) -> ModelNotFoundError:
     return ModelNotFoundError(
-        f"model {model_name!r} not found: it is not a local folder or file ({Path(model_name).expanduser().resolve()}), "
+        f"model {model_name!r} not found: it is not a local folder or file "
+        f"({Path(model_name).expanduser().resolve()}), "
         f"not a built-in ({', '.join(builtin_names())}), and not in the Hugging Face cache ({hf_cache}), "
         "and it could not be downloaded from here. Download it once on a machine that is online "
         f"(huggingface-cli download {model_name}), or set model_name to a local diffusers folder or "
@@ -127,7 +128,6 @@ def _not_found(model_name: str, hf_cache: str) -> ModelNotFoundError:
 def load_base_model(source: ModelSource, device: torch.device) -> BaseModel:
     """Load every component of the pipeline in fp32 (LoRA weights train in fp32 on any device;
     autocast handles mixed precision), frozen and in eval mode."""
-    import torch
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     try:
