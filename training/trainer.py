@@ -164,7 +164,7 @@ class Trainer:
         self.base.unet.train()
         if config.train_text_encoder:
             self.base.text_encoder.train()
-        if self.step == 0 and self._sampling_on():
+        if self.step == 0 and self._sampling_on() and not self.stop_requested:
             self._render_samples()  # the baseline: what the prompts look like before any training
         bar = tqdm(total=config.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         while self.step < config.steps and not self.stop_requested:
@@ -213,8 +213,9 @@ class Trainer:
         )
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = noise if self.base.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-        conditioning = batch.conditioning if self.data.text_is_static else batch.conditioning.to(self.device)
-        prediction = self.base.unet(noisy.to(self._weight_dtype), timesteps, conditioning.to(self._weight_dtype)).sample
+        prediction = self.base.unet(
+            noisy.to(self._weight_dtype), timesteps, batch.conditioning.to(self._weight_dtype)
+        ).sample
         per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if config.min_snr_gamma:
             per_image = per_image * self._min_snr_weights(timesteps)
@@ -311,7 +312,8 @@ class Trainer:
                 "step": self.step,
                 "loss": loss,
                 "lr": lr,
-                "grad_norm": grad_norm,
+                # fp16 steps that the gradient scaler skips have an infinite norm; JSON has no inf.
+                "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                 "step_time": step_time,
                 "time": time.time(),
             }

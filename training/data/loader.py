@@ -22,6 +22,7 @@ from training.data.captions import augment_caption
 from training.data.dataset import ImageRecord
 from training.data.images import load_pixels
 from training.prompts import encode_prompts
+from training.workspace import atomic_output
 
 if TYPE_CHECKING:
     from training.config import TrainingConfig
@@ -85,7 +86,8 @@ class TrainingData:
                     latents = self._encode_pixels(pixels)
                     for index, latent in zip(chunk, latents):
                         if to_disk:
-                            torch.save(latent.cpu().clone(), self._latent_file(index, flip))
+                            with atomic_output(self._latent_file(index, flip)) as tmp:
+                                torch.save(latent.cpu().clone(), tmp)
                         else:
                             self._latents[(index, flip)] = latent
         where = f"on disk in {self._latent_cache_dir}" if to_disk else "in memory"
