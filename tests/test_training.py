@@ -163,8 +163,13 @@ class _StopAfter(Trainer):
             self.stop_requested = True
 
 
-def test_resume_continues_with_identical_losses(tmp_path, shapes):
-    config = fast_config(shapes, steps=6, save_every=100, dropout=0.1, batch_size=1, flip_aug=True)
+@pytest.mark.parametrize(
+    "options",
+    [{"flip_aug": True}, {"cache_latents": False, "crop": "random", "shuffle_captions": True, "caption_dropout_rate": 0.3}],
+    ids=["cached", "live-augmented"],
+)
+def test_resume_continues_with_identical_losses(tmp_path, shapes, options):
+    config = fast_config(shapes, steps=6, save_every=100, dropout=0.1, batch_size=1, **options)
     straight = run_training(config, tmp_path / "straight")
     assert straight.state == "completed"
 

@@ -144,12 +144,15 @@ class TrainingData:
         weights = torch.tensor([self.records[r].loss_weight for r in records], device=latents.device)
         return Batch(latents, conditioning, weights, [str(self.records[r].path) for r in records])
 
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch_index": self.batch_index}
+    def state(self) -> dict:
+        """The position in the data order, and the VAE's sampling RNG (used per step when
+        latents are not cached)."""
+        return {"epoch": self.epoch, "batch_index": self.batch_index, "vae_rng": self._vae_generator.get_state()}
 
-    def restore(self, state: dict[str, int]) -> None:
+    def restore(self, state: dict) -> None:
         self.epoch, self.batch_index = state["epoch"], state["batch_index"]
         self._epoch_batches = self.batches.epoch(self.epoch)
+        self._vae_generator.set_state(state["vae_rng"])
 
     # --- encoding --------------------------------------------------------------------------
     def _pixels(self, index: int, bucket: Bucket, flip: bool, rng: np.random.Generator | None) -> torch.Tensor:
