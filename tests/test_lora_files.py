@@ -78,10 +78,17 @@ def test_metadata_records_rank_alpha_trigger_and_config(trained):
     assert meta["ss_base_model_version"] == "sd_v1"
     assert meta["ss_resolution"] == "(64, 64)"
     assert meta["ss_max_train_steps"] == "8" and meta["ss_steps"] == "8"
+    assert meta["ss_num_epochs"] == "4" and meta["ss_epoch"] == "4"  # 8 steps of 2 batches per epoch
     tags = json.loads(meta["ss_tag_frequency"])
     assert sum(tags["."].values()) > 0
     config = json.loads(meta["training_config"])
     assert config["rank"] == 4 and config["trigger_word"] == "xyz_shape" and config["train_text_encoder"] is True
+
+    with safe_open(str(trained["diffusers"]), "pt") as f:
+        diffusers_meta = f.metadata()
+    assert diffusers_meta["ss_network_dim"] == "4" and diffusers_meta["modelspec.trigger_phrase"] == "xyz_shape"
+    adapter = json.loads(diffusers_meta["lora_adapter_metadata"])
+    assert adapter["unet.r"] == 4 and adapter["unet.lora_alpha"] == 2 and adapter["text_encoder.lora_alpha"] == 2
 
 
 def test_kohya_and_diffusers_files_load_in_diffusers_and_agree(trained):

@@ -165,7 +165,10 @@ class _StopAfter(Trainer):
 
 @pytest.mark.parametrize(
     "options",
-    [{"flip_aug": True}, {"cache_latents": False, "crop": "random", "shuffle_captions": True, "caption_dropout_rate": 0.3}],
+    [
+        {"flip_aug": True},
+        {"cache_latents": False, "crop": "random", "shuffle_captions": True, "caption_dropout_rate": 0.3},
+    ],
     ids=["cached", "live-augmented"],
 )
 def test_resume_continues_with_identical_losses(tmp_path, shapes, options):

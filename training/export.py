@@ -37,6 +37,7 @@ def export_lora(
     dataset: DatasetIndex,
     step: int,
     epoch: int,
+    num_epochs: int,
     started_at: float,
 ) -> Path:
     """Write the current adapters of `base` to `path` (atomically) in `config.output_format`."""
@@ -48,7 +49,9 @@ def export_lora(
             value.detach().float().cpu().contiguous()
         )
 
-    metadata = training_metadata(base, config, dataset=dataset, step=step, epoch=epoch, started_at=started_at)
+    metadata = training_metadata(
+        base, config, dataset=dataset, step=step, epoch=epoch, num_epochs=num_epochs, started_at=started_at
+    )
     if config.output_format == "kohya":
         tensors = {}
         for key, value in convert_state_dict_to_kohya(state).items():
@@ -70,7 +73,14 @@ def export_lora(
 
 
 def training_metadata(
-    base: BaseModel, config: TrainingConfig, *, dataset: DatasetIndex, step: int, epoch: int, started_at: float
+    base: BaseModel,
+    config: TrainingConfig,
+    *,
+    dataset: DatasetIndex,
+    step: int,
+    epoch: int,
+    num_epochs: int,
+    started_at: float,
 ) -> dict[str, str]:
     """kohya's ss_* keys and the SAI model spec, all strings as safetensors requires."""
     resolution = f"{config.resolution}x{config.resolution}"
@@ -97,7 +107,7 @@ def training_metadata(
         "ss_max_train_steps": str(config.steps),
         "ss_steps": str(step),
         "ss_epoch": str(epoch),
-        "ss_num_epochs": str(epoch),
+        "ss_num_epochs": str(num_epochs),
         "ss_seed": str(config.seed),
         "ss_batch_size_per_device": str(config.batch_size),
         "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),

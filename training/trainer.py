@@ -283,7 +283,7 @@ class Trainer:
             f"{c.folder or '(root)'} x{c.repeats} -> {c.trigger_word or '-'} ({c.num_images})" for c in dataset.concepts
         )
         per_epoch = data.batches.batches_per_epoch
-        epochs = config.steps * config.gradient_accumulation_steps / max(1, per_epoch)
+        epochs = self._planned_epochs()
         unet_params = sum(p.numel() for p in self.params[0]["params"])
         te_params = sum(p.numel() for g in self.params[1:] for p in g["params"])
         extra = len(data.records) - len(dataset.images)
@@ -361,8 +361,13 @@ class Trainer:
             dataset=self.dataset,
             step=self.step,
             epoch=self.data.epoch + 1,
+            num_epochs=math.ceil(self._planned_epochs()),
             started_at=self.started_at,
         )
+
+    def _planned_epochs(self) -> float:
+        micro_batches = self.config.steps * self.config.gradient_accumulation_steps
+        return micro_batches / max(1, self.data.batches.batches_per_epoch)
 
     def _non_finite_message(self, loss: float, files: list[str]) -> str:
         checkpoints = self.files.list_checkpoints()
