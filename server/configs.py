@@ -1,0 +1,364 @@
+"""Saved training configs: `<workspace>/configs/<name>.yaml`, one per config.
+
+A file holds only what the user gave (plus the name), so every default stays the config
+model's and a later change of default reaches old configs too. A file is written atomically
+and only after the values passed `TrainingConfig` validation, so whatever is on disk is a
+usable config unless someone edited it by hand (`validate` reports that case).
+
+This module is a plain service: the MCP tools wrap it, tests call it directly. It imports
+no torch or diffusers at import time; `validate` imports the model loader lazily.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import AliasChoices, BaseModel, Field
+
+from server.errors import ServiceError
+from server.names import checked_name
+from training.config import STEPS_PER_IMAGE, ConfigError, TrainingConfig
+from training.data.dataset import DatasetError, locate_dataset, scan_dataset
+from training.workspace import atomic_write_text, datasets_dir
+
+CONFIG_SUFFIX = ".yaml"
+# Model sources that are diffusers folders, whose sizes can be read from their config.json files.
+_DIFFUSERS_KINDS = ("builtin", "folder", "hub")
+
+
+class ConfigSummary(BaseModel):
+    name: str = Field(description="The config's name (its file is configs/<name>.yaml).")
+    model_name: str = Field(description="Base model as given.")
+    dataset_path: str = Field(description="Dataset folder or dataset name as given.")
+    steps: int | None = Field(description="Optimizer steps, or None for the default (100 x images).")
+    updated_at: float = Field(description="Last change, unix time in seconds.")
+    error: str | None = Field(
+        None, description="Set when the stored file no longer validates (edited by hand); see validate-training-config."
+    )
+
+
+class ValidationReport(BaseModel):
+    name: str
+    valid: bool = Field(description="True when there are no errors (warnings do not count).")
+    errors: list[str] = Field(default_factory=list, description="What stops a run, one line each.")
+    warnings: list[str] = Field(default_factory=list, description="Allowed but probably unintended.")
+    images: int | None = Field(None, description="Training images found in the dataset (validation excluded).")
+    native_resolution: int | None = Field(
+        None, description="The base model's native size in pixels, when readable without loading it."
+    )
+
+
+class ConfigService:
+    def __init__(self, workspace: Path):
+        self.workspace = Path(workspace)
+        self.folder = self.workspace / "configs"
+
+    # --- create / read -------------------------------------------------------------------------
+    def create(self, values: dict[str, Any]) -> TrainingConfig:
+        values = _mapping(values, "values")
+        if "name" not in values:
+            raise ServiceError("name is required: give the config a name (letters, digits, '.', '_' or '-')")
+        name = checked_name("config", values["name"])
+        path = self._path(name)
+        if path.exists():
+            raise ServiceError(
+                f"config {name!r} already exists: change it with update-training-config, "
+                "or remove it with delete-config first"
+            )
+        config = _validated(name, values, doing="created")
+        atomic_write_text(path, _stored_yaml(config))
+        return config
+
+    def list(self) -> list[ConfigSummary]:
+        if not self.folder.is_dir():
+            return []
+        summaries = []
+        for path in sorted(self.folder.glob("*" + CONFIG_SUFFIX)):
+            name = path.name.removesuffix(CONFIG_SUFFIX)
+            if not path.is_file() or _is_bad_name(name):
+                continue  # temporary files start with '.', and nothing else is ours
+            try:
+                updated_at = path.stat().st_mtime
+                raw = _read_raw(path)
+            except OSError:
+                continue  # deleted while we listed
+            except ServiceError as exc:
+                raw, error = {}, str(exc)
+            else:
+                error = _problems_of(raw)
+            summaries.append(
+                ConfigSummary(
+                    name=name,
+                    model_name=_str_or(raw.get("model_name"), TrainingConfig.model_fields["model_name"].default),
+                    dataset_path=_str_or(raw.get("dataset_path"), ""),
+                    steps=raw.get("steps") if isinstance(raw.get("steps"), int) else None,
+                    updated_at=updated_at,
+                    error=error,
+                )
+            )
+        return summaries
+
+    def get(self, name: str) -> TrainingConfig:
+        name, path = self._existing(name)
+        raw = self._read(name, path)
+        try:
+            return TrainingConfig.from_dict(raw)
+        except ConfigError as exc:
+            raise ServiceError(
+                f"config {name!r} on disk no longer validates (edited by hand?): {'; '.join(exc.problems)}. "
+                "Fix it with update-training-config."
+            ) from None
+
+    def get_yaml(self, name: str) -> str:
+        name, path = self._existing(name)
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ServiceError(f"cannot read config {name!r}: {exc.strerror}") from None
+
+    # --- change ----------------------------------------------------------------------------------
+    def update(self, name: str, changes: dict[str, Any]) -> TrainingConfig:
+        """Merge `changes` into the stored values. A change to None resets that option to its default."""
+        name, path = self._existing(name)
+        changes = _mapping(changes, "changes")
+        if "name" in changes and changes["name"] != name:
+            raise ServiceError(
+                f"a config cannot be renamed ({name!r} -> {changes['name']!r}): create a new config instead "
+                "(create-training-config), then delete the old one with delete-config if you like"
+            )
+        merged = self._read(name, path)
+        for key, value in _by_field_name(changes).items():
+            if value is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+        merged["name"] = name
+        config = _validated(name, merged, doing="updated")
+        text = _stored_yaml(config)
+        if _read_text_or_none(path) != text:
+            atomic_write_text(path, text)
+        return config
+
+    def delete(self, name: str) -> None:
+        name, path = self._existing(name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            raise self._unknown(name) from None
+        except OSError as exc:
+            raise ServiceError(f"cannot delete config {name!r}: {exc.strerror}") from None
+
+    # --- validate ------------------------------------------------------------------------------
+    def validate(self, name: str) -> ValidationReport:
+        """Everything a run would check before loading weights: fields, dataset, model."""
+        name, path = self._existing(name)
+        raw = self._read(name, path)
+        errors: list[str] = []
+        warnings: list[str] = []
+        config: TrainingConfig | None = None
+        try:
+            config = TrainingConfig.from_dict(raw)
+        except ConfigError as exc:
+            errors.extend(exc.problems)
+
+        # With invalid fields, still check dataset and model from whatever values are usable.
+        def value(field: str, kind: type, default: Any) -> Any:
+            if config is not None:
+                return getattr(config, field)
+            got = raw.get(field, default)
+            return got if isinstance(got, kind) else default
+
+        images = _check_dataset(
+            value("dataset_path", str, ""),
+            trigger_word=value("trigger_word", str, None),
+            trigger_words={
+                str(k): v for k, v in value("trigger_words", dict, {}).items() if isinstance(v, str) and v.strip()
+            },
+            instance_prompt=value("instance_prompt", str, None),
+            errors=errors,
+            warnings=warnings,
+        )
+        native = _check_model(
+            value("model_name", str, TrainingConfig.model_fields["model_name"].default),
+            value("base_model_config", str, None),
+            errors=errors,
+        )
+
+        if config is not None:
+            warnings.extend(config.warnings())
+            if config.steps is None and images is not None:
+                warnings.append(
+                    f"steps not set: the run will use {STEPS_PER_IMAGE} x {images} images = "
+                    f"{max(1, STEPS_PER_IMAGE * images)} steps"
+                )
+            if config.resolution is None and native is not None:
+                warnings.append(f"resolution not set: the run will use the model's native {native}px")
+        return ValidationReport(
+            name=name, valid=not errors, errors=errors, warnings=warnings, images=images, native_resolution=native
+        )
+
+    # --- files -----------------------------------------------------------------------------------
+    def _path(self, name: str) -> Path:
+        return self.folder / f"{name}{CONFIG_SUFFIX}"
+
+    def _existing(self, name: str) -> tuple[str, Path]:
+        name = checked_name("config", name)
+        path = self._path(name)
+        if not path.is_file():
+            raise self._unknown(name)
+        return name, path
+
+    def _unknown(self, name: str) -> ServiceError:
+        known = [p.name.removesuffix(CONFIG_SUFFIX) for p in sorted(self.folder.glob("*" + CONFIG_SUFFIX))]
+        known = [n for n in known if not _is_bad_name(n)]
+        hint = f" (saved configs: {', '.join(known[:20])})" if known else " (there are no saved configs yet)"
+        return ServiceError(f"no config named {name!r}{hint}: call list-configs to see the saved configs")
+
+    def _read(self, name: str, path: Path) -> dict[str, Any]:
+        try:
+            raw = _read_raw(path)
+        except FileNotFoundError:
+            raise self._unknown(name) from None
+        except OSError as exc:
+            raise ServiceError(f"cannot read config {name!r}: {exc.strerror}") from None
+        raw["name"] = name  # the file name is the config's name, whatever a hand edit put inside
+        return raw
+
+
+def _validated(name: str, values: dict[str, Any], *, doing: str) -> TrainingConfig:
+    try:
+        return TrainingConfig.from_dict(values)
+    except ConfigError as exc:
+        raise ServiceError(f"config {name!r} not {doing}: " + "; ".join(exc.problems)) from None
+
+
+def _stored_yaml(config: TrainingConfig) -> str:
+    """Only the values the user set (None means 'the default', so it is left out), name first."""
+    given = config.model_dump(mode="json", exclude_unset=True)
+    stored = {"name": config.name, **{k: v for k, v in given.items() if k != "name" and v is not None}}
+    return yaml.safe_dump(stored, sort_keys=False, allow_unicode=True)
+
+
+def _read_raw(path: Path) -> dict[str, Any]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ServiceError(
+            f"config file {path.name} is not valid YAML (edited by hand?): {exc}. "
+            "Fix the file or delete it with delete-config."
+        ) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ServiceError(
+            f"config file {path.name} must hold a mapping of option: value. "
+            "Fix the file or delete it with delete-config."
+        )
+    return data
+
+
+def _read_text_or_none(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
+def _problems_of(raw: dict[str, Any]) -> str | None:
+    try:
+        TrainingConfig.from_dict(raw)
+    except ConfigError as exc:
+        return "; ".join(exc.problems)
+    return None
+
+
+def _mapping(values: Any, what: str) -> dict[str, Any]:
+    if not isinstance(values, dict):
+        raise ServiceError(f"{what} must be a mapping of option: value, not {type(values).__name__}")
+    return dict(values)
+
+
+def _by_field_name(changes: dict[str, Any]) -> dict[str, Any]:
+    """Changes keyed by field name (lr -> learning_rate), so a change given under an alias
+    replaces the stored value instead of losing to it."""
+    aliases = {}
+    for field, info in TrainingConfig.model_fields.items():
+        if isinstance(info.validation_alias, AliasChoices):
+            for choice in info.validation_alias.choices:
+                aliases[choice] = field
+    result: dict[str, Any] = {}
+    for key, value in changes.items():
+        field = aliases.get(key, key) if isinstance(key, str) else key
+        if field in result and result[field] != value:
+            raise ServiceError(f"{field} is given twice (as {key!r} and another name) with different values")
+        result[field] = value
+    return result
+
+
+def _is_bad_name(name: str) -> bool:
+    try:
+        checked_name("config", name)
+    except ServiceError:
+        return True
+    return False
+
+
+def _str_or(value: Any, default: str) -> str:
+    return value if isinstance(value, str) else default
+
+
+def _check_dataset(
+    dataset_path: str,
+    *,
+    trigger_word: str | None,
+    trigger_words: dict[str, str],
+    instance_prompt: str | None,
+    errors: list[str],
+    warnings: list[str],
+) -> int | None:
+    """The number of training images, or None with the reason appended to `errors`."""
+    try:
+        folder = locate_dataset(dataset_path, datasets_dir())
+        index = scan_dataset(
+            folder, trigger_word=trigger_word, trigger_words=trigger_words, instance_prompt=instance_prompt
+        )
+    except DatasetError as exc:
+        errors.append(f"dataset: {exc}")
+        return None
+    except OSError as exc:
+        errors.append(f"dataset {dataset_path!r} cannot be read: {exc}")
+        return None
+    warnings.extend(f"dataset: {w}" for w in index.warnings)
+    return index.num_images
+
+
+def _check_model(model_name: str, base_model_config: str | None, *, errors: list[str]) -> int | None:
+    """The model's native resolution when its folder says so, or None; a missing model goes to `errors`."""
+    from training.models.loading import ModelNotFoundError, resolve_model
+
+    try:
+        source = resolve_model(model_name, base_model_config)
+    except ModelNotFoundError as exc:
+        errors.append(f"model: {exc}")
+        return None
+    except OSError as exc:  # e.g. building a built-in model into an unwritable workspace
+        errors.append(f"model {model_name!r} cannot be prepared: {exc}")
+        return None
+    return _native_resolution(source.path) if source.kind in _DIFFUSERS_KINDS else None
+
+
+def _native_resolution(folder: Path) -> int | None:
+    """UNet sample_size x VAE scale factor, read from the folder's config.json files (no weights)."""
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        sample_size, channels = unet["sample_size"], vae["block_out_channels"]
+        if not isinstance(sample_size, int) or not isinstance(channels, list) or not channels:
+            return None
+        return sample_size * 2 ** (len(channels) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,366 @@
+"""Training jobs: a durable queue in SQLite, each job a `lora-train` child process.
+
+The job table (`state.db`) is the truth; nothing about a job lives only in memory. A job's
+progress is read from its run directory (status.json, train.log), which the trainer writes
+atomically. One job trains at a time; later ones wait as `queued` and start in order.
+
+Each trainer runs in its own session and process group, with stdin from /dev/null and its output
+in `process.log`, so it survives the server and a crash of either cannot take down the other.
+`refresh()` reconciles the table with the processes: it is called on start-up, by every read,
+and by the server's monitor loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import deque
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from server.errors import ServiceError
+from server.names import checked_name
+from training.workspace import atomic_write_text
+
+JobState = Literal["queued", "running", "completed", "failed", "stopped", "interrupted"]
+FINAL_STATES = ("completed", "failed", "stopped", "interrupted")
+RESUMABLE_STATES = ("stopped", "interrupted", "failed")
+STARTUP_GRACE_S = 120.0  # a job marked running may take this long to show its pid (the spawn follows the commit)
+STOP_TIMEOUT_S = 60.0  # after SIGTERM the trainer finishes its step and saves; then it is killed
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    config_name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    run_dir TEXT NOT NULL,
+    pid INTEGER,
+    resume INTEGER NOT NULL DEFAULT 0,
+    stop_requested_at REAL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    error TEXT
+)
+"""
+
+
+class JobRecord(BaseModel):
+    job_id: str
+    config_name: str
+    state: JobState
+    run_dir: str
+    pid: int | None = None
+    resume: bool = False
+    stop_requested_at: float | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    config_name: str
+    state: JobState = Field(description="queued, running, completed, failed, stopped or interrupted")
+    step: int = 0
+    total_steps: int | None = None
+    percent: float | None = Field(None, description="step / total_steps x 100")
+    loss: float | None = Field(None, description="smoothed training loss")
+    lr: float | None = None
+    it_per_s: float | None = None
+    eta_s: float | None = Field(None, description="estimated seconds to completion")
+    last_checkpoint: str | None = None
+    latest_samples: list[str] = Field(default_factory=list)
+    lora_path: str | None = None
+    error: str | None = None
+    run_dir: str
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+class JobStore:
+    """The job table. One short transaction per change; WAL so readers never wait for a writer."""
+
+    def __init__(self, path: Path):
+        self._path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self.transaction() as db:
+            db.execute(_SCHEMA)
+
+    @contextmanager
+    def transaction(self):
+        db = sqlite3.connect(self._path, timeout=10.0, isolation_level=None)
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA busy_timeout=10000")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    def insert(self, record: JobRecord) -> None:
+        fields = record.model_dump()
+        with self.transaction() as db:
+            columns, marks = ", ".join(fields), ", ".join("?" for _ in fields)
+            db.execute(f"INSERT INTO jobs ({columns}) VALUES ({marks})", list(fields.values()))
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self.transaction() as db:
+            row = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return JobRecord(**dict(row)) if row else None
+
+    def all(self) -> list[JobRecord]:
+        with self.transaction() as db:
+            rows = db.execute("SELECT * FROM jobs ORDER BY created_at, job_id").fetchall()
+        return [JobRecord(**dict(row)) for row in rows]
+
+    def update(self, job_id: str, **fields) -> None:
+        with self.transaction() as db:
+            db.execute(
+                f"UPDATE jobs SET {', '.join(f'{key} = ?' for key in fields)} WHERE job_id = ?",
+                [*fields.values(), job_id],
+            )
+
+    def claim_next(self) -> JobRecord | None:
+        """Mark the oldest queued job running, if no job is running: one transaction, so two
+        servers on one workspace never start two jobs."""
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM jobs WHERE state = 'running'").fetchone():
+                return None
+            row = db.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created_at, job_id LIMIT 1").fetchone()
+            if row is None:
+                return None
+            now = time.time()
+            db.execute(
+                "UPDATE jobs SET state = 'running', pid = NULL, started_at = ?, finished_at = NULL, error = NULL, "
+                "stop_requested_at = NULL WHERE job_id = ?",
+                (now, row["job_id"]),
+            )
+        return JobRecord(**{**dict(row), "state": "running", "started_at": now, "pid": None, "error": None})
+
+
+class JobService:
+    def __init__(self, workspace: Path, *, python: str = sys.executable, stop_timeout: float = STOP_TIMEOUT_S):
+        self.workspace = workspace
+        self.store = JobStore(workspace / "state.db")
+        self._python = python
+        self._stop_timeout = stop_timeout
+        self._children: dict[int, subprocess.Popen] = {}  # only to reap our own children; the table is the truth
+
+    # --- commands ------------------------------------------------------------------------------
+    def start(self, config_name: str, config_yaml: str) -> JobRecord:
+        """Queue a job for a validated config (its YAML is copied, so later edits do not change it)."""
+        checked_name("config", config_name)
+        active = [j for j in self.store.all() if j.config_name == config_name and j.state in ("queued", "running")]
+        if active:
+            raise ServiceError(
+                f"config {config_name!r} already has job {active[0].job_id} ({active[0].state}); watch it with "
+                "get-training-status, or stop-training it first"
+            )
+        job_id = f"{config_name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+        run_dir = self.workspace / "runs" / job_id
+        run_dir.mkdir(parents=True)
+        atomic_write_text(run_dir / "request.yaml", config_yaml)
+        record = JobRecord(
+            job_id=job_id, config_name=config_name, state="queued", run_dir=str(run_dir), created_at=time.time()
+        )
+        self.store.insert(record)
+        self.refresh()
+        return self._record(job_id)
+
+    def stop(self, job_id: str) -> JobRecord:
+        record = self._record(job_id)
+        if record.state == "queued":
+            self.store.update(job_id, state="stopped", finished_at=time.time())
+        elif record.state == "running":
+            if record.pid:
+                _signal_group(record.pid, signal.SIGTERM)
+            self.store.update(job_id, stop_requested_at=time.time())
+        else:
+            raise ServiceError(f"job {job_id} is already {record.state}; nothing to stop")
+        return self._record(job_id)
+
+    def resume(self, job_id: str) -> JobRecord:
+        record = self._record(job_id)
+        if record.state not in RESUMABLE_STATES:
+            raise ServiceError(
+                f"job {job_id} is {record.state}; only a stopped, interrupted or failed job can be resumed"
+            )
+        self.store.update(job_id, state="queued", resume=1, error=None, finished_at=None, stop_requested_at=None)
+        self.refresh()
+        return self._record(job_id)
+
+    # --- reads ---------------------------------------------------------------------------------
+    def status(self, job_id: str) -> JobStatus:
+        self.refresh()
+        return self._status(self._record(job_id))
+
+    def list(self) -> list[JobStatus]:
+        self.refresh()
+        return [self._status(record) for record in self.store.all()]
+
+    def logs(self, job_id: str, lines: int) -> str:
+        record = self._record(job_id)
+        run_dir = Path(record.run_dir)
+        text = []
+        for name in ("train.log", "process.log"):
+            path = run_dir / name
+            if path.exists():
+                with path.open(encoding="utf-8", errors="replace") as f:
+                    text.append(f"== {name} ==\n" + "".join(deque(f, maxlen=lines)))
+        return "\n".join(text) if text else f"job {job_id} has written no log yet ({record.state})"
+
+    # --- reconciliation --------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Bring running jobs' states up to date with their processes, then start the next
+        queued job if none is running."""
+        for record in self.store.all():
+            if record.state == "running":
+                self._reconcile(record)
+        while (claimed := self.store.claim_next()) is not None:
+            if self._spawn(claimed):
+                break
+
+    def _reconcile(self, record: JobRecord) -> None:
+        status = _read_status(Path(record.run_dir))
+        alive = self._alive(record.pid)
+        final = status.get("state") if status.get("state") in ("completed", "failed", "stopped") else None
+        if final and not alive:
+            self.store.update(record.job_id, state=final, finished_at=time.time(), error=status.get("error"))
+        elif alive:
+            if record.stop_requested_at and time.time() - record.stop_requested_at > self._stop_timeout:
+                _signal_group(record.pid, signal.SIGKILL)
+        elif record.pid is None and time.time() - (record.started_at or 0) < STARTUP_GRACE_S:
+            pass  # being spawned right now (by this or another server)
+        elif record.stop_requested_at:
+            self.store.update(record.job_id, state="stopped", finished_at=time.time())
+        else:
+            reason = status.get("error") or _last_line(Path(record.run_dir) / "process.log")
+            self.store.update(
+                record.job_id,
+                state="interrupted",
+                finished_at=time.time(),
+                error=f"the training process ended without a final state ({reason or 'no output'}); "
+                "resume-training continues from its last checkpoint",
+            )
+
+    def _spawn(self, record: JobRecord) -> bool:
+        run_dir = Path(record.run_dir)
+        if record.resume:
+            args = ["--resume", str(run_dir)]
+        else:
+            args = [str(run_dir / "request.yaml"), "--run-dir", str(run_dir)]
+        try:
+            with open(run_dir / "process.log", "ab") as log:
+                process = subprocess.Popen(
+                    [self._python, "-m", "training.cli", *args, "--quiet"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.workspace,
+                    env={**os.environ, "LORA_MCP_HOME": str(self.workspace)},
+                    start_new_session=True,  # own session and process group: survives the server, killable as a group
+                )
+        except OSError as exc:
+            self.store.update(record.job_id, state="failed", finished_at=time.time(), error=f"could not start: {exc}")
+            return False
+        self._children[process.pid] = process
+        self.store.update(record.job_id, pid=process.pid)
+        return True
+
+    def _alive(self, pid: int | None) -> bool:
+        if pid is None:
+            return False
+        child = self._children.get(pid)
+        if child is not None:
+            if child.poll() is None:
+                return True
+            del self._children[pid]  # reaped
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return not _is_zombie(pid)
+
+    # --- helpers -------------------------------------------------------------------------------
+    def _record(self, job_id: str) -> JobRecord:
+        checked_name("job", job_id)
+        record = self.store.get(job_id)
+        if record is None:
+            raise ServiceError(f"no job {job_id!r}; list-training-jobs shows the jobs there are")
+        return record
+
+    def _status(self, record: JobRecord) -> JobStatus:
+        status = _read_status(Path(record.run_dir)) if record.state != "queued" or record.resume else {}
+        total = status.get("total_steps")
+        step = status.get("step") or 0
+        return JobStatus(
+            job_id=record.job_id,
+            config_name=record.config_name,
+            state=record.state,
+            step=step,
+            total_steps=total,
+            percent=round(100.0 * step / total, 1) if total else None,
+            loss=status.get("loss"),
+            lr=status.get("lr"),
+            it_per_s=status.get("it_per_s"),
+            eta_s=status.get("eta_s") if record.state == "running" else None,
+            last_checkpoint=status.get("last_checkpoint"),
+            latest_samples=status.get("latest_samples") or [],
+            lora_path=status.get("lora_path"),
+            error=record.error or status.get("error"),
+            run_dir=record.run_dir,
+            created_at=record.created_at,
+            started_at=record.started_at,
+            finished_at=record.finished_at,
+        )
+
+
+def _read_status(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "status.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _last_line(path: Path) -> str | None:
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            lines = [line.strip() for line in deque(f, maxlen=20) if line.strip()]
+    except OSError:
+        return None
+    return lines[-1][:300] if lines else None
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)  # the trainer leads its own process group (start_new_session)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
