@@ -1,0 +1,167 @@
+"""The MCP server through the SDK's real client over stdio (the server is a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+from mcp.client.session import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_session(workspace: Path, script):
+    """Start `lora-mcp --workspace` as a subprocess, connect, run `script(session)`, return its result."""
+
+    async def main():
+        params = StdioServerParameters(
+            command=sys.executable, args=["-m", "server.main", "--workspace", str(workspace)], cwd=str(REPO)
+        )
+        with open(workspace.parent / f"{workspace.name}-server.err", "a") as errlog:
+            async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as session:
+                await session.initialize()
+                return await script(session)
+
+    return anyio.run(main)
+
+
+@pytest.fixture
+def server_workspace(tmp_path, tiny_sd15) -> Path:
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "models").symlink_to(tiny_sd15.parent)  # share the session's built-in models
+    return root
+
+
+async def wait_for_state(session, job_id: str, states: tuple[str, ...], timeout: float = 240.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = await session.call_tool("get-training-status", {"job_id": job_id})
+        assert not result.is_error, result.content
+        if result.structured_content["state"] in states:
+            return result.structured_content
+        await anyio.sleep(0.25)
+    raise AssertionError(f"job {job_id} did not reach {states}")
+
+
+def test_full_flow_on_the_tiny_model(server_workspace, shapes):
+    workspace = server_workspace
+
+    async def script(session):
+        names = {tool.name for tool in (await session.list_tools()).tools}
+        assert {"create-training-config", "start-training", "get-training-status", "get-training-samples"} <= names
+
+        created = await session.call_tool(
+            "create-training-config",
+            {
+                "name": "shapes-style",
+                "model_name": "builtin:tiny-sd15",
+                "dataset_path": str(shapes),
+                "trigger_word": "xyz_shape",
+                "resolution": 64,
+                "steps": 4,
+                "rank": 4,
+                "sample_prompts": ["xyz_shape a red circle"],  # the guide's alias
+                "sample_every": 2,
+                "sample_steps": 2,
+            },
+        )
+        assert not created.is_error, created.content
+        assert created.structured_content["config"]["test_prompts"] == ["xyz_shape a red circle"]
+        assert json.loads(created.content[0].text)["name"] == "shapes-style"  # readable text next to the structure
+
+        report = await session.call_tool("validate-training-config", {"name": "shapes-style"})
+        assert report.structured_content["valid"] is True and report.structured_content["images"] == 4
+
+        started = await session.call_tool("start-training", {"config_name": "shapes-style"})
+        assert not started.is_error, started.content
+        job_id = started.structured_content["job_id"]
+        assert started.structured_content["state"] in ("queued", "running")
+
+        final = await wait_for_state(session, job_id, ("completed", "failed", "interrupted"))
+        assert final["state"] == "completed", final
+        assert final["step"] == final["total_steps"] == 4 and final["percent"] == 100.0
+        assert Path(final["lora_path"]).is_file()
+
+        samples = await session.call_tool("get-training-samples", {"job_id": job_id})
+        kinds = [item.type for item in samples.content]
+        assert kinds == ["text", "image"]
+        assert "step 4" in samples.content[0].text and samples.content[1].mime_type == "image/png"
+        baseline = await session.call_tool("get-training-samples", {"job_id": job_id, "step": 0})
+        assert "step 0" in baseline.content[0].text
+
+        logs = await session.call_tool("get-training-logs", {"job_id": job_id, "lines": 5})
+        assert "run completed" in logs.content[0].text
+
+        jobs = await session.call_tool("list-training-jobs", {})
+        assert [job["job_id"] for job in jobs.structured_content["jobs"]] == [job_id]
+
+    run_session(workspace, script)
+
+
+def test_bad_input_gets_tool_errors_and_changes_nothing(server_workspace, shapes):
+    workspace = server_workspace
+
+    async def script(session):
+        def files() -> set[Path]:
+            return {p for p in workspace.rglob("*") if "logs" not in p.parts and p.name != "models"}
+
+        before = files()
+        cases = [
+            ("get-training-status", {"job_id": "no-such-job"}, "list-training-jobs"),
+            ("get-training-status", {"job_id": "../etc"}, "not allowed"),
+            ("get-config", {"name": "missing"}, "list-configs"),
+            ("create-training-config", {"name": "../evil", "dataset_path": str(shapes)}, "not allowed"),
+            ("create-training-config", {"name": "/abs", "dataset_path": str(shapes)}, "not allowed"),
+            (
+                "create-training-config",
+                {"name": "bad", "dataset_path": str(shapes), "resolution": 30},
+                "allowed: >= 64",
+            ),
+            ("create-training-config", {"name": "bad", "dataset_path": str(shapes), "optimizer": "adam"}, "'adamw'"),
+            ("start-training", {"config_name": "missing"}, "list-configs"),
+            ("delete-config", {"name": "a/b"}, "not allowed"),
+        ]
+        for tool, arguments, expected in cases:
+            result = await session.call_tool(tool, arguments)
+            assert result.is_error, (tool, arguments)
+            assert expected in result.content[0].text, (tool, result.content[0].text)
+        assert files() == before
+
+        created = await session.call_tool(
+            "create-training-config",
+            {"name": "nodata", "model_name": "builtin:tiny-sd15", "dataset_path": str(workspace / "missing")},
+        )
+        assert not created.is_error
+        refused = await session.call_tool("start-training", {"config_name": "nodata"})
+        assert refused.is_error and "dataset" in refused.content[0].text
+        assert not (workspace / "runs").exists() or not any((workspace / "runs").iterdir())
+
+        await session.call_tool(
+            "create-training-config",
+            {"name": "quick", "model_name": "builtin:tiny-sd15", "dataset_path": str(shapes), "steps": 2},
+        )
+        job = (await session.call_tool("start-training", {"config_name": "quick"})).structured_content["job_id"]
+        twice = await session.call_tool("start-training", {"config_name": "quick"})
+        assert twice.is_error and "already has job" in twice.content[0].text
+        await wait_for_state(session, job, ("completed", "failed"))
+        finished = await session.call_tool("stop-training", {"job_id": job})
+        assert finished.is_error and "already completed" in finished.content[0].text
+
+    run_session(workspace, script)
+
+
+def test_server_start_imports_no_torch():
+    code = (
+        "import sys; import server.app, server.main; "
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
