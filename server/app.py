@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import inspect
 import io
+import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from mcp.server import MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.utilities.types import Image
 from mcp.types import ToolAnnotations
 from pydantic import AliasChoices, BaseModel, Field
@@ -27,6 +28,9 @@ from pydantic import AliasChoices, BaseModel, Field
 from server.configs import ConfigService, ConfigSummary, ValidationReport
 from server.errors import ServiceError
 from server.jobs import JobService, JobStatus
+from server.loras import DEFAULT_CHUNK, MAX_CHUNK, Chunk, ExportedLora, LoraService
+from server.plots import loss_curve_png
+from server.system import SystemStats, system_stats
 from training.config import TrainingConfig
 
 log = logging.getLogger("server")
@@ -55,6 +59,10 @@ class JobList(BaseModel):
     jobs: list[JobStatus]
 
 
+class LoraList(BaseModel):
+    loras: list[ExportedLora]
+
+
 class Deleted(BaseModel):
     name: str
     deleted: bool = True
@@ -64,6 +72,7 @@ def build_server(workspace: Path) -> MCPServer:
     workspace = Path(workspace)
     configs = ConfigService(workspace)
     jobs = JobService(workspace)
+    loras = LoraService(workspace)
     lock = threading.Lock()  # tools run in worker threads; the job service is not re-entrant
 
     def call(fn: Callable, *args, **kwargs):
@@ -73,6 +82,13 @@ def build_server(workspace: Path) -> MCPServer:
                 return fn(*args, **kwargs)
         except ServiceError as exc:
             raise ToolError(str(exc)) from None
+
+    def resource_call(fn: Callable, *args):
+        try:
+            with lock:
+                return fn(*args)
+        except ServiceError as exc:
+            raise ResourceNotFoundError(str(exc)) from None
 
     @asynccontextmanager
     async def lifespan(_server: MCPServer) -> AsyncIterator[None]:
@@ -231,7 +247,96 @@ def build_server(workspace: Path) -> MCPServer:
         status = call(jobs.status, job_id)
         return _sample_content(Path(status.run_dir), job_id, step)
 
+    # --- LoRA files and the machine --------------------------------------------------------------
+    @server.tool(
+        name="list-exported-models", description="LoRA files in the workspace's loras/ folder.", annotations=read_only
+    )
+    def list_exported_models() -> LoraList:
+        return LoraList(loras=call(loras.list))
+
+    @server.tool(
+        name="export-model",
+        description="Copy a job's LoRA (the final one, or a checkpoint's with step) into loras/ with a metadata "
+        "sidecar, ready for ComfyUI (models/loras) or A1111 (models/Lora).",
+    )
+    def export_model(
+        job_id: str = Field(description="Job id from start-training."),
+        step: int | None = Field(None, ge=1, description="A checkpoint step; default: the final LoRA."),
+        output_format: Literal["kohya", "diffusers"] = Field("kohya", description="kohya for ComfyUI/A1111."),
+    ) -> ExportedLora:
+        status = call(jobs.status, job_id)
+        return call(loras.export, job_id, Path(status.run_dir), status.config_name, step, output_format)
+
+    @server.tool(
+        name="download-model",
+        description="Read a file in pieces as base64: an exported LoRA ('name.safetensors') or a run file "
+        "('<job_id>/<file>'). Call again with next_offset until eof is true.",
+        annotations=read_only,
+    )
+    def download_model(
+        path: str = Field(description="'name.safetensors' in loras/, or '<job_id>/<file>' in a job's run directory."),
+        offset: int = Field(0, ge=0, description="Byte offset to start at."),
+        length: int = Field(DEFAULT_CHUNK, ge=1, le=MAX_CHUNK, description="Bytes to read (at most 720 KiB)."),
+    ) -> Chunk:
+        run_dirs = {job.job_id: Path(job.run_dir) for job in call(jobs.list)}
+        return call(loras.read_chunk, path, offset, length, run_dirs)
+
+    @server.tool(
+        name="get-system-stats",
+        description="GPU name and memory (when torch sees one), RAM, free disk in the workspace, and how many "
+        "jobs are running and queued.",
+        annotations=read_only,
+    )
+    def get_system_stats() -> SystemStats:
+        return system_stats(workspace, call(jobs.list))
+
+    # --- resources -----------------------------------------------------------------------------
+    @server.resource("lora://configs/{name}", mime_type="application/yaml", description="A saved config (YAML).")
+    def config_resource(name: str) -> str:
+        return resource_call(configs.get_yaml, name)
+
+    @server.resource("lora://jobs/{job_id}/status", mime_type="application/json", description="A job's status.")
+    def status_resource(job_id: str) -> str:
+        return resource_call(jobs.status, job_id).model_dump_json(indent=2)
+
+    @server.resource("lora://jobs/{job_id}/log", mime_type="text/plain", description="The last 200 log lines.")
+    def log_resource(job_id: str) -> str:
+        return resource_call(jobs.logs, job_id, 200)
+
+    @server.resource("lora://jobs/{job_id}/metrics", mime_type="text/csv", description="Per-step metrics (CSV).")
+    def metrics_resource(job_id: str) -> str:
+        rows = _metric_rows(Path(resource_call(jobs.status, job_id).run_dir))
+        columns = ["step", "loss", "lr", "grad_norm", "step_time", "time"]
+        lines = [",".join(columns)] + [
+            ",".join("" if r.get(c) is None else str(r.get(c)) for c in columns) for r in rows
+        ]
+        return "\n".join(lines) + "\n"
+
+    @server.resource("lora://jobs/{job_id}/samples/{filename}", mime_type="image/png", description="A sample image.")
+    def sample_resource(job_id: str, filename: str) -> bytes:
+        samples = Path(resource_call(jobs.status, job_id).run_dir) / "samples"
+        path = samples / filename
+        if "/" in filename or filename.startswith(".") or path.suffix != ".png" or not path.is_file():
+            raise ResourceNotFoundError(f"job {job_id} has no sample {filename!r}; get-training-status lists them")
+        return path.read_bytes()
+
+    @server.resource("lora://jobs/{job_id}/loss-curve", mime_type="image/png", description="Loss and lr over steps.")
+    def loss_curve_resource(job_id: str) -> bytes:
+        return loss_curve_png(_metric_rows(Path(resource_call(jobs.status, job_id).run_dir)))
+
     return server
+
+
+def _metric_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    rows = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line of a killed trainer
+    return rows
 
 
 def _config_signature() -> inspect.Signature:
@@ -274,8 +379,6 @@ def _config_signature() -> inspect.Signature:
 
 
 def _sample_content(run_dir: Path, job_id: str, step: int | None) -> list:
-    import json
-
     from PIL import Image as PILImage
 
     index = run_dir / "samples" / "index.jsonl"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -102,6 +103,44 @@ def test_full_flow_on_the_tiny_model(server_workspace, shapes):
         jobs = await session.call_tool("list-training-jobs", {})
         assert [job["job_id"] for job in jobs.structured_content["jobs"]] == [job_id]
 
+        # The LoRA leaves the server: exported to loras/, then downloaded in pieces.
+        exported = await session.call_tool("export-model", {"job_id": job_id})
+        assert not exported.is_error, exported.content
+        lora = exported.structured_content
+        assert lora["name"] == "shapes-style" and lora["trigger_word"] == "xyz_shape" and lora["step"] == 4
+        assert Path(lora["path"]).with_suffix(".json").is_file()
+        listed = await session.call_tool("list-exported-models", {})
+        assert [item["name"] for item in listed.structured_content["loras"]] == ["shapes-style"]
+        pieces, offset = [], 0
+        while True:
+            chunk = await session.call_tool(
+                "download-model", {"path": "shapes-style.safetensors", "offset": offset, "length": 100_000}
+            )
+            pieces.append(base64.b64decode(chunk.structured_content["data"]))
+            if chunk.structured_content["eof"]:
+                break
+            offset = chunk.structured_content["next_offset"]
+        assert len(pieces) > 1 and b"".join(pieces) == Path(lora["path"]).read_bytes()
+        run_file = await session.call_tool("download-model", {"path": f"{job_id}/status.json"})
+        assert json.loads(base64.b64decode(run_file.structured_content["data"]))["state"] == "completed"
+
+        # Resources
+        status = await session.read_resource(f"lora://jobs/{job_id}/status")
+        assert json.loads(status.contents[0].text)["state"] == "completed"
+        metrics = (await session.read_resource(f"lora://jobs/{job_id}/metrics")).contents[0].text.splitlines()
+        assert metrics[0].startswith("step,loss,lr") and len(metrics) == 5
+        curve = await session.read_resource(f"lora://jobs/{job_id}/loss-curve")
+        assert base64.b64decode(curve.contents[0].blob).startswith(b"\x89PNG")
+        sample = await session.read_resource(f"lora://jobs/{job_id}/samples/step000000_p0.png")
+        assert base64.b64decode(sample.contents[0].blob).startswith(b"\x89PNG")
+        config = await session.read_resource("lora://configs/shapes-style")
+        assert "name: shapes-style" in config.contents[0].text
+        log = await session.read_resource(f"lora://jobs/{job_id}/log")
+        assert "run completed" in log.contents[0].text
+
+        stats = await session.call_tool("get-system-stats", {})
+        assert stats.structured_content["running_jobs"] == 0 and stats.structured_content["ram_total_gb"] > 0
+
     run_session(workspace, script)
 
 
@@ -127,6 +166,11 @@ def test_bad_input_gets_tool_errors_and_changes_nothing(server_workspace, shapes
             ("create-training-config", {"name": "bad", "dataset_path": str(shapes), "optimizer": "adam"}, "'adamw'"),
             ("start-training", {"config_name": "missing"}, "list-configs"),
             ("delete-config", {"name": "a/b"}, "not allowed"),
+            ("download-model", {"path": "../state.db"}, "not allowed"),
+            ("download-model", {"path": "/etc/passwd"}, "not allowed"),
+            ("download-model", {"path": "no-job/status.json"}, "list-training-jobs"),
+            ("download-model", {"path": "missing.safetensors"}, "list-exported-models"),
+            ("export-model", {"job_id": "no-job"}, "list-training-jobs"),
         ]
         for tool, arguments, expected in cases:
             result = await session.call_tool(tool, arguments)

@@ -1,0 +1,156 @@
+"""Exported LoRA files: `<workspace>/loras/<name>.safetensors`, each with a `.json` sidecar of
+its metadata, and reading any LoRA or run file back in pieces for download."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from server.errors import ServiceError
+from server.names import checked_name
+from training.workspace import atomic_output, atomic_write_json
+
+# Clients cap a tool result near 1 MB and base64 adds a third: 512 KiB of file is ~700 KB of text,
+# and the largest chunk, 720 KiB, stays just under 1 MB.
+DEFAULT_CHUNK = 512 * 1024
+MAX_CHUNK = 720 * 1024
+
+
+class ExportedLora(BaseModel):
+    name: str = Field(description="File name in loras/, without .safetensors.")
+    path: str
+    size_bytes: int
+    job_id: str | None = None
+    step: int | None = None
+    trigger_word: str | None = None
+    base_model: str | None = None
+    output_format: str | None = None
+
+
+class Chunk(BaseModel):
+    path: str = Field(description="The file, as asked for.")
+    offset: int
+    length: int = Field(description="Bytes in this chunk.")
+    total_size: int
+    eof: bool = Field(description="True when this chunk reaches the end of the file.")
+    data: str = Field(description="The bytes, base64-encoded.")
+    next_offset: int | None = Field(description="Offset to ask for next, or null at the end.")
+
+
+class LoraService:
+    def __init__(self, workspace: Path):
+        self.workspace = Path(workspace)
+        self.folder = self.workspace / "loras"
+
+    def export(
+        self, job_id: str, run_dir: Path, config_name: str, step: int | None, output_format: str
+    ) -> ExportedLora:
+        """Copy a job's final LoRA (or the checkpoint LoRA of `step`) into loras/, with its sidecar."""
+        source, label = self._source(job_id, run_dir, step)
+        metadata = _safetensors_metadata(source)
+        config = json.loads(metadata.get("training_config", "{}"))
+        trained_format = config.get("output_format", "kohya")
+        if output_format != trained_format:
+            raise ServiceError(
+                f"job {job_id} wrote its LoRA in {trained_format} format; converting to {output_format} is not "
+                f"available yet: export with output_format={trained_format}, or set output_format in the config "
+                "and train again"
+            )
+        name = f"{config_name}{label}"
+        target = self.folder / f"{name}.safetensors"
+        with atomic_output(target) as tmp:
+            shutil.copyfile(source, tmp)
+        record = ExportedLora(
+            name=name,
+            path=str(target),
+            size_bytes=target.stat().st_size,
+            job_id=job_id,
+            step=int(metadata["ss_steps"]) if "ss_steps" in metadata else step,
+            trigger_word=metadata.get("modelspec.trigger_phrase"),
+            base_model=metadata.get("ss_sd_model_name"),
+            output_format=trained_format,
+        )
+        atomic_write_json(target.with_suffix(".json"), record.model_dump(mode="json"))
+        return record
+
+    def list(self) -> list[ExportedLora]:
+        if not self.folder.is_dir():
+            return []
+        found = []
+        for path in sorted(self.folder.glob("*.safetensors")):
+            sidecar = path.with_suffix(".json")
+            known = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.exists() else {}
+            found.append(
+                ExportedLora(**{**known, "name": path.stem, "path": str(path), "size_bytes": path.stat().st_size})
+            )
+        return found
+
+    def read_chunk(self, relative: str, offset: int, length: int, run_dirs: dict[str, Path]) -> Chunk:
+        """Bytes of a file under loras/ (`name.safetensors`) or a job's run directory (`<job_id>/<file>`)."""
+        path = self._downloadable(relative, run_dirs)
+        total = path.stat().st_size
+        if offset < 0 or offset > total:
+            raise ServiceError(f"offset {offset} is outside the file ({total} bytes); start at 0")
+        length = max(1, min(length, MAX_CHUNK))
+        with path.open("rb") as f:
+            f.seek(offset)
+            data = f.read(length)
+        end = offset + len(data)
+        return Chunk(
+            path=relative,
+            offset=offset,
+            length=len(data),
+            total_size=total,
+            eof=end >= total,
+            data=base64.b64encode(data).decode("ascii"),
+            next_offset=None if end >= total else end,
+        )
+
+    def _source(self, job_id: str, run_dir: Path, step: int | None) -> tuple[Path, str]:
+        if step is None:
+            finals = [p for p in run_dir.glob("*.safetensors") if not p.name.startswith(".")]
+            if not finals:
+                raise ServiceError(
+                    f"job {job_id} has no final LoRA yet; wait for it to complete, or export a checkpoint with step"
+                )
+            return finals[0], ""
+        folder = run_dir / "checkpoints" / f"step{step:06d}"
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            kept = (
+                sorted(p.name for p in (run_dir / "checkpoints").glob("step*"))
+                if (run_dir / "checkpoints").is_dir()
+                else []
+            )
+            raise ServiceError(f"job {job_id} has no checkpoint at step {step}; checkpoints kept: {kept or 'none'}")
+        return files[0], f"-step{step:06d}"
+
+    def _downloadable(self, relative: str, run_dirs: dict[str, Path]) -> Path:
+        parts = Path(relative).parts
+        if not relative or Path(relative).is_absolute() or ".." in parts or any(p.startswith(".") for p in parts):
+            raise ServiceError(
+                f"path {relative!r} is not allowed: give a file in loras/ (e.g. my-lora.safetensors) or "
+                "<job_id>/<file> of a job's run directory"
+            )
+        if len(parts) == 1:
+            path = self.folder / parts[0]
+        else:
+            job_id = checked_name("job", parts[0])
+            if job_id not in run_dirs:
+                raise ServiceError(f"no job {job_id!r}; list-training-jobs shows the jobs there are")
+            path = run_dirs[job_id].joinpath(*parts[1:])
+        if not path.is_file():
+            raise ServiceError(f"no file {relative!r}; list-exported-models lists the exported LoRAs")
+        return path
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    """The header's __metadata__ without loading any tensor (no torch needed)."""
+    with path.open("rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+    return header.get("__metadata__", {})

@@ -1,0 +1,49 @@
+"""The loss curve as a PNG, drawn with Pillow (no plotting library needed for two lines)."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image, ImageDraw
+
+WIDTH, HEIGHT, MARGIN = 720, 360, 48
+LOSS_COLOUR, LR_COLOUR, AXIS_COLOUR = (31, 119, 180), (255, 127, 14), (90, 90, 90)
+
+
+def loss_curve_png(rows: list[dict]) -> bytes:
+    """Loss (blue, left scale) and learning rate (orange, right scale) over steps."""
+    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = MARGIN, MARGIN // 2, WIDTH - MARGIN, HEIGHT - MARGIN
+    draw.rectangle((left, top, right, bottom), outline=AXIS_COLOUR)
+    rows = [r for r in rows if isinstance(r.get("loss"), int | float) and isinstance(r.get("step"), int)]
+    if not rows:
+        draw.text((left + 10, top + 10), "no training steps yet", fill=AXIS_COLOUR)
+        return _png(image)
+    steps = [r["step"] for r in rows]
+    first, last = min(steps), max(steps)
+    span = max(1, last - first)
+
+    def x(step: int) -> float:
+        return left + (step - first) / span * (right - left)
+
+    for key, colour, anchor in (("loss", LOSS_COLOUR, left + 4), ("lr", LR_COLOUR, right - 110)):
+        values = [(r["step"], float(r[key])) for r in rows if isinstance(r.get(key), int | float)]
+        if not values:
+            continue
+        low, high = min(v for _, v in values), max(v for _, v in values)
+        scale = (high - low) or 1.0
+        points = [(x(s), bottom - (v - low) / scale * (bottom - top)) for s, v in values]
+        if len(points) == 1:
+            points.append(points[0])
+        draw.line(points, fill=colour, width=2)
+        draw.text((anchor, top + 4), f"{key} {low:.3g}..{high:.3g}", fill=colour)
+    draw.text((left, bottom + 8), f"step {first}", fill=AXIS_COLOUR)
+    draw.text((right - 80, bottom + 8), f"step {last}", fill=AXIS_COLOUR)
+    return _png(image)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
