@@ -26,6 +26,7 @@ from mcp.types import ToolAnnotations
 from pydantic import AliasChoices, BaseModel, Field
 
 from server.configs import ConfigService, ConfigSummary, ValidationReport
+from server.datasets import DatasetService, DatasetSummary, UploadImage, UploadResult
 from server.errors import ServiceError
 from server.jobs import JobService, JobStatus
 from server.loras import DEFAULT_CHUNK, MAX_CHUNK, Chunk, ExportedLora, LoraService
@@ -59,6 +60,10 @@ class JobList(BaseModel):
     jobs: list[JobStatus]
 
 
+class DatasetList(BaseModel):
+    datasets: list[DatasetSummary]
+
+
 class LoraList(BaseModel):
     loras: list[ExportedLora]
 
@@ -73,6 +78,7 @@ def build_server(workspace: Path) -> MCPServer:
     configs = ConfigService(workspace)
     jobs = JobService(workspace)
     loras = LoraService(workspace)
+    datasets = DatasetService(workspace)
     lock = threading.Lock()  # tools run in worker threads; the job service is not re-entrant
 
     def call(fn: Callable, *args, **kwargs):
@@ -109,6 +115,26 @@ def build_server(workspace: Path) -> MCPServer:
 
     server = MCPServer("lora-trainer", instructions=INSTRUCTIONS, lifespan=lifespan)
     read_only = ToolAnnotations(readOnlyHint=True, idempotentHint=True)
+
+    # --- datasets (basic form; the dataset issue extends them) ---------------------------------
+    @server.tool(
+        name="upload-dataset",
+        description="Save images (base64) with their captions into a dataset, creating it if needed. Each file "
+        "is saved or refused on its own, with the reason; the result lists every file. Then create-training-config "
+        "with dataset_path=<dataset_name>.",
+    )
+    def upload_dataset(
+        dataset_name: str = Field(description="Dataset name: letters, digits, '.', '_' or '-'."),
+        images: list[UploadImage] = Field(description="Up to 200 images: {filename, content (base64), caption}."),
+        overwrite: bool = Field(False, description="Replace files that already exist."),
+    ) -> UploadResult:
+        return call(datasets.upload, dataset_name, images, overwrite)
+
+    @server.tool(
+        name="list-datasets", description="Datasets in the workspace with image counts.", annotations=read_only
+    )
+    def list_datasets() -> DatasetList:
+        return DatasetList(datasets=call(datasets.list))
 
     # --- configs -------------------------------------------------------------------------------
     def create_training_config(**values: Any) -> ConfigResult:
@@ -324,7 +350,35 @@ def build_server(workspace: Path) -> MCPServer:
     def loss_curve_resource(job_id: str) -> bytes:
         return loss_curve_png(_metric_rows(Path(resource_call(jobs.status, job_id).run_dir)))
 
+    # --- prompts -------------------------------------------------------------------------------
+    @server.prompt(
+        name="train-lora",
+        description="Walk through training a LoRA: dataset, captions, config, start, monitor, use.",
+    )
+    def train_lora(
+        goal: str = Field(description="What the LoRA should learn, e.g. 'a watercolor style' or 'my dog Rex'."),
+        dataset: str = Field("", description="A dataset name or folder, if there is one already."),
+    ) -> str:
+        return TRAIN_LORA_PROMPT.format(goal=goal, dataset=dataset or "(not chosen yet)")
+
     return server
+
+
+TRAIN_LORA_PROMPT = """Help me train a LoRA for: {goal}. Dataset: {dataset}.
+Work through these steps with the lora-trainer tools, telling me what you find at each one:
+1. Dataset: list-datasets, or upload-dataset the images I give you (each image with a same-named caption).
+   The guide's sizes: style 10-50 images, character/person 20-100, object/concept 15-50, complex style 50-200.
+2. Captions: each caption starts with a unique trigger word (like xyz_style, never a plain word such as
+   'style'), then the subject, details, style, quality and composition.
+3. Config: create-training-config with name, model_name, dataset_path, trigger_word and 3-4 test_prompts that
+   start with the trigger word. Defaults follow the guide: learning_rate 2e-4, rank 32 (16 for simple styles),
+   alpha = rank, steps = 100 x images. Then validate-training-config and fix every error it reports.
+4. Train: start-training, then get-training-status every minute or two (never wait inside a call);
+   get-training-samples shows the test prompts as the LoRA learns (step 0 is the untrained baseline).
+   Loss should fall, usually to 0.05-0.15; samples should move towards the dataset without copying it.
+5. Finish: when the state is completed, export-model and tell me the file, the trigger word and a strength
+   to start from (style 0.6-1.0, character 0.7-0.9) for ComfyUI's LoraLoader or A1111.
+If a job fails or is interrupted, read get-training-logs, explain the cause, and offer resume-training."""
 
 
 def _metric_rows(run_dir: Path) -> list[dict]:

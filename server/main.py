@@ -1,6 +1,7 @@
-"""`lora-mcp`: the MCP server over stdio.
+"""`lora-mcp`: the MCP server over stdio, or a demo of it.
 
-    lora-mcp [--workspace DIR]
+    lora-mcp [--workspace DIR]            serve MCP over stdio (what an MCP client starts)
+    lora-mcp demo [--workspace DIR]       drive the whole flow against a fresh server, printing each step
 
 Only protocol goes to stdout; logs go to stderr and to <workspace>/logs/server.log.
 """
@@ -16,10 +17,18 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lora-mcp", description="MCP server that trains LoRAs (stdio).")
+    parser.add_argument("command", nargs="?", choices=["serve", "demo"], default="serve")
     parser.add_argument(
-        "--workspace", type=Path, help="workspace folder (default: $LORA_MCP_HOME, else the user data dir)"
+        "--workspace",
+        type=Path,
+        help="workspace folder (default: $LORA_MCP_HOME, else the user data dir; for demo: a new temporary one)",
     )
+    parser.add_argument("--steps", type=int, default=60, help="demo only: training steps")
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        from server.demo import main as demo
+
+        return demo(args.workspace, args.steps)
     if args.workspace:
         os.environ["LORA_MCP_HOME"] = str(args.workspace.expanduser().resolve())
 

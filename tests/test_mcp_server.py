@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -209,3 +211,133 @@ def test_server_start_imports_no_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def create(session, name: str, dataset: Path, **options) -> None:
+    arguments = {"name": name, "model_name": "builtin:tiny-sd15", "dataset_path": str(dataset), "rank": 4}
+    result = await session.call_tool("create-training-config", {**arguments, **options})
+    assert not result.is_error, result.content
+
+
+async def start(session, config_name: str) -> dict:
+    result = await session.call_tool("start-training", {"config_name": config_name})
+    assert not result.is_error, result.content
+    return result.structured_content
+
+
+def test_queue_stop_and_resume_over_mcp(server_workspace, shapes):
+    async def script(session):
+        await create(session, "long", shapes, steps=100000, batch_size=1)
+        await create(session, "short", shapes, steps=2)
+        long_job = await start(session, "long")
+        short_job = await start(session, "short")
+        assert (long_job["state"], short_job["state"]) == ("running", "queued")
+
+        await wait_for_state(session, long_job["job_id"], ("running",))
+        deadline = time.monotonic() + 120
+        while (await session.call_tool("get-training-status", {"job_id": long_job["job_id"]})).structured_content[
+            "step"
+        ] < 2:
+            assert time.monotonic() < deadline
+            await anyio.sleep(0.2)
+        await session.call_tool("stop-training", {"job_id": long_job["job_id"]})
+        stopped = await wait_for_state(session, long_job["job_id"], ("stopped", "failed", "interrupted"))
+        assert stopped["state"] == "stopped" and stopped["last_checkpoint"]
+
+        finished = await wait_for_state(session, short_job["job_id"], ("completed", "failed"))  # started by itself
+        assert finished["state"] == "completed"
+
+        run = Path(stopped["run_dir"])  # shorten the stopped run so that its resume ends soon
+        config = (run / "config.yaml").read_text().replace("steps: 100000", f"steps: {stopped['step'] + 2}")
+        (run / "config.yaml").write_text(config)
+        resumed = await session.call_tool("resume-training", {"job_id": long_job["job_id"]})
+        assert resumed.structured_content["job_id"] == long_job["job_id"]
+        final = await wait_for_state(session, long_job["job_id"], ("completed", "failed", "interrupted"))
+        assert final["state"] == "completed" and final["step"] == stopped["step"] + 2
+
+    run_session(server_workspace, script)
+
+
+def test_jobs_outlive_the_server_and_a_killed_trainer_resumes(server_workspace, shapes):
+    async def first_server(session):
+        await create(session, "survivor", shapes, steps=60, batch_size=1, save_every=5)
+        job = await start(session, "survivor")
+        await wait_for_state(session, job["job_id"], ("running",))
+        return job["job_id"]
+
+    job_id = run_session(server_workspace, first_server)  # the server exits here; training goes on
+
+    async def second_server(session):
+        status = await session.call_tool("get-training-status", {"job_id": job_id})
+        assert status.structured_content["state"] in ("running", "completed")
+        final = await wait_for_state(session, job_id, ("completed", "failed", "interrupted"))
+        assert final["state"] == "completed", final
+
+        await create(session, "victim", shapes, steps=100000, batch_size=1, save_every=2)
+        victim = (await start(session, "victim"))["job_id"]
+        deadline = time.monotonic() + 120
+        while not (await session.call_tool("get-training-status", {"job_id": victim})).structured_content[
+            "last_checkpoint"
+        ]:
+            assert time.monotonic() < deadline
+            await anyio.sleep(0.2)
+        run = Path((await session.call_tool("get-training-status", {"job_id": victim})).structured_content["run_dir"])
+        os.kill(json.loads((run / "status.json").read_text())["pid"], signal.SIGKILL)
+        interrupted = await wait_for_state(session, victim, ("interrupted", "failed", "completed", "stopped"))
+        assert interrupted["state"] == "interrupted" and "resume-training" in interrupted["error"]
+
+        checkpoint_step = int(Path(interrupted["last_checkpoint"]).name.removeprefix("step"))
+        config = (run / "config.yaml").read_text().replace("steps: 100000", f"steps: {checkpoint_step + 2}")
+        (run / "config.yaml").write_text(config)
+        await session.call_tool("resume-training", {"job_id": victim})
+        final = await wait_for_state(session, victim, ("completed", "failed", "interrupted"))
+        assert final["state"] == "completed" and final["step"] == checkpoint_step + 2
+
+    run_session(server_workspace, second_server)
+
+
+def test_the_train_lora_prompt_guides_the_flow(server_workspace):
+    async def script(session):
+        prompts = {prompt.name for prompt in (await session.list_prompts()).prompts}
+        assert "train-lora" in prompts
+        prompt = await session.get_prompt("train-lora", {"goal": "a watercolor style"})
+        text = prompt.messages[0].content.text
+        assert "a watercolor style" in text
+        for tool in ("create-training-config", "validate-training-config", "start-training", "get-training-status"):
+            assert tool in text
+
+    run_session(server_workspace, script)
+
+
+def test_upload_and_list_datasets_over_mcp(server_workspace, shapes):
+    good = base64.b64encode((shapes / "shape_000.png").read_bytes()).decode()
+
+    async def script(session):
+        mixed = await session.call_tool(
+            "upload-dataset",
+            {
+                "dataset_name": "mine",
+                "images": [
+                    {"filename": "a.png", "content": good, "caption": "xyz_shape a shape"},
+                    {"filename": "../b.png", "content": good},
+                    {"filename": "c.png", "data": "not base64!"},
+                ],
+            },
+        )
+        assert not mixed.is_error, mixed.content
+        outcome = {f["filename"]: f["saved"] for f in mixed.structured_content["files"]}
+        assert outcome == {"a.png": True, "../b.png": False, "c.png": False}
+        assert sorted(p.name for p in (server_workspace / "datasets" / "mine").iterdir()) == ["a.png", "a.txt"]
+
+        all_bad = await session.call_tool(
+            "upload-dataset", {"dataset_name": "other", "images": [{"filename": "x.png", "content": "@@"}]}
+        )
+        assert all_bad.is_error and "x.png" in all_bad.content[0].text
+        assert not (server_workspace / "datasets" / "other").exists()
+
+        listed = await session.call_tool("list-datasets", {})
+        assert [(d["name"], d["images"], d["captioned"]) for d in listed.structured_content["datasets"]] == [
+            ("mine", 1, 1)
+        ]
+
+    run_session(server_workspace, script)
