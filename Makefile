@@ -1,4 +1,4 @@
-# make demo: set up .venv and train the built-in tiny model on a generated dataset (offline, CPU)
+# make demo: set up .venv and run `lora-mcp demo`: the MCP server driven end to end on the tiny model (offline, CPU)
 # make test: set up .venv and run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -6,7 +6,7 @@ VENV := .venv
 TORCH_SPEC ?= torch==2.13.0
 DEMO := $(CURDIR)/.demo
 
-.PHONY: setup demo test clean
+.PHONY: setup demo train-demo test clean
 
 setup: $(VENV)/.installed
 
@@ -17,8 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
+	rm -rf $(DEMO)/workspace
+	$(VENV)/bin/lora-mcp demo --workspace $(DEMO)/workspace
+
+# The trainer alone, from the command line, on the same kind of generated dataset.
+train-demo: setup
 	$(VENV)/bin/python examples/make_demo_dataset.py $(DEMO)/dataset
-	cd $(CURDIR) && LORA_MCP_HOME=$(DEMO)/workspace $(VENV)/bin/lora-train examples/demo.yaml
+	cd $(CURDIR) && LORA_MCP_HOME=$(DEMO)/train-workspace $(VENV)/bin/lora-train examples/demo.yaml
 
 # pytest exits 5 when it collected no tests: for this project that is a broken suite, said plainly.
 test: setup

@@ -20,6 +20,7 @@ from pydantic import AliasChoices, BaseModel, Field
 
 from server.errors import ServiceError
 from server.names import checked_name
+from server.paths import check_user_path
 from training.config import STEPS_PER_IMAGE, ConfigError, TrainingConfig
 from training.data.dataset import DatasetError, locate_dataset, scan_dataset
 from training.workspace import atomic_write_text, datasets_dir
@@ -69,6 +70,7 @@ class ConfigService:
                 "or remove it with delete-config first"
             )
         config = _validated(name, values, doing="created")
+        self._check_paths(config)
         atomic_write_text(path, _stored_yaml(config))
         return config
 
@@ -137,6 +139,7 @@ class ConfigService:
                 merged[key] = value
         merged["name"] = name
         config = _validated(name, merged, doing="updated")
+        self._check_paths(config)
         text = _stored_yaml(config)
         if _read_text_or_none(path) != text:
             atomic_write_text(path, text)
@@ -201,6 +204,14 @@ class ConfigService:
         )
 
     # --- files -----------------------------------------------------------------------------------
+    def _check_paths(self, config: TrainingConfig) -> None:
+        """Folders and files the run reads or writes must be in the workspace or an allowed folder
+        (model_name and base_model_config are only read, and may be anywhere)."""
+        for field in ("dataset_path", "class_data_dir", "resume_from"):
+            value = getattr(config, field)
+            if value:
+                check_user_path(field, value, self.workspace)
+
     def _path(self, name: str) -> Path:
         return self.folder / f"{name}{CONFIG_SUFFIX}"
 

@@ -21,7 +21,8 @@ def files_under(root: Path) -> set[str]:
 
 
 @pytest.fixture
-def service(tmp_path) -> ConfigService:
+def service(tmp_path, monkeypatch) -> ConfigService:
+    monkeypatch.setenv("LORA_MCP_ALLOWED_DIRS", "/data")  # where the examples below keep their datasets
     return ConfigService(tmp_path)
 
 
@@ -273,3 +274,28 @@ def test_validate_reports_dataset_warnings(service, tmp_path, tiny_sd15):
     report = service.validate("my-lora")
     assert report.valid
     assert any("no caption" in w for w in report.warnings)
+
+
+# --- folders outside the workspace ---------------------------------------------------------------
+
+
+def test_paths_outside_the_allowed_folders_are_refused(service, tmp_path, monkeypatch):
+    before = files_under(tmp_path)
+    for field, value in (("dataset_path", "/etc"), ("dataset_path", "../outside"), ("class_data_dir", "/tmp/x")):
+        with pytest.raises(ServiceError, match="LORA_MCP_ALLOWED_DIRS"):
+            service.create(values(**{field: value}))
+    assert files_under(tmp_path) == before
+
+    (tmp_path / "escape").symlink_to("/etc")  # inside the workspace by name, outside by target
+    with pytest.raises(ServiceError, match="outside"):
+        service.create(values(dataset_path=str(tmp_path / "escape")))
+
+    service.create(values(dataset_path="/data/set"))  # an allowed folder
+    service.create(values(name="by-name", dataset_path="my-dataset"))  # a dataset name, not a path
+    with pytest.raises(ServiceError, match="outside"):
+        service.update("my-lora", {"resume_from": "/home/someone/lora.safetensors"})
+    assert service.get("my-lora").resume_from is None
+
+    monkeypatch.setenv("LORA_MCP_ALLOWED_DIRS", "")
+    with pytest.raises(ServiceError):
+        service.create(values(name="now-refused", dataset_path="/data/set"))

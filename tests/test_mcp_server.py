@@ -24,7 +24,11 @@ def run_session(workspace: Path, script):
 
     async def main():
         params = StdioServerParameters(
-            command=sys.executable, args=["-m", "server.main", "--workspace", str(workspace)], cwd=str(REPO)
+            command=sys.executable,
+            args=["-m", "server.main", "--workspace", str(workspace)],
+            cwd=str(REPO),
+            # The tests' datasets live beside the workspace, in the test's temporary folder.
+            env={"LORA_MCP_ALLOWED_DIRS": str(workspace.parent), "HF_HUB_OFFLINE": "1"},
         )
         with open(workspace.parent / f"{workspace.name}-server.err", "a") as errlog:
             async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as session:
@@ -166,6 +170,7 @@ def test_bad_input_gets_tool_errors_and_changes_nothing(server_workspace, shapes
                 "allowed: >= 64",
             ),
             ("create-training-config", {"name": "bad", "dataset_path": str(shapes), "optimizer": "adam"}, "'adamw'"),
+            ("create-training-config", {"name": "outside", "dataset_path": "/etc"}, "LORA_MCP_ALLOWED_DIRS"),
             ("start-training", {"config_name": "missing"}, "list-configs"),
             ("delete-config", {"name": "a/b"}, "not allowed"),
             ("download-model", {"path": "../state.db"}, "not allowed"),
