@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import anyio
+from mcp import types
 from mcp.server import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.utilities.types import Image
+from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
 from mcp.types import ToolAnnotations
 from pydantic import AliasChoices, BaseModel, Field
 
@@ -35,7 +37,7 @@ from server.system import SystemStats, system_stats
 from training.config import TrainingConfig
 
 log = logging.getLogger("server")
-MONITOR_SECONDS = 1.0  # how often finished jobs are noticed and queued ones started
+MONITOR_SECONDS = 1.0  # how often finished jobs are noticed, queued ones started, and subscribers notified
 SAMPLE_MAX_SIDE = 384  # sample images are downscaled to this so a result of several stays well under 1 MB
 
 INSTRUCTIONS = """Trains LoRAs for Stable Diffusion in the background.
@@ -101,9 +103,16 @@ def build_server(workspace: Path) -> MCPServer:
         """Reconcile the job table at start-up and keep it current while the server runs."""
 
         async def monitor() -> None:
+            seen: dict[str, tuple] = {}
             while True:
                 try:
-                    await anyio.to_thread.run_sync(lambda: call(jobs.refresh))
+                    statuses = await anyio.to_thread.run_sync(lambda: call(jobs.list))
+                    for status in statuses:
+                        # What a watcher cares about; a change notifies subscribers of the status resource.
+                        fingerprint = (status.state, status.step, status.last_checkpoint, tuple(status.latest_samples))
+                        if seen.get(status.job_id) != fingerprint:
+                            seen[status.job_id] = fingerprint
+                            await notify_updated(f"lora://jobs/{status.job_id}/status")
                 except Exception:  # keep monitoring; the next tick retries
                     log.exception("job monitor tick failed")
                 await anyio.sleep(MONITOR_SECONDS)
@@ -113,7 +122,33 @@ def build_server(workspace: Path) -> MCPServer:
             yield
             group.cancel_scope.cancel()
 
-    server = MCPServer("lora-trainer", instructions=INSTRUCTIONS, lifespan=lifespan)
+    # Status updates reach subscribers of both protocol eras: `subscriptions/listen` streams
+    # (2026-07-28) through the bus, and sessions that sent `resources/subscribe` (earlier versions)
+    # through a resources/updated notification on their session.
+    bus = InMemorySubscriptionBus()
+    legacy_subscribers: dict[str, set] = {}
+
+    async def notify_updated(uri: str) -> None:
+        await bus.publish(ResourceUpdated(uri=uri))
+        for session in list(legacy_subscribers.get(uri, ())):
+            try:
+                await session.send_resource_updated(uri)
+            except Exception:  # the client went away: forget it
+                legacy_subscribers[uri].discard(session)
+
+    async def subscribe(ctx, params: types.SubscribeRequestParams) -> types.EmptyResult:
+        legacy_subscribers.setdefault(str(params.uri), set()).add(ctx.session)
+        return types.EmptyResult()
+
+    async def unsubscribe(ctx, params: types.UnsubscribeRequestParams) -> types.EmptyResult:
+        legacy_subscribers.get(str(params.uri), set()).discard(ctx.session)
+        return types.EmptyResult()
+
+    server = MCPServer("lora-trainer", instructions=INSTRUCTIONS, lifespan=lifespan, subscriptions=bus)
+    # MCPServer has no decorator for the pre-2026 subscribe requests; its low-level server takes them
+    # (registering them also advertises the resources.subscribe capability).
+    server._lowlevel_server.add_request_handler("resources/subscribe", types.SubscribeRequestParams, subscribe)
+    server._lowlevel_server.add_request_handler("resources/unsubscribe", types.UnsubscribeRequestParams, unsubscribe)
     read_only = ToolAnnotations(readOnlyHint=True, idempotentHint=True)
 
     # --- datasets (basic form; the dataset issue extends them) ---------------------------------

@@ -352,3 +352,74 @@ def test_upload_and_list_datasets_over_mcp(server_workspace, shapes):
         ]
 
     run_session(server_workspace, script)
+
+
+def test_a_subscriber_is_notified_as_the_status_changes(server_workspace, shapes):
+    """The default client negotiates a pre-2026 protocol: resources/subscribe, then
+    notifications/resources/updated for each change of the job's status."""
+    updates: list[str] = []
+
+    async def on_message(message) -> None:
+        params = getattr(message, "params", None)
+        if getattr(message, "method", None) == "notifications/resources/updated":
+            updates.append(str(params.uri))
+
+    async def main():
+        params = StdioServerParameters(
+            command=sys.executable,
+            args=["-m", "server.main", "--workspace", str(server_workspace)],
+            cwd=str(REPO),
+            env={"LORA_MCP_ALLOWED_DIRS": str(server_workspace.parent), "HF_HUB_OFFLINE": "1"},
+        )
+        async with (
+            stdio_client(params) as (read, write),
+            ClientSession(read, write, message_handler=on_message) as session,
+        ):
+            initialized = await session.initialize()
+            assert initialized.capabilities.resources.subscribe
+            await create(session, "watched", shapes, steps=6, batch_size=1)
+            job_id = (await start(session, "watched"))["job_id"]
+            uri = f"lora://jobs/{job_id}/status"
+            await session.subscribe_resource(uri)
+            final = await wait_for_state(session, job_id, ("completed", "failed", "interrupted"))
+            assert final["state"] == "completed"
+            with anyio.fail_after(10):  # the monitor notices the final state within a second
+                while len(updates) < 2:
+                    await anyio.sleep(0.1)
+            return uri
+
+    uri = anyio.run(main)
+    assert set(updates) == {uri}
+    assert len(updates) >= 2  # updates while it ran and at the end
+
+
+def test_a_2026_client_listens_for_status_updates(server_workspace, shapes):
+    """On a 2026-07-28 connection the same updates arrive on a subscriptions/listen stream."""
+    from mcp.client.subscriptions import ResourceUpdated, listen
+
+    async def main():
+        params = StdioServerParameters(
+            command=sys.executable,
+            args=["-m", "server.main", "--workspace", str(server_workspace)],
+            cwd=str(REPO),
+            env={"LORA_MCP_ALLOWED_DIRS": str(server_workspace.parent), "HF_HUB_OFFLINE": "1"},
+        )
+        async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+            session.adopt(await session.discover())
+            assert session.protocol_version == "2026-07-28"
+            await create(session, "listened", shapes, steps=6, batch_size=1)
+            job_id = (await start(session, "listened"))["job_id"]
+            uri = f"lora://jobs/{job_id}/status"
+            states = []
+            async with listen(session, resource_subscriptions=[uri]) as subscription:
+                with anyio.fail_after(240):
+                    async for event in subscription:
+                        assert isinstance(event, ResourceUpdated) and event.uri == uri
+                        status = json.loads((await session.read_resource(uri)).contents[0].text)
+                        states.append(status["state"])
+                        if status["state"] not in ("queued", "running"):
+                            break
+            return states
+
+    states = anyio.run(main)
+    assert states[-1] == "completed"
