@@ -32,7 +32,6 @@ from server.datasets import DatasetService, DatasetSummary, UploadImage, UploadR
 from server.errors import ServiceError
 from server.jobs import JobService, JobStatus
 from server.loras import DEFAULT_CHUNK, MAX_CHUNK, Chunk, ExportedLora, LoraService
-from server.plots import loss_curve_png
 from server.system import SystemStats, system_stats
 from training.config import TrainingConfig
 
@@ -83,20 +82,17 @@ def build_server(workspace: Path) -> MCPServer:
     datasets = DatasetService(workspace)
     lock = threading.Lock()  # tools run in worker threads; the job service is not re-entrant
 
-    def call(fn: Callable, *args, **kwargs):
-        """Run a service call; its ServiceError becomes the ToolError the assistant reads."""
-        try:
-            with lock:
-                return fn(*args, **kwargs)
-        except ServiceError as exc:
-            raise ToolError(str(exc)) from None
-
-    def resource_call(fn: Callable, *args):
+    def call(fn: Callable, *args, error: type[Exception] = ToolError):
+        """Run a service call; its ServiceError becomes the ToolError the assistant reads (or, for a
+        resource, the not-found error its reader gets)."""
         try:
             with lock:
                 return fn(*args)
         except ServiceError as exc:
-            raise ResourceNotFoundError(str(exc)) from None
+            raise error(str(exc)) from None
+
+    def resource_call(fn: Callable, *args):
+        return call(fn, *args, error=ResourceNotFoundError)
 
     @asynccontextmanager
     async def lifespan(_server: MCPServer) -> AsyncIterator[None]:
@@ -383,6 +379,8 @@ def build_server(workspace: Path) -> MCPServer:
 
     @server.resource("lora://jobs/{job_id}/loss-curve", mime_type="image/png", description="Loss and lr over steps.")
     def loss_curve_resource(job_id: str) -> bytes:
+        from server.plots import loss_curve_png  # Pillow only when a curve is asked for: start-up stays light
+
         return loss_curve_png(_metric_rows(Path(resource_call(jobs.status, job_id).run_dir)))
 
     # --- prompts -------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field, ValidationError
 
 from server.errors import ServiceError
@@ -320,6 +319,8 @@ def _too_big(size: int) -> str:
 
 def _checked_image(filename: str, data: bytes) -> tuple[int, int]:
     """(width, height) when `data` decodes fully as an image of the format `filename`'s suffix says."""
+    from PIL import Image, UnidentifiedImageError  # here, not at import: the server's start-up stays light
+
     try:
         with Image.open(io.BytesIO(data)) as image:
             image_format = image.format

@@ -96,17 +96,20 @@ class JobStore:
     def __init__(self, path: Path):
         self._path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        with sqlite3.connect(path) as db:  # WAL is a property of the file: set once
+            db.execute("PRAGMA journal_mode=WAL")
         with self.transaction() as db:
             db.execute(_SCHEMA)
 
     @contextmanager
-    def transaction(self):
+    def transaction(self, *, write: bool = True):
+        """One transaction on a fresh connection (tools run in several threads). A writer takes
+        the write lock at BEGIN, so two servers never interleave a read-then-write."""
         db = sqlite3.connect(self._path, timeout=10.0, isolation_level=None)
         try:
             db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA busy_timeout=10000")
-            db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield db
             except BaseException:
@@ -123,12 +126,12 @@ class JobStore:
             db.execute(f"INSERT INTO jobs ({columns}) VALUES ({marks})", list(fields.values()))
 
     def get(self, job_id: str) -> JobRecord | None:
-        with self.transaction() as db:
+        with self.transaction(write=False) as db:
             row = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return JobRecord(**dict(row)) if row else None
 
     def all(self) -> list[JobRecord]:
-        with self.transaction() as db:
+        with self.transaction(write=False) as db:
             rows = db.execute("SELECT * FROM jobs ORDER BY created_at, job_id").fetchall()
         return [JobRecord(**dict(row)) for row in rows]
 

@@ -19,8 +19,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 VALIDATION_FOLDER = "validation"
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
@@ -224,6 +222,8 @@ def _read_records(
 
 
 def _decoded_size(path: Path, broken: list[str], root: Path) -> tuple[int, int] | None:
+    from PIL import Image, UnidentifiedImageError  # here, not at import: the MCP server imports this module
+
     try:
         with Image.open(path) as image:
             image.load()  # decode fully: verify() misses truncated files
