@@ -224,6 +224,19 @@ def test_server_start_imports_no_torch():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def server_pids(workspace: Path) -> list[int]:
+    """Processes running `server.main` on this workspace (found through /proc)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"server.main" in command and str(workspace).encode() in command and proc.name.isdigit():
+            pids.append(int(proc.name))
+    return pids
+
+
 async def create(session, name: str, dataset: Path, **options) -> None:
     arguments = {"name": name, "model_name": "builtin:tiny-sd15", "dataset_path": str(dataset), "rank": 4}
     result = await session.call_tool("create-training-config", {**arguments, **options})
@@ -277,6 +290,18 @@ def test_jobs_outlive_the_server_and_a_killed_trainer_resumes(server_workspace, 
         return job["job_id"]
 
     job_id = run_session(server_workspace, first_server)  # the server exits here; training goes on
+
+    async def killed_server(session):
+        for pid in server_pids(server_workspace):
+            os.kill(pid, signal.SIGKILL)  # no clean shutdown at all
+        await anyio.sleep(0.5)
+
+    try:
+        run_session(server_workspace, killed_server)
+    except BaseException as exc:  # the client sees its server vanish
+        if not isinstance(exc, Exception | BaseExceptionGroup):
+            raise
+    assert server_pids(server_workspace) == []
 
     async def second_server(session):
         status = await session.call_tool("get-training-status", {"job_id": job_id})
