@@ -54,16 +54,13 @@ class LoraService:
         metadata = _safetensors_metadata(source)
         config = json.loads(metadata.get("training_config", "{}"))
         trained_format = config.get("output_format", "kohya")
-        if output_format != trained_format:
-            raise ServiceError(
-                f"job {job_id} wrote its LoRA in {trained_format} format; converting to {output_format} is not "
-                f"available yet: export with output_format={trained_format}, or set output_format in the config "
-                "and train again"
-            )
         name = f"{config_name}{label}"
         target = self.folder / f"{name}.safetensors"
-        with atomic_output(target) as tmp:
-            shutil.copyfile(source, tmp)
+        if output_format == trained_format:
+            with atomic_output(target) as tmp:
+                shutil.copyfile(source, tmp)
+        else:
+            _convert(source, target, output_format)
         record = ExportedLora(
             name=name,
             path=str(target),
@@ -72,7 +69,7 @@ class LoraService:
             step=int(metadata["ss_steps"]) if "ss_steps" in metadata else step,
             trigger_word=metadata.get("modelspec.trigger_phrase"),
             base_model=metadata.get("ss_sd_model_name"),
-            output_format=trained_format,
+            output_format=output_format,
         )
         atomic_write_json(target.with_suffix(".json"), record.model_dump(mode="json"))
         return record
@@ -146,6 +143,18 @@ class LoraService:
         if not path.is_file():
             raise ServiceError(f"no file {relative!r}; list-exported-models lists the exported LoRAs")
         return path
+
+
+def _convert(source: Path, target: Path, output_format: str) -> None:
+    """Rewrite the LoRA in the other layout. Imports torch and diffusers: seconds, only here."""
+    from training.convert import convert_lora_file
+    from training.lora import LoraFileError
+    from training.models.loading import ModelNotFoundError
+
+    try:
+        convert_lora_file(source, target, output_format)
+    except (LoraFileError, ModelNotFoundError) as exc:
+        raise ServiceError(f"cannot convert the LoRA to {output_format}: {exc}") from None
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:

@@ -196,3 +196,22 @@ def test_resume_from_refuses_what_it_cannot_continue(trained, tmp_path, shapes):
     garbage.write_bytes(b"not a safetensors file")
     broken = run_training(fast_config(shapes, resume_from=str(garbage)), tmp_path / "e")
     assert broken.state == "failed" and "not a readable" in broken.error
+
+
+def test_conversion_between_formats_is_lossless(trained, tmp_path):
+    from training.convert import convert_lora_file
+
+    to_diffusers = convert_lora_file(trained["kohya"], tmp_path / "converted.safetensors", "diffusers")
+    back = convert_lora_file(to_diffusers, tmp_path / "back.safetensors", "kohya", model_folder=trained["model"])
+    with safe_open(str(trained["kohya"]), "pt") as a, safe_open(str(back), "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key).float(), b.get_tensor(key).float()), key
+        assert json.loads(b.metadata()["training_config"])["output_format"] == "kohya"
+
+    pipe = pipeline(trained["model"])
+    pipe.load_lora_weights(str(trained["kohya"]), adapter_name="original")
+    original = latents_of(pipe)
+    pipe.delete_adapters("original")
+    pipe.load_lora_weights(str(to_diffusers), adapter_name="converted")
+    assert torch.allclose(latents_of(pipe), original, atol=1e-5)

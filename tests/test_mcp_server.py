@@ -73,6 +73,7 @@ def test_full_flow_on_the_tiny_model(server_workspace, shapes):
                 "trigger_word": "xyz_shape",
                 "resolution": 64,
                 "steps": 4,
+                "save_every": 2,
                 "rank": 4,
                 "sample_prompts": ["xyz_shape a red circle"],  # the guide's alias
                 "sample_every": 2,
@@ -117,6 +118,7 @@ def test_full_flow_on_the_tiny_model(server_workspace, shapes):
         assert Path(lora["path"]).with_suffix(".json").is_file()
         listed = await session.call_tool("list-exported-models", {})
         assert [item["name"] for item in listed.structured_content["loras"]] == ["shapes-style"]
+
         pieces, offset = [], 0
         while True:
             chunk = await session.call_tool(
@@ -127,6 +129,13 @@ def test_full_flow_on_the_tiny_model(server_workspace, shapes):
                 break
             offset = chunk.structured_content["next_offset"]
         assert len(pieces) > 1 and b"".join(pieces) == Path(lora["path"]).read_bytes()
+        as_diffusers = await session.call_tool(
+            "export-model", {"job_id": job_id, "step": 2, "output_format": "diffusers"}
+        )
+        assert not as_diffusers.is_error, as_diffusers.content
+        converted = as_diffusers.structured_content
+        assert converted["name"] == "shapes-style-step000002" and converted["output_format"] == "diffusers"
+        assert b"lora_A" in Path(converted["path"]).read_bytes()[:20000]
         run_file = await session.call_tool("download-model", {"path": f"{job_id}/status.json"})
         assert json.loads(base64.b64decode(run_file.structured_content["data"]))["state"] == "completed"
 

@@ -41,31 +41,57 @@ def export_lora(
     started_at: float,
 ) -> Path:
     """Write the current adapters of `base` to `path` (atomically) in `config.output_format`."""
-    state = {}
-    for key, value in lora_state_dict(base.unet, base.text_encoder).items():
-        prefix, rest = key.split(".", 1)
-        module, suffix = rest.rsplit(".lora_", 1)
-        state[f"{prefix}.{canonical_module_name(prefix, module)}.lora_{suffix}"] = (
-            value.detach().float().cpu().contiguous()
-        )
-
+    state = {key: value.detach().float().cpu() for key, value in lora_state_dict(base.unet, base.text_encoder).items()}
+    adapter_configs = {
+        prefix: model.peft_config["default"].to_dict()
+        for prefix, model in lora_components(base.unet, base.text_encoder).items()
+    }
     metadata = training_metadata(
         base, config, dataset=dataset, step=step, epoch=epoch, num_epochs=num_epochs, started_at=started_at
     )
-    if config.output_format == "kohya":
+    return write_lora_file(
+        path,
+        state,
+        alpha=config.alpha,
+        output_format=config.output_format,
+        metadata=metadata,
+        adapter_configs=adapter_configs,
+    )
+
+
+def write_lora_file(
+    path: Path,
+    state: dict[str, torch.Tensor],
+    *,
+    alpha: float,
+    output_format: str,
+    metadata: dict[str, str],
+    adapter_configs: dict[str, dict],
+) -> Path:
+    """Write peft-named LoRA weights (`unet.<module>.lora_A.weight`, ...) as a kohya or diffusers
+    file, atomically. `adapter_configs` holds each component's peft config (r, lora_alpha, ...)."""
+    canonical = {}
+    for key, value in state.items():
+        prefix, rest = key.split(".", 1)
+        module, suffix = rest.rsplit(".lora_", 1)
+        canonical[f"{prefix}.{canonical_module_name(prefix, module)}.lora_{suffix}"] = value.contiguous()
+    metadata = dict(metadata)
+    if output_format == "kohya":
         tensors = {}
-        for key, value in convert_state_dict_to_kohya(state).items():
+        for key, value in convert_state_dict_to_kohya(canonical).items():
             key = key.replace("lora_te1_", "lora_te_")  # SD 1.x/2.x have one text encoder: kohya's lora_te_
             if key.endswith(".alpha"):
-                value = torch.tensor(float(config.alpha))
+                value = torch.tensor(float(alpha))  # the conversion writes the rank; kohya stores alpha
             tensors[key] = value
+        metadata.pop("lora_adapter_metadata", None)
     else:
-        tensors = state
-        adapter_config = {}
-        for prefix, model in lora_components(base.unet, base.text_encoder).items():
-            for field, value in model.peft_config["default"].to_dict().items():
-                adapter_config[f"{prefix}.{field}"] = sorted(value) if isinstance(value, set) else value
-        metadata["lora_adapter_metadata"] = json.dumps(adapter_config, sort_keys=True, default=str)
+        tensors = canonical
+        flat = {
+            f"{prefix}.{field}": sorted(value) if isinstance(value, set) else value
+            for prefix, fields in adapter_configs.items()
+            for field, value in fields.items()
+        }
+        metadata["lora_adapter_metadata"] = json.dumps(flat, sort_keys=True, default=str)
 
     with atomic_output(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
