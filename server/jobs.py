@@ -37,6 +37,7 @@ FINAL_STATES = ("completed", "failed", "stopped", "interrupted")
 RESUMABLE_STATES = ("stopped", "interrupted", "failed")
 STARTUP_GRACE_S = 120.0  # a job marked running may take this long to show its pid (the spawn follows the commit)
 STOP_TIMEOUT_S = 60.0  # after SIGTERM the trainer finishes its step and saves; then it is killed
+HEARTBEAT_STALE_S = 60.0  # the trainer's status heartbeat comes every 2 s; a minute of silence means it is gone
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -244,7 +245,7 @@ class JobService:
 
     def _reconcile(self, record: JobRecord) -> None:
         status = _read_status(Path(record.run_dir))
-        alive = self._alive(record.pid)
+        alive = self._alive(record.pid, status)
         final = status.get("state") if status.get("state") in ("completed", "failed", "stopped") else None
         if final and not alive:
             self.store.update(record.job_id, state=final, finished_at=time.time(), error=status.get("error"))
@@ -289,7 +290,10 @@ class JobService:
         self.store.update(record.job_id, pid=process.pid)
         return True
 
-    def _alive(self, pid: int | None) -> bool:
+    def _alive(self, pid: int | None, status: dict) -> bool:
+        """Our own child: its exit status says. Another server's (or a previous server's) trainer:
+        the pid must exist, still be a `training.cli` process (pids are reused, e.g. after a
+        reboot), and its heartbeat must be recent."""
         if pid is None:
             return False
         child = self._children.get(pid)
@@ -298,13 +302,10 @@ class JobService:
                 return True
             del self._children[pid]  # reaped
             return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _is_trainer_process(pid):
             return False
-        except PermissionError:
-            return True
-        return not _is_zombie(pid)
+        heartbeat = status.get("heartbeat")
+        return heartbeat is None or time.time() - heartbeat < HEARTBEAT_STALE_S
 
     # --- helpers -------------------------------------------------------------------------------
     def _record(self, job_id: str) -> JobRecord:
@@ -361,9 +362,20 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)  # the trainer leads its own process group (start_new_session)
 
 
-def _is_zombie(pid: int) -> bool:
+def _is_trainer_process(pid: int) -> bool:
+    """A live (not zombie) process running `training.cli`; where there is no /proc, only whether
+    the pid exists."""
+    if Path("/proc/self").exists():
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        return state != "Z" and b"training.cli" in command
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
-    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+    except PermissionError:
+        return True
+    return True

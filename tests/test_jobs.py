@@ -133,3 +133,17 @@ def test_bad_ids_and_states(service, shapes):
     wait_until(service, queued_behind.job_id, done)
     assert not (Path(waiting.run_dir) / "status.json").exists()
     assert json.loads((Path(queued_behind.run_dir) / "status.json").read_text())["state"] == "completed"
+
+
+def test_a_reused_pid_is_not_mistaken_for_the_trainer(service, shapes, tmp_path):
+    """After a reboot the recorded pid may belong to another program: the job is interrupted."""
+    job = service.start("ghost", yaml_for(shapes, steps=2))
+    wait_until(service, job.job_id, done)
+    # Pretend the job was running under a pid that is now an unrelated process (this test's own).
+    service.store.update(job.job_id, state="running", pid=os.getpid(), finished_at=None)
+    restarted = JobService(tmp_path)
+    status = restarted.status(job.job_id)
+    assert status.state == "completed"  # the trainer had finished: its final state stands
+    service.store.update(job.job_id, state="running", pid=os.getpid(), finished_at=None)
+    (Path(status.run_dir) / "status.json").write_text(json.dumps({"state": "running", "heartbeat": 0}))
+    assert restarted.status(job.job_id).state == "interrupted"
