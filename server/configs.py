@@ -23,6 +23,7 @@ from server.names import checked_name
 from server.paths import check_user_path
 from training.config import STEPS_PER_IMAGE, ConfigError, TrainingConfig
 from training.data.dataset import DatasetError, locate_dataset, scan_dataset
+from training.diagnostics import preflight_findings
 from training.workspace import atomic_write_text, datasets_dir
 
 CONFIG_SUFFIX = ".yaml"
@@ -192,6 +193,7 @@ class ConfigService:
 
         if config is not None:
             warnings.extend(config.warnings())
+            warnings.extend(finding.line() for finding in preflight_findings(config, images))
             if config.steps is None and images is not None:
                 warnings.append(
                     f"steps not set: the run will use {STEPS_PER_IMAGE} x {images} images = "

@@ -299,3 +299,11 @@ def test_paths_outside_the_allowed_folders_are_refused(service, tmp_path, monkey
     monkeypatch.setenv("LORA_MCP_ALLOWED_DIRS", "")
     with pytest.raises(ServiceError):
         service.create(values(name="now-refused", dataset_path="/data/set"))
+
+
+def test_validate_shows_the_preflight_rules(service, shapes, tiny_sd15):
+    service.create(values(shapes, trigger_word="style", steps=10, learning_rate=0.01))
+    report = service.validate("my-lora")
+    rules = {w.split("]")[0].lstrip("[") for w in report.warnings if w.startswith("[")}
+    assert {"generic-trigger-word", "steps-vs-images", "learning-rate"} <= rules
+    assert report.valid  # warnings do not stop a run
