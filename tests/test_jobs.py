@@ -98,7 +98,10 @@ def test_a_killed_trainer_is_interrupted_and_resumes(service, shapes):
     assert status.state == "interrupted" and "resume-training" in status.error
 
     run = Path(status.run_dir)
-    checkpoint_step = int(Path(status.last_checkpoint).name.removeprefix("step"))
+    # The newest checkpoint on disk: status.json (rewritten every 2 s) may not name the last one yet.
+    checkpoint_step = max(
+        int(p.name.removeprefix("step")) for p in (Path(status.run_dir) / "checkpoints").glob("step*")
+    )
     config = (run / "config.yaml").read_text().replace("steps: 100000", f"steps: {checkpoint_step + 1}")
     (run / "config.yaml").write_text(config)
     service.resume(job.job_id)

@@ -331,7 +331,8 @@ def test_jobs_outlive_the_server_and_a_killed_trainer_resumes(server_workspace, 
         interrupted = await wait_for_state(session, victim, ("interrupted", "failed", "completed", "stopped"))
         assert interrupted["state"] == "interrupted" and "resume-training" in interrupted["error"]
 
-        checkpoint_step = int(Path(interrupted["last_checkpoint"]).name.removeprefix("step"))
+        # The newest checkpoint on disk: status.json (rewritten every 2 s) may not name the last one yet.
+        checkpoint_step = max(int(p.name.removeprefix("step")) for p in (run / "checkpoints").glob("step*"))
         config = (run / "config.yaml").read_text().replace("steps: 100000", f"steps: {checkpoint_step + 2}")
         (run / "config.yaml").write_text(config)
         await session.call_tool("resume-training", {"job_id": victim})

@@ -249,6 +249,7 @@ class Trainer:
             raise
         self.files.prune_checkpoints(self.config.keep_last_n_checkpoints)
         self.status.update(last_checkpoint=str(final))
+        self.status.write()  # watchers learn of a new checkpoint at once, not at the next heartbeat
         log.info("saved checkpoint %s", final)
         return final
 
@@ -349,6 +350,7 @@ class Trainer:
         with self._encoders_on_device():
             names = render_samples(self.base, self.config, self.files, self.step)
         self.status.update(latest_samples=names)
+        self.status.write()
 
     def _sampling_on(self) -> bool:
         return bool(self.config.test_prompts) and not self.config.disable_sampling
