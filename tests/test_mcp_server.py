@@ -412,7 +412,7 @@ def test_a_subscriber_is_notified_as_the_status_changes(server_workspace, shapes
         ):
             initialized = await session.initialize()
             assert initialized.capabilities.resources.subscribe
-            await create(session, "watched", shapes, steps=6, batch_size=1)
+            await create(session, "watched", shapes, steps=60, batch_size=1)  # ~3 s: heartbeats land mid-run
             job_id = (await start(session, "watched"))["job_id"]
             uri = f"lora://jobs/{job_id}/status"
             await session.subscribe_resource(uri)
