@@ -57,15 +57,11 @@ OUR_IMPORTS = "import server.app, server.main"
 HELLO_IMPORTS = "from mcp.server import MCPServer"
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100), like numpy's default."""
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return ordered[0]
-    pos = (len(ordered) - 1) * q / 100.0
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+def percentile(values: list[float], q: int) -> float:
+    """The q-th percentile (1..99), linearly interpolated like numpy's default."""
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 async def time_start(params: StdioServerParameters, errlog) -> tuple[float, float, int]:
