@@ -30,10 +30,14 @@ from pydantic import AliasChoices, BaseModel, Field
 from server.configs import ConfigService, ConfigSummary, ValidationReport
 from server.datasets import DatasetService, DatasetSummary, UploadImage, UploadResult
 from server.errors import ServiceError
+from server.inspection import dataset_info
 from server.jobs import JobService, JobStatus
 from server.loras import DEFAULT_CHUNK, MAX_CHUNK, Chunk, ExportedLora, LoraService
+from server.names import checked_name
 from server.system import SystemStats, system_stats
-from training.config import TrainingConfig
+from training.config import LoraType, TrainingConfig
+from training.data.dataset import IMAGE_SUFFIXES
+from training.data.report import DatasetReport
 
 log = logging.getLogger("server")
 MONITOR_SECONDS = 1.0  # how often finished jobs are noticed, queued ones started, and subscribers notified
@@ -160,6 +164,28 @@ def build_server(workspace: Path) -> MCPServer:
         overwrite: bool = Field(False, description="Replace files that already exist."),
     ) -> UploadResult:
         return call(datasets.upload, dataset_name, images, overwrite)
+
+    @server.tool(
+        name="get-dataset-info",
+        description="Inspect a dataset before training: counts per concept (with repeats), resolutions, "
+        "buckets, formats, missing or orphan captions, captions without their trigger word, near-duplicate, "
+        "blurry, badly exposed or too small images, near-identical captions, and a verdict on the image count "
+        "for the kind of LoRA. 'problems' lists what to fix.",
+        annotations=read_only,
+    )
+    def get_dataset_info(
+        dataset_name: str = Field(description="Dataset name, from list-datasets."),
+        lora_type: LoraType = Field("style", description="What the LoRA teaches; sets the image-count verdict."),
+        model_name: str | None = Field(
+            None, description="Base model to size-check against (its native resolution); default SD 1.5's 512 px."
+        ),
+        trigger_word: str | None = Field(None, description="Trigger word for images at the dataset's root."),
+    ) -> DatasetReport:
+        return call(
+            lambda: dataset_info(
+                workspace, dataset_name, lora_type=lora_type, model_name=model_name, trigger_word=trigger_word
+            )
+        )
 
     @server.tool(
         name="list-datasets", description="Datasets in the workspace with image counts.", annotations=read_only
@@ -348,6 +374,25 @@ def build_server(workspace: Path) -> MCPServer:
         return system_stats(workspace, call(jobs.list))
 
     # --- resources -----------------------------------------------------------------------------
+    @server.resource("lora://datasets/{name}", mime_type="application/json", description="A dataset's report.")
+    def dataset_resource(name: str) -> str:
+        return resource_call(lambda: dataset_info(workspace, name)).model_dump_json(indent=2)
+
+    @server.resource(
+        "lora://datasets/{name}/images/{filename}", mime_type="image/png", description="A thumbnail of an image."
+    )
+    def dataset_image_resource(name: str, filename: str) -> bytes:
+        folder = workspace / "datasets" / resource_call(checked_name, "dataset", name)
+        path = folder / filename
+        if (
+            "/" in filename
+            or filename.startswith(".")
+            or path.suffix.lower() not in IMAGE_SUFFIXES
+            or not path.is_file()
+        ):
+            raise ResourceNotFoundError(f"dataset {name!r} has no image {filename!r}; get-dataset-info lists them")
+        return _thumbnail_png(path)
+
     @server.resource("lora://configs/{name}", mime_type="application/yaml", description="A saved config (YAML).")
     def config_resource(name: str) -> str:
         return resource_call(configs.get_yaml, name)
@@ -465,9 +510,18 @@ def _config_signature() -> inspect.Signature:
     return inspect.Signature(parameters, return_annotation=ConfigResult)
 
 
-def _sample_content(run_dir: Path, job_id: str, step: int | None) -> list:
+def _thumbnail_png(path: Path) -> bytes:
+    """An image scaled to at most SAMPLE_MAX_SIDE, as PNG bytes."""
     from PIL import Image as PILImage
 
+    with PILImage.open(path) as image:
+        image.thumbnail((SAMPLE_MAX_SIDE, SAMPLE_MAX_SIDE))
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _sample_content(run_dir: Path, job_id: str, step: int | None) -> list:
     index = run_dir / "samples" / "index.jsonl"
     rows = []
     if index.exists():
@@ -484,10 +538,6 @@ def _sample_content(run_dir: Path, job_id: str, step: int | None) -> list:
         raise ToolError(f"job {job_id} has samples at steps {steps}; ask for one of them")
     content: list = []
     for row in (r for r in rows if r["step"] == chosen):
-        with PILImage.open(run_dir / "samples" / row["file"]) as image:
-            image.thumbnail((SAMPLE_MAX_SIDE, SAMPLE_MAX_SIDE))
-            buffer = io.BytesIO()
-            image.convert("RGB").save(buffer, format="PNG")
         content.append(f"step {chosen}, prompt {row['prompt_index']}: {row['prompt']}")
-        content.append(Image(data=buffer.getvalue(), format="png"))
+        content.append(Image(data=_thumbnail_png(run_dir / "samples" / row["file"]), format="png"))
     return content

@@ -11,7 +11,6 @@ no torch or diffusers at import time; `validate` imports the model loader lazily
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -351,7 +350,7 @@ def _check_dataset(
 
 def _check_model(model_name: str, base_model_config: str | None, *, errors: list[str]) -> int | None:
     """The model's native resolution when its folder says so, or None; a missing model goes to `errors`."""
-    from training.models.loading import ModelNotFoundError, resolve_model
+    from training.models.loading import ModelNotFoundError, read_geometry, resolve_model
 
     try:
         source = resolve_model(model_name, base_model_config)
@@ -361,17 +360,5 @@ def _check_model(model_name: str, base_model_config: str | None, *, errors: list
     except OSError as exc:  # e.g. building a built-in model into an unwritable workspace
         errors.append(f"model {model_name!r} cannot be prepared: {exc}")
         return None
-    return _native_resolution(source.path) if source.kind in _DIFFUSERS_KINDS else None
-
-
-def _native_resolution(folder: Path) -> int | None:
-    """UNet sample_size x VAE scale factor, read from the folder's config.json files (no weights)."""
-    try:
-        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
-        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
-        sample_size, channels = unet["sample_size"], vae["block_out_channels"]
-        if not isinstance(sample_size, int) or not isinstance(channels, list) or not channels:
-            return None
-        return sample_size * 2 ** (len(channels) - 1)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    geometry = read_geometry(source.path) if source.kind in _DIFFUSERS_KINDS else None
+    return geometry[0] if geometry else None

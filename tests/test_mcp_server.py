@@ -381,6 +381,19 @@ def test_upload_and_list_datasets_over_mcp(server_workspace, shapes):
         assert all_bad.is_error and "x.png" in all_bad.content[0].text
         assert not (server_workspace / "datasets" / "other").exists()
 
+        info = await session.call_tool(
+            "get-dataset-info", {"dataset_name": "mine", "lora_type": "character", "model_name": "builtin:tiny-sd15"}
+        )
+        assert not info.is_error, info.content
+        assert info.structured_content["images"] == 1 and info.structured_content["verdict"].startswith("too few")
+        assert info.structured_content["below_native_resolution"] == []  # 64 px is the tiny model's native size
+        bad_type = await session.call_tool("get-dataset-info", {"dataset_name": "mine", "lora_type": "landscape"})
+        assert bad_type.is_error and "style" in bad_type.content[0].text
+        report = json.loads((await session.read_resource("lora://datasets/mine")).contents[0].text)
+        assert report["images"] == 1
+        thumbnail = await session.read_resource("lora://datasets/mine/images/a.png")
+        assert base64.b64decode(thumbnail.contents[0].blob).startswith(b"\x89PNG")
+
         listed = await session.call_tool("list-datasets", {})
         assert [(d["name"], d["images"], d["captioned"]) for d in listed.structured_content["datasets"]] == [
             ("mine", 1, 1)

@@ -25,6 +25,8 @@ Optimizer = Literal["adamw", "adamw8bit", "adafactor", "lion", "prodigy", "sgd"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 OutputFormat = Literal["kohya", "diffusers"]
 CropMode = Literal["center", "random"]
+# The kinds of LoRA the guide's dataset-size and strength tables distinguish; every tool that takes one uses this.
+LoraType = Literal["style", "character", "person", "object", "concept", "complex_style", "pose", "details"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 

@@ -8,6 +8,7 @@ Whatever the source, the result is one `BaseModel` with the same components.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +180,22 @@ def load_base_model(source: ModelSource, device: torch.device) -> BaseModel:
         vae_scale_factor=vae_scale_factor,
         bucket_step=vae_scale_factor * unet_downsampling,
     )
+
+
+def read_geometry(folder: Path) -> tuple[int, int] | None:
+    """(native resolution, bucket step) of a diffusers folder from its config.json files, without
+    loading weights: UNet sample_size x VAE scale factor, and VAE factor x UNet downsampling."""
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        sample_size = unet["sample_size"]
+        vae_levels, unet_levels = vae["block_out_channels"], unet["block_out_channels"]
+        if not isinstance(sample_size, int) or not vae_levels or not unet_levels:
+            return None
+        vae_factor = 2 ** (len(vae_levels) - 1)
+        return sample_size * vae_factor, vae_factor * 2 ** (len(unet_levels) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def pick_device() -> torch.device:
