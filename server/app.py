@@ -30,7 +30,7 @@ from pydantic import AliasChoices, BaseModel, Field
 from server.configs import ConfigService, ConfigSummary, ValidationReport
 from server.datasets import DatasetService, DatasetSummary, UploadImage, UploadResult
 from server.errors import ServiceError
-from server.inspection import dataset_info
+from server.inspection import CaptionLintResult, caption_lint, dataset_info
 from server.jobs import JobService, JobStatus
 from server.loras import DEFAULT_CHUNK, MAX_CHUNK, Chunk, ExportedLora, LoraService
 from server.names import checked_name
@@ -184,6 +184,30 @@ def build_server(workspace: Path) -> MCPServer:
         return call(
             lambda: dataset_info(
                 workspace, dataset_name, lora_type=lora_type, model_name=model_name, trigger_word=trigger_word
+            )
+        )
+
+    @server.tool(
+        name="lint-captions",
+        description="Check every caption against the guide: trigger word first and not a generic word, the "
+        "structure '[trigger] [subject] [details], [style], [quality], [composition]', the FLUX elements (camera "
+        "angle, environment, lighting) for FLUX-class models, empty or duplicate captions, and captions longer "
+        "than the model reads. Each finding names the file and a fix.",
+        annotations=read_only,
+    )
+    def lint_captions_tool(
+        dataset_name: str = Field(description="Dataset name, from list-datasets."),
+        model_name: str | None = Field(None, description="Base model: counts tokens with its tokenizer."),
+        trigger_word: str | None = Field(None, description="Trigger word for images at the dataset's root."),
+        max_token_length: Literal[75, 150, 225] = Field(75, description="Tokens the training config reads."),
+    ) -> CaptionLintResult:
+        return call(
+            lambda: caption_lint(
+                workspace,
+                dataset_name,
+                model_name=model_name,
+                trigger_word=trigger_word,
+                max_token_length=max_token_length,
             )
         )
 

@@ -1,13 +1,16 @@
-"""get-dataset-info: the dataset report for a dataset of the workspace, sized for a model."""
+"""get-dataset-info and lint-captions: what is in a dataset and what its captions get wrong."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from server.errors import ServiceError
 from server.names import checked_name
 from training.config import LoraType
-from training.data.dataset import DatasetError
+from training.data.caption_lint import CaptionFinding, lint_captions
+from training.data.dataset import DatasetError, scan_dataset
 from training.data.report import DatasetReport, inspect_dataset
 
 SD15_GEOMETRY = (512, 64)  # native resolution and bucket step when no model is named
@@ -21,9 +24,7 @@ def dataset_info(
     model_name: str | None = None,
     trigger_word: str | None = None,
 ) -> DatasetReport:
-    folder = Path(workspace) / "datasets" / checked_name("dataset", dataset_name)
-    if not folder.is_dir():
-        raise ServiceError(f"no dataset {dataset_name!r}; list-datasets shows the datasets there are")
+    folder = _dataset_folder(workspace, dataset_name)
     native, step = _geometry(model_name) if model_name else SD15_GEOMETRY
     try:
         return inspect_dataset(
@@ -48,3 +49,63 @@ def _geometry(model_name: str) -> tuple[int, int]:
             "check against Stable Diffusion 1.5's 512 px"
         )
     return geometry
+
+
+class CaptionLintResult(BaseModel):
+    dataset_name: str
+    captions_checked: int
+    findings: list[CaptionFinding]
+    next_step: str
+
+
+def caption_lint(
+    workspace: Path,
+    dataset_name: str,
+    *,
+    model_name: str | None = None,
+    trigger_word: str | None = None,
+    max_token_length: int = 75,
+) -> CaptionLintResult:
+    """lint-captions: the guide's caption rules over a dataset; with model_name, token lengths are
+    counted with that model's tokenizer."""
+    folder = _dataset_folder(workspace, dataset_name)
+    try:
+        index = scan_dataset(folder, trigger_word=trigger_word, trigger_words={})
+    except DatasetError as exc:
+        raise ServiceError(f"dataset {dataset_name!r} cannot be read: {exc}") from None
+    count_tokens = _token_counter(model_name) if model_name else None
+    # FLUX-class models are recognised by name until the trainer supports them (and reads their files).
+    flux = bool(model_name) and any(word in model_name.lower() for word in ("flux", "flex"))
+    findings = lint_captions(index, flux=flux, max_tokens=max_token_length, count_tokens=count_tokens)
+    next_step = (
+        "fix the captions with update-captions (edits, find/replace, or trigger_word to put it first), then lint again"
+        if findings
+        else "captions follow the guide; create-training-config next"
+    )
+    return CaptionLintResult(
+        dataset_name=dataset_name, captions_checked=len(index.images), findings=findings, next_step=next_step
+    )
+
+
+def _dataset_folder(workspace: Path, dataset_name: str) -> Path:
+    folder = Path(workspace) / "datasets" / checked_name("dataset", dataset_name)
+    if not folder.is_dir():
+        raise ServiceError(f"no dataset {dataset_name!r}; list-datasets shows the datasets there are")
+    return folder
+
+
+def _token_counter(model_name: str):
+    """Tokens of a caption in the model's own tokenizer, start and end tokens not counted."""
+    from transformers import CLIPTokenizer
+
+    from training.models.loading import ModelNotFoundError, resolve_model
+
+    try:
+        source = resolve_model(model_name)
+    except ModelNotFoundError as exc:
+        raise ServiceError(f"model_name: {exc}") from None
+    tokenizer_folder = source.path / "tokenizer"
+    if not tokenizer_folder.is_dir():
+        raise ServiceError(f"{model_name!r} has no tokenizer folder to count tokens with; leave model_name out")
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_folder))
+    return lambda text: len(tokenizer(text).input_ids) - 2

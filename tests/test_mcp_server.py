@@ -394,6 +394,11 @@ def test_upload_and_list_datasets_over_mcp(server_workspace, shapes):
         thumbnail = await session.read_resource("lora://datasets/mine/images/a.png")
         assert base64.b64decode(thumbnail.contents[0].blob).startswith(b"\x89PNG")
 
+        lint = await session.call_tool("lint-captions", {"dataset_name": "mine", "model_name": "builtin:tiny-sd15"})
+        assert not lint.is_error, lint.content
+        # 'xyz_shape a shape': thin, and ~20 byte-level tokens is fine for the tiny tokenizer's 75
+        assert [(f["file"], f["rule"]) for f in lint.structured_content["findings"]] == [("a.png", "structure")]
+
         listed = await session.call_tool("list-datasets", {})
         assert [(d["name"], d["images"], d["captioned"]) for d in listed.structured_content["datasets"]] == [
             ("mine", 1, 1)
