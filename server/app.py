@@ -35,6 +35,7 @@ from server.jobs import JobService, JobStatus
 from server.loras import DEFAULT_CHUNK, MAX_CHUNK, Chunk, ExportedLora, LoraService
 from server.names import checked_name
 from server.system import SystemStats, system_stats
+from server.uploads import DEFAULT_CHUNK_SIZE, ChunkReceived, UploadFinished, UploadService, UploadStarted
 from training.config import LoraType, TrainingConfig
 from training.data.dataset import IMAGE_SUFFIXES
 from training.data.report import DatasetReport
@@ -84,6 +85,7 @@ def build_server(workspace: Path) -> MCPServer:
     jobs = JobService(workspace)
     loras = LoraService(workspace)
     datasets = DatasetService(workspace)
+    uploads = UploadService(workspace)
     lock = threading.Lock()  # tools run in worker threads; the job service is not re-entrant
 
     def call(fn: Callable, *args, error: type[Exception] = ToolError):
@@ -387,6 +389,44 @@ def build_server(workspace: Path) -> MCPServer:
     ) -> Chunk:
         run_dirs = {job.job_id: Path(job.run_dir) for job in call(jobs.list)}
         return call(loras.read_chunk, path, offset, length, run_dirs)
+
+    @server.tool(
+        name="upload-lora-chunked-start",
+        description="Begin uploading a LoRA file too large for one call: give a new upload_id (e.g. a uuid4), the "
+        "filename (.safetensors), total_size in bytes, optional metadata {trigger_words, base_model} and sha256. "
+        "Then send the file with upload-lora-chunked-append in chunk_size pieces (any order), then finish.",
+    )
+    def upload_lora_chunked_start(
+        upload_id: str = Field(description="Your id for this upload, e.g. a uuid4."),
+        filename: str = Field(description="Name of the LoRA file, ending in .safetensors."),
+        total_size: int = Field(ge=1, description="File size in bytes."),
+        metadata: dict[str, Any] | None = Field(None, description="Optional: trigger_words (list), base_model."),
+        chunk_size: int = Field(DEFAULT_CHUNK_SIZE, description="Bytes per chunk (default 262144)."),
+        sha256: str | None = Field(None, description="Optional hex sha256 of the whole file, checked at finish."),
+    ) -> UploadStarted:
+        return call(lambda: uploads.start(upload_id, filename, total_size, metadata, chunk_size, sha256))
+
+    @server.tool(
+        name="upload-lora-chunked-append",
+        description="Send one chunk: its bytes as base64 and its chunk_index (offset = chunk_index x chunk_size). "
+        "Chunks may come in any order and may be re-sent.",
+    )
+    def upload_lora_chunked_append(
+        upload_id: str = Field(description="The id given to upload-lora-chunked-start."),
+        chunk: str = Field(description="The chunk's bytes, base64-encoded."),
+        chunk_index: int = Field(ge=0, description="Which chunk this is, from 0."),
+    ) -> ChunkReceived:
+        return call(uploads.append, upload_id, chunk, chunk_index)
+
+    @server.tool(
+        name="upload-lora-chunked-finish",
+        description="Check that every chunk arrived (size, sha256, a valid safetensors file) and move the LoRA "
+        "into loras/ with its metadata; list-exported-models then shows it.",
+    )
+    def upload_lora_chunked_finish(
+        upload_id: str = Field(description="The id given to upload-lora-chunked-start."),
+    ) -> UploadFinished:
+        return call(uploads.finish, upload_id)
 
     @server.tool(
         name="get-system-stats",

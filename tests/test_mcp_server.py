@@ -476,3 +476,75 @@ def test_a_2026_client_listens_for_status_updates(server_workspace, shapes):
 
     states = anyio.run(main)
     assert states[-1] == "completed"
+
+
+def test_chunked_upload_out_of_order_then_download(server_workspace, tmp_path):
+    import hashlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    source = tmp_path / "big.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.randn(64, 600)}, str(source), metadata={"ss_network_dim": "64"})
+    data = source.read_bytes()
+    chunk_size = 32 * 1024
+    chunks = [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
+    order = [*range(len(chunks))][::-1] + [1]  # backwards, and chunk 1 twice
+
+    async def script(session):
+        started = await session.call_tool(
+            "upload-lora-chunked-start",
+            {
+                "upload_id": "0b4f3c1e-5a2d-4f61-9c7e-2d8a1f6b9e30",
+                "filename": "big.safetensors",
+                "total_size": len(data),
+                "chunk_size": chunk_size,
+                "metadata": {"trigger_words": ["xyz_big"], "base_model": "SD1.5"},
+                "sha256": hashlib.sha256(data).hexdigest(),
+            },
+        )
+        assert not started.is_error, started.content
+        early = await session.call_tool(
+            "upload-lora-chunked-finish", {"upload_id": "0b4f3c1e-5a2d-4f61-9c7e-2d8a1f6b9e30"}
+        )
+        assert early.is_error and "have not arrived yet" in early.content[0].text
+        for index in order:
+            sent = await session.call_tool(
+                "upload-lora-chunked-append",
+                {
+                    "upload_id": "0b4f3c1e-5a2d-4f61-9c7e-2d8a1f6b9e30",
+                    "chunk": base64.b64encode(chunks[index]).decode(),
+                    "chunk_index": index,
+                },
+            )
+            assert not sent.is_error, sent.content
+        out_of_range = await session.call_tool(
+            "upload-lora-chunked-append",
+            {"upload_id": "0b4f3c1e-5a2d-4f61-9c7e-2d8a1f6b9e30", "chunk": "AAAA", "chunk_index": len(chunks)},
+        )
+        assert out_of_range.is_error
+        finished = await session.call_tool(
+            "upload-lora-chunked-finish", {"upload_id": "0b4f3c1e-5a2d-4f61-9c7e-2d8a1f6b9e30"}
+        )
+        assert not finished.is_error, finished.content
+        assert finished.structured_content["trigger_words"] == ["xyz_big"]
+        again = await session.call_tool(
+            "upload-lora-chunked-finish", {"upload_id": "0b4f3c1e-5a2d-4f61-9c7e-2d8a1f6b9e30"}
+        )
+        assert again.is_error and "already finished" in again.content[0].text
+
+        pieces, offset = [], 0
+        while True:
+            chunk = (
+                await session.call_tool(
+                    "download-model", {"path": "big.safetensors", "offset": offset, "length": 50_000}
+                )
+            ).structured_content
+            pieces.append(base64.b64decode(chunk["data"]))
+            if chunk["eof"]:
+                break
+            offset = chunk["next_offset"]
+        return b"".join(pieces)
+
+    assert run_session(server_workspace, script) == data
+    assert (server_workspace / "loras" / "big.safetensors").read_bytes() == data

@@ -1,0 +1,849 @@
+"""LoRA files uploaded in chunks: upload-lora-chunked-start, -append and -finish.
+
+All state is on disk, so an upload survives a server restart half-way:
+
+    <workspace>/uploads/<upload_id>/upload.json   filename, sizes, sha256, metadata, created_at
+    <workspace>/uploads/<upload_id>/data.part     the file, total_size bytes long from the start
+    <workspace>/uploads/<upload_id>/chunks/<i>    an empty marker per chunk that arrived
+    <workspace>/uploads/.finished/<upload_id>.json  a tombstone: where a finished upload went
+
+An upload folder appears whole (it is built under a hidden name and renamed into place) and
+disappears whole (renamed away, then deleted). Chunk i is written at offset i * chunk_size and
+fsynced before its marker is created, so a marker always means the bytes are on disk; chunks
+arrive in any order and a chunk sent again with the same bytes is accepted. `finish` checks that
+every chunk arrived, the size, the sha256 (when given) and that the bytes are a well-formed
+safetensors file, then links the file into `loras/<stem>.safetensors` (never over an existing
+file) and writes its `.json` sidecar in the layout `server.loras.LoraService` reads. Nothing
+reaches loras/ before all of that passed.
+
+This module is a plain service: the MCP tools wrap it, tests call it directly. It imports no
+torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from server.errors import ServiceError
+from server.names import checked_name
+from training.workspace import DIR_MODE, atomic_output, atomic_write_json
+
+try:  # advisory locks between processes (and threads) touching one upload; absent on Windows
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+DEFAULT_CHUNK_SIZE = 262144
+MIN_CHUNK_SIZE = 1024
+MAX_CHUNK_SIZE = 4 * 1024 * 1024
+MAX_CHUNKS = 65536  # one marker file per chunk: at the default chunk size this is 16 GiB
+MAX_METADATA_BYTES = 64 * 1024
+MAX_MISSING_LISTED = 20
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+SUFFIX = ".safetensors"
+
+UPLOAD_JSON = "upload.json"
+DATA_FILE = "data.part"
+CHUNKS_DIR = "chunks"
+LOCK_FILE = "lock"
+FINISHED_DIR = ".finished"
+
+START_TOOL = "upload-lora-chunked-start"
+APPEND_TOOL = "upload-lora-chunked-append"
+FINISH_TOOL = "upload-lora-chunked-finish"
+
+# Keys of the sidecar that the server sets; metadata may not give them.
+_RESERVED_KEYS = {
+    "name": "the LoRA's name is the filename without .safetensors",
+    "path": "the server decides where the file goes",
+    "size_bytes": "the server measures the file",
+    "sha256": "give it as the sha256 argument of upload-lora-chunked-start",
+    "source": "the server records it",
+    "upload_id": "the server records it",
+    "uploaded_at": "the server records it",
+    "job_id": "uploaded files come from no training job",
+    "step": "uploaded files come from no training job",
+    "output_format": "the server does not know an uploaded file's layout",
+    "trigger_word": "give trigger_words, a list of strings",
+}
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+# Bits per element of each safetensors dtype.
+_DTYPE_BITS = {
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+}
+
+
+class UploadStarted(BaseModel):
+    upload_id: str = Field(description="The upload's id; give it to every append and to finish.")
+    filename: str = Field(description="The file's name; the LoRA lands in loras/ under this name.")
+    total_size: int = Field(description="The file's size in bytes.")
+    chunk_size: int = Field(
+        description="Bytes per chunk: chunk i is bytes [i * chunk_size, (i + 1) * chunk_size) of the file; "
+        "only the last chunk is shorter."
+    )
+    chunks: int = Field(description="How many chunks to send, indexes 0 to chunks - 1.")
+    expires_at: float = Field(description="Unix time after which an unfinished upload is deleted.")
+    next_step: str = Field(description="What to do next.")
+
+
+class ChunkReceived(BaseModel):
+    upload_id: str
+    chunk_index: int = Field(description="The chunk this call stored (or found already stored, with the same bytes).")
+    received_chunks: int = Field(description="Chunks stored so far.")
+    total_chunks: int = Field(description="Chunks the upload needs.")
+    missing: list[int] = Field(description="Up to 20 chunk indexes not yet received, lowest first.")
+    complete: bool = Field(description=f"True when every chunk arrived: call {FINISH_TOOL} next.")
+
+
+class UploadFinished(BaseModel):
+    upload_id: str
+    name: str = Field(description="The LoRA's name in loras/ (the filename without .safetensors).")
+    path: str = Field(description="Where the LoRA file is on the server.")
+    size_bytes: int
+    sha256: str = Field(description="SHA-256 of the file, hex.")
+    trigger_words: list[str] = Field(
+        description="Trigger words from the metadata, else the file's own modelspec.trigger_phrase, else empty."
+    )
+    base_model: str | None = Field(description="Base model from the metadata, else the file's ss_sd_model_name.")
+    next_step: str = Field(description="What to do next.")
+
+
+class _Upload(BaseModel):
+    """upload.json."""
+
+    upload_id: str
+    filename: str
+    total_size: int
+    chunk_size: int
+    sha256: str | None
+    metadata: dict[str, Any]
+    created_at: float
+
+    @property
+    def chunks(self) -> int:
+        return math.ceil(self.total_size / self.chunk_size)
+
+    @property
+    def stem(self) -> str:
+        return self.filename[: -len(SUFFIX)]
+
+    def chunk_length(self, index: int) -> int:
+        return min(self.chunk_size, self.total_size - index * self.chunk_size)
+
+    def parameters(self) -> dict[str, Any]:
+        return self.model_dump(include={"filename", "total_size", "chunk_size", "sha256", "metadata"})
+
+
+class UploadService:
+    def __init__(self, workspace: Path, *, max_total_size: int = 4 * 2**30, expiry_seconds: float = 24 * 3600):
+        self.workspace = Path(workspace)
+        self.folder = self.workspace / "uploads"
+        self.loras = self.workspace / "loras"
+        self.max_total_size = max_total_size
+        self.expiry_seconds = expiry_seconds
+
+    # --- start -----------------------------------------------------------------------------------
+    def start(
+        self,
+        upload_id: str,
+        filename: str,
+        total_size: int,
+        metadata: dict | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        sha256: str | None = None,
+    ) -> UploadStarted:
+        """Begin an upload (or, with the same arguments again, report the one already begun)."""
+        upload_id = _checked_id(upload_id)
+        self._refuse_if_finished(upload_id)
+        wanted = _Upload(
+            upload_id=upload_id,
+            filename=_checked_filename(filename),
+            total_size=self._checked_total_size(total_size),
+            chunk_size=_checked_chunk_size(chunk_size),
+            sha256=_checked_sha256(sha256),
+            metadata=_checked_metadata(metadata),
+            created_at=time.time(),
+        )
+        if wanted.chunks > MAX_CHUNKS:
+            smallest = math.ceil(wanted.total_size / MAX_CHUNKS / 1024) * 1024
+            raise ServiceError(
+                f"{wanted.chunks} chunks of {wanted.chunk_size} bytes is too many (at most {MAX_CHUNKS}): "
+                f"use a chunk_size of at least {smallest} bytes (the default, {DEFAULT_CHUNK_SIZE}, works)"
+            )
+
+        self.expire()  # an expired upload under this id is gone before it is judged
+        existing = self._existing(upload_id)
+        if existing is not None:
+            return self._restarted(existing, wanted)
+        self._refuse_if_target_exists(wanted.stem, f"choose another filename or delete loras/{wanted.filename} first")
+        self._check_free_space(wanted.total_size)
+        if (self.folder / upload_id).exists():  # a folder left half-removed by a crash
+            self._discard(upload_id)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".start-", dir=self.folder))
+        try:
+            os.chmod(staging, DIR_MODE)
+            (staging / CHUNKS_DIR).mkdir()
+            (staging / LOCK_FILE).touch()
+            with (staging / DATA_FILE).open("wb") as f:
+                f.truncate(wanted.total_size)
+                os.fsync(f.fileno())
+            atomic_write_json(staging / UPLOAD_JSON, wanted.model_dump(mode="json"))
+            _fsync_dir(staging)
+            try:
+                os.rename(staging, self.folder / upload_id)
+            except OSError:
+                # Another start with this id won the race: its folder stands, judge against it.
+                existing = self._existing(upload_id)
+                if existing is None:
+                    raise
+                return self._restarted(existing, wanted)
+            _fsync_dir(self.folder)
+        except OSError as exc:
+            raise ServiceError(
+                f"the upload could not be created on the server ({exc.strerror or exc}): check the server's disk, "
+                f"then call {START_TOOL} again"
+            ) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self._started(wanted, received=set(), again=False)
+
+    def _restarted(self, existing: _Upload, wanted: _Upload) -> UploadStarted:
+        if existing.parameters() != wanted.parameters():
+            given, stored = wanted.parameters(), existing.parameters()
+            differences = ", ".join(
+                f"{key} {given[key]!r} (the upload has {stored[key]!r})" for key in given if given[key] != stored[key]
+            )
+            raise ServiceError(
+                f"upload_id {existing.upload_id!r} is already in use with other arguments: {differences}. "
+                f"Continue that upload with {APPEND_TOOL}, or start this file under a new upload_id "
+                "(e.g. a fresh uuid4)"
+            )
+        with self._locked(existing.upload_id) as upload:
+            if upload is None:  # finished or expired meanwhile
+                self._refuse_if_finished(existing.upload_id)
+                raise ServiceError(f"upload {existing.upload_id!r} expired just now: call {START_TOOL} again")
+            return self._started(upload, received=self._received(upload), again=True)
+
+    def _started(self, upload: _Upload, received: set[int], again: bool) -> UploadStarted:
+        last = upload.chunk_length(upload.chunks - 1)
+        expires_at = upload.created_at + self.expiry_seconds
+        if again:
+            missing = _missing(upload, received)
+            step = (
+                f"This upload was already started; {len(received)} of {upload.chunks} chunks arrived"
+                + (f", missing: {_listed(missing)}. Send those with {APPEND_TOOL}, " if missing else ". ")
+                + f"then call {FINISH_TOOL}."
+            )
+        else:
+            step = (
+                f"Send the {upload.chunks} chunk(s) with {APPEND_TOOL} (upload_id, chunk = the bytes as base64, "
+                f"chunk_index): chunk i is bytes [i * {upload.chunk_size}, (i + 1) * {upload.chunk_size}) of the "
+                f"file, the last one ({upload.chunks - 1}) is {last} bytes. Any order works, and a chunk may be sent "
+                f"again. Then call {FINISH_TOOL}."
+            )
+        step += f" Unfinished uploads are deleted at {_utc(expires_at)}."
+        return UploadStarted(
+            upload_id=upload.upload_id,
+            filename=upload.filename,
+            total_size=upload.total_size,
+            chunk_size=upload.chunk_size,
+            chunks=upload.chunks,
+            expires_at=expires_at,
+            next_step=step,
+        )
+
+    # --- append ----------------------------------------------------------------------------------
+    def append(self, upload_id: str, chunk: str, chunk_index: int) -> ChunkReceived:
+        """Store one chunk (base64) at its place in the file."""
+        upload_id = _checked_id(upload_id)
+        with self._locked(upload_id) as upload:
+            upload = self._live(upload_id, upload)
+            if isinstance(chunk_index, bool) or not isinstance(chunk_index, int):
+                raise ServiceError(f"chunk_index must be a whole number from 0 to {upload.chunks - 1}")
+            if not 0 <= chunk_index < upload.chunks:
+                raise ServiceError(
+                    f"chunk_index {chunk_index} is out of range: this upload has {upload.chunks} chunk(s), "
+                    f"indexes 0 to {upload.chunks - 1} (chunk i starts at byte i * {upload.chunk_size})"
+                )
+            expected = upload.chunk_length(chunk_index)
+            data = _decoded_chunk(chunk, expected, upload.chunk_size, chunk_index)
+            if len(data) != expected:
+                what = "the last chunk" if chunk_index == upload.chunks - 1 else "every chunk but the last"
+                raise ServiceError(
+                    f"chunk {chunk_index} is {len(data)} bytes but {what} must be exactly {expected} bytes "
+                    f"(bytes {chunk_index * upload.chunk_size} to {chunk_index * upload.chunk_size + expected - 1} "
+                    f"of the file; chunk_size is {upload.chunk_size}): send exactly that slice, base64-encoded"
+                )
+            folder = self.folder / upload_id
+            marker = folder / CHUNKS_DIR / str(chunk_index)
+            offset = chunk_index * upload.chunk_size
+            try:
+                if marker.exists():
+                    with (folder / DATA_FILE).open("rb") as f:
+                        stored = os.pread(f.fileno(), expected, offset)
+                    if stored != data:
+                        raise ServiceError(
+                            f"chunk {chunk_index} already arrived with different bytes, and the first ones are kept: "
+                            "check that you slice the file the same way each time. If the file itself changed, "
+                            f"upload it anew under a new upload_id with {START_TOOL}"
+                        )
+                else:
+                    fd = os.open(folder / DATA_FILE, os.O_WRONLY)
+                    try:
+                        written = os.pwrite(fd, data, offset)
+                        if written != len(data):
+                            raise OSError(f"short write ({written} of {len(data)} bytes)")
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    marker.touch()
+                    _fsync_dir(marker.parent)
+            except OSError as exc:
+                raise ServiceError(
+                    f"chunk {chunk_index} could not be stored ({exc.strerror or exc}): check the server's disk, "
+                    "then send the chunk again"
+                ) from None
+            received = self._received(upload)
+            return ChunkReceived(
+                upload_id=upload_id,
+                chunk_index=chunk_index,
+                received_chunks=len(received),
+                total_chunks=upload.chunks,
+                missing=_missing(upload, received)[:MAX_MISSING_LISTED],
+                complete=len(received) == upload.chunks,
+            )
+
+    # --- finish ----------------------------------------------------------------------------------
+    def finish(self, upload_id: str) -> UploadFinished:
+        """Check the whole file and move it into loras/ with its sidecar."""
+        upload_id = _checked_id(upload_id)
+        with self._locked(upload_id) as upload:
+            upload = self._live(upload_id, upload)
+            folder = self.folder / upload_id
+            data_file = folder / DATA_FILE
+            missing = _missing(upload, self._received(upload))
+            if missing:
+                raise ServiceError(
+                    f"{len(missing)} of {upload.chunks} chunk(s) have not arrived yet: {_listed(missing)}. "
+                    f"Send them with {APPEND_TOOL}, then call {FINISH_TOOL} again"
+                )
+            retry = (
+                f"The upload was discarded: start again with {START_TOOL} (the same upload_id may be used) "
+                "and send every chunk"
+            )
+            try:
+                size = data_file.stat().st_size
+                digest = _sha256(data_file)
+            except OSError as exc:
+                raise ServiceError(
+                    f"the uploaded file could not be read ({exc.strerror or exc}): check the server's disk, "
+                    f"then call {FINISH_TOOL} again"
+                ) from None
+            if size != upload.total_size:
+                self._discard(upload_id)
+                raise ServiceError(
+                    f"the assembled file is {size} bytes, not the {upload.total_size} announced. {retry}"
+                )
+            if upload.sha256 is not None and digest != upload.sha256:
+                self._discard(upload_id)
+                raise ServiceError(
+                    f"the assembled file's sha256 is {digest}, not the {upload.sha256} given at start: some chunk "
+                    f"was not the file's bytes at its place (or the sha256 given was wrong). {retry}"
+                )
+            try:
+                file_metadata = safetensors_metadata(data_file)
+            except InvalidSafetensors as exc:
+                self._discard(upload_id)
+                raise ServiceError(
+                    f"the uploaded file is not a valid safetensors file ({exc}): send the .safetensors file's own "
+                    f"bytes, unchanged. {retry}"
+                ) from None
+
+            target = self.loras / upload.filename
+            self._refuse_if_target_exists(
+                upload.stem,
+                f"delete it and call {FINISH_TOOL} again, or upload the file under another filename",
+                unless_same_as=data_file,
+            )
+            created = self._land(data_file, target)
+
+            given_words = upload.metadata.get("trigger_words") or []
+            phrase = file_metadata.get("modelspec.trigger_phrase")
+            trigger_words = list(given_words) or ([phrase] if isinstance(phrase, str) and phrase.strip() else [])
+            base_model = upload.metadata.get("base_model") or file_metadata.get("ss_sd_model_name")
+            sidecar = {
+                **upload.metadata,
+                "name": upload.stem,
+                "path": str(target),
+                "size_bytes": size,
+                "sha256": digest,
+                "source": "upload",
+                "upload_id": upload_id,
+                "uploaded_at": time.time(),
+                "trigger_words": trigger_words,
+                "trigger_word": trigger_words[0] if trigger_words else None,
+                "base_model": base_model,
+                "job_id": None,
+                "step": None,
+                "output_format": None,
+            }
+            try:
+                atomic_write_json(target.with_suffix(".json"), sidecar)
+            except OSError as exc:
+                if created:
+                    target.unlink(missing_ok=True)
+                raise ServiceError(
+                    f"the LoRA's sidecar could not be written ({exc.strerror or exc}): check the server's disk, "
+                    f"then call {FINISH_TOOL} again"
+                ) from None
+            tombstone = {"upload_id": upload_id, "name": upload.stem, "path": str(target), "finished_at": time.time()}
+            with contextlib.suppress(OSError):  # the LoRA is in place; the tombstone only improves messages
+                atomic_write_json(self._tombstone(upload_id), tombstone)
+            self._discard(upload_id)
+            return UploadFinished(
+                upload_id=upload_id,
+                name=upload.stem,
+                path=str(target),
+                size_bytes=size,
+                sha256=digest,
+                trigger_words=trigger_words,
+                base_model=base_model,
+                next_step=f"The LoRA {upload.stem!r} is in loras/ (list-exported-models shows it)"
+                + (f"; prompt with {trigger_words[0]!r} to use it." if trigger_words else "."),
+            )
+
+    def _land(self, source: Path, target: Path) -> bool:
+        """Put `source` at `target` without replacing anything there; False when it already is there."""
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samefile(source, target):
+                return False  # a finish that stopped after landing the file: carry on from there
+        try:
+            self.loras.mkdir(parents=True, exist_ok=True)
+            with source.open("rb+") as f:
+                os.fsync(f.fileno())
+            try:
+                os.link(source, target)  # atomic, and refuses to replace an existing file
+            except FileExistsError:
+                raise
+            except OSError:  # no hard links on this filesystem: copy, then rename into place
+                if target.exists():
+                    raise FileExistsError(target) from None
+                with atomic_output(target) as tmp:
+                    shutil.copyfile(source, tmp)
+            _fsync_dir(self.loras)
+        except FileExistsError:
+            raise ServiceError(
+                f"loras/{target.name} appeared while finishing: delete it and call {FINISH_TOOL} again, "
+                "or upload the file under another filename"
+            ) from None
+        except OSError as exc:
+            raise ServiceError(
+                f"the LoRA could not be written to loras/ ({exc.strerror or exc}): check the server's disk, "
+                f"then call {FINISH_TOOL} again"
+            ) from None
+        return True
+
+    # --- expire ----------------------------------------------------------------------------------
+    def expire(self) -> list[str]:
+        """Delete unfinished uploads (and tombstones of finished ones) older than expiry_seconds.
+
+        Returns the ids of the unfinished uploads deleted.
+        """
+        if not self.folder.is_dir():
+            return []
+        now = time.time()
+        removed = []
+        for entry in sorted(self.folder.iterdir()):
+            name = entry.name
+            if name.startswith(".trash-"):
+                shutil.rmtree(entry, ignore_errors=True)
+            elif name.startswith(".start-"):
+                if now - _mtime(entry) > self.expiry_seconds:
+                    shutil.rmtree(entry, ignore_errors=True)
+            elif not name.startswith(".") and entry.is_dir():
+                with self._locked(name) as upload:
+                    created = upload.created_at if upload is not None else _mtime(entry)
+                    if now - created > self.expiry_seconds:
+                        self._discard(name)
+                        removed.append(name)
+        finished = self.folder / FINISHED_DIR
+        if finished.is_dir():
+            for tombstone in finished.glob("*.json"):
+                if now - _mtime(tombstone) > self.expiry_seconds:
+                    tombstone.unlink(missing_ok=True)
+        return removed
+
+    # --- state -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self, upload_id: str) -> Iterator[_Upload | None]:
+        """Hold the upload's lock; yields its state, or None when there is no such upload."""
+        folder = self.folder / upload_id
+        for _ in range(3):
+            try:
+                fd = os.open(folder / LOCK_FILE, os.O_RDWR)
+            except OSError:  # no such upload (or it is being removed)
+                yield None
+                return
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    try:  # the folder may have been removed (or replaced) while this waited
+                        same = os.path.samestat(os.fstat(fd), os.stat(folder / LOCK_FILE))
+                    except FileNotFoundError:
+                        same = False
+                    if not same:
+                        continue
+                yield self._existing(upload_id)
+                return
+            finally:
+                os.close(fd)
+        yield None
+
+    def _existing(self, upload_id: str) -> _Upload | None:
+        try:
+            state = json.loads((self.folder / upload_id / UPLOAD_JSON).read_text(encoding="utf-8"))
+            return _Upload.model_validate(state)
+        except (OSError, ValueError):
+            return None
+
+    def _live(self, upload_id: str, upload: _Upload | None) -> _Upload:
+        """The upload, or a ServiceError saying why there is none to continue."""
+        if upload is None:
+            self._refuse_if_finished(upload_id)
+            raise ServiceError(
+                f"there is no upload {upload_id!r}: start it with {START_TOOL} first (unfinished uploads are "
+                f"deleted {self.expiry_seconds / 3600:g} h after they start)"
+            )
+        if time.time() > upload.created_at + self.expiry_seconds:
+            self._discard(upload_id)
+            raise ServiceError(
+                f"upload {upload_id!r} expired at {_utc(upload.created_at + self.expiry_seconds)} and was deleted: "
+                f"start again with {START_TOOL} and send every chunk"
+            )
+        return upload
+
+    def _received(self, upload: _Upload) -> set[int]:
+        try:
+            names = os.listdir(self.folder / upload.upload_id / CHUNKS_DIR)
+        except OSError:
+            return set()
+        return {int(n) for n in names if n.isdigit() and int(n) < upload.chunks}
+
+    def _tombstone(self, upload_id: str) -> Path:
+        return self.folder / FINISHED_DIR / f"{upload_id}.json"
+
+    def _refuse_if_finished(self, upload_id: str) -> None:
+        try:
+            record = json.loads(self._tombstone(upload_id).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        raise ServiceError(
+            f"upload {upload_id!r} is already finished: the LoRA is at {record.get('path')} "
+            f"(name {record.get('name')!r}). To upload another file, use a new upload_id with {START_TOOL}"
+        )
+
+    def _refuse_if_target_exists(self, stem: str, advice: str, unless_same_as: Path | None = None) -> None:
+        target = self.loras / f"{stem}{SUFFIX}"
+        if not (target.exists() or target.is_symlink()):
+            return
+        if unless_same_as is not None:
+            with contextlib.suppress(OSError):
+                if os.path.samefile(target, unless_same_as):
+                    return
+        raise ServiceError(f"loras/{target.name} already exists: {advice}")
+
+    def _check_free_space(self, size: int) -> None:
+        probe = self.workspace
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        try:
+            free = shutil.disk_usage(probe).free
+        except OSError:
+            return
+        if free < size:
+            raise ServiceError(
+                f"the server has {free / 2**20:.1f} MiB of free disk but the file is {size / 2**20:.1f} MiB: "
+                "free some space on the server (e.g. delete old runs or LoRAs), then start again"
+            )
+
+    def _checked_total_size(self, total_size: Any) -> int:
+        if isinstance(total_size, bool) or not isinstance(total_size, int):
+            raise ServiceError("total_size must be the file's size in bytes, a whole number")
+        if not 1 <= total_size <= self.max_total_size:
+            raise ServiceError(
+                f"total_size {total_size} is outside 1 to {self.max_total_size} bytes "
+                f"({self.max_total_size / 2**30:g} GiB): give the .safetensors file's exact size in bytes"
+                + (" (an empty file is not a LoRA)" if total_size <= 0 else "")
+            )
+        return total_size
+
+    def _discard(self, upload_id: str) -> None:
+        """Remove the upload's folder: renamed away first, so it vanishes at once, then deleted."""
+        folder = self.folder / upload_id
+        trash = self.folder / f".trash-{upload_id}-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            os.rename(folder, trash)
+        except OSError:
+            trash = folder
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+# --- checks --------------------------------------------------------------------------------------
+def _checked_id(upload_id: Any) -> str:
+    try:
+        return checked_name("upload", upload_id)
+    except ServiceError as exc:
+        raise ServiceError(f"{exc}; a uuid4 string such as str(uuid.uuid4()) works as upload_id") from None
+
+
+def _checked_filename(filename: Any) -> str:
+    plain = "give a plain file name such as 'my_lora.safetensors', without folders"
+    if not isinstance(filename, str) or not filename.strip():
+        raise ServiceError(f"filename is empty: {plain}")
+    if "/" in filename or "\\" in filename:
+        raise ServiceError(f"filename {filename!r} contains a folder separator: {plain}")
+    if ".." in filename:
+        raise ServiceError(f"filename {filename!r} contains '..': {plain}")
+    if filename.startswith("."):
+        raise ServiceError(f"filename {filename!r} starts with '.' (a hidden file): {plain}")
+    if not filename.endswith(SUFFIX):
+        if filename.lower().endswith(SUFFIX):
+            raise ServiceError(f"filename {filename!r} must end in lower-case {SUFFIX}: rename it")
+        raise ServiceError(
+            f"filename {filename!r} does not end in {SUFFIX}: only safetensors LoRA files are taken "
+            "(convert .ckpt/.pt/.bin files to safetensors first)"
+        )
+    stem = filename[: -len(SUFFIX)]
+    try:
+        checked_name("LoRA", stem)
+    except ServiceError as exc:
+        raise ServiceError(f"filename {filename!r}: {exc}") from None
+    return filename
+
+
+def _checked_chunk_size(chunk_size: Any) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise ServiceError(f"chunk_size must be a whole number of bytes (default {DEFAULT_CHUNK_SIZE})")
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ServiceError(
+            f"chunk_size {chunk_size} is outside {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE} bytes: use the default, "
+            f"{DEFAULT_CHUNK_SIZE} (256 KiB, about 350 KB of base64 per call)"
+        )
+    return chunk_size
+
+
+def _checked_sha256(sha256: Any) -> str | None:
+    if sha256 is None:
+        return None
+    if not isinstance(sha256, str) or not _HEX64.match(sha256.strip()):
+        raise ServiceError(
+            f"sha256 {sha256!r} is not 64 hex digits: give hashlib.sha256(file_bytes).hexdigest(), or leave it out"
+        )
+    return sha256.strip().lower()
+
+
+def _checked_metadata(metadata: Any) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise ServiceError("metadata must be an object, e.g. {'trigger_words': ['xyz_style'], 'base_model': 'SD 1.5'}")
+    for key in metadata:
+        if not isinstance(key, str):
+            raise ServiceError(f"metadata key {key!r} is not a string: use string keys")
+        if key in _RESERVED_KEYS:
+            raise ServiceError(f"metadata key {key!r} is set by the server ({_RESERVED_KEYS[key]}): leave it out")
+    words = metadata.get("trigger_words")
+    if words is not None and (not isinstance(words, list) or not all(isinstance(w, str) and w.strip() for w in words)):
+        raise ServiceError(f"metadata trigger_words {words!r} must be a list of non-empty strings, e.g. ['xyz_style']")
+    base_model = metadata.get("base_model")
+    if base_model is not None and not isinstance(base_model, str):
+        raise ServiceError(f"metadata base_model {base_model!r} must be a string, e.g. 'SD 1.5'")
+    try:
+        text = json.dumps(metadata, allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise ServiceError(
+            f"metadata is not plain JSON ({exc}): use strings, numbers, booleans, lists and objects"
+        ) from None
+    if len(text.encode("utf-8")) > MAX_METADATA_BYTES:
+        raise ServiceError(
+            f"metadata is {len(text.encode('utf-8'))} bytes as JSON; the limit is {MAX_METADATA_BYTES}: keep only "
+            "short descriptive fields (trigger_words, base_model, ...)"
+        )
+    return json.loads(text)
+
+
+def _decoded_chunk(chunk: Any, expected: int, chunk_size: int, chunk_index: int) -> bytes:
+    how = "encode exactly the chunk's bytes with standard base64, e.g. base64.b64encode(piece).decode()"
+    if not isinstance(chunk, str):
+        raise ServiceError(f"chunk must be a base64 string: {how}")
+    text = chunk.strip()
+    if not text:
+        raise ServiceError(f"chunk {chunk_index} is empty: {how}")
+    try:
+        raw = text.encode("ascii")
+    except UnicodeEncodeError:
+        raise ServiceError(f"chunk {chunk_index} is not valid base64 (it holds non-ASCII characters): {how}") from None
+    if len(raw) > 8 * math.ceil(chunk_size / 3):  # twice the longest chunk: say so without decoding it
+        raise ServiceError(
+            f"chunk {chunk_index} is about {len(raw) // 4 * 3} bytes but must be exactly {expected} bytes: "
+            "send exactly that slice of the file"
+        )
+    try:
+        return base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ServiceError(f"chunk {chunk_index} is not valid base64 ({exc}): {how}") from None
+
+
+# --- safetensors ---------------------------------------------------------------------------------
+class InvalidSafetensors(ValueError):
+    """The bytes are not a well-formed safetensors file; the message says what is wrong."""
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """Check that `path` is a well-formed safetensors file and return its __metadata__.
+
+    Reads only the header: an 8-byte little-endian header length, a JSON object of tensors
+    {name: {dtype, shape, data_offsets}} (and an optional __metadata__ of strings), then the data,
+    which the tensors' byte ranges must cover exactly, each one the size its dtype and shape say.
+    """
+    size = path.stat().st_size
+    if size < 8:
+        raise InvalidSafetensors(f"it is {size} bytes, shorter than the 8-byte header length")
+    with path.open("rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        if header_size < 2 or header_size > MAX_HEADER_BYTES or 8 + header_size > size:
+            raise InvalidSafetensors(
+                f"its first 8 bytes give a header of {header_size} bytes, impossible in a file of {size} bytes"
+            )
+        raw = f.read(header_size)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidSafetensors("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise InvalidSafetensors("its header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InvalidSafetensors("its __metadata__ is not an object of strings")
+    if not header:
+        raise InvalidSafetensors("it holds no tensors")
+    data_size = size - 8 - header_size
+    ranges = []
+    for name, info in header.items():
+        ranges.append((*_tensor_range(name, info, data_size), name))
+    ranges.sort()
+    position = 0
+    for begin, end, name in ranges:
+        if begin != position:
+            problem = "overlaps the one before" if begin < position else f"leaves a gap at byte {position}"
+            raise InvalidSafetensors(f"tensor {name!r} {problem} in the data")
+        position = end
+    if position != data_size:
+        raise InvalidSafetensors(f"the tensors cover {position} bytes of data, but the file holds {data_size}")
+    return metadata
+
+
+def _tensor_range(name: str, info: Any, data_size: int) -> tuple[int, int]:
+    if not isinstance(info, dict):
+        raise InvalidSafetensors(f"tensor {name!r} is not described by an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _DTYPE_BITS:
+        raise InvalidSafetensors(f"tensor {name!r} has an unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_whole(n) and n >= 0 for n in shape):
+        raise InvalidSafetensors(f"tensor {name!r} has a malformed shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(n) for n in offsets)):
+        raise InvalidSafetensors(f"tensor {name!r} has malformed data_offsets {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_size:
+        raise InvalidSafetensors(
+            f"tensor {name!r} has data_offsets {offsets} outside the {data_size} bytes of data in the file"
+        )
+    bits = math.prod(shape) * _DTYPE_BITS[dtype]
+    if bits % 8 or bits // 8 != end - begin:
+        raise InvalidSafetensors(
+            f"tensor {name!r} ({dtype}, shape {shape}) needs {bits / 8:g} bytes but its data_offsets span {end - begin}"
+        )
+    return begin, end
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# --- small helpers -------------------------------------------------------------------------------
+def _missing(upload: _Upload, received: set[int]) -> list[int]:
+    return [i for i in range(upload.chunks) if i not in received]
+
+
+def _listed(indexes: list[int]) -> str:
+    shown = ", ".join(str(i) for i in indexes[:MAX_MISSING_LISTED])
+    more = len(indexes) - MAX_MISSING_LISTED
+    return f"[{shown}{f', ... and {more} more' if more > 0 else ''}]"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1024 * 1024):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a directory's new entries durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
