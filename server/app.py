@@ -28,7 +28,14 @@ from mcp.types import ToolAnnotations
 from pydantic import AliasChoices, BaseModel, Field
 
 from server.configs import ConfigService, ConfigSummary, ValidationReport
-from server.datasets import DatasetService, DatasetSummary, UploadImage, UploadResult
+from server.datasets import (
+    CaptionUpdateResult,
+    DatasetService,
+    DatasetSummary,
+    ImportResult,
+    UploadImage,
+    UploadResult,
+)
 from server.errors import ServiceError
 from server.inspection import CaptionLintResult, caption_lint, dataset_info
 from server.jobs import JobService, JobStatus
@@ -166,6 +173,45 @@ def build_server(workspace: Path) -> MCPServer:
         overwrite: bool = Field(False, description="Replace files that already exist."),
     ) -> UploadResult:
         return call(datasets.upload, dataset_name, images, overwrite)
+
+    @server.tool(
+        name="import-dataset",
+        description="Bring a local folder into the workspace as a dataset: images with same-named .txt captions, "
+        "kohya 'N_name' repeat folders, concept subfolders and a 'validation' folder. mode 'copy' copies the "
+        "files; 'link' links to them where they are. The folder must be inside the workspace or a folder "
+        "listed in LORA_MCP_ALLOWED_DIRS.",
+    )
+    def import_dataset(
+        dataset_name: str = Field(description="Name for the dataset: letters, digits, '.', '_' or '-'."),
+        source_path: str = Field(description="The folder to import (absolute path)."),
+        mode: Literal["copy", "link"] = Field("copy", description="copy the files, or link to them."),
+        overwrite: bool = Field(False, description="Import into an existing dataset, replacing same-named files."),
+    ) -> ImportResult:
+        result = call(datasets.import_folder, dataset_name, source_path, mode, overwrite)
+        return _trimmed(result)
+
+    @server.tool(
+        name="update-captions",
+        description="Change captions: edits {image filename: new caption}, and/or find + replace over every "
+        "caption, and/or trigger_word to put it first in every caption that lacks it.",
+    )
+    def update_captions(
+        dataset_name: str = Field(description="Dataset name, from list-datasets."),
+        edits: dict[str, str] | None = Field(None, description="New captions by image path, e.g. {'a.png': '...'}."),
+        find: str | None = Field(None, description="Text to replace in every caption (with replace)."),
+        replace: str | None = Field(None, description="Replacement for find."),
+        trigger_word: str | None = Field(None, description="Ensure every caption contains it, first if missing."),
+    ) -> CaptionUpdateResult:
+        return call(lambda: datasets.update_captions(dataset_name, edits, find, replace, trigger_word))
+
+    @server.tool(
+        name="delete-dataset",
+        description="Delete a dataset of the workspace (for a linked import, only the links: the originals stay).",
+        annotations=ToolAnnotations(destructiveHint=True),
+    )
+    def delete_dataset(dataset_name: str = Field(description="Dataset name, from list-datasets.")) -> Deleted:
+        call(datasets.delete, dataset_name)
+        return Deleted(name=dataset_name)
 
     @server.tool(
         name="get-dataset-info",
@@ -572,6 +618,22 @@ def _config_signature() -> inspect.Signature:
                         )
                     )
     return inspect.Signature(parameters, return_annotation=ConfigResult)
+
+
+MAX_LISTED_FILES = 300  # per-file outcomes in one result: thousands would pass the ~1 MB result cap
+
+
+def _trimmed(result: ImportResult) -> ImportResult:
+    """Every refusal, and imported files up to MAX_LISTED_FILES in all."""
+    if len(result.files) <= MAX_LISTED_FILES:
+        return result
+    refused = [f for f in result.files if not f.saved]
+    saved = [f for f in result.files if f.saved]
+    kept = refused + saved[: max(0, MAX_LISTED_FILES - len(refused))]
+    hidden = len(result.files) - len(kept)
+    return result.model_copy(
+        update={"files": kept, "next_step": f"{result.next_step} ({hidden} imported files not listed)"}
+    )
 
 
 def _thumbnail_png(path: Path) -> bytes:

@@ -548,3 +548,44 @@ def test_chunked_upload_out_of_order_then_download(server_workspace, tmp_path):
 
     assert run_session(server_workspace, script) == data
     assert (server_workspace / "loras" / "big.safetensors").read_bytes() == data
+
+
+def test_import_update_captions_and_delete_over_mcp(server_workspace, tmp_path):
+    from training.data.synthetic import make_shape_dataset
+
+    source = tmp_path / "kohya"
+    make_shape_dataset(source / "10_xyz_cat", 2, trigger_word=None)
+    make_shape_dataset(source / "validation", 1, trigger_word=None, seed=3)
+    (source / "10_xyz_cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    (source / "notes.md").write_text("not part of the dataset")
+
+    async def script(session):
+        imported = await session.call_tool(
+            "import-dataset", {"dataset_name": "cats", "source_path": str(source), "mode": "copy"}
+        )
+        assert not imported.is_error, imported.content
+        outcome = {f["filename"]: f["saved"] for f in imported.structured_content["files"]}
+        assert outcome["10_xyz_cat/shape_000.png"] and not outcome["10_xyz_cat/broken.png"]
+        assert [(c["folder"], c["repeats"], c["images"]) for c in imported.structured_content["concepts"]] == [
+            ("10_xyz_cat", 10, 2)
+        ]
+        outside = await session.call_tool("import-dataset", {"dataset_name": "etc", "source_path": "/etc"})
+        assert outside.is_error and "LORA_MCP_ALLOWED_DIRS" in outside.content[0].text
+
+        updated = await session.call_tool(
+            "update-captions",
+            {"dataset_name": "cats", "find": "centered", "replace": "off-centre", "trigger_word": "xyz_cat"},
+        )
+        assert not updated.is_error, updated.content
+        caption = (server_workspace / "datasets" / "cats" / "10_xyz_cat" / "shape_000.txt").read_text()
+        assert caption.startswith("xyz_cat ") and "off-centre" in caption
+        lint = await session.call_tool("lint-captions", {"dataset_name": "cats"})
+        assert [f["rule"] for f in lint.structured_content["findings"]] == []
+
+        deleted = await session.call_tool("delete-dataset", {"dataset_name": "cats"})
+        assert not deleted.is_error and not (server_workspace / "datasets" / "cats").exists()
+        assert (source / "10_xyz_cat" / "shape_000.png").is_file()  # the source is untouched
+        missing = await session.call_tool("delete-dataset", {"dataset_name": "cats"})
+        assert missing.is_error and "list-datasets" in missing.content[0].text
+
+    run_session(server_workspace, script)
