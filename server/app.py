@@ -21,12 +21,14 @@ from typing import Any, Literal
 import anyio
 from mcp import types
 from mcp.server import MCPServer
+from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.utilities.types import Image
 from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
 from mcp.types import ToolAnnotations
 from pydantic import AliasChoices, BaseModel, Field
 
+from server.captions import CaptionRun, generate_captions
 from server.configs import ConfigService, ConfigSummary, ValidationReport
 from server.datasets import (
     CaptionUpdateResult,
@@ -234,6 +236,45 @@ def build_server(workspace: Path) -> MCPServer:
                 workspace, dataset_name, lora_type=lora_type, model_name=model_name, trigger_word=trigger_word
             )
         )
+
+    @server.tool(
+        name="generate-captions",
+        description="Write captions for a dataset's images: caption_model 'template' (offline: trigger word + "
+        "subject from the file or folder name + the guide's structure) or an image-to-text model (blip, blip2, git, "
+        "a Hugging Face id in the local cache, or a local folder). Images that have a caption are kept unless "
+        "overwrite. Progress is reported while it runs. Then lint-captions.",
+    )
+    async def generate_captions_tool(
+        ctx: Context,
+        dataset_name: str | None = Field(None, description="Dataset name, from list-datasets."),
+        dataset_path: str | None = Field(None, description="Or a dataset folder (inside the allowed folders)."),
+        caption_model: str = Field("template", description="template, blip, blip2, git, an HF id or a folder."),
+        trigger_word: str | None = Field(None, description="Put first in every caption, e.g. 'xyz_style'."),
+        overwrite: bool = Field(False, description="Replace existing captions too."),
+        prefix: str = Field("", description="Text after the trigger word, before the description."),
+        suffix: str = Field("", description="Text at the end, e.g. ', watercolor painting'."),
+    ) -> CaptionRun:
+        def progress(done: int, total: int) -> None:
+            anyio.from_thread.run(ctx.report_progress, done, total, f"{done}/{total} images captioned")
+
+        def run() -> CaptionRun:
+            # Not under the job lock: captioning with a model can take minutes, status calls must not wait.
+            try:
+                return generate_captions(
+                    workspace,
+                    dataset_name=dataset_name,
+                    dataset_path=dataset_path,
+                    caption_model=caption_model,
+                    trigger_word=trigger_word,
+                    overwrite=overwrite,
+                    prefix=prefix,
+                    suffix=suffix,
+                    on_progress=progress,
+                )
+            except ServiceError as exc:
+                raise ToolError(str(exc)) from None
+
+        return await anyio.to_thread.run_sync(run)
 
     @server.tool(
         name="lint-captions",

@@ -589,3 +589,33 @@ def test_import_update_captions_and_delete_over_mcp(server_workspace, tmp_path):
         assert missing.is_error and "list-datasets" in missing.content[0].text
 
     run_session(server_workspace, script)
+
+
+def test_generate_captions_reports_progress_over_mcp(server_workspace, shapes):
+    import shutil
+
+    folder = server_workspace / "datasets" / "fresh"
+    shutil.copytree(shapes, folder)
+    for caption in folder.glob("*.txt"):
+        caption.unlink()
+    progress: list[tuple[float, float | None]] = []
+
+    async def on_progress(done, total, message) -> None:
+        progress.append((done, total))
+
+    async def script(session):
+        result = await session.call_tool(
+            "generate-captions",
+            {"dataset_name": "fresh", "caption_model": "template", "trigger_word": "xyz_shape"},
+            progress_callback=on_progress,
+        )
+        assert not result.is_error, result.content
+        assert result.structured_content["captioned"] == 4
+        missing = await session.call_tool(
+            "generate-captions", {"dataset_name": "fresh", "caption_model": "blip", "overwrite": True}
+        )
+        assert missing.is_error and "template" in missing.content[0].text
+
+    run_session(server_workspace, script)
+    assert progress and progress[-1] == (4, 4)
+    assert all(p.read_text().startswith("xyz_shape shape") for p in folder.glob("*.txt"))

@@ -88,8 +88,8 @@ def scan_dataset(
 
     folders = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
     # A subfolder is a concept only if it holds images (a notes/ folder is not one).
-    concept_folders = [p for p in folders if p.name != VALIDATION_FOLDER and _image_files(p, recursive=True)]
-    has_root_images = any(_image_files(root, recursive=False))
+    concept_folders = [p for p in folders if p.name != VALIDATION_FOLDER and image_files(p, recursive=True)]
+    has_root_images = any(image_files(root, recursive=False))
     single_concept = len(concept_folders) + int(has_root_images) == 1
 
     images: list[ImageRecord] = []
@@ -177,7 +177,7 @@ def class_image_records(paths: list[Path], caption: str, *, repeats: int, loss_w
     return records
 
 
-def _image_files(folder: Path, recursive: bool) -> list[Path]:
+def image_files(folder: Path, recursive: bool) -> list[Path]:
     candidates = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(
         p
@@ -202,7 +202,7 @@ def _read_records(
 ) -> list[ImageRecord]:
     records = []
     uncaptioned = []
-    for path in _image_files(folder, recursive):
+    for path in image_files(folder, recursive):
         size = _decoded_size(path, broken, root)
         if size is None:
             continue
