@@ -681,10 +681,15 @@ def _checked_image(filename: str, data: bytes, imported: bool = False) -> tuple[
     from PIL import Image, UnidentifiedImageError  # here, not at import: the server's start-up stays light
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
             image_format = image.format
-            image.load()  # decode fully: a truncated file fails here, not at open
             size = image.size
+            # Pillow only warns between its pixel limit and twice that; refuse from the limit, before decoding.
+            if image.width * image.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
+                raise Image.DecompressionBombError(
+                    f"{image.width}x{image.height} is more than {Image.MAX_IMAGE_PIXELS} pixels"
+                )
+            image.load()  # decode fully: a truncated file fails here, not at open
     except Image.DecompressionBombError as exc:
         raise _Refused(f"the image has too many pixels to decode safely ({exc}): downscale it") from None
     except UnidentifiedImageError:
