@@ -311,18 +311,10 @@ def test_list_counts_images_captions_and_size(service, tmp_path):
 
 def test_a_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
     """Pillow's pixel limit, lowered here so that a small file stands for a bomb."""
-    import base64 as b64
-    import io as bytes_io
-
-    from PIL import Image
-
-    from server.datasets import DatasetService
-
-    buffer = bytes_io.BytesIO()
+    buffer = io.BytesIO()
     Image.new("RGB", (64, 64)).save(buffer, format="PNG")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 = 4096 pixels: over the limit, under twice it
+    bomb = {"filename": "bomb.png", "content": base64.b64encode(buffer.getvalue()).decode()}
     with pytest.raises(ServiceError, match="too many pixels"):
-        DatasetService(tmp_path).upload(
-            "bombs", [{"filename": "bomb.png", "content": b64.b64encode(buffer.getvalue()).decode()}]
-        )
+        DatasetService(tmp_path).upload("bombs", [bomb])
     assert not (tmp_path / "datasets" / "bombs").exists()
