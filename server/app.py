@@ -41,6 +41,7 @@ from server.datasets import (
 from server.errors import ServiceError
 from server.inspection import CaptionLintResult, caption_lint, dataset_info
 from server.jobs import JobService, JobStatus
+from server.limits import megabytes
 from server.loras import DEFAULT_CHUNK, MAX_CHUNK, Chunk, ExportedLora, LoraService
 from server.names import checked_name
 from server.system import SystemStats, system_stats
@@ -94,7 +95,7 @@ def build_server(workspace: Path) -> MCPServer:
     jobs = JobService(workspace)
     loras = LoraService(workspace)
     datasets = DatasetService(workspace)
-    uploads = UploadService(workspace)
+    uploads = UploadService(workspace, max_total_size=megabytes("LORA_MCP_MAX_UPLOAD_MB", 4096))
     lock = threading.Lock()  # tools run in worker threads; the job service is not re-entrant
 
     def call(fn: Callable, *args, error: type[Exception] = ToolError):

@@ -38,13 +38,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from server.errors import ServiceError
+from server.limits import megabytes
 from server.names import checked_name
 from server.paths import ALLOWED_DIRS_ENV, allowed_roots, check_user_path
 from training.data.dataset import IMAGE_SUFFIXES, VALIDATION_FOLDER, with_trigger_first
 from training.workspace import atomic_output, atomic_write_bytes, atomic_write_text
 
 MAX_IMAGES_PER_CALL = 200
-MAX_IMAGE_BYTES = 50 * 1024 * 1024  # decoded bytes of one image
+MAX_IMAGE_BYTES = megabytes("LORA_MCP_MAX_IMAGE_MB", 50)  # decoded bytes of one image
+MAX_DATASET_BYTES = megabytes("LORA_MCP_MAX_DATASET_MB", 20 * 1024)  # all files of one dataset
 MAX_CAPTION_BYTES = 1024 * 1024  # one imported caption file
 MAX_IMPORT_ENTRIES = 20_000  # files and folders one import walks through
 CAPTION_SUFFIX = ".txt"
@@ -256,6 +258,7 @@ class DatasetService:
         seen_stems[stem] = image.filename
 
         data = _decoded_bytes(image)
+        _check_room(folder, len(data))
         width, height = _checked_image(image.filename, data)
 
         path = folder / image.filename
@@ -668,9 +671,24 @@ def _bad_base64(detail: str) -> str:
     )
 
 
+def _check_room(folder: Path, size: int) -> None:
+    """Refuse a file that would take the dataset past MAX_DATASET_BYTES (links count as nothing)."""
+    used = (
+        sum(p.lstat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+        if folder.is_dir()
+        else 0
+    )
+    if used + size > MAX_DATASET_BYTES:
+        raise _Refused(
+            f"the dataset would pass its size limit of {MAX_DATASET_BYTES // 2**20} MB "
+            f"({used // 2**20} MB used; LORA_MCP_MAX_DATASET_MB sets the limit): make room or use another dataset_name"
+        )
+
+
 def _too_big(size: int) -> str:
     return (
-        f"the image is {size / 1024 / 1024:.1f} MB; the limit is {MAX_IMAGE_BYTES // 1024 // 1024} MB per image: "
+        f"the image is {size / 1024 / 1024:.1f} MB; the limit is {MAX_IMAGE_BYTES // 1024 // 1024} MB per image "
+        "(LORA_MCP_MAX_IMAGE_MB): "
         "downscale it (training uses about 1 megapixel) or save it as JPEG"
     )
 
@@ -849,6 +867,8 @@ def _import_one(folder: Path, item: _PlannedImage, mode: str, overwrite: bool) -
     the caption's when only the caption was refused."""
     try:
         data = _read_regular(item.source, MAX_IMAGE_BYTES, _too_big)
+        if mode == "copy":
+            _check_room(folder, len(data))
         width, height = _checked_image(item.rel, data, imported=True)
     except _Refused as refusal:
         reason = str(refusal) + ("; its caption was not imported either" if item.caption_rel else "")

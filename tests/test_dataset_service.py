@@ -318,3 +318,32 @@ def test_a_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
     with pytest.raises(ServiceError, match="too many pixels"):
         DatasetService(tmp_path).upload("bombs", [bomb])
     assert not (tmp_path / "datasets" / "bombs").exists()
+
+
+def test_a_dataset_size_limit_refuses_what_would_pass_it(tmp_path, monkeypatch):
+    import server.datasets
+
+    def png(seed: int) -> str:
+        buffer = io.BytesIO()
+        Image.effect_noise((64, 64), 50 + seed).convert("RGB").save(buffer, format="PNG")  # ~12 KB, incompressible
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    monkeypatch.setattr(server.datasets, "MAX_DATASET_BYTES", 20_000)
+    result = DatasetService(tmp_path).upload(
+        "capped", [{"filename": "a.png", "content": png(1)}, {"filename": "b.png", "content": png(2)}]
+    )
+    assert [f.saved for f in result.files] == [True, False]
+    assert "size limit" in result.files[1].reason and "LORA_MCP_MAX_DATASET_MB" in result.files[1].reason
+    assert sorted(p.name for p in (tmp_path / "datasets" / "capped").iterdir()) == ["a.png"]
+
+
+def test_limits_come_from_the_environment(monkeypatch):
+    from server.limits import megabytes
+
+    assert megabytes("LORA_MCP_TEST_LIMIT", 50) == 50 * 2**20
+    monkeypatch.setenv("LORA_MCP_TEST_LIMIT", "1.5")
+    assert megabytes("LORA_MCP_TEST_LIMIT", 50) == int(1.5 * 2**20)
+    for bad in ("-1", "zero", "0"):
+        monkeypatch.setenv("LORA_MCP_TEST_LIMIT", bad)
+        with pytest.raises(ValueError, match="positive number of megabytes"):
+            megabytes("LORA_MCP_TEST_LIMIT", 50)
