@@ -1,17 +1,25 @@
-"""The loss curve as a PNG, drawn with Pillow (no plotting library needed for two lines)."""
+"""Images the server makes: the loss curve (drawn with Pillow: two lines need no plotting library)
+and thumbnails of sample and dataset images. Pillow is imported inside the functions: the server
+imports this module at start-up, which stays light."""
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from PIL import Image, ImageDraw
+if TYPE_CHECKING:
+    from PIL import Image
 
 WIDTH, HEIGHT, MARGIN = 720, 360, 48
+SAMPLE_MAX_SIDE = 384  # images in a tool result are downscaled to this so a result of several stays well under 1 MB
 LOSS_COLOUR, LR_COLOUR, AXIS_COLOUR = (31, 119, 180), (255, 127, 14), (90, 90, 90)
 
 
 def loss_curve_png(rows: list[dict]) -> bytes:
     """Loss (blue, left scale) and learning rate (orange, right scale) over steps."""
+    from PIL import Image, ImageDraw
+
     image = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw = ImageDraw.Draw(image)
     left, top, right, bottom = MARGIN, MARGIN // 2, WIDTH - MARGIN, HEIGHT - MARGIN
@@ -41,6 +49,15 @@ def loss_curve_png(rows: list[dict]) -> bytes:
     draw.text((left, bottom + 8), f"step {first}", fill=AXIS_COLOUR)
     draw.text((right - 80, bottom + 8), f"step {last}", fill=AXIS_COLOUR)
     return _png(image)
+
+
+def thumbnail_png(path: Path) -> bytes:
+    """An image scaled to at most SAMPLE_MAX_SIDE, as PNG bytes."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.thumbnail((SAMPLE_MAX_SIDE, SAMPLE_MAX_SIDE))
+        return _png(image.convert("RGB"))
 
 
 def _png(image: Image.Image) -> bytes:

@@ -1,0 +1,35 @@
+"""Prompts: guided flows an assistant can offer."""
+
+from __future__ import annotations
+
+from mcp.server import MCPServer
+from pydantic import Field
+
+
+def register_prompts(server: MCPServer) -> None:
+    @server.prompt(
+        name="train-lora",
+        description="Walk through training a LoRA: dataset, captions, config, start, monitor, use.",
+    )
+    def train_lora(
+        goal: str = Field(description="What the LoRA should learn, e.g. 'a watercolor style' or 'my dog Rex'."),
+        dataset: str = Field("", description="A dataset name or folder, if there is one already."),
+    ) -> str:
+        return TRAIN_LORA_PROMPT.format(goal=goal, dataset=dataset or "(not chosen yet)")
+
+
+TRAIN_LORA_PROMPT = """Help me train a LoRA for: {goal}. Dataset: {dataset}.
+Work through these steps with the lora-trainer tools, telling me what you find at each one:
+1. Dataset: list-datasets, or upload-dataset the images I give you (each image with a same-named caption).
+   The guide's sizes: style 10-50 images, character/person 20-100, object/concept 15-50, complex style 50-200.
+2. Captions: each caption starts with a unique trigger word (like xyz_style, never a plain word such as
+   'style'), then the subject, details, style, quality and composition.
+3. Config: create-training-config with name, model_name, dataset_path, trigger_word and 3-4 test_prompts that
+   start with the trigger word. Defaults follow the guide: learning_rate 2e-4, rank 32 (16 for simple styles),
+   alpha = rank, steps = 100 x images. Then validate-training-config and fix every error it reports.
+4. Train: start-training, then get-training-status every minute or two (never wait inside a call);
+   get-training-samples shows the test prompts as the LoRA learns (step 0 is the untrained baseline).
+   Loss should fall, usually to 0.05-0.15; samples should move towards the dataset without copying it.
+5. Finish: when the state is completed, export-model and tell me the file, the trigger word and a strength
+   to start from (style 0.6-1.0, character 0.7-0.9) for ComfyUI's LoraLoader or A1111.
+If a job fails or is interrupted, read get-training-logs, explain the cause, and offer resume-training."""
