@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from server.errors import ServiceError
 from server.names import checked_name
+from server.safetensors_file import InvalidSafetensors, safetensors_metadata
 from training.workspace import atomic_output, atomic_write_json
 
 # Clients cap a tool result near 1 MB and base64 adds a third: 512 KiB of file is ~700 KB of text,
@@ -51,7 +52,10 @@ class LoraService:
     ) -> ExportedLora:
         """Copy a job's final LoRA (or the checkpoint LoRA of `step`) into loras/, with its sidecar."""
         source, label = self._source(job_id, run_dir, step)
-        metadata = _safetensors_metadata(source)
+        try:
+            metadata = safetensors_metadata(source)
+        except InvalidSafetensors as exc:
+            raise ServiceError(f"job {job_id}'s LoRA {source.name} is damaged ({exc}); train or resume again") from None
         config = json.loads(metadata.get("training_config", "{}"))
         trained_format = config.get("output_format", "kohya")
         name = f"{config_name}{label}"
@@ -155,11 +159,3 @@ def _convert(source: Path, target: Path, output_format: str) -> None:
         convert_lora_file(source, target, output_format)
     except (LoraFileError, ModelNotFoundError) as exc:
         raise ServiceError(f"cannot convert the LoRA to {output_format}: {exc}") from None
-
-
-def _safetensors_metadata(path: Path) -> dict[str, str]:
-    """The header's __metadata__ without loading any tensor (no torch needed)."""
-    with path.open("rb") as f:
-        header_size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_size))
-    return header.get("__metadata__", {})

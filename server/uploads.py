@@ -22,14 +22,11 @@ torch.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -40,7 +37,17 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from server.errors import ServiceError
-from server.names import checked_name
+from server.safetensors_file import InvalidSafetensors, safetensors_metadata
+from server.upload_arguments import (
+    DEFAULT_CHUNK_SIZE,
+    SUFFIX,
+    checked_chunk_size,
+    checked_filename,
+    checked_id,
+    checked_metadata,
+    checked_sha256,
+    decoded_chunk,
+)
 from training.workspace import DIR_MODE, atomic_output, atomic_write_json
 
 try:  # advisory locks between processes (and threads) touching one upload; absent on Windows
@@ -48,14 +55,8 @@ try:  # advisory locks between processes (and threads) touching one upload; abse
 except ImportError:  # pragma: no cover
     fcntl = None
 
-DEFAULT_CHUNK_SIZE = 262144
-MIN_CHUNK_SIZE = 1024
-MAX_CHUNK_SIZE = 4 * 1024 * 1024
 MAX_CHUNKS = 65536  # one marker file per chunk: at the default chunk size this is 16 GiB
-MAX_METADATA_BYTES = 64 * 1024
 MAX_MISSING_LISTED = 20
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
-SUFFIX = ".safetensors"
 
 UPLOAD_JSON = "upload.json"
 DATA_FILE = "data.part"
@@ -68,43 +69,6 @@ APPEND_TOOL = "upload-lora-chunked-append"
 FINISH_TOOL = "upload-lora-chunked-finish"
 
 # Keys of the sidecar that the server sets; metadata may not give them.
-_RESERVED_KEYS = {
-    "name": "the LoRA's name is the filename without .safetensors",
-    "path": "the server decides where the file goes",
-    "size_bytes": "the server measures the file",
-    "sha256": "give it as the sha256 argument of upload-lora-chunked-start",
-    "source": "the server records it",
-    "upload_id": "the server records it",
-    "uploaded_at": "the server records it",
-    "job_id": "uploaded files come from no training job",
-    "step": "uploaded files come from no training job",
-    "output_format": "the server does not know an uploaded file's layout",
-    "trigger_word": "give trigger_words, a list of strings",
-}
-_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
-# Bits per element of each safetensors dtype.
-_DTYPE_BITS = {
-    "BOOL": 8,
-    "U8": 8,
-    "I8": 8,
-    "F8_E5M2": 8,
-    "F8_E4M3": 8,
-    "F8_E8M0": 8,
-    "I16": 16,
-    "U16": 16,
-    "F16": 16,
-    "BF16": 16,
-    "I32": 32,
-    "U32": 32,
-    "F32": 32,
-    "C64": 64,
-    "F64": 64,
-    "I64": 64,
-    "U64": 64,
-    "F4": 4,
-    "F6_E2M3": 6,
-    "F6_E3M2": 6,
-}
 
 
 class UploadStarted(BaseModel):
@@ -187,15 +151,15 @@ class UploadService:
         sha256: str | None = None,
     ) -> UploadStarted:
         """Begin an upload (or, with the same arguments again, report the one already begun)."""
-        upload_id = _checked_id(upload_id)
+        upload_id = checked_id(upload_id)
         self._refuse_if_finished(upload_id)
         wanted = _Upload(
             upload_id=upload_id,
-            filename=_checked_filename(filename),
+            filename=checked_filename(filename),
             total_size=self._checked_total_size(total_size),
-            chunk_size=_checked_chunk_size(chunk_size),
-            sha256=_checked_sha256(sha256),
-            metadata=_checked_metadata(metadata),
+            chunk_size=checked_chunk_size(chunk_size),
+            sha256=checked_sha256(sha256),
+            metadata=checked_metadata(metadata),
             created_at=time.time(),
         )
         if wanted.chunks > MAX_CHUNKS:
@@ -290,7 +254,7 @@ class UploadService:
     # --- append ----------------------------------------------------------------------------------
     def append(self, upload_id: str, chunk: str, chunk_index: int) -> ChunkReceived:
         """Store one chunk (base64) at its place in the file."""
-        upload_id = _checked_id(upload_id)
+        upload_id = checked_id(upload_id)
         with self._locked(upload_id) as upload:
             upload = self._live(upload_id, upload)
             if isinstance(chunk_index, bool) or not isinstance(chunk_index, int):
@@ -301,7 +265,7 @@ class UploadService:
                     f"indexes 0 to {upload.chunks - 1} (chunk i starts at byte i * {upload.chunk_size})"
                 )
             expected = upload.chunk_length(chunk_index)
-            data = _decoded_chunk(chunk, expected, upload.chunk_size, chunk_index)
+            data = decoded_chunk(chunk, expected, upload.chunk_size, chunk_index)
             if len(data) != expected:
                 what = "the last chunk" if chunk_index == upload.chunks - 1 else "every chunk but the last"
                 raise ServiceError(
@@ -351,7 +315,7 @@ class UploadService:
     # --- finish ----------------------------------------------------------------------------------
     def finish(self, upload_id: str) -> UploadFinished:
         """Check the whole file and move it into loras/ with its sidecar."""
-        upload_id = _checked_id(upload_id)
+        upload_id = checked_id(upload_id)
         with self._locked(upload_id) as upload:
             upload = self._live(upload_id, upload)
             folder = self.folder / upload_id
@@ -624,187 +588,6 @@ class UploadService:
 
 
 # --- checks --------------------------------------------------------------------------------------
-def _checked_id(upload_id: Any) -> str:
-    try:
-        return checked_name("upload", upload_id)
-    except ServiceError as exc:
-        raise ServiceError(f"{exc}; a uuid4 string such as str(uuid.uuid4()) works as upload_id") from None
-
-
-def _checked_filename(filename: Any) -> str:
-    plain = "give a plain file name such as 'my_lora.safetensors', without folders"
-    if not isinstance(filename, str) or not filename.strip():
-        raise ServiceError(f"filename is empty: {plain}")
-    if "/" in filename or "\\" in filename:
-        raise ServiceError(f"filename {filename!r} contains a folder separator: {plain}")
-    if ".." in filename:
-        raise ServiceError(f"filename {filename!r} contains '..': {plain}")
-    if filename.startswith("."):
-        raise ServiceError(f"filename {filename!r} starts with '.' (a hidden file): {plain}")
-    if not filename.endswith(SUFFIX):
-        if filename.lower().endswith(SUFFIX):
-            raise ServiceError(f"filename {filename!r} must end in lower-case {SUFFIX}: rename it")
-        raise ServiceError(
-            f"filename {filename!r} does not end in {SUFFIX}: only safetensors LoRA files are taken "
-            "(convert .ckpt/.pt/.bin files to safetensors first)"
-        )
-    stem = filename[: -len(SUFFIX)]
-    try:
-        checked_name("LoRA", stem)
-    except ServiceError as exc:
-        raise ServiceError(f"filename {filename!r}: {exc}") from None
-    return filename
-
-
-def _checked_chunk_size(chunk_size: Any) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise ServiceError(f"chunk_size must be a whole number of bytes (default {DEFAULT_CHUNK_SIZE})")
-    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
-        raise ServiceError(
-            f"chunk_size {chunk_size} is outside {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE} bytes: use the default, "
-            f"{DEFAULT_CHUNK_SIZE} (256 KiB, about 350 KB of base64 per call)"
-        )
-    return chunk_size
-
-
-def _checked_sha256(sha256: Any) -> str | None:
-    if sha256 is None:
-        return None
-    if not isinstance(sha256, str) or not _HEX64.match(sha256.strip()):
-        raise ServiceError(
-            f"sha256 {sha256!r} is not 64 hex digits: give hashlib.sha256(file_bytes).hexdigest(), or leave it out"
-        )
-    return sha256.strip().lower()
-
-
-def _checked_metadata(metadata: Any) -> dict[str, Any]:
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, dict):
-        raise ServiceError("metadata must be an object, e.g. {'trigger_words': ['xyz_style'], 'base_model': 'SD 1.5'}")
-    for key in metadata:
-        if not isinstance(key, str):
-            raise ServiceError(f"metadata key {key!r} is not a string: use string keys")
-        if key in _RESERVED_KEYS:
-            raise ServiceError(f"metadata key {key!r} is set by the server ({_RESERVED_KEYS[key]}): leave it out")
-    words = metadata.get("trigger_words")
-    if words is not None and (not isinstance(words, list) or not all(isinstance(w, str) and w.strip() for w in words)):
-        raise ServiceError(f"metadata trigger_words {words!r} must be a list of non-empty strings, e.g. ['xyz_style']")
-    base_model = metadata.get("base_model")
-    if base_model is not None and not isinstance(base_model, str):
-        raise ServiceError(f"metadata base_model {base_model!r} must be a string, e.g. 'SD 1.5'")
-    try:
-        text = json.dumps(metadata, allow_nan=False, sort_keys=True)
-    except (TypeError, ValueError) as exc:
-        raise ServiceError(
-            f"metadata is not plain JSON ({exc}): use strings, numbers, booleans, lists and objects"
-        ) from None
-    if len(text.encode("utf-8")) > MAX_METADATA_BYTES:
-        raise ServiceError(
-            f"metadata is {len(text.encode('utf-8'))} bytes as JSON; the limit is {MAX_METADATA_BYTES}: keep only "
-            "short descriptive fields (trigger_words, base_model, ...)"
-        )
-    return json.loads(text)
-
-
-def _decoded_chunk(chunk: Any, expected: int, chunk_size: int, chunk_index: int) -> bytes:
-    how = "encode exactly the chunk's bytes with standard base64, e.g. base64.b64encode(piece).decode()"
-    if not isinstance(chunk, str):
-        raise ServiceError(f"chunk must be a base64 string: {how}")
-    text = chunk.strip()
-    if not text:
-        raise ServiceError(f"chunk {chunk_index} is empty: {how}")
-    try:
-        raw = text.encode("ascii")
-    except UnicodeEncodeError:
-        raise ServiceError(f"chunk {chunk_index} is not valid base64 (it holds non-ASCII characters): {how}") from None
-    if len(raw) > 8 * math.ceil(chunk_size / 3):  # twice the longest chunk: say so without decoding it
-        raise ServiceError(
-            f"chunk {chunk_index} is about {len(raw) // 4 * 3} bytes but must be exactly {expected} bytes: "
-            "send exactly that slice of the file"
-        )
-    try:
-        return base64.b64decode(raw, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ServiceError(f"chunk {chunk_index} is not valid base64 ({exc}): {how}") from None
-
-
-# --- safetensors ---------------------------------------------------------------------------------
-class InvalidSafetensors(ValueError):
-    """The bytes are not a well-formed safetensors file; the message says what is wrong."""
-
-
-def safetensors_metadata(path: Path) -> dict[str, str]:
-    """Check that `path` is a well-formed safetensors file and return its __metadata__.
-
-    Reads only the header: an 8-byte little-endian header length, a JSON object of tensors
-    {name: {dtype, shape, data_offsets}} (and an optional __metadata__ of strings), then the data,
-    which the tensors' byte ranges must cover exactly, each one the size its dtype and shape say.
-    """
-    size = path.stat().st_size
-    if size < 8:
-        raise InvalidSafetensors(f"it is {size} bytes, shorter than the 8-byte header length")
-    with path.open("rb") as f:
-        header_size = int.from_bytes(f.read(8), "little")
-        if header_size < 2 or header_size > MAX_HEADER_BYTES or 8 + header_size > size:
-            raise InvalidSafetensors(
-                f"its first 8 bytes give a header of {header_size} bytes, impossible in a file of {size} bytes"
-            )
-        raw = f.read(header_size)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise InvalidSafetensors("its header is not JSON") from None
-    if not isinstance(header, dict):
-        raise InvalidSafetensors("its header is not a JSON object")
-    metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise InvalidSafetensors("its __metadata__ is not an object of strings")
-    if not header:
-        raise InvalidSafetensors("it holds no tensors")
-    data_size = size - 8 - header_size
-    ranges = []
-    for name, info in header.items():
-        ranges.append((*_tensor_range(name, info, data_size), name))
-    ranges.sort()
-    position = 0
-    for begin, end, name in ranges:
-        if begin != position:
-            problem = "overlaps the one before" if begin < position else f"leaves a gap at byte {position}"
-            raise InvalidSafetensors(f"tensor {name!r} {problem} in the data")
-        position = end
-    if position != data_size:
-        raise InvalidSafetensors(f"the tensors cover {position} bytes of data, but the file holds {data_size}")
-    return metadata
-
-
-def _tensor_range(name: str, info: Any, data_size: int) -> tuple[int, int]:
-    if not isinstance(info, dict):
-        raise InvalidSafetensors(f"tensor {name!r} is not described by an object")
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in _DTYPE_BITS:
-        raise InvalidSafetensors(f"tensor {name!r} has an unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(_whole(n) and n >= 0 for n in shape):
-        raise InvalidSafetensors(f"tensor {name!r} has a malformed shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(n) for n in offsets)):
-        raise InvalidSafetensors(f"tensor {name!r} has malformed data_offsets {offsets!r}")
-    begin, end = offsets
-    if not 0 <= begin <= end <= data_size:
-        raise InvalidSafetensors(
-            f"tensor {name!r} has data_offsets {offsets} outside the {data_size} bytes of data in the file"
-        )
-    bits = math.prod(shape) * _DTYPE_BITS[dtype]
-    if bits % 8 or bits // 8 != end - begin:
-        raise InvalidSafetensors(
-            f"tensor {name!r} ({dtype}, shape {shape}) needs {bits / 8:g} bytes but its data_offsets span {end - begin}"
-        )
-    return begin, end
-
-
-def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 # --- small helpers -------------------------------------------------------------------------------
 def _missing(upload: _Upload, received: set[int]) -> list[int]:
     return [i for i in range(upload.chunks) if i not in received]

@@ -17,14 +17,13 @@ from safetensors.torch import save_file
 
 from server.errors import ServiceError
 from server.loras import LoraService
+from server.safetensors_file import InvalidSafetensors, safetensors_metadata
 from server.uploads import (
     DEFAULT_CHUNK_SIZE,
     ChunkReceived,
-    InvalidSafetensors,
     UploadFinished,
     UploadService,
     UploadStarted,
-    safetensors_metadata,
 )
 
 CHUNK = 65536

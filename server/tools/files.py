@@ -11,7 +11,8 @@ from pydantic import BaseModel, Field
 from server.loras import DEFAULT_CHUNK, MAX_CHUNK, Chunk, ExportedLora
 from server.system import SystemStats, system_stats
 from server.tools import READ_ONLY, Services
-from server.uploads import DEFAULT_CHUNK_SIZE, ChunkReceived, UploadFinished, UploadStarted
+from server.upload_arguments import DEFAULT_CHUNK_SIZE
+from server.uploads import ChunkReceived, UploadFinished, UploadStarted
 
 
 class LoraList(BaseModel):
