@@ -252,7 +252,7 @@ def test_batch_and_size_limits(service, tmp_path, monkeypatch):
         service.upload("d", too_many)
     assert not (tmp_path / "datasets").exists()
 
-    monkeypatch.setattr("server.datasets.MAX_IMAGE_BYTES", 1000)
+    monkeypatch.setattr("server.image_checks.MAX_IMAGE_BYTES", 1000)
     small, big = image_bytes(), noisy_png()
     assert len(small) < 1000 < len(big)
     result = service.upload(
@@ -321,14 +321,14 @@ def test_a_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
 
 
 def test_a_dataset_size_limit_refuses_what_would_pass_it(tmp_path, monkeypatch):
-    import server.datasets
+    import server.image_checks
 
     def png(seed: int) -> str:
         buffer = io.BytesIO()
         Image.effect_noise((64, 64), 50 + seed).convert("RGB").save(buffer, format="PNG")  # ~12 KB, incompressible
         return base64.b64encode(buffer.getvalue()).decode()
 
-    monkeypatch.setattr(server.datasets, "MAX_DATASET_BYTES", 20_000)
+    monkeypatch.setattr(server.image_checks, "MAX_DATASET_BYTES", 20_000)
     result = DatasetService(tmp_path).upload(
         "capped", [{"filename": "a.png", "content": png(1)}, {"filename": "b.png", "content": png(2)}]
     )
