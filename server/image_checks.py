@@ -21,12 +21,14 @@ from pathlib import Path
 
 from server.dataset_contents import CAPTION_SUFFIX
 from server.dataset_schemas import Refused, UploadImage
-from server.limits import megabytes
+from server.limits import count, megabytes
 from training.data.dataset import IMAGE_SUFFIXES
 from training.workspace import atomic_output, atomic_write_bytes
 
 MAX_IMAGE_BYTES = megabytes("LORA_MCP_MAX_IMAGE_MB", 50)  # decoded bytes of one image
 MAX_DATASET_BYTES = megabytes("LORA_MCP_MAX_DATASET_MB", 20 * 1024)  # all files of one dataset
+# Pixels an image may have: Pillow's own bomb limit (about 89 megapixels) unless the operator sets one.
+MAX_IMAGE_PIXELS = count("LORA_MCP_MAX_IMAGE_PIXELS", None)
 
 # Pillow's format names for each accepted suffix (MPO is the multi-picture JPEG many cameras write).
 _FORMATS_BY_SUFFIX = {
@@ -129,10 +131,9 @@ def checked_image(filename: str, data: bytes, imported: bool = False) -> tuple[i
             image_format = image.format
             size = image.size
             # Pillow only warns between its pixel limit and twice that; refuse from the limit, before decoding.
-            if image.width * image.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
-                raise Image.DecompressionBombError(
-                    f"{image.width}x{image.height} is more than {Image.MAX_IMAGE_PIXELS} pixels"
-                )
+            limit = MAX_IMAGE_PIXELS or Image.MAX_IMAGE_PIXELS
+            if limit and image.width * image.height > limit:
+                raise Image.DecompressionBombError(f"{image.width}x{image.height} is more than {limit} pixels")
             image.load()  # decode fully: a truncated file fails here, not at open
     except Image.DecompressionBombError as exc:
         raise Refused(f"the image has too many pixels to decode safely ({exc}): downscale it") from None

@@ -7,6 +7,16 @@ import os
 MB = 2**20
 
 
+def count(variable: str, default: int | None) -> int | None:
+    """A positive whole number from `variable` if it is set, else `default`; a bad value stops start-up."""
+    raw = os.environ.get(variable, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) <= 0:
+        raise ValueError(f"{variable}={raw!r}: give a positive whole number")
+    return int(raw)
+
+
 def megabytes(variable: str, default_mb: float) -> int:
     """Bytes from `variable` (in MB) if it is set, else `default_mb`; a bad value stops start-up with a clear error."""
     raw = os.environ.get(variable, "").strip()
