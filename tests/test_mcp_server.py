@@ -619,3 +619,36 @@ def test_generate_captions_reports_progress_over_mcp(server_workspace, shapes):
     run_session(server_workspace, script)
     assert progress and progress[-1] == (4, 4)
     assert all(p.read_text().startswith("xyz_shape shape") for p in folder.glob("*.txt"))
+
+
+def test_a_folder_the_client_offers_as_a_root_may_be_imported(tmp_path, tiny_sd15):
+    from mcp import types
+
+    from training.data.synthetic import make_shape_dataset
+
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    source = tmp_path / "offered"
+    make_shape_dataset(source, 2, trigger_word="xyz_shape")
+
+    async def offer_roots(context) -> types.ListRootsResult:
+        return types.ListRootsResult(roots=[types.Root(uri=source.as_uri(), name="offered")])
+
+    async def main(with_roots: bool):
+        params = StdioServerParameters(
+            command=sys.executable, args=["-m", "server.main", "--workspace", str(workspace)], cwd=str(REPO)
+        )  # no LORA_MCP_ALLOWED_DIRS: only the workspace and the client's roots
+        callback = offer_roots if with_roots else None
+        async with (
+            stdio_client(params) as (read, write),
+            ClientSession(read, write, list_roots_callback=callback) as session,
+        ):
+            await session.initialize()
+            name = "offered" if with_roots else "refused"
+            return await session.call_tool("import-dataset", {"dataset_name": name, "source_path": str(source)})
+
+    without = anyio.run(main, False)
+    assert without.is_error and "root" in without.content[0].text
+    offered = anyio.run(main, True)
+    assert not offered.is_error, offered.content
+    assert offered.structured_content["imported"] == 2

@@ -17,10 +17,30 @@ from server.errors import ServiceError
 from server.images import thumbnail_png
 from server.inspection import CaptionLintResult, caption_lint, dataset_info
 from server.names import checked_name
+from server.paths import set_client_roots
 from server.tools import READ_ONLY, Deleted, Services
 from training.config import LoraType
 from training.data.dataset import IMAGE_SUFFIXES
 from training.data.report import DatasetReport
+
+
+async def refresh_client_roots(ctx: Context) -> None:
+    """Ask the client for its roots, where it offers them (clients before the 2026-07-28 protocol)."""
+    import warnings
+
+    from mcp import types
+
+    session = ctx.session
+    if not session.check_client_capability(types.ClientCapabilities(roots=types.RootsCapability())):
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # roots are deprecated in 2026-07-28, still how older clients say it
+            result = await session.list_roots()
+    except Exception:  # a client that declared roots but cannot answer: the configured folders still apply
+        return
+    set_client_roots([str(root.uri) for root in result.roots])
+
 
 MAX_LISTED_FILES = 300  # per-file outcomes in one result: thousands would pass the ~1 MB result cap
 
@@ -53,13 +73,17 @@ def register_dataset_tools(server: MCPServer, s: Services) -> None:
         "files; 'link' links to them where they are. The folder must be inside the workspace or a folder "
         "listed in LORA_MCP_ALLOWED_DIRS.",
     )
-    def import_dataset(
+    async def import_dataset(
+        ctx: Context,
         dataset_name: str = Field(description="Name for the dataset: letters, digits, '.', '_' or '-'."),
         source_path: str = Field(description="The folder to import (absolute path)."),
         mode: Literal["copy", "link"] = Field("copy", description="copy the files, or link to them."),
         overwrite: bool = Field(False, description="Import into an existing dataset, replacing same-named files."),
     ) -> ImportResult:
-        result = call(datasets.import_folder, dataset_name, source_path, mode, overwrite)
+        await refresh_client_roots(ctx)
+        result = await anyio.to_thread.run_sync(
+            lambda: call(datasets.import_folder, dataset_name, source_path, mode, overwrite)
+        )
         return _trimmed(result)
 
     @server.tool(
@@ -124,6 +148,8 @@ def register_dataset_tools(server: MCPServer, s: Services) -> None:
         prefix: str = Field("", description="Text after the trigger word, before the description."),
         suffix: str = Field("", description="Text at the end, e.g. ', watercolor painting'."),
     ) -> CaptionRun:
+        await refresh_client_roots(ctx)
+
         def progress(done: int, total: int) -> None:
             anyio.from_thread.run(ctx.report_progress, done, total, f"{done}/{total} images captioned")
 
