@@ -4,6 +4,9 @@ It starts `lora-mcp` over stdio on a fresh workspace, connects with the SDK's cl
 generated dataset, creates a config on `builtin:tiny-sd15`, trains, watches the status with a
 progress bar, fetches the samples and the loss curve, exports the LoRA, and prints where
 everything is. About a minute on 2 CPU cores; nothing is downloaded.
+
+This is a client: its stdout is the user's terminal. The server it starts is a child process
+whose stdout is the protocol stream, which nothing here writes to.
 """
 
 from __future__ import annotations

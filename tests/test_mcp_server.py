@@ -19,17 +19,22 @@ from mcp.client.stdio import StdioServerParameters, stdio_client
 REPO = Path(__file__).resolve().parent.parent
 
 
+def server_params(workspace: Path, *, allow_beside: bool = True) -> StdioServerParameters:
+    """`lora-mcp --workspace` as the SDK's client starts it. The tests' datasets live beside the
+    workspace, in the test's temporary folder, which is then an allowed folder."""
+    env = {"HF_HUB_OFFLINE": "1"}
+    if allow_beside:
+        env["LORA_MCP_ALLOWED_DIRS"] = str(workspace.parent)
+    return StdioServerParameters(
+        command=sys.executable, args=["-m", "server.main", "--workspace", str(workspace)], cwd=str(REPO), env=env
+    )
+
+
 def run_session(workspace: Path, script):
     """Start `lora-mcp --workspace` as a subprocess, connect, run `script(session)`, return its result."""
 
     async def main():
-        params = StdioServerParameters(
-            command=sys.executable,
-            args=["-m", "server.main", "--workspace", str(workspace)],
-            cwd=str(REPO),
-            # The tests' datasets live beside the workspace, in the test's temporary folder.
-            env={"LORA_MCP_ALLOWED_DIRS": str(workspace.parent), "HF_HUB_OFFLINE": "1"},
-        )
+        params = server_params(workspace)
         with open(workspace.parent / f"{workspace.name}-server.err", "a") as errlog:
             async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as session:
                 await session.initialize()
@@ -418,12 +423,7 @@ def test_a_subscriber_is_notified_as_the_status_changes(server_workspace, shapes
             updates.append(str(params.uri))
 
     async def main():
-        params = StdioServerParameters(
-            command=sys.executable,
-            args=["-m", "server.main", "--workspace", str(server_workspace)],
-            cwd=str(REPO),
-            env={"LORA_MCP_ALLOWED_DIRS": str(server_workspace.parent), "HF_HUB_OFFLINE": "1"},
-        )
+        params = server_params(server_workspace)
         async with (
             stdio_client(params) as (read, write),
             ClientSession(read, write, message_handler=on_message) as session,
@@ -451,12 +451,7 @@ def test_a_2026_client_listens_for_status_updates(server_workspace, shapes):
     from mcp.client.subscriptions import ResourceUpdated, listen
 
     async def main():
-        params = StdioServerParameters(
-            command=sys.executable,
-            args=["-m", "server.main", "--workspace", str(server_workspace)],
-            cwd=str(REPO),
-            env={"LORA_MCP_ALLOWED_DIRS": str(server_workspace.parent), "HF_HUB_OFFLINE": "1"},
-        )
+        params = server_params(server_workspace)
         async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
             session.adopt(await session.discover())
             assert session.protocol_version == "2026-07-28"
@@ -635,9 +630,7 @@ def test_a_folder_the_client_offers_as_a_root_may_be_imported(tmp_path, tiny_sd1
         return types.ListRootsResult(roots=[types.Root(uri=source.as_uri(), name="offered")])
 
     async def main(with_roots: bool):
-        params = StdioServerParameters(
-            command=sys.executable, args=["-m", "server.main", "--workspace", str(workspace)], cwd=str(REPO)
-        )  # no LORA_MCP_ALLOWED_DIRS: only the workspace and the client's roots
+        params = server_params(workspace, allow_beside=False)  # only the workspace and the client's roots
         callback = offer_roots if with_roots else None
         async with (
             stdio_client(params) as (read, write),
