@@ -26,6 +26,12 @@ class ConfigResult(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     next_step: str
 
+    @classmethod
+    def of(cls, config: TrainingConfig, next_step: str) -> ConfigResult:
+        return cls(
+            name=config.name, config=config.model_dump(mode="json"), warnings=config.warnings(), next_step=next_step
+        )
+
 
 class ConfigList(BaseModel):
     configs: list[ConfigSummary]
@@ -43,11 +49,8 @@ def register_training_tools(server: MCPServer, s: Services) -> None:
     def create_training_config(**values: Any) -> ConfigResult:
         given = {key: value for key, value in values.items() if value is not None}
         config = call(configs.create, given)
-        return ConfigResult(
-            name=config.name,
-            config=config.model_dump(mode="json"),
-            warnings=config.warnings(),
-            next_step=f"validate-training-config name={config.name}, then start-training config_name={config.name}",
+        return ConfigResult.of(
+            config, f"validate-training-config name={config.name}, then start-training config_name={config.name}"
         )
 
     create_training_config.__signature__ = _config_signature()
@@ -66,9 +69,7 @@ def register_training_tools(server: MCPServer, s: Services) -> None:
     @server.tool(name="get-config", description="Show one config with every option.", annotations=read_only)
     def get_config(name: str = Field(description="Config name, from list-configs.")) -> ConfigResult:
         config = call(configs.get, name)
-        return ConfigResult(
-            name=name, config=config.model_dump(mode="json"), warnings=config.warnings(), next_step="start-training"
-        )
+        return ConfigResult.of(config, "start-training")
 
     @server.tool(
         name="update-training-config",
@@ -80,12 +81,7 @@ def register_training_tools(server: MCPServer, s: Services) -> None:
         changes: dict[str, Any] = Field(description="Options to change, by name."),
     ) -> ConfigResult:
         config = call(configs.update, name, changes)
-        return ConfigResult(
-            name=name,
-            config=config.model_dump(mode="json"),
-            warnings=config.warnings(),
-            next_step=f"validate-training-config name={name}",
-        )
+        return ConfigResult.of(config, f"validate-training-config name={name}")
 
     @server.tool(
         name="validate-training-config",
