@@ -1,7 +1,12 @@
-"""generate-captions: captions for a dataset's images, by template or by an image-to-text model."""
+"""generate-captions: captions for a dataset's images, by template or by an image-to-text model.
+
+A set a model would take more than ~30 s over runs as a background job in the job table (see
+`JobService.start_captioning`); a quick one is captioned inside the call.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,9 +16,11 @@ from server.errors import ServiceError
 from server.names import checked_name
 from server.paths import check_user_path
 from training.data.dataset import image_files
-from training.workspace import atomic_write_text
 
-BATCH = 8  # images per model call: progress is reported after each
+# A BLIP-base-sized model takes up to ~2.1 s an image on this 2-core CPU (bench/caption_time.py, 40 tokens),
+# so more than 14 images is past the ~30 s an assistant should wait inside one call.
+INLINE_MODEL_IMAGES = 14
+LISTED_CAPTIONS = 100  # captions listed in one result; the files hold them all
 
 
 class CaptionedFile(BaseModel):
@@ -21,16 +28,35 @@ class CaptionedFile(BaseModel):
     caption: str
 
 
+class SkippedFile(BaseModel):
+    file: str
+    reason: str
+
+
 class CaptionRun(BaseModel):
     dataset: str = Field(description="The dataset folder.")
     caption_model: str
-    captioned: int = Field(description="Captions written.")
+    captioned: int = Field(description="Captions written (0 when a background job was started).")
     kept: int = Field(description="Images that already had a caption and were left alone (overwrite=false).")
-    files: list[CaptionedFile] = Field(description="The captions written (at most 100 listed).")
+    files: list[CaptionedFile] = Field(description=f"The captions written (at most {LISTED_CAPTIONS} listed).")
+    skipped: list[SkippedFile] = Field(default_factory=list, description="Files that are not readable images.")
+    job_id: str | None = Field(
+        None,
+        description="Set when the set runs as a background job: get-training-status job_id=<job_id> shows "
+        "its progress (step = images captioned), get-training-logs the captions as they are written.",
+    )
     next_step: str
 
 
-def generate_captions(
+class CaptionPlan(BaseModel):
+    """What a generate-captions call will do, checked before anything is written."""
+
+    label: str = Field(description="A name for the job: the dataset name, or the folder's name made safe.")
+    images: int
+    job: dict = Field(description="training.captioning.CaptionJob, as the background job reads it.")
+
+
+def plan_captions(
     workspace: Path,
     *,
     dataset_name: str | None,
@@ -40,50 +66,100 @@ def generate_captions(
     overwrite: bool,
     prefix: str,
     suffix: str,
-    on_progress: Callable[[int, int], None] | None = None,
-) -> CaptionRun:
-    from training.captioning import CaptionerUnavailable, compose, load_captioner, template_caption
+) -> CaptionPlan:
+    """Check the dataset and the model (present, loadable kind) and list the images to caption."""
+    from training.captioning import CaptionerUnavailable, CaptionJob, find_caption_model
 
     folder = _dataset_folder(workspace, dataset_name, dataset_path)
     images = image_files(folder, recursive=True)
     if not images:
         raise ServiceError(f"{folder} has no images (jpg, jpeg, png, webp) to caption")
     todo = [p for p in images if overwrite or not p.with_suffix(".txt").is_file()]
-    if not todo:
+    model = caption_model
+    if todo and caption_model != "template":
+        try:
+            model = str(find_caption_model(caption_model))
+        except CaptionerUnavailable as exc:
+            raise ServiceError(str(exc)) from None
+    job = CaptionJob(
+        folder=str(folder),
+        files=[str(p.relative_to(folder)) for p in todo],
+        caption_model=model,
+        trigger_word=trigger_word,
+        prefix=prefix,
+        suffix=suffix,
+    )
+    label = dataset_name or re.sub(r"[^A-Za-z0-9._-]+", "_", folder.name).strip("._-")[:60] or "dataset"
+    return CaptionPlan(label=label, images=len(images), job=job.model_dump())
+
+
+def runs_in_background(plan: CaptionPlan, background: bool | None) -> bool:
+    """The caller's choice, else: a model (not the template) with more than INLINE_MODEL_IMAGES images."""
+    files = plan.job["files"]
+    if not files:
+        return False
+    if background is not None:
+        return background
+    return plan.job["caption_model"] != "template" and len(files) > INLINE_MODEL_IMAGES
+
+
+def caption_now(
+    plan: CaptionPlan, caption_model: str, on_progress: Callable[[int, int], None] | None = None
+) -> CaptionRun:
+    """Caption the plan's images inside this call, reporting progress after each batch."""
+    from training.captioning import CaptionerUnavailable, CaptionJob, captioner_for, write_captions
+
+    job = CaptionJob(**plan.job)
+    folder = Path(job.folder)
+    if not job.files:
         return CaptionRun(
-            dataset=str(folder),
+            dataset=job.folder,
             caption_model=caption_model,
             captioned=0,
-            kept=len(images),
+            kept=plan.images,
             files=[],
             next_step="every image already has a caption: pass overwrite=true to replace them, or lint-captions",
         )
-    if caption_model == "template":
-
-        def describe(paths: list[Path]) -> list[str]:
-            return [template_caption(p, folder) for p in paths]
-    else:
-        try:
-            describe = load_captioner(caption_model)
-        except CaptionerUnavailable as exc:
-            raise ServiceError(str(exc)) from None
-
-    written = []
-    for first in range(0, len(todo), BATCH):
-        batch = todo[first : first + BATCH]
-        for path, description in zip(batch, describe(batch)):
-            caption = compose(description, trigger_word=trigger_word, prefix=prefix, suffix=suffix)
-            atomic_write_text(path.with_suffix(".txt"), caption + "\n")
-            written.append(CaptionedFile(file=str(path.relative_to(folder)), caption=caption))
+    try:
+        describe = captioner_for(job.caption_model, folder)
+    except CaptionerUnavailable as exc:
+        raise ServiceError(str(exc)) from None
+    written, skipped = [], []
+    batches = write_captions(
+        folder,
+        [folder / name for name in job.files],
+        describe,
+        trigger_word=job.trigger_word,
+        prefix=job.prefix,
+        suffix=job.suffix,
+    )
+    for batch_written, batch_skipped in batches:
+        written += [CaptionedFile(file=name, caption=caption) for name, caption in batch_written]
+        skipped += [SkippedFile(file=name, reason=reason) for name, reason in batch_skipped]
         if on_progress:
-            on_progress(min(first + BATCH, len(todo)), len(todo))
+            on_progress(len(written) + len(skipped), len(job.files))
     return CaptionRun(
-        dataset=str(folder),
+        dataset=job.folder,
         caption_model=caption_model,
         captioned=len(written),
-        kept=len(images) - len(todo),
-        files=written[:100],
+        kept=plan.images - len(job.files),
+        files=written[:LISTED_CAPTIONS],
+        skipped=skipped,
         next_step="read a few captions, refine them with update-captions, then lint-captions",
+    )
+
+
+def caption_job_started(plan: CaptionPlan, caption_model: str, job_id: str) -> CaptionRun:
+    return CaptionRun(
+        dataset=plan.job["folder"],
+        caption_model=caption_model,
+        captioned=0,
+        kept=plan.images - len(plan.job["files"]),
+        files=[],
+        job_id=job_id,
+        next_step=f"{len(plan.job['files'])} images are being captioned in the background: poll "
+        f"get-training-status job_id={job_id} (step = images done); get-training-logs shows the captions; "
+        "when it is completed, lint-captions",
     )
 
 

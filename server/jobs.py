@@ -1,8 +1,11 @@
-"""Training jobs: a durable queue in SQLite, each job a `lora-train` child process.
+"""Background jobs: a durable queue in SQLite, each job a child process.
 
-The job table (`state.db`) is the truth; nothing about a job lives only in memory. A job's
-progress is read from its run directory (status.json, train.log), which the trainer writes
-atomically. One job trains at a time; later ones wait as `queued` and start in order.
+Two kinds of job share the table: `training` (a `lora-train` process) and `captioning` (a
+`python -m training.captioning` process, for generate-captions on a long set). The job table
+(`state.db`) is the truth; nothing about a job lives only in memory. A job's progress is read
+from its run directory (status.json, train.log), which the child writes atomically. One job of
+each kind runs at a time (a dataset can be captioned while another trains); later ones wait as
+`queued` and start in order.
 
 Each trainer runs in its own session and process group, with stdin from /dev/null and its output
 in `process.log`, so it survives the server and a crash of either cannot take down the other.
@@ -33,6 +36,9 @@ from server.names import checked_name
 from training.workspace import atomic_write_text
 
 JobState = Literal["queued", "running", "completed", "failed", "stopped", "interrupted"]
+JobKind = Literal["training", "captioning"]
+# The child's module, by kind: how it is started, and how a pid is recognised as still being it.
+CHILD_MODULES: dict[str, str] = {"training": "training.cli", "captioning": "training.captioning"}
 FINAL_STATES = ("completed", "failed", "stopped", "interrupted")
 RESUMABLE_STATES = ("stopped", "interrupted", "failed")
 STARTUP_GRACE_S = 120.0  # a job marked running may take this long to show its pid (the spawn follows the commit)
@@ -42,6 +48,7 @@ HEARTBEAT_STALE_S = 60.0  # the trainer's status heartbeat comes every 2 s; a mi
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL DEFAULT 'training',
     config_name TEXT NOT NULL,
     state TEXT NOT NULL,
     run_dir TEXT NOT NULL,
@@ -58,7 +65,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 
 class JobRecord(BaseModel):
     job_id: str
-    config_name: str
+    kind: JobKind = "training"
+    config_name: str  # the config trained, or the dataset captioned
     state: JobState
     run_dir: str
     pid: int | None = None
@@ -72,9 +80,12 @@ class JobRecord(BaseModel):
 
 class JobStatus(BaseModel):
     job_id: str
-    config_name: str
+    kind: JobKind = Field(
+        "training", description="training (start-training), or captioning (generate-captions on a long set)"
+    )
+    config_name: str = Field(description="The config trained; for a captioning job, the dataset.")
     state: JobState = Field(description="queued, running, completed, failed, stopped or interrupted")
-    step: int = 0
+    step: int = Field(0, description="Optimizer steps done; for a captioning job, images captioned.")
     total_steps: int | None = None
     percent: float | None = Field(None, description="step / total_steps x 100")
     loss: float | None = Field(None, description="smoothed training loss")
@@ -101,6 +112,9 @@ class JobStore:
             db.execute("PRAGMA journal_mode=WAL")
         with self.transaction() as db:
             db.execute(_SCHEMA)
+            columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            if "kind" not in columns:  # a table from before captioning jobs: every row is a training job
+                db.execute("ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'training'")
 
     @contextmanager
     def transaction(self, *, write: bool = True):
@@ -143,13 +157,15 @@ class JobStore:
                 [*fields.values(), job_id],
             )
 
-    def claim_next(self) -> JobRecord | None:
-        """Mark the oldest queued job running, if no job is running: one transaction, so two
-        servers on one workspace never start two jobs."""
+    def claim_next(self, kind: str) -> JobRecord | None:
+        """Mark the oldest queued job of `kind` running, if no job of that kind is running: one
+        transaction, so two servers on one workspace never start two jobs."""
         with self.transaction() as db:
-            if db.execute("SELECT 1 FROM jobs WHERE state = 'running'").fetchone():
+            if db.execute("SELECT 1 FROM jobs WHERE state = 'running' AND kind = ?", (kind,)).fetchone():
                 return None
-            row = db.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created_at, job_id LIMIT 1").fetchone()
+            row = db.execute(
+                "SELECT * FROM jobs WHERE state = 'queued' AND kind = ? ORDER BY created_at, job_id LIMIT 1", (kind,)
+            ).fetchone()
             if row is None:
                 return None
             now = time.time()
@@ -171,20 +187,33 @@ class JobService:
 
     # --- commands ------------------------------------------------------------------------------
     def start(self, config_name: str, config_yaml: str) -> JobRecord:
-        """Queue a job for a validated config (its YAML is copied, so later edits do not change it)."""
+        """Queue a training job for a validated config (its YAML is copied, so later edits do not change it)."""
         checked_name("config", config_name)
-        active = [j for j in self.store.all() if j.config_name == config_name and j.state in ("queued", "running")]
+        return self._queue("training", config_name, config_name, "request.yaml", config_yaml)
+
+    def start_captioning(self, dataset_label: str, request_json: str) -> JobRecord:
+        """Queue a captioning job: `request_json` is a training.captioning.CaptionJob."""
+        checked_name("dataset", dataset_label)
+        return self._queue("captioning", dataset_label, f"captions-{dataset_label}", "request.json", request_json)
+
+    def _queue(self, kind: JobKind, subject: str, prefix: str, request_name: str, request: str) -> JobRecord:
+        active = [
+            j
+            for j in self.store.all()
+            if j.kind == kind and j.config_name == subject and j.state in ("queued", "running")
+        ]
         if active:
+            what = "config" if kind == "training" else "dataset"
             raise ServiceError(
-                f"config {config_name!r} already has job {active[0].job_id} ({active[0].state}); watch it with "
+                f"{what} {subject!r} already has {kind} job {active[0].job_id} ({active[0].state}); watch it with "
                 "get-training-status, or stop-training it first"
             )
-        job_id = f"{config_name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+        job_id = f"{prefix}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
         run_dir = self.workspace / "runs" / job_id
         run_dir.mkdir(parents=True)
-        atomic_write_text(run_dir / "request.yaml", config_yaml)
+        atomic_write_text(run_dir / request_name, request)
         record = JobRecord(
-            job_id=job_id, config_name=config_name, state="queued", run_dir=str(run_dir), created_at=time.time()
+            job_id=job_id, kind=kind, config_name=subject, state="queued", run_dir=str(run_dir), created_at=time.time()
         )
         self.store.insert(record)
         self.refresh()
@@ -217,6 +246,16 @@ class JobService:
         self.refresh()
         return self._status(self._record(job_id))
 
+    def training_status(self, job_id: str) -> JobStatus:
+        """The status of a training job; a captioning job has no LoRA, samples or metrics to offer."""
+        status = self.status(job_id)
+        if status.kind != "training":
+            raise ServiceError(
+                f"job {job_id} is a {status.kind} job: it writes captions, not a LoRA; get-training-status and "
+                "get-training-logs show it"
+            )
+        return status
+
     def list(self) -> list[JobStatus]:
         self.refresh()
         return [self._status(record) for record in self.store.all()]
@@ -239,13 +278,14 @@ class JobService:
         for record in self.store.all():
             if record.state == "running":
                 self._reconcile(record)
-        while (claimed := self.store.claim_next()) is not None:
-            if self._spawn(claimed):
-                break
+        for kind in CHILD_MODULES:
+            while (claimed := self.store.claim_next(kind)) is not None:
+                if self._spawn(claimed):
+                    break
 
     def _reconcile(self, record: JobRecord) -> None:
         status = _read_status(Path(record.run_dir))
-        alive = self._alive(record.pid, status)
+        alive = self._alive(record, status)
         final = status.get("state") if status.get("state") in ("completed", "failed", "stopped") else None
         if final and not alive:
             self.store.update(record.job_id, state=final, finished_at=time.time(), error=status.get("error"))
@@ -262,20 +302,23 @@ class JobService:
                 record.job_id,
                 state="interrupted",
                 finished_at=time.time(),
-                error=f"the training process ended without a final state ({reason or 'no output'}); "
-                "resume-training continues from its last checkpoint",
+                error=f"the {record.kind} process ended without a final state ({reason or 'no output'}); "
+                "resume-training continues from "
+                + ("its last checkpoint" if record.kind == "training" else "the images not yet captioned"),
             )
 
     def _spawn(self, record: JobRecord) -> bool:
         run_dir = Path(record.run_dir)
-        if record.resume:
-            args = ["--resume", str(run_dir)]
+        if record.kind == "captioning":
+            args = [str(run_dir)]  # a second run continues with the images not yet captioned
+        elif record.resume:
+            args = ["--resume", str(run_dir), "--quiet"]
         else:
-            args = [str(run_dir / "request.yaml"), "--run-dir", str(run_dir)]
+            args = [str(run_dir / "request.yaml"), "--run-dir", str(run_dir), "--quiet"]
         try:
             with open(run_dir / "process.log", "ab") as log:
                 process = subprocess.Popen(
-                    [self._python, "-m", "training.cli", *args, "--quiet"],
+                    [self._python, "-m", CHILD_MODULES[record.kind], *args],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -290,10 +333,11 @@ class JobService:
         self.store.update(record.job_id, pid=process.pid)
         return True
 
-    def _alive(self, pid: int | None, status: dict) -> bool:
-        """Our own child: its exit status says. Another server's (or a previous server's) trainer:
-        the pid must exist, still be a `training.cli` process (pids are reused, e.g. after a
-        reboot), and its heartbeat must be recent."""
+    def _alive(self, record: JobRecord, status: dict) -> bool:
+        """Our own child: its exit status says. Another server's (or a previous server's) child:
+        the pid must exist, still run the job's module (pids are reused, e.g. after a reboot),
+        and its heartbeat must be recent."""
+        pid = record.pid
         if pid is None:
             return False
         child = self._children.get(pid)
@@ -302,7 +346,7 @@ class JobService:
                 return True
             del self._children[pid]  # reaped
             return False
-        if not _is_trainer_process(pid):
+        if not _runs_module(pid, CHILD_MODULES[record.kind]):
             return False
         heartbeat = status.get("heartbeat")
         return heartbeat is None or time.time() - heartbeat < HEARTBEAT_STALE_S
@@ -321,6 +365,7 @@ class JobService:
         step = status.get("step") or 0
         return JobStatus(
             job_id=record.job_id,
+            kind=record.kind,
             config_name=record.config_name,
             state=record.state,
             step=step,
@@ -362,16 +407,16 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)  # the trainer leads its own process group (start_new_session)
 
 
-def _is_trainer_process(pid: int) -> bool:
-    """A live (not zombie) process running `training.cli`; where there is no /proc, only whether
-    the pid exists."""
+def _runs_module(pid: int, module: str) -> bool:
+    """A live (not zombie) process running `python -m <module>`; where there is no /proc, only
+    whether the pid exists."""
     if Path("/proc/self").exists():
         try:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
             command = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return False
-        return state != "Z" and b"training.cli" in command
+        return state != "Z" and module.encode() in command.split(b"\0")
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

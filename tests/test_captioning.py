@@ -5,54 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
-from server.captions import generate_captions
+from server.captions import caption_now, plan_captions
 from server.errors import ServiceError
 from training.data.synthetic import make_shape_dataset
-
-
-@pytest.fixture(scope="module")
-def tiny_git(tmp_path_factory) -> Path:
-    """A GIT image-to-text model at toy size with random weights: its captions are nonsense,
-    the plumbing (processor, generate, decode) is the real one."""
-    from transformers import BertTokenizer, CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor
-
-    folder = tmp_path_factory.mktemp("tiny-git")
-    words = [
-        "[PAD]",
-        "[UNK]",
-        "[CLS]",
-        "[SEP]",
-        "[MASK]",
-        *["a", "the", "red", "blue", "cat", "dog", "on", "in", "photo", "of", "with"],
-    ]
-    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
-    processor = GitProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=BertTokenizer(str(folder / "vocab.txt")),
-    )
-    vision = dict(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=16
-    )
-    config = GitConfig(
-        vision_config=vision,
-        vocab_size=len(words),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        max_position_embeddings=64,
-        bos_token_id=2,
-        eos_token_id=3,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    model_folder = folder / "model"
-    GitForCausalLM(config).save_pretrained(model_folder)
-    processor.save_pretrained(model_folder)
-    return model_folder
 
 
 def run(workspace: Path, **options):
@@ -65,7 +22,9 @@ def run(workspace: Path, **options):
         prefix="",
         suffix="",
     )
-    return generate_captions(workspace, **{**values, **options})
+    on_progress = options.pop("on_progress", None)
+    values.update(options)
+    return caption_now(plan_captions(workspace, **values), values["caption_model"], on_progress=on_progress)
 
 
 def test_template_captions_follow_the_guide(tmp_path):

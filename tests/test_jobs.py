@@ -67,7 +67,7 @@ def test_a_second_job_waits_and_starts_by_itself(service, shapes):
 
 def test_starting_a_config_twice_is_refused(service, shapes):
     job = service.start("twice", yaml_for(shapes, steps=2))
-    with pytest.raises(ServiceError, match="already has job"):
+    with pytest.raises(ServiceError, match="already has training job"):
         service.start("twice", yaml_for(shapes, steps=2))
     wait_until(service, job.job_id, done)
 

@@ -220,7 +220,7 @@ def test_bad_input_gets_tool_errors_and_changes_nothing(server_workspace, shapes
         )
         job = (await session.call_tool("start-training", {"config_name": "quick"})).structured_content["job_id"]
         twice = await session.call_tool("start-training", {"config_name": "quick"})
-        assert twice.is_error and "already has job" in twice.content[0].text
+        assert twice.is_error and "already has training job" in twice.content[0].text
         await wait_for_state(session, job, ("completed", "failed"))
         finished = await session.call_tool("stop-training", {"job_id": job})
         assert finished.is_error and "already completed" in finished.content[0].text
@@ -614,6 +614,39 @@ def test_generate_captions_reports_progress_over_mcp(server_workspace, shapes):
     run_session(server_workspace, script)
     assert progress and progress[-1] == (4, 4)
     assert all(p.read_text().startswith("xyz_shape shape") for p in folder.glob("*.txt"))
+
+
+def test_a_long_captioning_set_runs_as_a_job_the_training_tools_watch(server_workspace, tiny_git):
+    from server.captions import INLINE_MODEL_IMAGES
+    from training.data.synthetic import make_shape_dataset
+
+    folder = server_workspace / "datasets" / "many"
+    make_shape_dataset(folder, INLINE_MODEL_IMAGES + 1)
+    for caption in folder.glob("*.txt"):
+        caption.unlink()
+
+    async def script(session):
+        arguments = {"dataset_name": "many", "caption_model": str(tiny_git), "trigger_word": "xyz_shape"}
+        started = await session.call_tool("generate-captions", arguments)
+        assert not started.is_error, started.content
+        job_id = started.structured_content["job_id"]
+        assert job_id and started.structured_content["captioned"] == 0
+        again = await session.call_tool("generate-captions", arguments)
+        assert again.is_error and job_id in again.content[0].text  # one captioning job per dataset at a time
+
+        status = await wait_for_state(session, job_id, ("completed", "failed", "interrupted"))
+        assert status["state"] == "completed" and status["kind"] == "captioning"
+        assert status["step"] == status["total_steps"] == INLINE_MODEL_IMAGES + 1
+        logs = await session.call_tool("get-training-logs", {"job_id": job_id, "lines": 5})
+        assert f"shape_{INLINE_MODEL_IMAGES:03d}.png: xyz_shape" in logs.content[0].text
+        listed = await session.call_tool("list-training-jobs", {})
+        assert any(j["job_id"] == job_id and j["kind"] == "captioning" for j in listed.structured_content["jobs"])
+        export = await session.call_tool("export-model", {"job_id": job_id})
+        assert export.is_error and "captioning job" in export.content[0].text
+
+    run_session(server_workspace, script)
+    captions = list(folder.glob("*.txt"))
+    assert len(captions) == INLINE_MODEL_IMAGES + 1 and all(p.read_text().startswith("xyz_shape") for p in captions)
 
 
 def test_a_folder_the_client_offers_as_a_root_may_be_imported(tmp_path, tiny_sd15):

@@ -4,13 +4,27 @@
 Captions follow the guide's structure, `[trigger] [subject] [details], [style], [quality],
 [composition]`: a model writes the subject and details, the template fills them from the file
 and folder names; the trigger word goes first, then the given prefix and suffix.
+
+A long set runs as a background job: `python -m training.captioning RUN_DIR` reads the job from
+`RUN_DIR/request.json` and keeps the run-directory contract of training (status.json with its
+heartbeat, train.log), with `step` counting captioned images and one `captions.jsonl` row per
+caption written. SIGTERM stops it after the current batch; run again, it continues where it stopped.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import re
-from collections.abc import Callable
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from pydantic import BaseModel, Field
 
 # Short names for the usual captioning models on the Hugging Face hub.
 CAPTION_MODELS = {
@@ -27,13 +41,62 @@ UNSUPPORTED = {
     "wd14": "WD14 taggers are ONNX models and need onnxruntime, which is not installed; use blip, blip2 or git",
 }
 MAX_NEW_TOKENS = 40  # a caption of a dozen or two words
+BATCH = 8  # images per model call; progress is reported and a stop request honoured after each
 _NOT_A_SUBJECT = re.compile(r"^(img|image|dsc|dscn|photo|pic|scan|screenshot|\d+)$", re.IGNORECASE)
 
 Captioner = Callable[[list[Path]], list[str]]
 
 
+log = logging.getLogger("training.captioning")
+
+
 class CaptionerUnavailable(RuntimeError):
     """The captioning model cannot be used here; the message says why and what to do."""
+
+
+class CaptionJob(BaseModel):
+    """A background captioning job, as the server writes it to `request.json` in the job's run directory."""
+
+    folder: str = Field(description="The dataset folder (absolute).")
+    files: list[str] = Field(description="The images to caption, relative to folder.")
+    caption_model: str = Field(description="'template', or the folder of an image-to-text model.")
+    trigger_word: str | None = None
+    prefix: str = ""
+    suffix: str = ""
+
+
+def captioner_for(caption_model: str, folder: Path) -> Captioner:
+    """The template captioner for 'template', else the image-to-text model `caption_model`."""
+    if caption_model == "template":
+        return lambda paths: [template_caption(p, folder) for p in paths]
+    return load_captioner(caption_model)
+
+
+def write_captions(
+    folder: Path, paths: list[Path], describe: Captioner, *, trigger_word: str | None, prefix: str, suffix: str
+) -> Iterator[tuple[list[tuple[str, str]], list[tuple[str, str]]]]:
+    """Caption `paths` batch by batch, writing each caption next to its image (atomically).
+    Yields, per batch, the (file, caption) pairs written and the (file, reason) pairs skipped:
+    a file that is gone or is not a readable image is skipped, not fatal to the set."""
+    from PIL import Image, UnidentifiedImageError
+
+    from training.workspace import atomic_write_text
+
+    for first in range(0, len(paths), BATCH):
+        readable, skipped = [], []
+        for path in paths[first : first + BATCH]:
+            try:
+                with Image.open(path) as image:
+                    image.size  # noqa: B018 - the header is read here, the pixels by the captioner
+                readable.append(path)
+            except (OSError, UnidentifiedImageError) as exc:
+                skipped.append((str(path.relative_to(folder)), f"not a readable image: {exc}"))
+        written = []
+        for path, description in zip(readable, describe(readable) if readable else []):
+            caption = compose(description, trigger_word=trigger_word, prefix=prefix, suffix=suffix)
+            atomic_write_text(path.with_suffix(".txt"), caption + "\n")
+            written.append((str(path.relative_to(folder)), caption))
+        yield written, skipped
 
 
 def compose(description: str, *, trigger_word: str | None, prefix: str = "", suffix: str = "") -> str:
@@ -62,41 +125,16 @@ def template_caption(path: Path, root: Path) -> str:
     return f"{' '.join(words).lower()}, detailed, high quality, {composition}"
 
 
-def load_captioner(caption_model: str) -> Captioner:
-    """A function from image files to descriptions, for `caption_model`: a short name (blip, blip2,
-    git, ...), a Hugging Face id in the local cache, or a local folder."""
+def find_caption_model(caption_model: str) -> Path:
+    """The folder of `caption_model`: a short name (blip, blip2, git, ...), a Hugging Face id in
+    the local cache, or a local folder; CaptionerUnavailable says what to do when it is not here."""
     key = caption_model.lower()
     if key in UNSUPPORTED:
         raise CaptionerUnavailable(UNSUPPORTED[key])
-    folder = _model_folder(caption_model)
-    import torch
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    try:
-        processor = AutoProcessor.from_pretrained(str(folder))
-        model = AutoModelForImageTextToText.from_pretrained(str(folder)).eval()
-    except (OSError, ValueError, KeyError) as exc:
-        raise CaptionerUnavailable(f"{folder} is not an image-to-text model transformers can load: {exc}") from None
-
-    def caption(paths: list[Path]) -> list[str]:
-        images = []
-        for path in paths:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        inputs = processor(images=images, return_tensors="pt")
-        with torch.no_grad():
-            ids = model.generate(pixel_values=inputs["pixel_values"], max_new_tokens=MAX_NEW_TOKENS)
-        return [" ".join(text.split()) for text in processor.batch_decode(ids, skip_special_tokens=True)]
-
-    return caption
-
-
-def _model_folder(caption_model: str) -> Path:
     local = Path(caption_model).expanduser()
     if local.is_dir():
         return local
-    repo_id = CAPTION_MODELS.get(caption_model.lower(), caption_model)
+    repo_id = CAPTION_MODELS.get(key, caption_model)
     from huggingface_hub import snapshot_download
     from huggingface_hub.constants import HF_HUB_CACHE
 
@@ -109,3 +147,119 @@ def _model_folder(caption_model: str) -> Path:
             f"(huggingface-cli download {repo_id}), give a local folder, or use caption_model='template', "
             "which works offline."
         ) from None
+
+
+def load_captioner(caption_model: str) -> Captioner:
+    """A function from image files to descriptions, for the model `find_caption_model` finds."""
+    folder = find_caption_model(caption_model)
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from training.models.loading import pick_device
+
+    device = pick_device()  # the GPU where there is one: BLIP-base takes ~2 s an image on 2 CPU cores
+    try:
+        processor = AutoProcessor.from_pretrained(str(folder))
+        model = AutoModelForImageTextToText.from_pretrained(str(folder)).eval().to(device)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CaptionerUnavailable(f"{folder} is not an image-to-text model transformers can load: {exc}") from None
+
+    def caption(paths: list[Path]) -> list[str]:
+        images = []
+        for path in paths:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        inputs = processor(images=images, return_tensors="pt")
+        with torch.no_grad():
+            ids = model.generate(pixel_values=inputs["pixel_values"].to(device), max_new_tokens=MAX_NEW_TOKENS)
+        return [" ".join(text.split()) for text in processor.batch_decode(ids, skip_special_tokens=True)]
+
+    return caption
+
+
+def run_caption_job(run_dir: Path, stop: threading.Event) -> str:
+    """Run (or continue) the captioning job in `run_dir`; returns its final state."""
+    from training.run_files import RunFiles, StatusWriter
+    from training.workspace import append_line
+
+    files = RunFiles(run_dir)
+    job = CaptionJob.model_validate_json((run_dir / "request.json").read_text(encoding="utf-8"))
+    folder = Path(job.folder)
+    done_file = run_dir / "captions.jsonl"
+    done = _files_done(done_file)
+    todo = [folder / name for name in job.files if name not in done]
+    status = StatusWriter(files.status, total_steps=len(job.files))
+    status.update(step=len(job.files) - len(todo))
+    handler = logging.FileHandler(files.log, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    status.start()
+    try:
+        log.info("captioning %d of %d images in %s with %s", len(todo), len(job.files), folder, job.caption_model)
+        describe = captioner_for(job.caption_model, folder)
+        started, count = time.time(), 0
+        batches = write_captions(
+            folder, todo, describe, trigger_word=job.trigger_word, prefix=job.prefix, suffix=job.suffix
+        )
+        for written, skipped in batches:
+            for name, caption in written:
+                append_line(done_file, json.dumps({"file": name, "caption": caption}))
+                log.info("%s: %s", name, caption)
+            for name, reason in skipped:
+                append_line(done_file, json.dumps({"file": name, "skipped": reason}))
+                log.warning("%s skipped: %s", name, reason)
+            count += len(written) + len(skipped)
+            rate = count / max(time.time() - started, 1e-6)
+            step = len(job.files) - len(todo) + count
+            status.update(step=step, it_per_s=round(rate, 3), eta_s=round((len(job.files) - step) / rate, 1))
+            if stop.is_set() and step < len(job.files):
+                log.info("stopped at %d of %d images; resume continues with the rest", step, len(job.files))
+                status.finish("stopped")
+                return "stopped"
+        log.info("done: all %d images captioned or skipped", len(job.files))
+        status.finish("completed", eta_s=0)
+        return "completed"
+    except CaptionerUnavailable as exc:
+        log.error("%s", exc)
+        status.finish("failed", error=str(exc))
+        return "failed"
+    except Exception as exc:
+        log.exception("captioning failed")
+        status.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        return "failed"
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _files_done(path: Path) -> set[str]:
+    """Files a previous run of the job already captioned or skipped (a torn last row is ignored)."""
+    done = set()
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                done.add(json.loads(line)["file"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m training.captioning RUN_DIR`: the server's background captioning job."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not (Path(args[0]) / "request.json").is_file():
+        print("usage: python -m training.captioning RUN_DIR (a folder holding request.json)", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    state = run_caption_job(Path(args[0]), stop)
+    return {"completed": 0, "stopped": 130}.get(state, 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

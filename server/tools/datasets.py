@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 import anyio
@@ -11,7 +12,14 @@ from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
-from server.captions import CaptionRun, generate_captions
+from server.captions import (
+    INLINE_MODEL_IMAGES,
+    CaptionRun,
+    caption_job_started,
+    caption_now,
+    plan_captions,
+    runs_in_background,
+)
 from server.datasets import CaptionUpdateResult, DatasetSummary, ImportResult, UploadImage, UploadResult
 from server.errors import ServiceError
 from server.images import thumbnail_png
@@ -50,7 +58,7 @@ class DatasetList(BaseModel):
 
 
 def register_dataset_tools(server: MCPServer, s: Services) -> None:
-    call, resource_call, workspace, datasets = s.call, s.resource_call, s.workspace, s.datasets
+    call, resource_call, workspace, datasets, jobs = s.call, s.resource_call, s.workspace, s.datasets, s.jobs
     read_only = READ_ONLY
 
     @server.tool(
@@ -136,7 +144,9 @@ def register_dataset_tools(server: MCPServer, s: Services) -> None:
         description="Write captions for a dataset's images: caption_model 'template' (offline: trigger word + "
         "subject from the file or folder name + the guide's structure) or an image-to-text model (blip, blip2, git, "
         "a Hugging Face id in the local cache, or a local folder). Images that have a caption are kept unless "
-        "overwrite. Progress is reported while it runs. Then lint-captions.",
+        "overwrite. A quick set is captioned inside the call, with progress; a model with more than "
+        f"{INLINE_MODEL_IMAGES} images to caption runs as a background job: the result's job_id works with "
+        "get-training-status, get-training-logs and stop-training. Then lint-captions.",
     )
     async def generate_captions_tool(
         ctx: Context,
@@ -147,6 +157,11 @@ def register_dataset_tools(server: MCPServer, s: Services) -> None:
         overwrite: bool = Field(False, description="Replace existing captions too."),
         prefix: str = Field("", description="Text after the trigger word, before the description."),
         suffix: str = Field("", description="Text at the end, e.g. ', watercolor painting'."),
+        background: bool | None = Field(
+            None,
+            description="true: always a background job; false: always inside this call; default: a job when a "
+            f"model has more than {INLINE_MODEL_IMAGES} images to caption.",
+        ),
     ) -> CaptionRun:
         await refresh_client_roots(ctx)
 
@@ -154,9 +169,10 @@ def register_dataset_tools(server: MCPServer, s: Services) -> None:
             anyio.from_thread.run(ctx.report_progress, done, total, f"{done}/{total} images captioned")
 
         def run() -> CaptionRun:
-            # Not under the job lock: captioning with a model can take minutes, status calls must not wait.
+            # Not under the job lock: listing a large folder or captioning with a model takes a while,
+            # and status calls must not wait for it.
             try:
-                return generate_captions(
+                plan = plan_captions(
                     workspace,
                     dataset_name=dataset_name,
                     dataset_path=dataset_path,
@@ -165,8 +181,11 @@ def register_dataset_tools(server: MCPServer, s: Services) -> None:
                     overwrite=overwrite,
                     prefix=prefix,
                     suffix=suffix,
-                    on_progress=progress,
                 )
+                if runs_in_background(plan, background):
+                    record = call(jobs.start_captioning, plan.label, json.dumps(plan.job))
+                    return caption_job_started(plan, caption_model, record.job_id)
+                return caption_now(plan, caption_model, on_progress=progress)
             except ServiceError as exc:
                 raise ToolError(str(exc)) from None
 

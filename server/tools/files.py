@@ -40,7 +40,7 @@ def register_file_tools(server: MCPServer, s: Services) -> None:
         step: int | None = Field(None, ge=1, description="A checkpoint step; default: the final LoRA."),
         output_format: Literal["kohya", "diffusers"] = Field("kohya", description="kohya for ComfyUI/A1111."),
     ) -> ExportedLora:
-        status = call(jobs.status, job_id)
+        status = call(jobs.training_status, job_id)
         return call(loras.export, job_id, Path(status.run_dir), status.config_name, step, output_format)
 
     @server.tool(

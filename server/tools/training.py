@@ -33,6 +33,9 @@ class ConfigResult(BaseModel):
         )
 
 
+ANY_JOB_ID = "Job id from start-training, or from generate-captions for a captioning job."
+
+
 class ConfigList(BaseModel):
     configs: list[ConfigSummary]
 
@@ -123,7 +126,7 @@ def register_training_tools(server: MCPServer, s: Services) -> None:
         "smoothed loss, lr, it/s, ETA, last checkpoint, latest sample names, LoRA path and error of a job.",
         annotations=read_only,
     )
-    def get_training_status(job_id: str = Field(description="Job id from start-training.")) -> JobStatus:
+    def get_training_status(job_id: str = Field(description=ANY_JOB_ID)) -> JobStatus:
         return call(jobs.status, job_id)
 
     @server.tool(
@@ -132,7 +135,7 @@ def register_training_tools(server: MCPServer, s: Services) -> None:
         annotations=read_only,
     )
     def get_training_logs(
-        job_id: str = Field(description="Job id from start-training."),
+        job_id: str = Field(description=ANY_JOB_ID),
         lines: int = Field(50, ge=1, le=1000, description="How many lines from the end."),
     ) -> str:
         return call(jobs.logs, job_id, lines)
@@ -143,7 +146,7 @@ def register_training_tools(server: MCPServer, s: Services) -> None:
         "(killed if it has not ended after 60 s). resume-training continues it later.",
         annotations=ToolAnnotations(destructiveHint=False, idempotentHint=False),
     )
-    def stop_training(job_id: str = Field(description="Job id from start-training.")) -> JobStatus:
+    def stop_training(job_id: str = Field(description=ANY_JOB_ID)) -> JobStatus:
         call(jobs.stop, job_id)
         return call(jobs.status, job_id)
 
@@ -151,7 +154,7 @@ def register_training_tools(server: MCPServer, s: Services) -> None:
         name="resume-training",
         description="Continue a stopped, interrupted or failed job from its last checkpoint (same job_id).",
     )
-    def resume_training(job_id: str = Field(description="Job id from start-training.")) -> JobStatus:
+    def resume_training(job_id: str = Field(description=ANY_JOB_ID)) -> JobStatus:
         call(jobs.resume, job_id)
         return call(jobs.status, job_id)
 
@@ -169,7 +172,7 @@ def register_training_tools(server: MCPServer, s: Services) -> None:
         job_id: str = Field(description="Job id from start-training."),
         step: int | None = Field(None, ge=0, description="A sampling step; default: the latest."),
     ) -> list:
-        status = call(jobs.status, job_id)
+        status = call(jobs.training_status, job_id)
         return _sample_content(Path(status.run_dir), job_id, step)
 
     # --- resources ---------------------------------------------------------------------------
