@@ -28,6 +28,7 @@ from server.limits import megabytes
 from server.loras import LoraService
 from server.tools import Services
 from server.tools.datasets import register_dataset_tools
+from server.tools.diagnostics import register_diagnostic_tools
 from server.tools.files import register_file_tools
 from server.tools.prompts import register_prompts
 from server.tools.training import register_training_tools
@@ -119,6 +120,7 @@ def build_server(workspace: Path) -> MCPServer:
     services = Services(workspace, configs, jobs, loras, datasets, uploads, call, resource_call)
     register_dataset_tools(server, services)
     register_training_tools(server, services)
+    register_diagnostic_tools(server, services)
     register_file_tools(server, services)
     register_prompts(server)
     return server

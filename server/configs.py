@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import AliasChoices, BaseModel, Field
 
 from server.errors import ServiceError
@@ -22,7 +21,7 @@ from server.names import checked_name
 from server.paths import check_user_path
 from training.config import STEPS_PER_IMAGE, ConfigError, TrainingConfig
 from training.data.dataset import DatasetError, locate_dataset, scan_dataset
-from training.diagnostics import preflight_findings
+from training.diagnostics import Finding, preflight_findings
 from training.workspace import atomic_write_text, datasets_dir
 
 CONFIG_SUFFIX = ".yaml"
@@ -46,6 +45,11 @@ class ValidationReport(BaseModel):
     valid: bool = Field(description="True when there are no errors (warnings do not count).")
     errors: list[str] = Field(default_factory=list, description="What stops a run, one line each.")
     warnings: list[str] = Field(default_factory=list, description="Allowed but probably unintended.")
+    findings: list[Finding] = Field(
+        default_factory=list,
+        description="The pre-flight rules' findings (also in warnings, as lines); apply-fix config_name=<name> "
+        "finding_id=<rule> writes a copy of the config with a finding's patch.",
+    )
     images: int | None = Field(None, description="Training images found in the dataset (validation excluded).")
     native_resolution: int | None = Field(
         None, description="The base model's native size in pixels, when readable without loading it."
@@ -162,6 +166,7 @@ class ConfigService:
         errors: list[str] = []
         warnings: list[str] = []
         config: TrainingConfig | None = None
+        findings: list[Finding] = []
         try:
             config = TrainingConfig.from_dict(raw)
         except ConfigError as exc:
@@ -174,7 +179,7 @@ class ConfigService:
             got = raw.get(field, default)
             return got if isinstance(got, kind) else default
 
-        images = _check_dataset(
+        images = check_dataset(
             value("dataset_path", str, ""),
             trigger_word=value("trigger_word", str, None),
             trigger_words={
@@ -184,7 +189,7 @@ class ConfigService:
             errors=errors,
             warnings=warnings,
         )
-        native = _check_model(
+        native = check_model(
             value("model_name", str, TrainingConfig.model_fields["model_name"].default),
             value("base_model_config", str, None),
             errors=errors,
@@ -192,7 +197,13 @@ class ConfigService:
 
         if config is not None:
             warnings.extend(config.warnings())
-            warnings.extend(finding.line() for finding in preflight_findings(config, images))
+            # Only what is at hand: a DatasetReport would read every image's pixels, and the server does not
+            # know the training device's memory.
+            from training.diagnostics.evidence import RunEvidence
+
+            evidence = RunEvidence(config=config, images=images, native_resolution=native)
+            findings = preflight_findings(evidence)
+            warnings.extend(finding.line() for finding in findings)
             if config.steps is None and images is not None:
                 warnings.append(
                     f"steps not set: the run will use {STEPS_PER_IMAGE} x {images} images = "
@@ -201,7 +212,13 @@ class ConfigService:
             if config.resolution is None and native is not None:
                 warnings.append(f"resolution not set: the run will use the model's native {native}px")
         return ValidationReport(
-            name=name, valid=not errors, errors=errors, warnings=warnings, images=images, native_resolution=native
+            name=name,
+            valid=not errors,
+            errors=errors,
+            warnings=warnings,
+            findings=findings,
+            images=images,
+            native_resolution=native,
         )
 
     # --- files -----------------------------------------------------------------------------------
@@ -251,11 +268,15 @@ def _stored_yaml(config: TrainingConfig) -> str:
     """Only the values the user set (None means 'the default', so it is left out), name first."""
     given = config.model_dump(mode="json", exclude_unset=True)
     stored = {"name": config.name, **{k: v for k, v in given.items() if k != "name" and v is not None}}
+    import yaml  # lazily: start-up time
+
     return yaml.safe_dump(stored, sort_keys=False, allow_unicode=True)
 
 
 def _read_raw(path: Path) -> dict[str, Any]:
     text = path.read_text(encoding="utf-8")
+    import yaml
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -323,7 +344,7 @@ def _str_or(value: Any, default: str) -> str:
     return value if isinstance(value, str) else default
 
 
-def _check_dataset(
+def check_dataset(
     dataset_path: str,
     *,
     trigger_word: str | None,
@@ -348,7 +369,7 @@ def _check_dataset(
     return index.num_images
 
 
-def _check_model(model_name: str, base_model_config: str | None, *, errors: list[str]) -> int | None:
+def check_model(model_name: str, base_model_config: str | None, *, errors: list[str]) -> int | None:
     """The model's native resolution when its folder says so, or None; a missing model goes to `errors`."""
     from training.models.loading import ModelNotFoundError, read_geometry, resolve_model
 

@@ -24,8 +24,8 @@ def dataset_info(
     model_name: str | None = None,
     trigger_word: str | None = None,
 ) -> DatasetReport:
-    folder = _dataset_folder(workspace, dataset_name)
-    native, step = _geometry(model_name) if model_name else SD15_GEOMETRY
+    folder = dataset_folder(workspace, dataset_name)
+    native, step = model_geometry(model_name) if model_name else SD15_GEOMETRY
     try:
         return inspect_dataset(
             folder, lora_type=lora_type, trigger_word=trigger_word, native_resolution=native, bucket_step=step
@@ -34,8 +34,9 @@ def dataset_info(
         raise ServiceError(f"dataset {dataset_name!r} cannot be inspected: {exc}") from None
 
 
-def _geometry(model_name: str) -> tuple[int, int]:
-    """The model's native size and bucket step, read from its config files (no weights)."""
+def model_geometry(model_name: str) -> tuple[int, int]:
+    """The model's native size and bucket step, read from its config files (no weights); a model that
+    is not here, or whose size cannot be read, is a ServiceError."""
     from training.models.loading import ModelNotFoundError, read_geometry, resolve_model
 
     try:
@@ -68,7 +69,7 @@ def caption_lint(
 ) -> CaptionLintResult:
     """lint-captions: the guide's caption rules over a dataset; with model_name, token lengths are
     counted with that model's tokenizer."""
-    folder = _dataset_folder(workspace, dataset_name)
+    folder = dataset_folder(workspace, dataset_name)
     try:
         index = scan_dataset(folder, trigger_word=trigger_word, trigger_words={})
     except DatasetError as exc:
@@ -87,7 +88,7 @@ def caption_lint(
     )
 
 
-def _dataset_folder(workspace: Path, dataset_name: str) -> Path:
+def dataset_folder(workspace: Path, dataset_name: str) -> Path:
     folder = Path(workspace) / "datasets" / checked_name("dataset", dataset_name)
     if not folder.is_dir():
         raise ServiceError(f"no dataset {dataset_name!r}; list-datasets shows the datasets there are")

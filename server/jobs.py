@@ -1,7 +1,8 @@
 """Background jobs: a durable queue in SQLite, each job a child process.
 
-Two kinds of job share the table: `training` (a `lora-train` process) and `captioning` (a
-`python -m training.captioning` process, for generate-captions on a long set). The job table
+Three kinds of job share the table: `training` (a `lora-train` process), `captioning` (a
+`python -m training.captioning` process, for generate-captions on a long set) and `generation`
+(`python -m training.generation`, for generate-image with a real model). The job table
 (`state.db`) is the truth; nothing about a job lives only in memory. A job's progress is read
 from its run directory (status.json, train.log), which the child writes atomically. One job of
 each kind runs at a time (a dataset can be captioned while another trains); later ones wait as
@@ -36,9 +37,13 @@ from server.names import checked_name
 from training.workspace import atomic_write_text
 
 JobState = Literal["queued", "running", "completed", "failed", "stopped", "interrupted"]
-JobKind = Literal["training", "captioning"]
+JobKind = Literal["training", "captioning", "generation"]
 # The child's module, by kind: how it is started, and how a pid is recognised as still being it.
-CHILD_MODULES: dict[str, str] = {"training": "training.cli", "captioning": "training.captioning"}
+CHILD_MODULES: dict[str, str] = {
+    "training": "training.cli",
+    "captioning": "training.captioning",
+    "generation": "training.generation",
+}
 FINAL_STATES = ("completed", "failed", "stopped", "interrupted")
 RESUMABLE_STATES = ("stopped", "interrupted", "failed")
 STARTUP_GRACE_S = 120.0  # a job marked running may take this long to show its pid (the spawn follows the commit)
@@ -81,7 +86,9 @@ class JobRecord(BaseModel):
 class JobStatus(BaseModel):
     job_id: str
     kind: JobKind = Field(
-        "training", description="training (start-training), or captioning (generate-captions on a long set)"
+        "training",
+        description="training (start-training), captioning (generate-captions on a long set) or generation "
+        "(generate-image / compare-lora-strengths with a real model)",
     )
     config_name: str = Field(description="The config trained; for a captioning job, the dataset.")
     state: JobState = Field(description="queued, running, completed, failed, stopped or interrupted")
@@ -196,6 +203,11 @@ class JobService:
         checked_name("dataset", dataset_label)
         return self._queue("captioning", dataset_label, f"captions-{dataset_label}", "request.json", request_json)
 
+    def start_generation(self, label: str, request_json: str) -> JobRecord:
+        """Queue an image generation job: `request_json` is a training.generation.GenerationRequest."""
+        checked_name("job", label)
+        return self._queue("generation", label, f"images-{label}", "request.json", request_json)
+
     def _queue(self, kind: JobKind, subject: str, prefix: str, request_name: str, request: str) -> JobRecord:
         active = [
             j
@@ -246,13 +258,16 @@ class JobService:
         self.refresh()
         return self._status(self._record(job_id))
 
-    def training_status(self, job_id: str) -> JobStatus:
-        """The status of a training job; a captioning job has no LoRA, samples or metrics to offer."""
+    def training_status(self, job_id: str, *, also: tuple[str, ...] = ()) -> JobStatus:
+        """The status of a training job (or of a job of a kind in `also`): only training makes a LoRA,
+        metrics and checkpoints, and only training and generation make images."""
         status = self.status(job_id)
-        if status.kind != "training":
+        if status.kind != "training" and status.kind not in also:
+            made = {"captioning": "captions", "generation": "images"}[status.kind]
             raise ServiceError(
-                f"job {job_id} is a {status.kind} job: it writes captions, not a LoRA; get-training-status and "
+                f"job {job_id} is a {status.kind} job: it makes {made}, not a LoRA; get-training-status and "
                 "get-training-logs show it"
+                + (", get-training-samples its images" if status.kind == "generation" else "")
             )
         return status
 
@@ -284,7 +299,7 @@ class JobService:
                     break
 
     def _reconcile(self, record: JobRecord) -> None:
-        status = _read_status(Path(record.run_dir))
+        status = read_status(Path(record.run_dir))
         alive = self._alive(record, status)
         final = status.get("state") if status.get("state") in ("completed", "failed", "stopped") else None
         if final and not alive:
@@ -309,8 +324,8 @@ class JobService:
 
     def _spawn(self, record: JobRecord) -> bool:
         run_dir = Path(record.run_dir)
-        if record.kind == "captioning":
-            args = [str(run_dir)]  # a second run continues with the images not yet captioned
+        if record.kind != "training":
+            args = [str(run_dir)]  # captioning continues with the images not yet captioned
         elif record.resume:
             args = ["--resume", str(run_dir), "--quiet"]
         else:
@@ -360,7 +375,7 @@ class JobService:
         return record
 
     def _status(self, record: JobRecord) -> JobStatus:
-        status = _read_status(Path(record.run_dir)) if record.state != "queued" or record.resume else {}
+        status = read_status(Path(record.run_dir)) if record.state != "queued" or record.resume else {}
         total = status.get("total_steps")
         step = status.get("step") or 0
         return JobStatus(
@@ -386,7 +401,7 @@ class JobService:
         )
 
 
-def _read_status(run_dir: Path) -> dict:
+def read_status(run_dir: Path) -> dict:
     try:
         return json.loads((run_dir / "status.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):

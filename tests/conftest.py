@@ -109,3 +109,13 @@ def fast_config(dataset: Path, **overrides) -> TrainingConfig:
     )
     values.update(overrides)
     return TrainingConfig.from_dict(values)
+
+
+def step_rows(run: Path) -> list[dict]:
+    """The optimizer-step rows of a run's metrics.jsonl (validation and update rows have a `kind`)."""
+    import json
+
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [row for line in path.read_text().splitlines() if "kind" not in (row := json.loads(line))]

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import fast_config
+from conftest import fast_config, step_rows
 from PIL import Image
 from safetensors import safe_open
 
@@ -45,9 +45,7 @@ def wait_for(predicate, timeout: float = 120.0, what: str = "condition") -> None
 
 
 def metric_steps(run: Path) -> list[int]:
-    if not (run / "metrics.jsonl").exists():
-        return []
-    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row["step"] for row in step_rows(run)]
 
 
 def resume_until(run: Path, steps: int) -> subprocess.CompletedProcess:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from training.config import TrainingConfig
+from training.sampling import control_prompt
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLE_FILES = sorted(EXAMPLES_DIR.rglob("*.yaml"))
@@ -55,3 +56,10 @@ def test_progressive_stage2_resumes_stage1():
     assert cfg.effective_rank == 32
     assert cfg.steps == 2000
     assert cfg.learning_rate == pytest.approx(0.0001)
+
+
+def test_watched_example_sets_the_diagnostics_options():
+    cfg = load_example("watched-style.yaml")
+    assert cfg.lora_type == "style" and cfg.validation_split == 0.15 and cfg.validation_every == 100
+    assert cfg.auto_stop_on == ["divergence", "no_effect"]
+    assert control_prompt(cfg) == "painting of a sunset"

@@ -104,8 +104,9 @@ def test_full_flow_on_the_tiny_model(server_workspace, shapes):
 
         samples = await session.call_tool("get-training-samples", {"job_id": job_id})
         kinds = [item.type for item in samples.content]
-        assert kinds == ["text", "image"]
+        assert kinds == ["text", "image", "text", "image"]  # the test prompt and the control prompt
         assert "step 4" in samples.content[0].text and samples.content[1].mime_type == "image/png"
+        assert "prompt 1: a red circle (control prompt" in samples.content[2].text
         baseline = await session.call_tool("get-training-samples", {"job_id": job_id, "step": 0})
         assert "step 0" in baseline.content[0].text
 
@@ -144,11 +145,19 @@ def test_full_flow_on_the_tiny_model(server_workspace, shapes):
         run_file = await session.call_tool("download-model", {"path": f"{job_id}/status.json"})
         assert json.loads(base64.b64decode(run_file.structured_content["data"]))["state"] == "completed"
 
+        diagnosis = await session.call_tool("diagnose-training", {"job_id": job_id})
+        assert not diagnosis.is_error, diagnosis.content
+        assert diagnosis.structured_content["state"] == "completed"
+        recommended = diagnosis.structured_content["recommended_checkpoint"]
+        assert recommended["step"] in (2, 4) and Path(recommended["path"]).is_file() and recommended["reason"]
+        as_resource = await session.read_resource(f"lora://jobs/{job_id}/diagnosis")
+        assert json.loads(as_resource.contents[0].text)["recommended_checkpoint"] == recommended
+
         # Resources
         status = await session.read_resource(f"lora://jobs/{job_id}/status")
         assert json.loads(status.contents[0].text)["state"] == "completed"
         metrics = (await session.read_resource(f"lora://jobs/{job_id}/metrics")).contents[0].text.splitlines()
-        assert metrics[0].startswith("step,loss,lr") and len(metrics) == 5
+        assert metrics[0].startswith("step,loss,lr") and metrics[0].endswith(",validation_loss") and len(metrics) == 5
         curve = await session.read_resource(f"lora://jobs/{job_id}/loss-curve")
         assert base64.b64decode(curve.contents[0].blob).startswith(b"\x89PNG")
         sample = await session.read_resource(f"lora://jobs/{job_id}/samples/step000000_p0.png")
@@ -356,6 +365,53 @@ def test_the_train_lora_prompt_guides_the_flow(server_workspace):
         assert "a watercolor style" in text
         for tool in ("create-training-config", "validate-training-config", "start-training", "get-training-status"):
             assert tool in text
+
+    run_session(server_workspace, script)
+
+
+def test_plan_validate_and_fix_a_config_over_mcp(server_workspace, shapes):
+    """The troubleshooting tools that need no training: a plan from the guide, a pre-flight finding
+    fixed into a new config, the troubleshoot-training prompt, and clear errors."""
+    import shutil
+
+    shutil.copytree(shapes, server_workspace / "datasets" / "shapes")
+
+    async def script(session):
+        plan = await session.call_tool(
+            "recommend-training-plan",
+            {"dataset_name": "shapes", "lora_type": "style", "model_name": "builtin:tiny-sd15"},
+        )
+        assert not plan.is_error, plan.content
+        config = plan.structured_content["config"]
+        assert config["steps"] == 400 and config["learning_rate"] == 2e-4 and config["rank"] == 16
+        assert plan.structured_content["strengths"]["model"] == [0.6, 1.0]
+        created = await session.call_tool("create-training-config", {**config, "steps": 5000})
+        assert not created.is_error, created.content
+
+        report = await session.call_tool("validate-training-config", {"name": config["name"]})
+        rules = [f["rule"] for f in report.structured_content["findings"]]
+        assert "steps-vs-images" in rules
+        fixed = await session.call_tool("apply-fix", {"config_name": config["name"], "finding_id": "steps-vs-images"})
+        assert not fixed.is_error, fixed.content
+        assert fixed.structured_content["changes"] == {"steps": [5000, 400]}
+        new_name = fixed.structured_content["config_name"]
+        revalidated = await session.call_tool("validate-training-config", {"name": new_name})
+        assert revalidated.structured_content["valid"] is True
+        assert "steps-vs-images" not in [f["rule"] for f in revalidated.structured_content["findings"]]
+
+        prompt = await session.get_prompt("troubleshoot-training", {"job_id": "some-job"})
+        text = prompt.messages[0].content.text
+        assert "diagnose-training job_id=some-job" in text and "apply-fix" in text
+
+        for tool, arguments, expected in (
+            ("diagnose-training", {"job_id": "no-such-job"}, "list-training-jobs"),
+            ("apply-fix", {"config_name": config["name"], "finding_id": "nope"}, "has no finding 'nope'"),
+            ("apply-fix", {"finding_id": "x"}, "either job_id"),
+            ("compare-training-runs", {"job_ids": ["a"]}, "2 to 8"),
+            ("recommend-training-plan", {"dataset_name": "../x", "lora_type": "style"}, "not allowed"),
+        ):
+            result = await session.call_tool(tool, arguments)
+            assert result.is_error and expected in result.content[0].text, (tool, result.content)
 
     run_session(server_workspace, script)
 
@@ -678,3 +734,4 @@ def test_a_folder_the_client_offers_as_a_root_may_be_imported(tmp_path, tiny_sd1
     offered = anyio.run(main, True)
     assert not offered.is_error, offered.content
     assert offered.structured_content["imported"] == 2
+

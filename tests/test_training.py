@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fast_config
+from conftest import fast_config, step_rows
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 from safetensors import safe_open
@@ -115,18 +115,30 @@ def test_run_directory_contract(tmp_path, shapes):
     assert Path(status["lora_path"]) == run / "test-run.safetensors"
     assert status["last_checkpoint"].endswith("step000002")
 
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = step_rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for row in rows:
         assert set(row) >= {"step", "loss", "lr", "grad_norm", "step_time", "time"}
         assert row["loss"] > 0 and row["grad_norm"] > 0 and row["step_time"] > 0
 
     samples = [json.loads(line) for line in (run / "samples" / "index.jsonl").read_text().splitlines()]
-    assert [(s["step"], s["prompt_index"]) for s in samples] == [(0, 0), (0, 1), (2, 0), (2, 1), (4, 0), (4, 1)]
+    # Each step renders the two test prompts and the control prompt: the first one without its trigger word.
+    assert [(s["step"], s["prompt_index"]) for s in samples] == [(t, i) for t in (0, 2, 4) for i in range(3)]
+    assert [s["prompt"] for s in samples[:3]] == ["xyz_shape a red circle", "a green square", "a red circle"]
+    assert [s["control"] for s in samples[:3]] == [False, False, True]
     for sample in samples:
         with Image.open(run / "samples" / sample["file"]) as image:
             assert image.size == (64, 64)
         assert sample["seed"] == config.seed
+        assert 0 <= sample["mean"] <= 1 and 0 <= sample["contrast"] <= 0.5 and 0 <= sample["saturation"] <= 1
+        assert (sample["baseline_distance"] is None) == (sample["step"] == 0)
+        assert (sample["nearest_training_distance"] is None) == sample["control"]
+    assert samples[3]["previous_distance"] == samples[3]["baseline_distance"]  # step 2's previous is the baseline
+    assert samples[6]["previous_distance"] is not None and samples[6]["baseline_distance"] > 0  # the LoRA moved it
+
+    kinds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"kind"' in line]
+    assert [(r["kind"], r["step"]) for r in kinds] == [("lora_update", 0), ("lora_update", 4)]
+    assert kinds[0]["max_ratio"] == 0.0 < kinds[1]["mean_ratio"] <= kinds[1]["max_ratio"]  # B starts at zero
     assert (run / "samples" / "step000000_p1.png").is_file()
 
     assert (run / "checkpoints" / "step000002" / "training_state.pt").is_file()
@@ -149,7 +161,7 @@ def test_same_seed_same_losses_and_sampling_does_not_disturb_training(tmp_path, 
 
 
 def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in step_rows(run)]
 
 
 class _StopAfter(Trainer):
@@ -343,7 +355,7 @@ def test_corrupt_image_stops_the_run_before_step_one(tmp_path, shapes):
 def test_options_train(tmp_path, shapes, options):
     result = run_training(fast_config(shapes, steps=2, **options), tmp_path / "run")
     assert result.state == "completed", result.error
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = step_rows(tmp_path / "run")
     assert len(rows) == 2 and all(r["loss"] > 0 for r in rows)
 
 

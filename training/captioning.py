@@ -236,14 +236,9 @@ def run_caption_job(run_dir: Path, stop: threading.Event) -> str:
 
 def _files_done(path: Path) -> set[str]:
     """Files a previous run of the job already captioned or skipped (a torn last row is ignored)."""
-    done = set()
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                done.add(json.loads(line)["file"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-    return done
+    from training.workspace import read_jsonl
+
+    return {row["file"] for row in read_jsonl(path) if isinstance(row.get("file"), str)}
 
 
 def main(argv: list[str] | None = None) -> int:

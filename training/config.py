@@ -14,7 +14,6 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_MODEL = "runwayml/stable-diffusion-v1-5"
@@ -27,6 +26,7 @@ OutputFormat = Literal["kohya", "diffusers"]
 CropMode = Literal["center", "random"]
 # The kinds of LoRA the guide's dataset-size and strength tables distinguish; every tool that takes one uses this.
 LoraType = Literal["style", "character", "person", "object", "concept", "complex_style", "pose", "details"]
+AutoStop = Literal["divergence", "plateau", "no_effect"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -177,6 +177,33 @@ class TrainingConfig(BaseModel):
     )
     num_class_images: int = Field(100, ge=1, le=10_000, description="Class images wanted in class_data_dir.")
 
+    # --- validation and diagnostics ---------------------------------------------------------
+    lora_type: LoraType | None = Field(
+        None,
+        description="What the LoRA is for (style, character, person, object, concept, complex_style, pose, "
+        "details): sets the dataset-size advice of the diagnostics and the strengths recommended for use.",
+    )
+    validation_split: float = Field(
+        0.0,
+        ge=0.0,
+        le=0.5,
+        description="Share of the training images held out to score a validation loss when the dataset has no "
+        "'validation' folder (0: none; 0.1-0.2 for 20+ images).",
+    )
+    validation_every: int = Field(
+        100, ge=1, description="Score the held-out images every N steps (deterministic: fixed noise and timesteps)."
+    )
+    control_prompt: str | None = Field(
+        None,
+        description="A prompt without the trigger word, rendered with every set of samples to show style "
+        "bleeding; default: the first test prompt with its trigger word removed.",
+    )
+    auto_stop_on: list[AutoStop] = Field(
+        default_factory=list,
+        description="Stop the run early, with the reason in its status, on: divergence (validation loss rising "
+        "while training loss falls, or loss exploding), plateau (no progress), no_effect (the LoRA changes nothing).",
+    )
+
     # --- sampling, checkpoints, output ------------------------------------------------------
     test_prompts: list[str] = Field(
         default_factory=list,
@@ -285,6 +312,8 @@ class TrainingConfig(BaseModel):
 
     # --- YAML ------------------------------------------------------------------------------
     def to_yaml(self) -> str:
+        import yaml  # here, not at import: the MCP server imports this module at start-up
+
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
     @classmethod
@@ -296,6 +325,8 @@ class TrainingConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, text: str) -> TrainingConfig:
+        import yaml
+
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:

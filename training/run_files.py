@@ -76,11 +76,14 @@ class RunFiles:
                 found.append((int(match.group(1)), folder))
         return sorted(found)
 
-    def prune_checkpoints(self, keep_last: int) -> None:
+    def prune_checkpoints(self, keep_last: int, *, also_keep: int | None = None) -> None:
+        """Delete all but the newest `keep_last` checkpoints (0 keeps all), and never the one of step
+        `also_keep` (the recommended checkpoint)."""
         if keep_last <= 0:
             return
-        for _, folder in self.list_checkpoints()[:-keep_last]:
-            shutil.rmtree(folder, ignore_errors=True)
+        for step, folder in self.list_checkpoints()[:-keep_last]:
+            if step != also_keep:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def append_metric(self, row: dict[str, Any]) -> None:
         append_line(self.metrics, json.dumps(row, sort_keys=True))

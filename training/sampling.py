@@ -1,23 +1,47 @@
 """Sample images of the test prompts during training, with a fixed seed so that the images of
-successive steps differ only by what the LoRA learned."""
+successive steps differ only by what the LoRA learned.
+
+Next to the test prompts, a control prompt without the trigger word is rendered: a LoRA that
+changes it is bleeding into what it should leave alone. Each image's statistics go into its row
+of samples/index.jsonl (training/run_evidence.py).
+"""
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import torch
 
 from training.prompts import encode_prompts
-from training.workspace import atomic_output
+from training.workspace import atomic_output, read_jsonl
 
 if TYPE_CHECKING:
     from training.config import TrainingConfig
     from training.models.loading import BaseModel
+    from training.run_evidence import SampleStatistics
     from training.run_files import RunFiles
 
 
-def render_samples(base: BaseModel, config: TrainingConfig, files: RunFiles, step: int) -> list[str]:
-    """Render every test prompt at `step`; returns the file names written.
+def control_prompt(config: TrainingConfig) -> str | None:
+    """The configured control prompt, else the first test prompt with its trigger words taken out
+    (None when nothing is left, or there are no test prompts)."""
+    if config.control_prompt:
+        return config.control_prompt
+    if not config.test_prompts:
+        return None
+    prompt = config.test_prompts[0]
+    for word in [config.trigger_word, *config.trigger_words.values()]:
+        if word:
+            prompt = re.sub(rf"(?<![\w-]){re.escape(word)}(?![\w-])", " ", prompt)
+    prompt = re.sub(r"\s+", " ", re.sub(r"^[\s,]+|[\s,]+$", "", prompt)).strip()
+    return prompt if prompt and prompt != config.test_prompts[0] else None
+
+
+def render_samples(
+    base: BaseModel, config: TrainingConfig, files: RunFiles, step: int, stats: SampleStatistics
+) -> list[str]:
+    """Render every test prompt, then the control prompt, at `step`; returns the file names written.
 
     Runs under fork_rng: sampling draws no numbers from the training RNG streams, so a run
     with sampling trains exactly like one without (and resume stays exact).
@@ -30,7 +54,10 @@ def render_samples(base: BaseModel, config: TrainingConfig, files: RunFiles, ste
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             negative = _encode(base, config, [""])
-            for index, prompt in enumerate(config.test_prompts):
+            control = control_prompt(config)
+            prompts = config.test_prompts + ([control] if control else [])
+            previous = _previous_samples(files, step)
+            for index, prompt in enumerate(prompts):
                 generator = torch.Generator(base.unet.device).manual_seed(config.seed)
                 image = base.pipeline(
                     prompt_embeds=_encode(base, config, [prompt]),
@@ -44,9 +71,24 @@ def render_samples(base: BaseModel, config: TrainingConfig, files: RunFiles, ste
                 path = files.sample_image(step, index)
                 with atomic_output(path) as tmp:
                     image.save(tmp, format="PNG")
-                files.append_sample(
-                    {"step": step, "prompt_index": index, "prompt": prompt, "seed": config.seed, "file": path.name}
+                is_control = index == len(config.test_prompts)
+                row = {
+                    "step": step,
+                    "prompt_index": index,
+                    "prompt": prompt,
+                    "seed": config.seed,
+                    "file": path.name,
+                    "control": is_control,
+                }
+                row.update(
+                    stats.row(
+                        image,
+                        baseline=files.sample_image(0, index) if step > 0 else None,
+                        previous=files.samples / previous[index] if index in previous else None,
+                        control=is_control,
+                    )
                 )
+                files.append_sample(row)
                 written.append(path.name)
     finally:
         base.unet.train(was_training)
@@ -57,3 +99,13 @@ def _encode(base: BaseModel, config: TrainingConfig, prompts: list[str]) -> torc
     return encode_prompts(
         base.tokenizer, base.text_encoder, prompts, max_token_length=config.max_token_length, clip_skip=config.clip_skip
     )
+
+
+def _previous_samples(files: RunFiles, step: int) -> dict[int, str]:
+    """The latest earlier sample file of each prompt index (from samples/index.jsonl, so a resumed
+    run finds them too)."""
+    latest: dict[int, tuple[int, str]] = {}
+    for row in read_jsonl(files.samples_index):
+        if row["step"] < step and row["step"] >= latest.get(row["prompt_index"], (-1, ""))[0]:
+            latest[row["prompt_index"]] = (row["step"], row["file"])
+    return {index: name for index, (_, name) in latest.items()}

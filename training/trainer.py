@@ -28,13 +28,15 @@ from training.config import ConfigError, TrainingConfig
 from training.data.dataset import DatasetError, class_image_records, locate_dataset, scan_dataset
 from training.data.loader import Batch, TrainingData
 from training.export import export_lora
-from training.lora import LoraFileError, attach_lora, load_lora_weights_into, read_lora_file
+from training.lora import LoraFileError, attach_lora, load_lora_weights_into, lora_components, read_lora_file
 from training.models.loading import ModelNotFoundError, load_base_model, pick_device, resolve_model
 from training.optimizers import OptimizerUnavailable, build_lr_scheduler, build_optimizer
 from training.prior import ensure_class_images
 from training.resume import find_resume_lora, read_checkpoint_state, truncate_after
+from training.run_evidence import EvidenceRecorder, SampleStatistics
 from training.run_files import RunFiles, StatusWriter, default_run_dir
 from training.sampling import render_samples
+from training.validation import ValidationSet, hold_out
 from training.workspace import DIR_MODE, atomic_output, atomic_write_text, datasets_dir
 
 log = logging.getLogger("training")
@@ -89,13 +91,20 @@ class Trainer:
         """
         self._open_run_directory()
         self.device = pick_device()
+        if self.device.type == "cuda":  # for the diagnostics' VRAM check
+            memory = torch.cuda.get_device_properties(self.device).total_memory
+            self.status.update(device_memory_gb=round(memory / 2**30, 1))
         config = self.config
         self.base = load_base_model(resolve_model(config.model_name, config.base_model_config), self.device)
-        self.dataset = scan_dataset(
-            locate_dataset(config.dataset_path, datasets_dir()),
-            trigger_word=config.trigger_word,
-            trigger_words=config.trigger_words,
-            instance_prompt=config.instance_prompt,
+        self.dataset = hold_out(
+            scan_dataset(
+                locate_dataset(config.dataset_path, datasets_dir()),
+                trigger_word=config.trigger_word,
+                trigger_words=config.trigger_words,
+                instance_prompt=config.instance_prompt,
+            ),
+            config.validation_split,
+            config.seed,
         )
         warnings = config.warnings() + self.dataset.warnings  # before resolve() folds network_* into rank/alpha
         self.config = config = config.resolve(
@@ -139,7 +148,14 @@ class Trainer:
             self.data.cache_latents()
         if self.data.text_is_static:
             self.data.cache_text()
+        validation = ValidationSet(self.dataset.validation, self.base, config) if self.dataset.validation else None
+        if validation is not None:
+            validation.prepare()
         self._offload_encoders()
+        self.evidence = EvidenceRecorder(
+            self.files, config, validation, lambda: lora_components(self.base.unet, self.base.text_encoder)
+        )
+        self.sample_stats = SampleStatistics([r.path for r in self.dataset.images])
 
         self.params = self._param_groups()
         self.optimizer = build_optimizer(config.optimizer, self.params, config.learning_rate)
@@ -164,8 +180,10 @@ class Trainer:
         self.base.unet.train()
         if config.train_text_encoder:
             self.base.text_encoder.train()
-        if self.step == 0 and self._sampling_on() and not self.stop_requested:
-            self._render_samples()  # the baseline: what the prompts look like before any training
+        if self.step == 0 and not self.stop_requested:
+            self.evidence.record(0, self._weight_dtype, self._autocast, None)  # the baselines, before any training
+            if self._sampling_on():
+                self._render_samples()
         bar = tqdm(total=config.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         while self.step < config.steps and not self.stop_requested:
             started = time.perf_counter()
@@ -189,7 +207,7 @@ class Trainer:
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            self._record_step(loss_value, float(grad_norm), lr, time.perf_counter() - started, bar)
+            self._record_step(loss_value, float(grad_norm), lr, time.perf_counter() - started, files, bar)
         bar.close()
 
     def _loss(self, batch: Batch) -> torch.Tensor:
@@ -247,7 +265,8 @@ class Trainer:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        self.files.prune_checkpoints(self.config.keep_last_n_checkpoints)
+        recommended = self.evidence.recommended_checkpoint()
+        self.files.prune_checkpoints(self.config.keep_last_n_checkpoints, also_keep=recommended)
         self.status.update(last_checkpoint=str(final))
         self.status.write()  # watchers learn of a new checkpoint at once, not at the next heartbeat
         log.info("saved checkpoint %s", final)
@@ -306,7 +325,9 @@ class Trainer:
         ]
 
     # --- bookkeeping ---------------------------------------------------------------------------
-    def _record_step(self, loss: float, grad_norm: float, lr: float, step_time: float, bar: tqdm) -> None:
+    def _record_step(
+        self, loss: float, grad_norm: float, lr: float, step_time: float, files: list[str], bar: tqdm
+    ) -> None:
         config = self.config
         self.files.append_metric(
             {
@@ -317,6 +338,7 @@ class Trainer:
                 "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                 "step_time": step_time,
                 "time": time.time(),
+                "files": [self._dataset_name(f) for f in files],  # a loss spike points at its images
             }
         )
         self._loss_ema = (
@@ -341,14 +363,20 @@ class Trainer:
             log.info(
                 "step %d/%d loss %.4f lr %.3g grad_norm %.3g", self.step, config.steps, self._loss_ema, lr, grad_norm
             )
+        if self.evidence.due(self.step):
+            self.evidence.record(self.step, self._weight_dtype, self._autocast, self._loss_ema)
         if self._sampling_on() and self.step % config.sample_every == 0:
             self._render_samples()
         if self.step % config.save_every == 0 and self.step < config.steps:
             self.save_checkpoint()
+        if self.evidence.due(self.step) and (reason := self.evidence.stop_reason()):
+            log.warning("%s", reason)
+            self.status.update(stop_reason=reason)
+            self.stop_requested = True
 
     def _render_samples(self) -> None:
         with self._encoders_on_device():
-            names = render_samples(self.base, self.config, self.files, self.step)
+            names = render_samples(self.base, self.config, self.files, self.step, self.sample_stats)
         self.status.update(latest_samples=names)
         self.status.write()
 
@@ -366,6 +394,10 @@ class Trainer:
             num_epochs=math.ceil(self._planned_epochs()),
             started_at=self.started_at,
         )
+
+    def _dataset_name(self, file: str) -> str:
+        path = Path(file)
+        return str(path.relative_to(self.dataset.root)) if path.is_relative_to(self.dataset.root) else path.name
 
     def _planned_epochs(self) -> float:
         micro_batches = self.config.steps * self.config.gradient_accumulation_steps

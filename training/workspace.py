@@ -83,6 +83,22 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a .jsonl file written with append_line; none when it does not exist. A torn last
+    line (a process killed during its write on a filesystem without atomic appends) is skipped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def append_line(path: Path, line: str) -> None:
     """Append one line with a single write(2) on an O_APPEND descriptor.
 

@@ -17,6 +17,13 @@ def register_prompts(server: MCPServer) -> None:
     ) -> str:
         return TRAIN_LORA_PROMPT.format(goal=goal, dataset=dataset or "(not chosen yet)")
 
+    @server.prompt(
+        name="troubleshoot-training",
+        description="Find out what is wrong with a training job and offer a fixed config.",
+    )
+    def troubleshoot_training(job_id: str = Field(description="The job to look at, from list-training-jobs.")) -> str:
+        return TROUBLESHOOT_PROMPT.format(job_id=job_id)
+
 
 TRAIN_LORA_PROMPT = """Help me train a LoRA for: {goal}. Dataset: {dataset}.
 Work through these steps with the lora-trainer tools, telling me what you find at each one:
@@ -33,3 +40,16 @@ Work through these steps with the lora-trainer tools, telling me what you find a
 5. Finish: when the state is completed, export-model and tell me the file, the trigger word and a strength
    to start from (style 0.6-1.0, character 0.7-0.9) for ComfyUI's LoraLoader or A1111.
 If a job fails or is interrupted, read get-training-logs, explain the cause, and offer resume-training."""
+
+
+TROUBLESHOOT_PROMPT = """Something may be wrong with training job {job_id}. Find out what, with the lora-trainer tools:
+1. get-training-status job_id={job_id}: its state, step, loss and error.
+2. diagnose-training job_id={job_id}: the findings by severity, each with evidence and a suggested config change.
+   Explain each warning or error in plain words, with its numbers (steps, losses, files).
+3. get-training-samples job_id={job_id}: look at the latest samples beside step 0 (the baseline). The last prompt
+   is the control prompt, without the trigger word: if it changed too, the LoRA is bleeding into everything.
+4. If a loss spike names files, look at them (lora://datasets/<name>/images/<file>) for corrupt or odd images.
+5. Propose the fix of the most serious finding: apply-fix job_id={job_id} finding_id=<rule> writes a new config.
+   Tell me exactly what it changed and why, and ask before start-training it.
+6. If the run is usable already, say which checkpoint diagnose-training recommends and why, and offer
+   export-model with that step."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from server.images import loss_curve_png, thumbnail_png
 from server.jobs import JobStatus
 from server.tools import READ_ONLY, Deleted, Services
 from training.config import TrainingConfig
+from training.workspace import read_jsonl
 
 
 class ConfigResult(BaseModel):
@@ -165,14 +165,16 @@ def register_training_tools(server: MCPServer, s: Services) -> None:
     @server.tool(
         name="get-training-samples",
         description="The sample images a job rendered for its test prompts (step 0 is the untrained baseline), "
-        "as images with their prompt and step. Without step: the latest samples.",
+        "as images with their prompt and step; the last is the control prompt without the trigger word, which "
+        "shows style bleeding if it changes. Without step: the latest samples. Also the images of a "
+        "generate-image or compare-lora-strengths job.",
         annotations=read_only,
     )
     def get_training_samples(
         job_id: str = Field(description="Job id from start-training."),
         step: int | None = Field(None, ge=0, description="A sampling step; default: the latest."),
     ) -> list:
-        status = call(jobs.training_status, job_id)
+        status = call(lambda: jobs.training_status(job_id, also=("generation",)))
         return _sample_content(Path(status.run_dir), job_id, step)
 
     # --- resources ---------------------------------------------------------------------------
@@ -188,12 +190,19 @@ def register_training_tools(server: MCPServer, s: Services) -> None:
     def log_resource(job_id: str) -> str:
         return resource_call(jobs.logs, job_id, 200)
 
-    @server.resource("lora://jobs/{job_id}/metrics", mime_type="text/csv", description="Per-step metrics (CSV).")
+    @server.resource(
+        "lora://jobs/{job_id}/metrics",
+        mime_type="text/csv",
+        description="Per-step metrics (CSV), with the validation loss at the steps it was scored.",
+    )
     def metrics_resource(job_id: str) -> str:
         rows = _metric_rows(Path(resource_call(jobs.status, job_id).run_dir))
+        validation = {r["step"]: r["loss"] for r in rows if r.get("kind") == "validation"}
         columns = ["step", "loss", "lr", "grad_norm", "step_time", "time"]
-        lines = [",".join(columns)] + [
-            ",".join("" if r.get(c) is None else str(r.get(c)) for c in columns) for r in rows
+        lines = [",".join([*columns, "validation_loss"])] + [
+            ",".join("" if r.get(c) is None else str(r.get(c)) for c in columns) + f",{validation.get(r['step'], '')}"
+            for r in rows
+            if "kind" not in r
         ]
         return "\n".join(lines) + "\n"
 
@@ -211,15 +220,7 @@ def register_training_tools(server: MCPServer, s: Services) -> None:
 
 
 def _metric_rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    rows = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a torn last line of a killed trainer
-    return rows
+    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 def _config_signature() -> inspect.Signature:
@@ -262,14 +263,7 @@ def _config_signature() -> inspect.Signature:
 
 
 def _sample_content(run_dir: Path, job_id: str, step: int | None) -> list:
-    index = run_dir / "samples" / "index.jsonl"
-    rows = []
-    if index.exists():
-        for line in index.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    rows = read_jsonl(run_dir / "samples" / "index.jsonl")
     if not rows:
         raise ToolError(f"job {job_id} has no samples yet (samples need test_prompts and sampling enabled)")
     steps = sorted({row["step"] for row in rows})
@@ -278,6 +272,7 @@ def _sample_content(run_dir: Path, job_id: str, step: int | None) -> list:
         raise ToolError(f"job {job_id} has samples at steps {steps}; ask for one of them")
     content: list = []
     for row in (r for r in rows if r["step"] == chosen):
-        content.append(f"step {chosen}, prompt {row['prompt_index']}: {row['prompt']}")
+        control = " (control prompt, no trigger word: it should stay like step 0)" if row.get("control") else ""
+        content.append(f"step {chosen}, prompt {row['prompt_index']}: {row['prompt']}{control}")
         content.append(Image(data=thumbnail_png(run_dir / "samples" / row["file"]), format="png"))
     return content

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 Severity = Literal["info", "warning", "error"]
+SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}  # how findings are listed: the most serious first
 
 
 class Finding(BaseModel):

@@ -1,0 +1,66 @@
+"""Which saved LoRA of a run to use: the checkpoint with the lowest validation loss (the point
+before it starts to overfit), else the last one whose samples had moved from the baseline without
+copying the training images, else the latest."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    from training.diagnostics.evidence import RunEvidence
+
+
+# Trigger samples this close to a training image (mean absolute difference at 64 px, 0-1) copy it.
+COPY_DISTANCE = 0.05
+# Samples this close to their step-0 image show no effect of the LoRA yet.
+NO_EFFECT_DISTANCE = 0.002
+
+
+class CheckpointChoice(BaseModel):
+    step: int = Field(description="The step of the recommended LoRA (a checkpoint, or the final LoRA).")
+    reason: str
+
+
+def recommend_checkpoint(evidence: RunEvidence, steps: list[int]) -> CheckpointChoice | None:
+    """The best of `steps` (the run's saved LoRAs: checkpoint steps, and the last step when the
+    final LoRA exists), with the reason; None when there is nothing saved."""
+    if not steps:
+        return None
+    scored = [row for row in evidence.validation if row.step > 0]
+    if scored:
+        best = min(scored, key=lambda row: row.loss)
+        step = _nearest(steps, best.step)
+        latest = scored[-1]
+        trend = (
+            f"; it has since risen to {latest.loss:.4f} at step {latest.step}"
+            if latest.step > best.step and latest.loss > best.loss
+            else ""
+        )
+        return CheckpointChoice(
+            step=step,
+            reason=f"lowest validation loss, {best.loss:.4f} at step {best.step}{trend}"
+            + (f" (the nearest saved LoRA is step {step})" if step != best.step else ""),
+        )
+    good = [
+        row.step
+        for row in evidence.samples
+        if not row.control
+        and row.step > 0
+        and (row.baseline_distance or 0) > NO_EFFECT_DISTANCE
+        and (row.nearest_training_distance is None or row.nearest_training_distance > COPY_DISTANCE)
+    ]
+    if good:
+        step = _nearest(steps, max(good))
+        return CheckpointChoice(
+            step=step,
+            reason=f"no validation loss recorded; the samples at step {max(good)} are the last to differ from the "
+            "untrained baseline without copying a training image",
+        )
+    return CheckpointChoice(step=max(steps), reason="no validation loss or sample statistics to judge by: the latest")
+
+
+def _nearest(steps: list[int], target: int) -> int:
+    """The saved step closest to `target`; on a tie the earlier one (less trained is the safer side)."""
+    return min(steps, key=lambda step: (abs(step - target), step))

@@ -1,0 +1,110 @@
+"""Held-out validation: a loss over images the LoRA never trains on, scored the same way every time.
+
+The images come from the dataset's `validation` folder or, without one, a `validation_split`
+share of the training images picked with the run's seed. Each image is encoded once (centre
+crop, no flip, the VAE's mean rather than a sample) with its caption as written (no dropout or
+shuffle), and scored at VALIDATION_TIMESTEPS with noise drawn from a generator seeded by the run's
+seed and the image's position. So two scorings of the same weights give the same number, and a
+change of the number is a change of the LoRA. No min-SNR weighting: the figure is the plain
+denoising error, comparable across runs with different loss settings.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from training.data.buckets import assign_bucket, make_buckets, square_bucket
+from training.data.images import load_pixels
+from training.prompts import encode_prompts
+
+if TYPE_CHECKING:
+    from training.config import TrainingConfig
+    from training.data.dataset import DatasetIndex, ImageRecord
+    from training.models.loading import BaseModel
+
+# Five timesteps spread over the schedule (of 1000): the error at each differs by an order of magnitude,
+# so they are averaged per image rather than drawn at random, which would swamp a LoRA's effect in noise.
+VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)
+
+
+def hold_out(index: DatasetIndex, share: float, seed: int) -> DatasetIndex:
+    """The dataset with `share` of its images moved to validation (at least one, and at least one
+    left to train on), unless it has a validation folder already or share is 0."""
+    if index.validation or share <= 0 or index.num_images < 2:
+        return index
+    count = min(index.num_images - 1, max(1, round(share * index.num_images)))
+    chosen = set(random.Random(seed).sample(range(index.num_images), count))
+    return replace(
+        index,
+        images=[r for i, r in enumerate(index.images) if i not in chosen],
+        validation=[r for i, r in enumerate(index.images) if i in chosen],
+    )
+
+
+class ValidationSet:
+    def __init__(self, records: list[ImageRecord], base: BaseModel, config: TrainingConfig):
+        self.records = records
+        self._base = base
+        self._config = config
+        self._items: list[tuple[torch.Tensor, torch.Tensor]] = []  # (latent, text states) per image
+
+    def prepare(self) -> None:
+        """Encode every image and caption once (the VAE and text encoder must be on the device)."""
+        base, config = self._base, self._config
+        step = base.bucket_step
+        buckets = make_buckets(config.resolution, step)
+        vae = base.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        with torch.no_grad():
+            for record in self.records:
+                if config.enable_bucketing:
+                    bucket = assign_bucket(record.size, buckets, step)
+                else:
+                    bucket = square_bucket(config.resolution, step)
+                pixels = load_pixels(record.path, bucket, random_crop=False, flip=False, rng=None)
+                moments = vae.encode(pixels[None].to(vae.device, vae.dtype)).latent_dist
+                latent = ((moments.mean - shift) * vae.config.scaling_factor).float()
+                states = encode_prompts(
+                    base.tokenizer,
+                    base.text_encoder,
+                    [record.caption],
+                    max_token_length=config.max_token_length,
+                    clip_skip=config.clip_skip,
+                )
+                self._items.append((latent, states))
+
+    def loss(self, weight_dtype: torch.dtype, autocast) -> float:
+        """The mean denoising error over every image and VALIDATION_TIMESTEPS, in eval mode (no LoRA
+        dropout); the RNG streams of training are not touched."""
+        base = self._base
+        scheduler = base.noise_scheduler
+        device = base.unet.device
+        timesteps = torch.tensor(
+            [t * scheduler.config.num_train_timesteps // 1000 for t in VALIDATION_TIMESTEPS], device=device
+        )
+        was_training = base.unet.training
+        base.unet.eval()
+        total = 0.0
+        try:
+            with torch.no_grad():
+                for position, (latent, states) in enumerate(self._items):
+                    generator = torch.Generator().manual_seed(self._config.seed * 1000 + position)
+                    latents = latent.to(device).expand(len(timesteps), -1, -1, -1)
+                    noise = torch.randn(latents.shape, generator=generator).to(device)
+                    noisy = scheduler.add_noise(latents, noise, timesteps)
+                    if base.prediction_type == "epsilon":
+                        target = noise
+                    else:
+                        target = scheduler.get_velocity(latents, noise, timesteps)
+                    conditioning = states.to(device).expand(len(timesteps), -1, -1)
+                    with autocast():
+                        prediction = base.unet(noisy.to(weight_dtype), timesteps, conditioning.to(weight_dtype)).sample
+                    total += F.mse_loss(prediction.float(), target.float()).item()
+        finally:
+            base.unet.train(was_training)
+        return total / len(self._items)
