@@ -30,6 +30,7 @@ from server.tools import Services
 from server.tools.datasets import register_dataset_tools
 from server.tools.diagnostics import register_diagnostic_tools
 from server.tools.files import register_file_tools
+from server.tools.generation import register_generation_tools
 from server.tools.prompts import register_prompts
 from server.tools.training import register_training_tools
 from server.uploads import UploadService
@@ -122,5 +123,6 @@ def build_server(workspace: Path) -> MCPServer:
     register_training_tools(server, services)
     register_diagnostic_tools(server, services)
     register_file_tools(server, services)
+    register_generation_tools(server, services)
     register_prompts(server)
     return server

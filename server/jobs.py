@@ -44,6 +44,11 @@ CHILD_MODULES: dict[str, str] = {
     "captioning": "training.captioning",
     "generation": "training.generation",
 }
+RESUME_FROM = {  # what resume-training does for an interrupted job of each kind
+    "training": "continues from its last checkpoint",
+    "captioning": "continues with the images not yet captioned",
+    "generation": "renders the images again",
+}
 FINAL_STATES = ("completed", "failed", "stopped", "interrupted")
 RESUMABLE_STATES = ("stopped", "interrupted", "failed")
 STARTUP_GRACE_S = 120.0  # a job marked running may take this long to show its pid (the spawn follows the commit)
@@ -318,8 +323,7 @@ class JobService:
                 state="interrupted",
                 finished_at=time.time(),
                 error=f"the {record.kind} process ended without a final state ({reason or 'no output'}); "
-                "resume-training continues from "
-                + ("its last checkpoint" if record.kind == "training" else "the images not yet captioned"),
+                f"resume-training {RESUME_FROM[record.kind]}",
             )
 
     def _spawn(self, record: JobRecord) -> bool:

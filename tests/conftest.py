@@ -119,3 +119,12 @@ def step_rows(run: Path) -> list[dict]:
     if not path.exists():
         return []
     return [row for line in path.read_text().splitlines() if "kind" not in (row := json.loads(line))]
+
+
+def tiny_pipeline(folder: Path):
+    """A diffusers StableDiffusionPipeline of a built-in tiny model folder, quiet, without safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import fast_config
-from diffusers import StableDiffusionPipeline
+from conftest import fast_config, tiny_pipeline
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -33,12 +32,6 @@ def trained(tmp_path_factory, tiny_sd15):
     return {"kohya": kohya, "diffusers": diffusers_file, "model": tiny_sd15, "root": root}
 
 
-def pipeline(folder):
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def latents_of(pipe):
     generator = torch.Generator().manual_seed(3)
     return pipe(
@@ -47,7 +40,7 @@ def latents_of(pipe):
 
 
 def test_kohya_keys_name_real_modules_and_carry_alpha(trained):
-    pipe = pipeline(trained["model"])
+    pipe = tiny_pipeline(trained["model"])
     unet_modules = {"lora_unet_" + name.replace(".", "_") for name, _ in pipe.unet.named_modules()}
     te_modules = {
         "lora_te_" + ("text_model." + name if not name.startswith("text_model.") else name).replace(".", "_")
@@ -92,7 +85,7 @@ def test_metadata_records_rank_alpha_trigger_and_config(trained):
 
 
 def test_kohya_and_diffusers_files_load_in_diffusers_and_agree(trained):
-    pipe = pipeline(trained["model"])
+    pipe = tiny_pipeline(trained["model"])
     base = latents_of(pipe)
     pipe.load_lora_weights(str(trained["kohya"]), adapter_name="kohya")
     from_kohya = latents_of(pipe)
@@ -109,7 +102,7 @@ def test_kohya_and_diffusers_files_load_in_diffusers_and_agree(trained):
 
 
 def test_text_encoder_lora_changes_the_text_states(trained):
-    pipe = pipeline(trained["model"])
+    pipe = tiny_pipeline(trained["model"])
     ids = pipe.tokenizer(["xyz_shape a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         before = pipe.text_encoder(ids).last_hidden_state
@@ -119,7 +112,7 @@ def test_text_encoder_lora_changes_the_text_states(trained):
 
 
 def test_both_formats_read_back_to_the_same_weights(trained):
-    pipe = pipeline(trained["model"])
+    pipe = tiny_pipeline(trained["model"])
     from training.lora import attach_lora
 
     attach_lora(pipe.unet, pipe.text_encoder, rank=4, alpha=2, dropout=0.0, seed=0, train_text_encoder=True)
@@ -140,7 +133,7 @@ def _unet_output(unet, seed=11):
 
 
 def test_resume_from_into_a_larger_rank_keeps_the_function(trained, tmp_path):
-    reference = pipeline(trained["model"])
+    reference = tiny_pipeline(trained["model"])
     reference.load_lora_weights(str(trained["kohya"]), adapter_name="stage1")
     expected = _unet_output(reference.unet)
 
@@ -209,7 +202,7 @@ def test_conversion_between_formats_is_lossless(trained, tmp_path):
             assert torch.equal(a.get_tensor(key).float(), b.get_tensor(key).float()), key
         assert json.loads(b.metadata()["training_config"])["output_format"] == "kohya"
 
-    pipe = pipeline(trained["model"])
+    pipe = tiny_pipeline(trained["model"])
     pipe.load_lora_weights(str(trained["kohya"]), adapter_name="original")
     original = latents_of(pipe)
     pipe.delete_adapters("original")

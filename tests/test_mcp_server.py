@@ -13,6 +13,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from conftest import fast_config
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
@@ -735,3 +736,60 @@ def test_a_folder_the_client_offers_as_a_root_may_be_imported(tmp_path, tiny_sd1
     assert not offered.is_error, offered.content
     assert offered.structured_content["imported"] == 2
 
+
+def test_generate_compare_merge_and_convert_over_mcp(server_workspace, shapes):
+    """Using a LoRA from the chat: images with it (inside the call for the tiny model, or as a job),
+    a strength grid, a merge and a conversion, all from an exported LoRA's name."""
+    from training.trainer import run_training
+
+    result = run_training(fast_config(shapes, name="shapes", steps=2, learning_rate=5e-2), server_workspace / "r")
+    loras = server_workspace / "loras"
+    loras.mkdir()
+    (loras / "shapes.safetensors").write_bytes(result.lora_path.read_bytes())
+
+    async def script(session):
+        image = await session.call_tool(
+            "generate-image",
+            {"prompt": "xyz_shape a red circle", "loras": [{"lora": "shapes", "strength_model": 0.8}], "steps": 2},
+        )
+        assert not image.is_error, image.content
+        assert [item.type for item in image.content] == ["text", "text", "image"]
+        assert image.content[2].mime_type == "image/png"
+
+        grid = await session.call_tool(
+            "compare-lora-strengths",
+            {"lora": "shapes", "prompt": "xyz_shape a red circle", "strengths": [0, 1], "steps": 2},
+        )
+        assert not grid.is_error, grid.content
+        assert "grid.png" in grid.content[-2].text
+
+        job = await session.call_tool(
+            "generate-image", {"prompt": "xyz_shape", "loras": [{"lora": "shapes"}], "steps": 2, "background": True}
+        )
+        assert not job.is_error, job.content
+        job_id = job.content[0].text.split("as job ")[1].split(" ")[0]
+        status = await wait_for_state(session, job_id, ("completed", "failed", "interrupted"))
+        assert status["state"] == "completed" and status["kind"] == "generation", status
+        samples = await session.call_tool("get-training-samples", {"job_id": job_id})
+        assert [item.type for item in samples.content] == ["text", "image"]
+
+        merged = await session.call_tool(
+            "merge-loras",
+            {"loras": [{"lora": "shapes", "weight": 0.5}, {"lora": "shapes", "weight": 0.5}], "output_name": "twice"},
+        )
+        assert not merged.is_error, merged.content
+        assert Path(merged.structured_content["lora"]["path"]).is_file()
+        converted = await session.call_tool("convert-lora", {"lora": "shapes", "to": "diffusers"})
+        assert not converted.is_error, converted.content
+        assert converted.structured_content["output_format"] == "diffusers"
+
+        for tool, arguments, expected in (
+            ("generate-image", {"prompt": "x", "loras": [{"lora": "../etc"}]}, "list-exported-models"),
+            ("generate-image", {"prompt": "x", "model_name": "builtin:tiny-sd15", "width": 70}, "multiple of"),
+            ("compare-lora-strengths", {"lora": "shapes", "prompt": "x", "strengths": [0, 5]}, "between -2 and 2"),
+            ("merge-loras", {"loras": [{"lora": "shapes", "weight": 1}], "output_name": "one"}, "2"),
+        ):
+            result = await session.call_tool(tool, arguments)
+            assert result.is_error and expected in result.content[0].text, (tool, result.content)
+
+    run_session(server_workspace, script)

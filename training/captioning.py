@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import signal
 import sys
 import threading
 import time
@@ -180,58 +178,50 @@ def load_captioner(caption_model: str) -> Captioner:
 
 def run_caption_job(run_dir: Path, stop: threading.Event) -> str:
     """Run (or continue) the captioning job in `run_dir`; returns its final state."""
-    from training.run_files import RunFiles, StatusWriter
+    from training.background_job import job_files
     from training.workspace import append_line
 
-    files = RunFiles(run_dir)
     job = CaptionJob.model_validate_json((run_dir / "request.json").read_text(encoding="utf-8"))
     folder = Path(job.folder)
     done_file = run_dir / "captions.jsonl"
     done = _files_done(done_file)
     todo = [folder / name for name in job.files if name not in done]
-    status = StatusWriter(files.status, total_steps=len(job.files))
-    status.update(step=len(job.files) - len(todo))
-    handler = logging.FileHandler(files.log, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    status.start()
-    try:
-        log.info("captioning %d of %d images in %s with %s", len(todo), len(job.files), folder, job.caption_model)
-        describe = captioner_for(job.caption_model, folder)
-        started, count = time.time(), 0
-        batches = write_captions(
-            folder, todo, describe, trigger_word=job.trigger_word, prefix=job.prefix, suffix=job.suffix
-        )
-        for written, skipped in batches:
-            for name, caption in written:
-                append_line(done_file, json.dumps({"file": name, "caption": caption}))
-                log.info("%s: %s", name, caption)
-            for name, reason in skipped:
-                append_line(done_file, json.dumps({"file": name, "skipped": reason}))
-                log.warning("%s skipped: %s", name, reason)
-            count += len(written) + len(skipped)
-            rate = count / max(time.time() - started, 1e-6)
-            step = len(job.files) - len(todo) + count
-            status.update(step=step, it_per_s=round(rate, 3), eta_s=round((len(job.files) - step) / rate, 1))
-            if stop.is_set() and step < len(job.files):
-                log.info("stopped at %d of %d images; resume continues with the rest", step, len(job.files))
-                status.finish("stopped")
-                return "stopped"
-        log.info("done: all %d images captioned or skipped", len(job.files))
-        status.finish("completed", eta_s=0)
-        return "completed"
-    except CaptionerUnavailable as exc:
-        log.error("%s", exc)
-        status.finish("failed", error=str(exc))
-        return "failed"
-    except Exception as exc:
-        log.exception("captioning failed")
-        status.finish("failed", error=f"{type(exc).__name__}: {exc}")
-        return "failed"
-    finally:
-        log.removeHandler(handler)
-        handler.close()
+    with job_files(run_dir, log, len(job.files)) as (_, status):
+        status.update(step=len(job.files) - len(todo))
+        status.start()
+        try:
+            log.info("captioning %d of %d images in %s with %s", len(todo), len(job.files), folder, job.caption_model)
+            describe = captioner_for(job.caption_model, folder)
+            started, count = time.time(), 0
+            batches = write_captions(
+                folder, todo, describe, trigger_word=job.trigger_word, prefix=job.prefix, suffix=job.suffix
+            )
+            for written, skipped in batches:
+                for name, caption in written:
+                    append_line(done_file, json.dumps({"file": name, "caption": caption}))
+                    log.info("%s: %s", name, caption)
+                for name, reason in skipped:
+                    append_line(done_file, json.dumps({"file": name, "skipped": reason}))
+                    log.warning("%s skipped: %s", name, reason)
+                count += len(written) + len(skipped)
+                rate = count / max(time.time() - started, 1e-6)
+                step = len(job.files) - len(todo) + count
+                status.update(step=step, it_per_s=round(rate, 3), eta_s=round((len(job.files) - step) / rate, 1))
+                if stop.is_set() and step < len(job.files):
+                    log.info("stopped at %d of %d images; resume continues with the rest", step, len(job.files))
+                    status.finish("stopped")
+                    return "stopped"
+            log.info("done: all %d images captioned or skipped", len(job.files))
+            status.finish("completed", eta_s=0)
+            return "completed"
+        except CaptionerUnavailable as exc:
+            log.error("%s", exc)
+            status.finish("failed", error=str(exc))
+            return "failed"
+        except Exception as exc:
+            log.exception("captioning failed")
+            status.finish("failed", error=f"{type(exc).__name__}: {exc}")
+            return "failed"
 
 
 def _files_done(path: Path) -> set[str]:
@@ -243,17 +233,9 @@ def _files_done(path: Path) -> set[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m training.captioning RUN_DIR`: the server's background captioning job."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or not (Path(args[0]) / "request.json").is_file():
-        print("usage: python -m training.captioning RUN_DIR (a folder holding request.json)", file=sys.stderr)
-        return 2
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.set())
-    state = run_caption_job(Path(args[0]), stop)
-    return {"completed": 0, "stopped": 130}.get(state, 1)
+    from training.background_job import job_main
+
+    return job_main("training.captioning", argv, run_caption_job)
 
 
 if __name__ == "__main__":

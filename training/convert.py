@@ -3,39 +3,94 @@
 kohya names flatten module paths with underscores (`lora_unet_down_blocks_0_..._to_q`), which
 cannot be undone by string rules alone; the names are matched against the base model's modules
 instead. The model is built on the meta device from its configs: no weights are loaded.
+
+Targets: "kohya", "diffusers", and "comfyui". ComfyUI loads kohya-layout files (`lora_unet_*` /
+`lora_te_*` keys with `.alpha`, which A1111/Forge read too), so "comfyui" writes the kohya layout.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal, get_args
 
 from safetensors import safe_open
 
 from training.config import OutputFormat
 from training.export import write_lora_file
-from training.lora import LoraFileError, read_lora_file
-from training.models.loading import resolve_model
+from training.lora import LoraFileError, LoraWeights, read_lora_file
+from training.models.loading import ModelNotFoundError, resolve_model
+
+LoraFormat = Literal["kohya", "diffusers", "comfyui"]
+
+
+def file_layout(output_format: str) -> OutputFormat:
+    """The layout written for a target: ComfyUI reads kohya files, so "comfyui" is the kohya layout."""
+    if output_format not in get_args(LoraFormat):
+        raise LoraFileError(f"unknown LoRA format {output_format!r}; use one of {', '.join(get_args(LoraFormat))}")
+    return "kohya" if output_format == "comfyui" else output_format
 
 
 def convert_lora_file(
-    source: Path, target: Path, output_format: OutputFormat, *, model_folder: Path | None = None
+    source: Path, target: Path, output_format: LoraFormat, *, model_folder: Path | None = None
 ) -> Path:
     """Write `source` again as `output_format` at `target`. The base model is `model_folder`, else
     the one named in the file's own training config."""
-    with safe_open(str(source), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
-    training = json.loads(metadata.get("training_config", "{}"))
-    if model_folder is None:
-        if "model_name" not in training:
-            raise LoraFileError(f"{source} does not say which base model it is for: give the model folder")
-        found = resolve_model(training["model_name"], training.get("base_model_config"))
-        model_folder = found.config_folder if found.kind == "single_file" else found.path
-        if model_folder is None:
-            raise LoraFileError(f"the base model of {source} is a single file without base_model_config")
-
-    unet, text_encoder = _empty_models(model_folder)
+    layout = file_layout(output_format)
+    metadata = lora_metadata(source)
+    unet, text_encoder = empty_models(base_model_folder(source, metadata, model_folder))
     weights = read_lora_file(source, unet, text_encoder)
+    return write_lora_weights(target, weights, output_format=layout, metadata=metadata, source=source)
+
+
+def lora_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` of a .safetensors file (empty when it has none)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises several types for unreadable files
+        raise LoraFileError(f"{path} is not a readable .safetensors LoRA file: {exc}") from None
+
+
+def recorded_training_config(path: Path | str, metadata: dict[str, str]) -> dict:
+    """The training config a file of ours records in its metadata ({} for other files)."""
+    try:
+        config = json.loads(metadata.get("training_config", "{}"))
+    except ValueError:
+        raise LoraFileError(f"{path}: its training_config metadata is not JSON") from None
+    if not isinstance(config, dict):
+        raise LoraFileError(f"{path}: its training_config metadata is not a JSON object")
+    return config
+
+
+def base_model_folder(source: Path, metadata: dict[str, str], model_folder: Path | None = None) -> Path:
+    """The diffusers folder that gives the architecture of `source`: `model_folder` when given, else
+    the base model named in the file's training config (for a single-file model, its config folder)."""
+    if model_folder is not None:
+        return Path(model_folder)
+    training = recorded_training_config(source, metadata)
+    if "model_name" not in training:
+        raise LoraFileError(f"{source} does not say which base model it is for: give the model folder")
+    found = resolve_model(training["model_name"], training.get("base_model_config"))
+    folder = found.config_folder if found.kind == "single_file" else found.path
+    if folder is None:
+        raise LoraFileError(f"the base model of {source} is a single file without base_model_config")
+    return folder
+
+
+def write_lora_weights(
+    target: Path,
+    weights: dict[str, LoraWeights],
+    *,
+    output_format: OutputFormat,
+    metadata: dict[str, str],
+    source: str | Path,
+) -> Path:
+    """Write {'unet.<module>': LoraWeights} of one rank and alpha as `output_format` at `target`;
+    the training config in `metadata`, if any, is updated to the new format. `source` names the
+    input(s) in errors."""
+    if not weights:
+        raise LoraFileError(f"{source} holds no LoRA weights")
     ranks = {w.down.shape[0] for w in weights.values()}
     alphas = {w.alpha for w in weights.values()}
     if len(ranks) != 1 or len(alphas) != 1:
@@ -53,6 +108,8 @@ def convert_lora_file(
         prefix: {"r": rank, "lora_alpha": alpha, "target_modules": sorted(modules)}
         for prefix, modules in targets.items()
     }
+    metadata = dict(metadata)
+    training = recorded_training_config(source, metadata)
     if training:
         metadata["training_config"] = json.dumps({**training, "output_format": output_format}, sort_keys=True)
     return write_lora_file(
@@ -60,13 +117,20 @@ def convert_lora_file(
     )
 
 
-def _empty_models(folder: Path):
+def empty_models(folder: Path):
     """The UNet and text encoder of a diffusers folder, as module trees without weights."""
     import torch
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    try:
+        unet_config = UNet2DConditionModel.load_config(str(folder), subfolder="unet")
+        text_config = CLIPTextConfig.from_pretrained(str(folder), subfolder="text_encoder")
+    except OSError as exc:
+        raise ModelNotFoundError(
+            f"{folder} is not a diffusers model folder with unet/ and text_encoder/: {exc}"
+        ) from None
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(folder), subfolder="unet"))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(str(folder), subfolder="text_encoder"))
+        unet = UNet2DConditionModel.from_config(unet_config)
+        text_encoder = CLIPTextModel(text_config)
     return unet, text_encoder

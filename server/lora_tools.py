@@ -1,0 +1,141 @@
+"""merge-loras and convert-lora: the service functions the MCP tools call, and how a tool's `lora`
+argument names a file.
+
+A `lora` is the name of an exported LoRA in `<workspace>/loras` (as list-exported-models shows it,
+with or without `.safetensors`), or a path to a `.safetensors` file inside the workspace or a folder
+this server may use (server/paths.py). Results are written to `loras/<output_name>.safetensors`
+with the same `.json` sidecar as an export; an existing name is refused, never overwritten.
+
+The server imports this module at start-up: torch and diffusers are imported only when a merge or a
+conversion runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, get_args
+
+from pydantic import BaseModel, Field, ValidationError
+
+from server.errors import ServiceError
+from server.loras import ExportedLora
+from server.names import checked_name
+from server.paths import check_user_path, looks_like_path
+from server.safetensors_file import InvalidSafetensors, safetensors_metadata
+from training.workspace import atomic_write_json
+
+# The targets of training.convert.LoraFormat, here without importing torch (a test keeps them equal).
+LoraTarget = Literal["kohya", "diffusers", "comfyui"]
+_NAMES_SHOWN = 20  # exported names listed in a "no such LoRA" message
+
+
+class MergeSource(BaseModel):
+    lora: str = Field(description="An exported LoRA's name (list-exported-models) or a .safetensors path.")
+    weight: float = Field(1.0, ge=-2.0, le=2.0, description="Its strength in the merge (1 = as trained).")
+
+
+def lora_path(workspace: Path, reference: str) -> Path:
+    """The file a `lora` argument names: an exported LoRA's name, or a .safetensors path inside the
+    allowed folders (relative paths are taken from the workspace). Anything else is a ServiceError
+    that says what is accepted."""
+    workspace = Path(workspace)
+    if not looks_like_path(reference):
+        name = reference.removesuffix(".safetensors")
+        path = workspace / "loras" / f"{name}.safetensors"
+        if not name or ".." in name or not path.is_file():
+            exported = sorted(p.stem for p in (workspace / "loras").glob("*.safetensors"))
+            shown = ", ".join(exported[:_NAMES_SHOWN]) + (", ..." if len(exported) > _NAMES_SHOWN else "")
+            raise ServiceError(
+                f"no exported LoRA named {reference!r} (exported: {shown or 'none yet'}; list-exported-models lists "
+                "them). Give an exported LoRA's name, or the path of a .safetensors file in the workspace or a "
+                "folder this server may use."
+            )
+    else:
+        check_user_path("lora", reference, workspace)
+        given = Path(reference).expanduser()
+        path = (given if given.is_absolute() else workspace / given).resolve()
+        if path.suffix != ".safetensors" or not path.is_file():
+            raise ServiceError(
+                f"lora {reference!r} is not a .safetensors file ({path}). Give an exported LoRA's name "
+                "(list-exported-models) or the path of a .safetensors LoRA file."
+            )
+    try:
+        safetensors_metadata(path)
+    except InvalidSafetensors as exc:
+        raise ServiceError(f"lora {reference!r} ({path}) is not a valid .safetensors file: {exc}") from None
+    return path
+
+
+def merge_loras(
+    workspace: Path, loras: list[MergeSource | dict], output_name: str, output_format: LoraTarget = "kohya"
+) -> ExportedLora:
+    """Merge `loras` (each at its weight) into `loras/<output_name>.safetensors`: at strength 1 the
+    result equals loading them together at those weights (training/merge.py)."""
+    from training.lora import LoraFileError
+    from training.merge import merge_lora_files
+    from training.models.loading import ModelNotFoundError
+
+    try:
+        sources = [item if isinstance(item, MergeSource) else MergeSource.model_validate(item) for item in loras]
+    except ValidationError as exc:
+        raise ServiceError(f"loras must be a list of {{lora, weight}} with weights from -2 to 2: {exc}") from None
+    if len(sources) < 2:
+        raise ServiceError(f"merging needs at least 2 LoRAs, got {len(sources)}; list-exported-models lists them")
+    layout = _checked_target(output_format)
+    target = _new_output(workspace, output_name)
+    paths = [lora_path(workspace, source.lora) for source in sources]
+    try:
+        merge_lora_files([(path, s.weight) for path, s in zip(paths, sources)], target, output_format=output_format)
+    except (LoraFileError, ModelNotFoundError) as exc:
+        raise ServiceError(f"cannot merge these LoRAs: {exc}") from None
+    return _record(target, layout)
+
+
+def convert_lora(workspace: Path, lora: str, to: LoraTarget, output_name: str | None = None) -> ExportedLora:
+    """Write `lora` again in the layout `to` as `loras/<output_name>.safetensors` (default
+    '<lora>-<to>'), losslessly. "comfyui" is the kohya layout, which ComfyUI's LoraLoader reads."""
+    from training.convert import convert_lora_file
+    from training.lora import LoraFileError
+    from training.models.loading import ModelNotFoundError
+
+    layout = _checked_target(to)
+    source = lora_path(workspace, lora)
+    target = _new_output(workspace, output_name or f"{source.stem}-{to}")
+    try:
+        convert_lora_file(source, target, to)
+    except (LoraFileError, ModelNotFoundError) as exc:
+        raise ServiceError(f"cannot convert {lora!r} to {to}: {exc}") from None
+    return _record(target, layout)
+
+
+def _checked_target(output_format: str) -> str:
+    """The file layout of a target ("comfyui" is written as kohya)."""
+    if output_format not in get_args(LoraTarget):
+        raise ServiceError(f"unknown LoRA format {output_format!r}; use one of {', '.join(get_args(LoraTarget))}")
+    return "kohya" if output_format == "comfyui" else output_format
+
+
+def _new_output(workspace: Path, output_name: str) -> Path:
+    name = checked_name("output", output_name.removesuffix(".safetensors"))
+    target = Path(workspace) / "loras" / f"{name}.safetensors"
+    if target.exists() or target.with_suffix(".json").exists():
+        raise ServiceError(
+            f"a LoRA named {name!r} exists already in loras/; choose another output_name (list-exported-models "
+            "lists the names taken)"
+        )
+    return target
+
+
+def _record(target: Path, layout: str) -> ExportedLora:
+    """The written file's sidecar, as LoraService.export writes it; output_format is the file's layout."""
+    metadata = safetensors_metadata(target)
+    record = ExportedLora(
+        name=target.stem,
+        path=str(target),
+        size_bytes=target.stat().st_size,
+        trigger_word=metadata.get("modelspec.trigger_phrase"),
+        base_model=metadata.get("ss_sd_model_name"),
+        output_format=layout,
+    )
+    atomic_write_json(target.with_suffix(".json"), record.model_dump(mode="json"))
+    return record

@@ -1,0 +1,179 @@
+"""Images from a base model with a stack of LoRAs at chosen strengths: generate-image, and
+compare-lora-strengths (one LoRA across strengths with a fixed seed, as one labelled grid).
+
+LoRAs are loaded with diffusers (`load_lora_weights`, kohya or diffusers layout) as named
+adapters and weighted per component with `set_adapters`: `strength_model` scales the UNet's
+part and `strength_clip` the text encoder's, as ComfyUI's LoraLoader does. A LoRA at strength 0
+adds exactly nothing, so a stack with one at 0 gives the image of the stack without it.
+
+A long request runs as a background job: `python -m training.generation RUN_DIR` reads
+`request.json` and writes its images like a run's samples (`samples/*.png` and
+`samples/index.jsonl`, which get-training-samples reads) with status.json counting images.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+log = logging.getLogger("training.generation")
+GRID_LABEL_HEIGHT = 20  # px of caption strip under each image of a strength grid
+
+
+class LoraUse(BaseModel):
+    path: str = Field(description="The LoRA file (.safetensors, kohya or diffusers layout).")
+    strength_model: float = Field(1.0, ge=-2.0, le=2.0, description="Weight of the UNet part, as in ComfyUI.")
+    strength_clip: float | None = Field(
+        None, ge=-2.0, le=2.0, description="Weight of the text-encoder part; default: strength_model."
+    )
+
+
+class GenerationRequest(BaseModel):
+    model_name: str
+    base_model_config: str | None = None
+    prompt: str
+    negative_prompt: str = ""
+    loras: list[LoraUse] = Field(default_factory=list)
+    steps: int = Field(20, ge=1, le=150)
+    guidance: float = Field(7.5, ge=0.0, le=30.0)
+    width: int | None = None  # default: the model's native resolution
+    height: int | None = None
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    count: int = Field(1, ge=1, le=16)
+    strengths: list[float] | None = Field(
+        None, description="compare-lora-strengths: one image per strength of loras[0] (same seed), and a grid."
+    )
+
+
+def generate(
+    request: GenerationRequest,
+    out_dir: Path,
+    *,
+    on_image: Callable[[int, int], None] | None = None,
+    stop: threading.Event | None = None,
+) -> list[Path]:
+    """Render the request into `out_dir/samples/` (PNG files and index.jsonl rows); returns the files
+    written (for a strength comparison the last one is the grid)."""
+    import torch
+
+    from training.models.loading import load_base_model, pick_device, resolve_model
+    from training.run_files import RunFiles
+    from training.workspace import atomic_output
+
+    files = RunFiles(out_dir)
+    files.samples.mkdir(parents=True, exist_ok=True)
+    device = pick_device()
+    base = load_base_model(resolve_model(request.model_name, request.base_model_config), device)
+    pipe = base.pipeline
+    names = [f"lora{i}" for i in range(len(request.loras))]
+    for name, lora in zip(names, request.loras):
+        pipe.load_lora_weights(lora.path, adapter_name=name)
+    width = request.width or base.native_resolution
+    height = request.height or base.native_resolution
+
+    if request.strengths is not None:
+        plan = [([_weights(request.loras[0], strength)], f"strength {strength:g}") for strength in request.strengths]
+        seeds = [request.seed] * len(plan)
+    else:
+        plan = [([_weights(lora) for lora in request.loras], "") for _ in range(request.count)]
+        seeds = [request.seed + i for i in range(request.count)]
+
+    written: list[Path] = []
+    images = []
+    for index, ((weights, label), seed) in enumerate(zip(plan, seeds)):
+        if stop is not None and stop.is_set():
+            break
+        if names:
+            active = names[:1] if request.strengths is not None else names
+            pipe.set_adapters(active, weights)
+        image = pipe(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt or None,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance,
+            width=width,
+            height=height,
+            generator=torch.Generator(device).manual_seed(seed),
+        ).images[0]
+        path = files.samples / f"image_{index:02d}.png"
+        with atomic_output(path) as tmp:
+            image.save(tmp, format="PNG")
+        prompt = f"{request.prompt} ({label})" if label else request.prompt
+        files.append_sample({"step": 0, "prompt_index": index, "prompt": prompt, "seed": seed, "file": path.name})
+        written.append(path)
+        images.append((image, label))
+        if on_image:
+            on_image(index + 1, len(plan))
+    if request.strengths is not None and len(images) == len(plan):
+        path = files.samples / "grid.png"
+        with atomic_output(path) as tmp:
+            strength_grid(images).save(tmp, format="PNG")
+        files.append_sample(
+            {"step": 0, "prompt_index": len(plan), "prompt": f"{request.prompt} (grid)", "file": path.name}
+        )
+        written.append(path)
+    return written
+
+
+def _weights(lora: LoraUse, strength: float | None = None) -> dict[str, float]:
+    """The per-component adapter weights of one LoRA (a strength comparison sets both parts to it)."""
+    model = lora.strength_model if strength is None else strength
+    clip = model if strength is not None or lora.strength_clip is None else lora.strength_clip
+    return {"unet": model, "text_encoder": clip}
+
+
+def strength_grid(images: list) -> object:
+    """The images side by side, each labelled below with its strength."""
+    from PIL import Image, ImageDraw
+
+    width, height = images[0][0].size
+    grid = Image.new("RGB", (width * len(images), height + GRID_LABEL_HEIGHT), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, (image, label) in enumerate(images):
+        grid.paste(image, (index * width, 0))
+        draw.text((index * width + 4, height + 4), label, fill=(0, 0, 0))
+    return grid
+
+
+def run_generation_job(run_dir: Path, stop: threading.Event) -> str:
+    """The background job: the request in `run_dir/request.json`, its images and status there."""
+    from training.background_job import job_files
+
+    request = GenerationRequest.model_validate_json((run_dir / "request.json").read_text(encoding="utf-8"))
+    total = len(request.strengths) if request.strengths is not None else request.count
+    with job_files(run_dir, log, total) as (_, status):
+        status.start()
+        try:
+            log.info("generating %d image(s) with %s and %d LoRA(s)", total, request.model_name, len(request.loras))
+
+            def progress(done: int, of: int) -> None:
+                status.update(step=done, latest_samples=[f"image_{i:02d}.png" for i in range(done)])
+                log.info("image %d/%d done", done, of)
+
+            written = generate(request, run_dir, on_image=progress, stop=stop)
+            if stop.is_set() and len(written) < total:
+                status.finish("stopped")
+                return "stopped"
+            status.finish("completed", latest_samples=[p.name for p in written])
+            log.info("done: %s", ", ".join(p.name for p in written))
+            return "completed"
+        except Exception as exc:
+            log.exception("generation failed")
+            status.finish("failed", error=f"{type(exc).__name__}: {exc}")
+            return "failed"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m training.generation RUN_DIR`: the server's background image generation."""
+    from training.background_job import job_main
+
+    return job_main("training.generation", argv, run_generation_job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
