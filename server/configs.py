@@ -12,7 +12,7 @@ no torch or diffusers at import time; `validate` imports the model loader lazily
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import AliasChoices, BaseModel, Field
 
@@ -189,10 +189,11 @@ class ConfigService:
             errors=errors,
             warnings=warnings,
         )
-        native = check_model(
+        native, family = check_model(
             value("model_name", str, TrainingConfig.model_fields["model_name"].default),
             value("base_model_config", str, None),
             errors=errors,
+            model_family=value("model_family", str, "auto"),
         )
 
         if config is not None:
@@ -201,7 +202,7 @@ class ConfigService:
             # know the training device's memory.
             from training.diagnostics.evidence import RunEvidence
 
-            evidence = RunEvidence(config=config, images=images, native_resolution=native)
+            evidence = RunEvidence(config=config, images=images, native_resolution=native, model_family=family)
             findings = preflight_findings(evidence)
             warnings.extend(finding.line() for finding in findings)
             if config.steps is None and images is not None:
@@ -369,17 +370,34 @@ def check_dataset(
     return index.num_images
 
 
-def check_model(model_name: str, base_model_config: str | None, *, errors: list[str]) -> int | None:
-    """The model's native resolution when its folder says so, or None; a missing model goes to `errors`."""
-    from training.models.loading import ModelNotFoundError, read_geometry, resolve_model
+class ModelCheck(NamedTuple):
+    native_resolution: int | None  # when the model's folder says so
+    family: str | None  # sd1, sd2, sdxl or flux: the config's model_family, else read from the files
+
+
+def check_model(
+    model_name: str, base_model_config: str | None, *, errors: list[str], model_family: str = "auto"
+) -> ModelCheck:
+    """What the model's files say, without loading weights; a missing model, or one of a family this
+    trainer cannot train, goes to `errors`."""
+    from training.models.loading import (
+        ModelNotFoundError,
+        detect_family,
+        read_geometry,
+        resolve_model,
+        unsupported_family_message,
+    )
 
     try:
         source = resolve_model(model_name, base_model_config)
     except ModelNotFoundError as exc:
         errors.append(f"model: {exc}")
-        return None
+        return ModelCheck(None, None if model_family == "auto" else model_family)
     except OSError as exc:  # e.g. building a built-in model into an unwritable workspace
         errors.append(f"model {model_name!r} cannot be prepared: {exc}")
-        return None
+        return ModelCheck(None, None if model_family == "auto" else model_family)
+    family = detect_family(source) if model_family == "auto" else model_family
+    if family and (refusal := unsupported_family_message(model_name, family)):
+        errors.append(f"model: {refusal}")
     geometry = read_geometry(source.path) if source.kind in _DIFFUSERS_KINDS else None
-    return geometry[0] if geometry else None
+    return ModelCheck(geometry[0] if geometry else None, family)

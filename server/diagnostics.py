@@ -196,8 +196,10 @@ def _evidence(status: JobStatus) -> RunEvidence:
         errors=errors,
         warnings=[],
     )
-    native = check_model(config.model_name, config.base_model_config, errors=errors)
-    return evidence.model_copy(update={"images": images, "native_resolution": native})
+    native, family = check_model(
+        config.model_name, config.base_model_config, errors=errors, model_family=config.model_family
+    )
+    return evidence.model_copy(update={"images": images, "native_resolution": native, "model_family": family})
 
 
 def _findings(evidence: RunEvidence) -> list[Finding]:

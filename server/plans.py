@@ -85,7 +85,7 @@ def _native_resolution(model_name: str) -> int | None:
     """The model's native size from its config files (None for a single file), as validate-training-config
     reads it; a model that cannot be found is a ServiceError."""
     errors: list[str] = []
-    native = check_model(model_name, None, errors=errors)
+    native, _ = check_model(model_name, None, errors=errors)
     if errors:
         raise ServiceError(
             f"{'; '.join(errors)}. Plan for a model this machine has (a local diffusers folder, a .safetensors "

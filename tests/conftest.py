@@ -42,6 +42,13 @@ def tiny_sd2v(workspace) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(workspace) -> Path:
+    from training.models.builtin import ensure_builtin
+
+    return ensure_builtin("builtin:tiny-sdxl", workspace / "models")
+
+
+@pytest.fixture(scope="session")
 def tiny_git(tmp_path_factory) -> Path:
     """A GIT image-to-text model at toy size with random weights: its captions are nonsense,
     the plumbing (processor, generate, decode) is the real one."""

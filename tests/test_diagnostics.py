@@ -326,3 +326,14 @@ def test_preflight_collects_every_rule():
     assert all(f.line().startswith(f"[{f.rule}]") for f in findings)
     for finding in findings:
         assert_patch_validates(cfg, finding.patch)
+
+
+def test_the_family_read_from_the_files_or_set_in_the_config_wins_over_guesses():
+    from training.diagnostics.preflight import SD2, SDXL, model_family
+
+    plain = config(model_name="my-model")  # a name that says nothing, no size known
+    assert model_family(plain, None).name == "SD 1.5"  # the guess
+    assert model_family(plain, None, "sdxl") is SDXL  # the files say SDXL
+    assert model_family(config(model_name="my-model", model_family="sd2"), 1024, "sdxl") is SD2  # the override
+    finding = vram_estimate(evidence(config(mixed_precision="fp16"), native_resolution=None, model_family="sdxl"))
+    assert finding.evidence["family"] == "SDXL" and finding.evidence["estimate_gb"] == 16.0

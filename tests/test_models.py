@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from training.models.builtin import ensure_builtin
-from training.models.loading import ModelNotFoundError, load_base_model, resolve_model
+from training.models.loading import ModelNotFoundError, detect_family, load_base_model, resolve_model
 
 
 def test_builtins_load_like_any_diffusers_folder(tiny_sd15, tiny_sd2v):
@@ -74,6 +75,39 @@ def test_sdxl_folders_are_refused_with_the_reason(tmp_path):
     )
     with pytest.raises(ModelNotFoundError, match="SDXL"):
         load_base_model(resolve_model(str(folder)), torch.device("cpu"))
+
+
+def test_the_family_is_read_from_the_models_own_files(tmp_path, tiny_sd15, tiny_sd2v, tiny_sdxl):
+    assert detect_family(resolve_model("builtin:tiny-sd15")) == "sd1"
+    assert detect_family(resolve_model(str(tiny_sd2v))) == "sd2"
+    renamed = tmp_path / "my-sd15-model"  # the name says nothing; the files do
+    shutil.copytree(tiny_sdxl, renamed)
+    assert detect_family(resolve_model(str(renamed))) == "sdxl"
+    flux = tmp_path / "flex"
+    flux.mkdir()
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["x", "y"]}))
+    assert detect_family(resolve_model(str(flux))) == "flux"
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"")
+    assert detect_family(resolve_model(str(checkpoint))) is None  # a single file alone does not say
+    assert detect_family(resolve_model(str(checkpoint), str(tiny_sd2v))) == "sd2"
+
+
+def test_the_tiny_sdxl_model_is_a_real_sdxl_pipeline(tiny_sdxl):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    assert pipe.unet.config.addition_embed_type == "text_time" and pipe.text_encoder_2.config.projection_dim == 32
+
+
+def test_models_of_families_this_trainer_cannot_train_are_refused_before_loading(tmp_path, tiny_sdxl, tiny_sd15):
+    with pytest.raises(ModelNotFoundError, match="SDXL model .* Stable Diffusion 1.x/2.x models so far"):
+        load_base_model(resolve_model("builtin:tiny-sdxl"), torch.device("cpu"))
+    with pytest.raises(ModelNotFoundError, match="FLUX-class"):  # the override wins over the files
+        load_base_model(resolve_model(str(tiny_sd15)), torch.device("cpu"), model_family="flux")
 
 
 def test_a_hugging_face_id_resolves_from_the_local_cache(monkeypatch, tmp_path, tiny_sd15):

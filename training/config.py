@@ -53,6 +53,11 @@ class TrainingConfig(BaseModel):
         description="Base model: a local diffusers folder, a .safetensors/.ckpt file, a Hugging Face id "
         "already in the local HF cache, or a built-in id such as 'builtin:tiny-sd15'.",
     )
+    model_family: Literal["auto", "sd1", "sd2", "sdxl", "flux"] = Field(
+        "auto",
+        description="The model's architecture. auto reads it from the model's files; set it for a single-file "
+        "checkpoint without base_model_config, whose file alone does not say.",
+    )
     base_model_config: str | None = Field(
         None,
         description="Only for a single-file model_name: a diffusers folder or built-in id of the same "

@@ -95,7 +95,8 @@ class Trainer:
             memory = torch.cuda.get_device_properties(self.device).total_memory
             self.status.update(device_memory_gb=round(memory / 2**30, 1))
         config = self.config
-        self.base = load_base_model(resolve_model(config.model_name, config.base_model_config), self.device)
+        source = resolve_model(config.model_name, config.base_model_config)
+        self.base = load_base_model(source, self.device, model_family=config.model_family)
         self.dataset = hold_out(
             scan_dataset(
                 locate_dataset(config.dataset_path, datasets_dir()),

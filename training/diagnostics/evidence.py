@@ -71,6 +71,7 @@ class RunEvidence(BaseModel):
     images: int | None = Field(None, description="Training images in the dataset (validation excluded).")
     dataset: Any = Field(None, description="training.data.report.DatasetReport, where one was made.")
     native_resolution: int | None = Field(None, description="The base model's native resolution, where known.")
+    model_family: str | None = Field(None, description="sd1, sd2, sdxl or flux, as read from the model's files.")
     state: str | None = Field(None, description="The run's state from status.json; None before it starts.")
     error: str | None = Field(None, description="The run's error from status.json (e.g. a non-finite loss).")
     train: list[TrainRow] = Field(default_factory=list)

@@ -266,10 +266,14 @@ SMALLEST_REAL_NATIVE = 256
 MEMORY_PRESET = {"low_vram": True, "gradient_checkpointing": True, "batch_size": 1, "optimizer": "adafactor"}
 
 
-def model_family(config: TrainingConfig, native_resolution: int | None) -> ModelFamily:
-    """FLUX by name (FLUX and its Flex derivatives), else by native size: 512 SD 1.5 (smaller: a tiny test
-    model, counted as SD 1.5), 768 SD 2.x, 1024+ SDXL-class. Unknown size: by the name ('xl', 'sd2',
-    'stable-diffusion-2'), else SD 1.5 (the default model)."""
+def model_family(config: TrainingConfig, native_resolution: int | None, detected: str | None = None) -> ModelFamily:
+    """The config's model_family, else the family read from the model's files (`detected`: sd1, sd2, sdxl,
+    flux). Without either: FLUX by name (FLUX and its Flex derivatives), else by native size: 512 SD 1.5
+    (smaller: a tiny test model, counted as SD 1.5), 768 SD 2.x, 1024+ SDXL-class; unknown size: by the
+    name ('xl', 'sd2', 'stable-diffusion-2'), else SD 1.5 (the default model)."""
+    known = config.model_family if config.model_family != "auto" else detected
+    if known:
+        return {"sd1": SD15, "sd2": SD2, "sdxl": SDXL, "flux": FLUX}[known]
     name = config.model_name.lower()
     if "flux" in name or "flex" in name:
         return FLUX
@@ -293,14 +297,14 @@ def _pixel_ratio(config: TrainingConfig, native: int) -> float:
     return ((config.resolution or native) / native) ** 2
 
 
-def estimate_vram_gb(config: TrainingConfig, native_resolution: int | None) -> float:
+def estimate_vram_gb(config: TrainingConfig, native_resolution: int | None, detected: str | None = None) -> float:
     """GPU memory (GB) a run of `config` needs: weights + LoRA training state + activations.
 
     Anchor: the guide's recommended VRAM is the need at batch 1, native size, fp16/bf16 mixed precision,
     AdamW on a rank-32 LoRA, no checkpointing and no low_vram (the guide's examples use fp16; no row of its
     table holds the weights in fp32). What is not weights or LoRA state there is "activations", which scale
     with the micro-batch and the pixels per image."""
-    family = model_family(config, native_resolution)
+    family = model_family(config, native_resolution, detected)
     native = native_resolution or family.native
     fp32 = config.mixed_precision == "no"
     weights = family.denoiser_gb + (0.0 if config.low_vram else family.encoders_gb)
@@ -338,10 +342,10 @@ def vram_estimate(evidence: RunEvidence) -> Finding | None:
     config = evidence.config
     if _tiny_model(evidence.native_resolution):
         return None
-    family = model_family(config, evidence.native_resolution)
-    need = estimate_vram_gb(config, evidence.native_resolution)
+    family = model_family(config, evidence.native_resolution, evidence.model_family)
+    need = estimate_vram_gb(config, evidence.native_resolution, evidence.model_family)
     patch = memory_preset_patch(config)
-    with_preset = estimate_vram_gb(config.model_copy(update=patch), evidence.native_resolution)
+    with_preset = estimate_vram_gb(config.model_copy(update=patch), evidence.native_resolution, evidence.model_family)
     row = f"{family.name}: the guide's minimum {family.minimum_gb:g} GB, recommended {family.recommended_gb:g} GB"
     if not family.from_guide:
         row = row.replace("the guide's", "interpolated from the guide,")
@@ -393,7 +397,7 @@ def resolution_below_native(evidence: RunEvidence) -> Finding | None:
 
 
 def estimate_minutes(
-    config: TrainingConfig, native_resolution: int | None, images: int | None
+    config: TrainingConfig, native_resolution: int | None, images: int | None, detected: str | None = None
 ) -> tuple[float, float] | None:
     """(low, high) minutes of training: the guide's "Training Time (1k steps)" for the model family x the
     steps (config.steps, else 100 x images), scaled by the images per step (batch x accumulation; the guide's
@@ -401,7 +405,7 @@ def estimate_minutes(
     steps = config.steps or (STEPS_PER_IMAGE * images if images else None)
     if steps is None:
         return None
-    family = model_family(config, native_resolution)
+    family = model_family(config, native_resolution, detected)
     native = native_resolution or family.native
     scale = steps / 1000 * config.effective_batch_size * _pixel_ratio(config, native)
     low, high = family.minutes_per_1k
@@ -411,11 +415,11 @@ def estimate_minutes(
 def training_time_estimate(evidence: RunEvidence) -> Finding | None:
     if _tiny_model(evidence.native_resolution):
         return None
-    minutes = estimate_minutes(evidence.config, evidence.native_resolution, _images(evidence))
+    minutes = estimate_minutes(evidence.config, evidence.native_resolution, _images(evidence), evidence.model_family)
     if minutes is None:
         return None
     config = evidence.config
-    family = model_family(config, evidence.native_resolution)
+    family = model_family(config, evidence.native_resolution, evidence.model_family)
     steps = config.steps or STEPS_PER_IMAGE * _images(evidence)
     low, high = family.minutes_per_1k
     return Finding(

@@ -10,6 +10,11 @@ Sizes: 64 px images, an 8x VAE (8x8 latents, as SD's 512 px -> 64x64), a two-lev
 with cross-attention at both levels, a 4-layer CLIP text encoder of width 32, and a
 byte-level BPE vocabulary of 514 tokens (every byte, as word-inner and word-final token,
 plus start/end), so any caption tokenizes without a downloaded vocabulary.
+
+`tiny-sdxl` is a StableDiffusionXLPipeline of the same scale: two text encoders (the second with
+a projection, whose pooled output and the size/crop time ids feed the UNet's `text_time`
+embedding), cross-attention over both encoders' states (32 + 32), SDXL's VAE scaling factor and
+an Euler scheduler, as the real SDXL base has.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from training.workspace import DIR_MODE
 
@@ -32,13 +38,19 @@ BUILDER_VERSION = 1
 class TinySpec:
     description: str
     prediction_type: str  # "epsilon" or "v_prediction"
-    sd2: bool  # SD 2.x traits: linear attention projections, gelu text encoder, DDIM scheduler
+    # sd2: linear attention projections, gelu text encoder, DDIM scheduler; sdxl: see the module docstring
+    family: Literal["sd1", "sd2", "sdxl"]
     seed: int
+
+    @property
+    def sd2(self) -> bool:
+        return self.family == "sd2"
 
 
 BUILTINS: dict[str, TinySpec] = {
-    "tiny-sd15": TinySpec("tiny random SD 1.x (epsilon prediction)", "epsilon", sd2=False, seed=1234),
-    "tiny-sd2-v": TinySpec("tiny random SD 2.x (v-prediction)", "v_prediction", sd2=True, seed=4321),
+    "tiny-sd15": TinySpec("tiny random SD 1.x (epsilon prediction)", "epsilon", family="sd1", seed=1234),
+    "tiny-sd2-v": TinySpec("tiny random SD 2.x (v-prediction)", "v_prediction", family="sd2", seed=4321),
+    "tiny-sdxl": TinySpec("tiny random SDXL (two text encoders, epsilon)", "epsilon", family="sdxl", seed=2468),
 }
 
 
@@ -78,6 +90,8 @@ def ensure_builtin(model_name: str, models_root: Path) -> Path:
 
 
 def _build_pipeline(spec: TinySpec):
+    if spec.family == "sdxl":
+        return _build_sdxl_pipeline(spec)
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -141,6 +155,81 @@ def _build_pipeline(spec: TinySpec):
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+def _build_sdxl_pipeline(spec: TinySpec):
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = _byte_level_clip_tokenizer()
+    text_config = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    time_embed_dim = 8  # per time id; SDXL has 6 ids (original size, crop top-left, target size)
+    torch.manual_seed(spec.seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),  # SDXL: no attention at the first level
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,  # both text encoders' states, concatenated
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=text_config["projection_dim"] + 6 * time_embed_dim,
+    )
+    torch.manual_seed(spec.seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.13025,  # SDXL's
+        force_upcast=True,  # SDXL's VAE overflows in fp16; diffusers decodes it in fp32
+    )
+    torch.manual_seed(spec.seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    torch.manual_seed(spec.seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type=spec.prediction_type,
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
     )
 
 

@@ -23,7 +23,14 @@ if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTokenizer
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-Family = Literal["sd1", "sd2"]
+Family = Literal["sd1", "sd2"]  # what this trainer trains
+ModelFamily = Literal["sd1", "sd2", "sdxl", "flux"]  # what it recognises
+FAMILY_NAMES = {  # as a sentence says it
+    "sd1": "a Stable Diffusion 1.x",
+    "sd2": "a Stable Diffusion 2.x",
+    "sdxl": "an SDXL",
+    "flux": "a FLUX-class",
+}
 
 
 class ModelNotFoundError(RuntimeError):
@@ -126,9 +133,44 @@ def _not_found(model_name: str, hf_cache: str) -> ModelNotFoundError:
     )
 
 
-def load_base_model(source: ModelSource, device: torch.device) -> BaseModel:
+def detect_family(source: ModelSource) -> ModelFamily | None:
+    """The model's architecture from its own files, not its name: model_index.json names the pipeline
+    and its components (a second text encoder: SDXL; a transformer: FLUX-class), and the UNet's config
+    tells SD 2.x (linear projections, 1024-wide cross-attention) from SD 1.x. None for a single-file
+    checkpoint without base_model_config, or files that cannot be read."""
+    folder = source.config_folder if source.kind == "single_file" else source.path
+    if folder is None:
+        return None
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        if "transformer" in index or str(index.get("_class_name", "")).startswith("Flux"):
+            return "flux"
+        if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
+            return "sdxl"
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return "sd2" if unet.get("use_linear_projection") or unet.get("cross_attention_dim") == 1024 else "sd1"
+
+
+def unsupported_family_message(model_name: str, family: str) -> str | None:
+    """Why this trainer cannot train a model of `family`, or None when it can."""
+    if family in ("sd1", "sd2"):
+        return None
+    return (
+        f"{model_name} is {FAMILY_NAMES[family]} model (read from its files, or model_family); this trainer "
+        "trains Stable Diffusion 1.x/2.x models so far: choose an SD 1.x/2.x model_name (e.g. "
+        "runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1, or builtin:tiny-sd15 to try things out)"
+    )
+
+
+def load_base_model(source: ModelSource, device: torch.device, *, model_family: str = "auto") -> BaseModel:
     """Load every component of the pipeline in fp32 (LoRA weights train in fp32 on any device;
-    autocast handles mixed precision), frozen and in eval mode."""
+    autocast handles mixed precision), frozen and in eval mode. A model of a family this trainer
+    cannot train (read from its files, or `model_family` when not auto) is refused before loading."""
+    family = detect_family(source) if model_family == "auto" else model_family
+    if family and (refusal := unsupported_family_message(str(source.path), family)):
+        raise ModelNotFoundError(refusal)
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     try:
@@ -138,11 +180,6 @@ def load_base_model(source: ModelSource, device: torch.device) -> BaseModel:
                 str(source.path), config=config, local_files_only=True, safety_checker=None
             )
         else:
-            index = (source.path / "model_index.json").read_text(encoding="utf-8")
-            if '"text_encoder_2"' in index or '"transformer"' in index:
-                raise ModelNotFoundError(
-                    f"{source.path} is an SDXL/FLUX-class model; this trainer handles Stable Diffusion 1.x/2.x"
-                )
             pipeline = StableDiffusionPipeline.from_pretrained(
                 str(source.path), safety_checker=None, requires_safety_checker=False
             )
