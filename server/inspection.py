@@ -75,8 +75,7 @@ def caption_lint(
     except DatasetError as exc:
         raise ServiceError(f"dataset {dataset_name!r} cannot be read: {exc}") from None
     count_tokens = _token_counter(model_name) if model_name else None
-    # FLUX-class models are recognised by name until the trainer supports them (and reads their files).
-    flux = bool(model_name) and any(word in model_name.lower() for word in ("flux", "flex"))
+    flux = bool(model_name) and _is_flux(model_name)
     findings = lint_captions(index, flux=flux, max_tokens=max_token_length, count_tokens=count_tokens)
     next_step = (
         "fix the captions with update-captions (edits, find/replace, or trigger_word to put it first), then lint again"
@@ -86,6 +85,14 @@ def caption_lint(
     return CaptionLintResult(
         dataset_name=dataset_name, captions_checked=len(index.images), findings=findings, next_step=next_step
     )
+
+
+def _is_flux(model_name: str) -> bool:
+    """FLUX-class by the model's own files where they can be read, else by its name (FLUX, Flex)."""
+    from server.configs import check_model
+
+    family = check_model(model_name, None, errors=[]).family
+    return family == "flux" if family else any(word in model_name.lower() for word in ("flux", "flex"))
 
 
 def dataset_folder(workspace: Path, dataset_name: str) -> Path:

@@ -311,8 +311,6 @@ def test_validate_shows_the_preflight_rules(service, shapes, tiny_sd15):
 
 def test_a_model_of_a_family_the_trainer_cannot_train_is_an_error(service, tiny_sdxl, shapes):
     service.create(values(shapes, name="xl", model_name="builtin:tiny-sdxl"))
-    report = service.validate("xl")
-    assert not report.valid
-    assert any("an SDXL model (read from its files" in error for error in report.errors), report.errors
+    assert service.validate("xl").valid  # SDXL trains
     service.create(values(shapes, name="forced", model_name="builtin:tiny-sd15", model_family="flux"))
     assert any("a FLUX-class model" in error for error in service.validate("forced").errors)

@@ -62,18 +62,13 @@ def test_missing_paths_and_non_pipelines_are_refused(tmp_path):
         resolve_model(str(tmp_path / "plain"))
 
 
-def test_sdxl_folders_are_refused_with_the_reason(tmp_path):
-    folder = tmp_path / "sdxl"
+def test_flux_folders_are_refused_with_the_reason(tmp_path):
+    folder = tmp_path / "flux"
     folder.mkdir()
     (folder / "model_index.json").write_text(
-        json.dumps(
-            {
-                "_class_name": "StableDiffusionXLPipeline",
-                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-            }
-        )
+        json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]})
     )
-    with pytest.raises(ModelNotFoundError, match="SDXL"):
+    with pytest.raises(ModelNotFoundError, match="FLUX-class model .* 1.x/2.x and SDXL models so far"):
         load_base_model(resolve_model(str(folder)), torch.device("cpu"))
 
 
@@ -103,10 +98,11 @@ def test_the_tiny_sdxl_model_is_a_real_sdxl_pipeline(tiny_sdxl):
     assert pipe.unet.config.addition_embed_type == "text_time" and pipe.text_encoder_2.config.projection_dim == 32
 
 
-def test_models_of_families_this_trainer_cannot_train_are_refused_before_loading(tmp_path, tiny_sdxl, tiny_sd15):
-    with pytest.raises(ModelNotFoundError, match="SDXL model .* Stable Diffusion 1.x/2.x models so far"):
-        load_base_model(resolve_model("builtin:tiny-sdxl"), torch.device("cpu"))
-    with pytest.raises(ModelNotFoundError, match="FLUX-class"):  # the override wins over the files
+def test_the_family_override_wins_over_the_files(tiny_sd15, tiny_sdxl):
+    sdxl = load_base_model(resolve_model("builtin:tiny-sdxl"), torch.device("cpu"))
+    assert (sdxl.family, sdxl.base_model_version, sdxl.native_resolution) == ("sdxl", "sdxl_base_v1-0", 64)
+    assert sdxl.text_encoder_2 is not None and sdxl.tokenizer_2 is not None
+    with pytest.raises(ModelNotFoundError, match="FLUX-class"):
         load_base_model(resolve_model(str(tiny_sd15)), torch.device("cpu"), model_family="flux")
 
 

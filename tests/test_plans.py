@@ -192,8 +192,8 @@ def test_memory_time_counts_the_four_micro_batches_per_step():
         ("runwayml/stable-diffusion-v1-5", None, (15, 30), True),
         ("stabilityai/stable-diffusion-2-1", 768, (21, 42), True),  # between SD 1.5 and SDXL
         ("stabilityai/stable-diffusion-2-1", None, (21, 42), True),
-        ("stabilityai/stable-diffusion-xl-base-1.0", 1024, (30, 60), False),
-        ("model.safetensors", 1024, (30, 60), False),
+        ("stabilityai/stable-diffusion-xl-base-1.0", 1024, (30, 60), True),
+        ("model.safetensors", 1024, (30, 60), True),
         ("black-forest-labs/FLUX.1-dev", None, (60, 120), False),
         ("ostris/Flex.1-alpha", 1024, (60, 120), False),
     ],
@@ -285,6 +285,7 @@ def test_the_service_plans_a_real_dataset_that_validates(workspace, tiny_sd15, t
         "learning_rate": 2e-4,
         "rank": 16,
         "alpha": 16,
+        "mixed_precision": "fp16",
     }
     assert "64 px" in plan.reasons["model_name"] and "SD 1.5-class" in plan.reasons["model_name"]
     assert plan.estimated_minutes == (9.0, 18.0)
@@ -351,3 +352,16 @@ def test_the_service_module_imports_no_torch():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+@pytest.mark.parametrize(
+    ("model_name", "native", "precision"),
+    [("runwayml/stable-diffusion-v1-5", 512, "fp16"), ("stabilityai/stable-diffusion-xl-base-1.0", 1024, "bf16")],
+)
+def test_the_precision_follows_the_model_family(model_name, native, precision):
+    plan = plan_for(24, "style", model_name=model_name, native_resolution=native)
+    assert plan.config["mixed_precision"] == precision and precision in plan.reasons["mixed_precision"]
+    assert (
+        plan_for(24, "style", "memory", model_name=model_name, native_resolution=native).config["mixed_precision"]
+        == "fp16"
+    )  # the guide's memory preset

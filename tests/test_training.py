@@ -180,8 +180,10 @@ class _StopAfter(Trainer):
     [
         {"flip_aug": True},
         {"cache_latents": False, "crop": "random", "shuffle_captions": True, "caption_dropout_rate": 0.3},
+        # SDXL: both text encoders train, and the random crops feed its crop conditioning
+        {"model_name": "builtin:tiny-sdxl", "train_text_encoder": True, "cache_latents": False, "crop": "random"},
     ],
-    ids=["cached", "live-augmented"],
+    ids=["cached", "live-augmented", "sdxl"],
 )
 def test_resume_continues_with_identical_losses(tmp_path, shapes, options):
     config = fast_config(shapes, steps=6, save_every=100, dropout=0.1, batch_size=1, **options)

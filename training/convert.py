@@ -38,8 +38,7 @@ def convert_lora_file(
     the one named in the file's own training config."""
     layout = file_layout(output_format)
     metadata = lora_metadata(source)
-    unet, text_encoder = empty_models(base_model_folder(source, metadata, model_folder))
-    weights = read_lora_file(source, unet, text_encoder)
+    weights = read_lora_file(source, *empty_models(base_model_folder(source, metadata, model_folder)))
     return write_lora_weights(target, weights, output_format=layout, metadata=metadata, source=source)
 
 
@@ -117,15 +116,19 @@ def write_lora_weights(
     )
 
 
-def empty_models(folder: Path):
-    """The UNet and text encoder of a diffusers folder, as module trees without weights."""
+def empty_models(folder: Path) -> tuple:
+    """(unet, text_encoder, text_encoder_2 or None) of a diffusers folder, as module trees without
+    weights (SDXL has the second text encoder)."""
     import torch
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     try:
         unet_config = UNet2DConditionModel.load_config(str(folder), subfolder="unet")
         text_config = CLIPTextConfig.from_pretrained(str(folder), subfolder="text_encoder")
+        second_config = None
+        if (folder / "text_encoder_2").is_dir():
+            second_config = CLIPTextConfig.from_pretrained(str(folder), subfolder="text_encoder_2")
     except OSError as exc:
         raise ModelNotFoundError(
             f"{folder} is not a diffusers model folder with unet/ and text_encoder/: {exc}"
@@ -133,4 +136,5 @@ def empty_models(folder: Path):
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config)
         text_encoder = CLIPTextModel(text_config)
-    return unet, text_encoder
+        text_encoder_2 = CLIPTextModelWithProjection(second_config) if second_config else None
+    return unet, text_encoder, text_encoder_2

@@ -1,8 +1,8 @@
 """Writing LoRA files that ComfyUI, A1111/Forge and diffusers load.
 
-- kohya: `lora_unet_*` / `lora_te_*` keys with `.lora_down.weight`, `.lora_up.weight` and
-  `.alpha` (diffusers' own PEFT -> kohya conversion, with the SD 1.x/2.x `lora_te_` prefix and
-  the run's alpha, which that conversion sets to the rank).
+- kohya: `lora_unet_*` / `lora_te_*` (SDXL: `lora_te1_*` / `lora_te2_*`) keys with `.lora_down.weight`,
+  `.lora_up.weight` and `.alpha` (diffusers' own PEFT -> kohya conversion, with the SD 1.x/2.x `lora_te_`
+  prefix and the run's alpha, which that conversion sets to the rank).
 - diffusers: peft keys (`unet.<module>.lora_A.weight`) with the adapter config (rank, alpha,
   targets) in the `lora_adapter_metadata` entry diffusers reads back.
 
@@ -41,11 +41,10 @@ def export_lora(
     started_at: float,
 ) -> Path:
     """Write the current adapters of `base` to `path` (atomically) in `config.output_format`."""
-    state = {key: value.detach().float().cpu() for key, value in lora_state_dict(base.unet, base.text_encoder).items()}
-    adapter_configs = {
-        prefix: model.peft_config["default"].to_dict()
-        for prefix, model in lora_components(base.unet, base.text_encoder).items()
-    }
+    models = (base.unet, base.text_encoder, base.text_encoder_2)
+    state = {key: value.detach().float().cpu() for key, value in lora_state_dict(*models).items()}
+    components = lora_components(*models)
+    adapter_configs = {prefix: model.peft_config["default"].to_dict() for prefix, model in components.items()}
     metadata = training_metadata(
         base, config, dataset=dataset, step=step, epoch=epoch, num_epochs=num_epochs, started_at=started_at
     )
@@ -78,8 +77,10 @@ def write_lora_file(
     metadata = dict(metadata)
     if output_format == "kohya":
         tensors = {}
+        two_encoders = any(key.startswith("text_encoder_2.") for key in canonical)
         for key, value in convert_state_dict_to_kohya(canonical).items():
-            key = key.replace("lora_te1_", "lora_te_")  # SD 1.x/2.x have one text encoder: kohya's lora_te_
+            if not two_encoders:
+                key = key.replace("lora_te1_", "lora_te_")  # SD 1.x/2.x have one text encoder: kohya's lora_te_
             if key.endswith(".alpha"):
                 value = torch.tensor(float(alpha))  # the conversion writes the rank; kohya stores alpha
             tensors[key] = value
@@ -115,6 +116,7 @@ def training_metadata(
         "sd_v1": "stable-diffusion-v1",
         "sd_v2": "stable-diffusion-v2-512",
         "sd_v2_v": "stable-diffusion-v2-768-v",
+        "sdxl_base_v1-0": "stable-diffusion-xl-v1-base",
     }[base.base_model_version]
     now = datetime.now(UTC)
     meta = {

@@ -20,18 +20,34 @@ from safetensors import safe_open
 UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]  # every attention projection
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+# SDXL's two text encoders are kohya's te1 and te2.
+SDXL_KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+ALL_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 
 class LoraFileError(ValueError):
     """A LoRA file that cannot be used to start from; the message says why."""
 
 
-def attach_lora(unet, text_encoder, *, rank: int, alpha: float, dropout: float, seed: int, train_text_encoder: bool):
-    """Add trainable LoRA adapters (A gaussian, B zero: the model starts unchanged)."""
+def attach_lora(
+    unet,
+    text_encoder,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    seed: int,
+    train_text_encoder: bool,
+    text_encoder_2=None,
+):
+    """Add trainable LoRA adapters (A gaussian, B zero: the model starts unchanged); with
+    train_text_encoder, on every text encoder (SDXL has two)."""
     torch.manual_seed(seed)  # the A matrices' initial values
     unet.add_adapter(_lora_config(rank, alpha, dropout, UNET_TARGET_MODULES))
     if train_text_encoder:
-        text_encoder.add_adapter(_lora_config(rank, alpha, dropout, TEXT_ENCODER_TARGET_MODULES))
+        for encoder in (text_encoder, text_encoder_2):
+            if encoder is not None:
+                encoder.add_adapter(_lora_config(rank, alpha, dropout, TEXT_ENCODER_TARGET_MODULES))
 
 
 def _lora_config(rank: int, alpha: float, dropout: float, targets: list[str]) -> LoraConfig:
@@ -40,18 +56,19 @@ def _lora_config(rank: int, alpha: float, dropout: float, targets: list[str]) ->
     )
 
 
-def lora_components(unet, text_encoder) -> dict[str, torch.nn.Module]:
+def lora_components(unet, text_encoder, text_encoder_2=None) -> dict[str, torch.nn.Module]:
     """The models that carry adapters, by their prefix."""
     found = {"unet": unet}
-    if getattr(text_encoder, "peft_config", None):
-        found["text_encoder"] = text_encoder
+    for prefix, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if model is not None and getattr(model, "peft_config", None):
+            found[prefix] = model
     return found
 
 
-def lora_state_dict(unet, text_encoder) -> dict[str, torch.Tensor]:
+def lora_state_dict(unet, text_encoder, text_encoder_2=None) -> dict[str, torch.Tensor]:
     """peft-named LoRA weights of every component: `unet.<module>.lora_A.weight`, ..."""
     state = {}
-    for prefix, model in lora_components(unet, text_encoder).items():
+    for prefix, model in lora_components(unet, text_encoder, text_encoder_2).items():
         state.update({f"{prefix}.{key}": value for key, value in get_peft_model_state_dict(model).items()})
     return state
 
@@ -60,7 +77,7 @@ def canonical_module_name(prefix: str, module_name: str) -> str:
     """The module path other tools use. kohya, ComfyUI and A1111 name CLIP text-encoder modules
     `text_model.encoder.layers.N...` (transformers < 5 and the original checkpoints); transformers
     5 dropped the `text_model` wrapper, so it is put back for files we write."""
-    if prefix == "text_encoder" and not module_name.startswith("text_model."):
+    if prefix.startswith("text_encoder") and not module_name.startswith("text_model."):
         return "text_model." + module_name
     return module_name
 
@@ -72,7 +89,7 @@ class LoraWeights:
     alpha: float
 
 
-def read_lora_file(path: Path, unet, text_encoder) -> dict[str, LoraWeights]:
+def read_lora_file(path: Path, unet, text_encoder, text_encoder_2=None) -> dict[str, LoraWeights]:
     """Read a kohya or diffusers/peft LoRA file into {'unet.<module>': LoraWeights}.
 
     Keys are matched against the modules of the loaded models, so a file made for another
@@ -84,10 +101,12 @@ def read_lora_file(path: Path, unet, text_encoder) -> dict[str, LoraWeights]:
             metadata = f.metadata() or {}
     except Exception as exc:
         raise LoraFileError(f"{path} is not a readable .safetensors LoRA file: {exc}") from None
-    if any(key.startswith(tuple(KOHYA_PREFIXES.values())) for key in tensors):
-        return _read_kohya(path, tensors, unet, text_encoder)
+    models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    models = {prefix: model for prefix, model in models.items() if model is not None}
+    if any(key.startswith(ALL_KOHYA_PREFIXES) for key in tensors):
+        return _read_kohya(path, tensors, models)
     if any(".lora_A." in key for key in tensors):
-        return _read_peft(path, tensors, metadata, unet, text_encoder)
+        return _read_peft(path, tensors, metadata, models)
     raise LoraFileError(f"{path} is neither a kohya (lora_unet_*) nor a diffusers/peft (*.lora_A.*) LoRA file")
 
 
@@ -99,12 +118,13 @@ def _module_names(model: torch.nn.Module, prefix: str) -> set[str]:
     return {f"{prefix}.{name}" for name in names}
 
 
-def _read_kohya(path: Path, tensors: dict, unet, text_encoder) -> dict[str, LoraWeights]:
+def _read_kohya(path: Path, tensors: dict, models: dict) -> dict[str, LoraWeights]:
+    prefixes = SDXL_KOHYA_PREFIXES if "text_encoder_2" in models else KOHYA_PREFIXES
     by_kohya_name = {}
-    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
+    for prefix, model in models.items():
         for full in _module_names(model, prefix):
             module = full.split(".", 1)[1]
-            kohya = KOHYA_PREFIXES[prefix] + canonical_module_name(prefix, module).replace(".", "_")
+            kohya = prefixes[prefix] + canonical_module_name(prefix, module).replace(".", "_")
             by_kohya_name[kohya] = full
     weights = {}
     for key in tensors:
@@ -121,16 +141,16 @@ def _read_kohya(path: Path, tensors: dict, unet, text_encoder) -> dict[str, Lora
     return weights
 
 
-def _read_peft(path: Path, tensors: dict, metadata: dict, unet, text_encoder) -> dict[str, LoraWeights]:
+def _read_peft(path: Path, tensors: dict, metadata: dict, models: dict) -> dict[str, LoraWeights]:
     adapter_config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-    known = _module_names(unet, "unet") | _module_names(text_encoder, "text_encoder")
+    known = set().union(*(_module_names(model, prefix) for prefix, model in models.items()))
     weights = {}
     for key in tensors:
         if ".lora_A." not in key:
             continue
         stem = key.split(".lora_A.")[0]
         prefix, module = stem.split(".", 1)
-        if prefix == "text_encoder" and stem not in known:
+        if prefix.startswith("text_encoder") and stem not in known:
             stem = f"{prefix}.{module.removeprefix('text_model.')}"  # written canonically, loaded without the wrapper
         if stem not in known:
             raise LoraFileError(f"{path}: {stem} names no module of this base model (another architecture?)")
@@ -140,7 +160,7 @@ def _read_peft(path: Path, tensors: dict, metadata: dict, unet, text_encoder) ->
     return weights
 
 
-def load_lora_weights_into(weights: dict[str, LoraWeights], unet, text_encoder) -> list[str]:
+def load_lora_weights_into(weights: dict[str, LoraWeights], unet, text_encoder, text_encoder_2=None) -> list[str]:
     """Copy `weights` into the attached adapters; a smaller rank is zero-padded.
 
     Padding keeps the function of the old LoRA: its rows of A and columns of B are copied
@@ -148,14 +168,14 @@ def load_lora_weights_into(weights: dict[str, LoraWeights], unet, text_encoder) 
     the new rows of A keep their random init, so they start with no effect yet get gradients.
     Returns notes for the log (modules of this run that the file does not cover).
     """
-    components = lora_components(unet, text_encoder)
+    components = lora_components(unet, text_encoder, text_encoder_2)
     layers = {
         f"{prefix}.{name}": module
         for prefix, model in components.items()
         for name, module in model.named_modules()
         if isinstance(module, LoraLayer)
     }
-    needs_text_encoder = sorted(k for k in weights if k.startswith("text_encoder.") and k not in layers)
+    needs_text_encoder = sorted(k for k in weights if k.startswith("text_encoder") and k not in layers)
     if needs_text_encoder:
         raise LoraFileError(
             "the LoRA has text-encoder weights but this run does not train the text encoder: "

@@ -71,11 +71,11 @@ def merge_lora_files(
     # The first source that names its base model gives the architecture (and its training config).
     described = next((i for i, config in enumerate(configs) if "model_name" in config), 0)
     folder = base_model_folder(sources[described][0], metadatas[described], model_folder)
-    unet, text_encoder = empty_models(folder)
-    layers = _linear_layers(unet, text_encoder)
+    models = empty_models(folder)
+    layers = _linear_layers(*models)
     loras = []
     for path, _ in sources:
-        weights = read_lora_file(path, unet, text_encoder)
+        weights = read_lora_file(path, *models)
         if not weights:
             raise LoraFileError(f"{path} holds no LoRA weights")
         _check_shapes(path, weights, layers, folder)
@@ -125,10 +125,12 @@ def _check_same_base_model(paths: list[Path], metadatas: list[dict]) -> None:
                 )
 
 
-def _linear_layers(unet, text_encoder) -> dict[str, torch.nn.Linear]:
+def _linear_layers(unet, text_encoder, text_encoder_2=None) -> dict[str, torch.nn.Linear]:
+    models = (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2))
     return {
         f"{prefix}.{name}": module
-        for prefix, model in (("unet", unet), ("text_encoder", text_encoder))
+        for prefix, model in models
+        if model is not None
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear)
     }

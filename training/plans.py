@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from training.config import STEPS_PER_IMAGE, LoraType, TrainingConfig
 from training.data.dataset import DatasetIndex
 from training.data.report import GUIDE_IMAGE_RANGE
-from training.diagnostics.preflight import SD2, SD15, ModelFamily, estimate_minutes, model_family
+from training.diagnostics.preflight import SD2, SD15, SDXL, ModelFamily, estimate_minutes, model_family
 
 Goal = Literal["balanced", "memory", "speed", "quality"]
 GOALS: tuple[str, ...] = get_args(Goal)
@@ -305,6 +305,9 @@ def recommend_plan(
             "guide's DreamBooth example uses class_prompt 'person'); a narrower class (e.g. 'a photo of a car', "
             "'an anime girl') preserves better"
         )
+    if "mixed_precision" not in config:  # the memory preset sets its own
+        family = model_family(TrainingConfig.from_dict(config), native_resolution)
+        config["mixed_precision"], reasons["mixed_precision"] = _precision_for(family)
     # A config that would be refused is a bug here, not the user's problem; the validated one also
     # supplies the defaults (batch size) the estimates need.
     validated = TrainingConfig.from_dict(config)
@@ -324,10 +327,10 @@ def recommend_plan(
         f"{steps / 1000:g}k steps{batches}; gradient checkpointing, class-image generation and a CPU make it longer"
     )
     warnings = []
-    if family not in (SD15, SD2):
+    if family not in (SD15, SD2, SDXL):
         warnings.append(
-            f"{model_name} looks {family.name}-class: this trainer trains Stable Diffusion 1.x/2.x and refuses "
-            "SDXL/FLUX-class models when the run loads them; pick an SD 1.x/2.x model_name"
+            f"{model_name} looks {family.name}-class: this trainer trains Stable Diffusion 1.x/2.x and SDXL, and "
+            "refuses FLUX-class models when the run loads them; pick one of those"
         )
     next_step = (
         f"create-training-config with `config` as its arguments (change any value first if you like), then "
@@ -477,3 +480,16 @@ def _family_reason(family: ModelFamily, native: int | None) -> str:
             f"{family.name}'s; it really trains in seconds to minutes)"
         )
     return f"native {native} px: {family.name}-class"
+
+
+def _precision_for(family: ModelFamily) -> tuple[str, str]:
+    """The mixed precision a model family trains well in, with the reason."""
+    if family in (SD15, SD2):
+        return "fp16", (
+            f"fp16, as the guide's examples use: half the memory of fp32 for {family.name} on a CUDA GPU (the VAE "
+            "stays fp32, LoRA weights train in fp32); recorded only when training on a CPU"
+        )
+    return "bf16", (
+        f"bf16 for {family.name}: its activations overflow fp16's range, bf16 keeps fp32's (an Ampere or newer "
+        "GPU; on older ones use fp16, the VAE stays fp32 either way); recorded only when training on a CPU"
+    )

@@ -5,11 +5,21 @@ wrapped in its own start/end tokens, and joins the chunks' hidden states (droppi
 start/end states), so the UNet sees 75 x n + 2 positions; at 75 this is plain CLIP encoding.
 clip_skip n takes the n-th hidden layer from the end, passed through the final layer norm
 (A1111/kohya semantics: 1 = last layer, 2 = penultimate).
+
+SDXL conditions on both of its text encoders: each one's penultimate hidden layer (no final layer
+norm), concatenated feature-wise, plus the second encoder's pooled projection, as diffusers'
+StableDiffusionXLPipeline.encode_prompt computes them (tests compare the two).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from training.models.loading import BaseModel
 
 CHUNK_TOKENS = 75  # CLIP's 77 positions minus start and end
 
@@ -42,3 +52,27 @@ def _hidden_states(text_encoder, input_ids: torch.Tensor, clip_skip: int) -> tor
     # transformers < 5 wraps the CLIP text transformer in `.text_model`; 5.x does not.
     final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
     return final_norm(hidden)
+
+
+@dataclass
+class TextConditioning:
+    states: torch.Tensor  # (batch, tokens, hidden): what the UNet cross-attends to
+    pooled: torch.Tensor | None = None  # (batch, projection): SDXL's second encoder, for its text_time embedding
+
+
+def encode_text(base: BaseModel, prompts: list[str], *, max_token_length: int, clip_skip: int) -> TextConditioning:
+    """The conditioning of `prompts` for the base model's family."""
+    if base.text_encoder_2 is None:
+        states = encode_prompts(
+            base.tokenizer, base.text_encoder, prompts, max_token_length=max_token_length, clip_skip=clip_skip
+        )
+        return TextConditioning(states)
+    states, pooled = [], None
+    for tokenizer, encoder in ((base.tokenizer, base.text_encoder), (base.tokenizer_2, base.text_encoder_2)):
+        ids = tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids.to(encoder.device)
+        output = encoder(ids, output_hidden_states=True)
+        states.append(output.hidden_states[-2])
+        pooled = output[0]  # the last encoder's projected text embedding
+    return TextConditioning(torch.cat(states, dim=-1), pooled)

@@ -18,6 +18,7 @@ from PIL import Image
 
 if TYPE_CHECKING:
     from training.config import TrainingConfig
+    from training.placement import Placement
     from training.run_files import RunFiles
     from training.validation import ValidationSet
 
@@ -120,11 +121,11 @@ class EvidenceRecorder:
     def due(self, step: int) -> bool:
         return step == 0 or step % self._config.validation_every == 0 or step == self._config.steps
 
-    def record(self, step: int, weight_dtype: torch.dtype, autocast, train_loss: float | None) -> None:
+    def record(self, step: int, placement: Placement, train_loss: float | None) -> None:
         """`train_loss`: the smoothed training loss now, so each validation row also records the gap
         between the two (rising while training loss falls: overfitting)."""
         if self._validation is not None:
-            loss = self._validation.loss(weight_dtype, autocast)
+            loss = self._validation.loss(placement.weight_dtype, placement.autocast)
             row = {"kind": "validation", "step": step, "loss": loss, "images": len(self._validation.records)}
             if train_loss is not None:
                 row.update(train_loss=train_loss, gap=loss - train_loss)

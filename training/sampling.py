@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from training.prompts import encode_prompts
+from training.prompts import TextConditioning, encode_text
 from training.workspace import atomic_output, read_jsonl
 
 if TYPE_CHECKING:
@@ -60,8 +60,7 @@ def render_samples(
             for index, prompt in enumerate(prompts):
                 generator = torch.Generator(base.unet.device).manual_seed(config.seed)
                 image = base.pipeline(
-                    prompt_embeds=_encode(base, config, [prompt]),
-                    negative_prompt_embeds=negative,
+                    **_prompt_arguments(_encode(base, config, [prompt]), negative),
                     height=config.resolution,
                     width=config.resolution,
                     num_inference_steps=config.sample_steps,
@@ -95,10 +94,16 @@ def render_samples(
     return written
 
 
-def _encode(base: BaseModel, config: TrainingConfig, prompts: list[str]) -> torch.Tensor:
-    return encode_prompts(
-        base.tokenizer, base.text_encoder, prompts, max_token_length=config.max_token_length, clip_skip=config.clip_skip
-    )
+def _encode(base: BaseModel, config: TrainingConfig, prompts: list[str]) -> TextConditioning:
+    return encode_text(base, prompts, max_token_length=config.max_token_length, clip_skip=config.clip_skip)
+
+
+def _prompt_arguments(positive: TextConditioning, negative: TextConditioning) -> dict:
+    """The pipeline's prompt arguments: encoded states, and for SDXL the pooled embeddings too."""
+    arguments = {"prompt_embeds": positive.states, "negative_prompt_embeds": negative.states}
+    if positive.pooled is not None:
+        arguments.update(pooled_prompt_embeds=positive.pooled, negative_pooled_prompt_embeds=negative.pooled)
+    return arguments
 
 
 def _previous_samples(files: RunFiles, step: int) -> dict[int, str]:

@@ -15,8 +15,6 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from training.export import export_lora
 from training.lora import LoraFileError, attach_lora, load_lora_weights_into, lora_components, read_lora_file
 from training.models.loading import ModelNotFoundError, load_base_model, pick_device, resolve_model
 from training.optimizers import OptimizerUnavailable, build_lr_scheduler, build_optimizer
+from training.placement import Placement
 from training.prior import ensure_class_images
 from training.resume import find_resume_lora, read_checkpoint_state, truncate_after
 from training.run_evidence import EvidenceRecorder, SampleStatistics
@@ -126,7 +125,7 @@ class Trainer:
                 class_images, config.class_prompt, repeats=repeats, loss_weight=config.prior_loss_weight
             )
 
-        self._prepare_precision()
+        self.placement = Placement(self.base, config, self.device)
         attach_lora(
             self.base.unet,
             self.base.text_encoder,
@@ -135,14 +134,15 @@ class Trainer:
             dropout=config.dropout,
             seed=config.seed,
             train_text_encoder=config.train_text_encoder,
+            text_encoder_2=self.base.text_encoder_2,
         )
         if config.resume_from and not self.resume:
             lora_file = find_resume_lora(config.resume_from)
             log.info("starting from the LoRA %s", lora_file)
-            weights = read_lora_file(lora_file, self.base.unet, self.base.text_encoder)
-            for note in load_lora_weights_into(weights, self.base.unet, self.base.text_encoder):
+            weights = read_lora_file(lora_file, *self.base.lora_models)
+            for note in load_lora_weights_into(weights, *self.base.lora_models):
                 log.info("%s", note)
-        self._enable_memory_savers()
+        self.placement.enable_memory_savers()
 
         self.data = TrainingData(records, self.base, config, self.files.latent_cache)
         if config.cache_latents:
@@ -152,9 +152,9 @@ class Trainer:
         validation = ValidationSet(self.dataset.validation, self.base, config) if self.dataset.validation else None
         if validation is not None:
             validation.prepare()
-        self._offload_encoders()
+        self.placement.offload_encoders(self.data.text_is_static)
         self.evidence = EvidenceRecorder(
-            self.files, config, validation, lambda: lora_components(self.base.unet, self.base.text_encoder)
+            self.files, config, validation, lambda: lora_components(*self.base.lora_models)
         )
         self.sample_stats = SampleStatistics([r.path for r in self.dataset.images])
 
@@ -180,9 +180,10 @@ class Trainer:
         accumulation = config.gradient_accumulation_steps
         self.base.unet.train()
         if config.train_text_encoder:
-            self.base.text_encoder.train()
+            for encoder in self.placement.text_encoders:
+                encoder.train()
         if self.step == 0 and not self.stop_requested:
-            self.evidence.record(0, self._weight_dtype, self._autocast, None)  # the baselines, before any training
+            self.evidence.record(0, self.placement, None)  # the baselines, before any training
             if self._sampling_on():
                 self._render_samples()
         bar = tqdm(total=config.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
@@ -194,17 +195,17 @@ class Trainer:
             for _ in range(accumulation):
                 batch = self.data.next_batch()
                 files += batch.files
-                with self._autocast():
+                with self.placement.autocast():
                     loss = self._loss(batch) / accumulation  # forward + loss
-                self.scaler.scale(loss).backward()
+                self.placement.scaler.scale(loss).backward()
                 loss_sum += loss.detach()
             loss_value = loss_sum.item()  # one device sync per step
             if not math.isfinite(loss_value):
                 raise NonFiniteLoss(self._non_finite_message(loss_value, files))
-            self.scaler.unscale_(self.optimizer)
+            self.placement.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm or math.inf)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            self.placement.scaler.step(self.optimizer)
+            self.placement.scaler.update()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
@@ -232,8 +233,12 @@ class Trainer:
         )
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = noise if self.base.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        dtype = self.placement.weight_dtype
         prediction = self.base.unet(
-            noisy.to(self._weight_dtype), timesteps, batch.conditioning.to(self._weight_dtype)
+            noisy.to(dtype),
+            timesteps,
+            batch.conditioning.to(dtype),
+            added_cond_kwargs=batch.added_conditions(dtype),  # SDXL's pooled text and size/crop ids
         ).sample
         per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if config.min_snr_gamma:
@@ -321,7 +326,7 @@ class Trainer:
             f"trainable parameters: {unet_params + te_params:,} (unet {unet_params:,}, text encoder {te_params:,}); "
             f"rank {config.rank}, alpha {config.alpha:g}",
             f"optimizer: {config.optimizer} lr {config.learning_rate:g}, {config.lr_scheduler} schedule, "
-            f"{config.lr_warmup_steps} warm-up steps; precision {self._precision_label}",
+            f"{config.lr_warmup_steps} warm-up steps; precision {self.placement.label}",
             f"run directory: {self.files.dir}",
         ]
 
@@ -365,7 +370,7 @@ class Trainer:
                 "step %d/%d loss %.4f lr %.3g grad_norm %.3g", self.step, config.steps, self._loss_ema, lr, grad_norm
             )
         if self.evidence.due(self.step):
-            self.evidence.record(self.step, self._weight_dtype, self._autocast, self._loss_ema)
+            self.evidence.record(self.step, self.placement, self._loss_ema)
         if self._sampling_on() and self.step % config.sample_every == 0:
             self._render_samples()
         if self.step % config.save_every == 0 and self.step < config.steps:
@@ -376,7 +381,7 @@ class Trainer:
             self.stop_requested = True
 
     def _render_samples(self) -> None:
-        with self._encoders_on_device():
+        with self.placement.encoders_on_device(self.data.text_is_static):
             names = render_samples(self.base, self.config, self.files, self.step, self.sample_stats)
         self.status.update(latest_samples=names)
         self.status.write()
@@ -419,7 +424,7 @@ class Trainer:
             "data": self.data.state(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "scaler": self.placement.scaler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
             "noise_rng": self.noise_generator.get_state(),
@@ -434,12 +439,10 @@ class Trainer:
             return
         step, folder = checkpoints[-1]
         lora_file, state = read_checkpoint_state(folder)
-        load_lora_weights_into(
-            read_lora_file(lora_file, self.base.unet, self.base.text_encoder), self.base.unet, self.base.text_encoder
-        )
+        load_lora_weights_into(read_lora_file(lora_file, *self.base.lora_models), *self.base.lora_models)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.placement.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -470,6 +473,10 @@ class Trainer:
 
     def _check_against_model(self) -> None:
         config, layers = self.config, self.base.text_encoder.config.num_hidden_layers
+        if self.base.family == "sdxl" and config.max_token_length > 75:
+            raise ConfigError(
+                ["for SDXL, this trainer encodes captions of up to 75 tokens so far: set max_token_length to 75"]
+            )
         if config.clip_skip > layers:
             raise ConfigError(
                 [f"clip_skip = {config.clip_skip}: the text encoder has only {layers} layers (allowed: 1-{layers})"]
@@ -482,77 +489,23 @@ class Trainer:
                 self.base.native_resolution,
             )
 
-    # --- precision, memory and devices ---------------------------------------------------------
-    def _prepare_precision(self) -> None:
-        """fp16/bf16 autocast on CUDA with the frozen weights stored in that type; LoRA weights
-        stay fp32. On CPU everything runs in fp32."""
-        requested = self.config.mixed_precision
-        self._autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(requested)
-        if self.device.type != "cuda" and self._autocast_dtype is not None:
-            log.info("mixed_precision %s is recorded only: training on %s runs in fp32", requested, self.device.type)
-            self._autocast_dtype = None
-        self._weight_dtype = self._autocast_dtype or torch.float32
-        self._precision_label = requested if self._autocast_dtype else "fp32"
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self._autocast_dtype == torch.float16)
-        if self._autocast_dtype is not None:
-            for model in (self.base.unet, self.base.text_encoder, self.base.vae):
-                model.to(dtype=self._autocast_dtype)
-            if self._autocast_dtype == torch.float16:
-                self.base.vae.to(dtype=torch.float32)  # SD VAEs overflow in fp16; they encode once anyway
-
-    def _autocast(self):
-        return torch.autocast(
-            self.device.type, dtype=self._autocast_dtype or torch.float32, enabled=self._autocast_dtype is not None
-        )
-
+    # --- parameters ----------------------------------------------------------------------------
     def _param_groups(self) -> list[dict]:
         from diffusers.training_utils import cast_training_params
 
-        models = [self.base.unet] + ([self.base.text_encoder] if self.config.train_text_encoder else [])
-        cast_training_params(models, dtype=torch.float32)
+        encoders = self.placement.text_encoders if self.config.train_text_encoder else []
+        cast_training_params([self.base.unet, *encoders], dtype=torch.float32)
         groups = [
             {"params": [p for p in self.base.unet.parameters() if p.requires_grad], "lr": self.config.learning_rate}
         ]
-        if self.config.train_text_encoder:
+        if encoders:
             groups.append(
                 {
-                    "params": [p for p in self.base.text_encoder.parameters() if p.requires_grad],
+                    "params": [p for encoder in encoders for p in encoder.parameters() if p.requires_grad],
                     "lr": self.config.text_encoder_lr or self.config.learning_rate,
                 }
             )
         return groups
-
-    def _enable_memory_savers(self) -> None:
-        if self.config.gradient_checkpointing:
-            self.base.unet.enable_gradient_checkpointing()
-            if self.config.train_text_encoder:
-                self.base.text_encoder.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False}
-                )
-        if self.config.low_vram and self.device.type != "cuda":
-            log.info(
-                "low_vram is recorded only: it moves encoders off the GPU, and this run is on %s", self.device.type
-            )
-
-    def _offload_encoders(self) -> None:
-        """low_vram on CUDA: after caching, the VAE (and a frozen text encoder) wait on the CPU."""
-        if self.config.low_vram and self.device.type == "cuda":
-            if self.config.cache_latents:
-                self.base.vae.to("cpu")
-            if self.data.text_is_static:
-                self.base.text_encoder.to("cpu")
-            torch.cuda.empty_cache()
-
-    @contextmanager
-    def _encoders_on_device(self) -> Iterator[None]:
-        """Bring offloaded encoders back for sampling, and send them away again."""
-        if self.config.low_vram and self.device.type == "cuda":
-            self.base.vae.to(self.device)
-            self.base.text_encoder.to(self.device)
-        try:
-            yield
-        finally:
-            self._offload_encoders()
 
 
 def run_training(

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from training.data.buckets import assign_bucket, make_buckets, square_bucket
-from training.data.images import load_pixels
-from training.prompts import encode_prompts
+from training.data.images import covering_size, crop_top_left, load_pixels
+from training.data.loader import Batch
+from training.prompts import encode_text
 
 if TYPE_CHECKING:
     from training.config import TrainingConfig
@@ -51,7 +52,7 @@ class ValidationSet:
         self.records = records
         self._base = base
         self._config = config
-        self._items: list[tuple[torch.Tensor, torch.Tensor]] = []  # (latent, text states) per image
+        self._items: list[Batch] = []  # per image: its latent and conditioning, once per timestep
 
     def prepare(self) -> None:
         """Encode every image and caption once (the VAE and text encoder must be on the device)."""
@@ -69,14 +70,25 @@ class ValidationSet:
                 pixels = load_pixels(record.path, bucket, random_crop=False, flip=False, rng=None)
                 moments = vae.encode(pixels[None].to(vae.device, vae.dtype)).latent_dist
                 latent = ((moments.mean - shift) * vae.config.scaling_factor).float()
-                states = encode_prompts(
-                    base.tokenizer,
-                    base.text_encoder,
-                    [record.caption],
-                    max_token_length=config.max_token_length,
-                    clip_skip=config.clip_skip,
+                text = encode_text(
+                    base, [record.caption], max_token_length=config.max_token_length, clip_skip=config.clip_skip
                 )
-                self._items.append((latent, states))
+                count = len(VALIDATION_TIMESTEPS)
+                time_ids = None
+                if text.pooled is not None:  # SDXL: the centre crop of the resized image, as training sees it
+                    left, top = crop_top_left(covering_size(record.size, bucket), bucket, random_crop=False, rng=None)
+                    row = [record.size[1], record.size[0], top, left, bucket[1], bucket[0]]
+                    time_ids = torch.tensor([row] * count, dtype=torch.float32)
+                self._items.append(
+                    Batch(
+                        latents=latent.expand(count, -1, -1, -1),
+                        conditioning=text.states.expand(count, -1, -1),
+                        loss_weights=torch.ones(count),
+                        files=[str(record.path)],
+                        pooled=None if text.pooled is None else text.pooled.expand(count, -1),
+                        time_ids=time_ids,
+                    )
+                )
 
     def loss(self, weight_dtype: torch.dtype, autocast) -> float:
         """The mean denoising error over every image and VALIDATION_TIMESTEPS, in eval mode (no LoRA
@@ -92,18 +104,23 @@ class ValidationSet:
         total = 0.0
         try:
             with torch.no_grad():
-                for position, (latent, states) in enumerate(self._items):
+                for position, item in enumerate(self._items):
                     generator = torch.Generator().manual_seed(self._config.seed * 1000 + position)
-                    latents = latent.to(device).expand(len(timesteps), -1, -1, -1)
+                    latents = item.latents.to(device)
                     noise = torch.randn(latents.shape, generator=generator).to(device)
                     noisy = scheduler.add_noise(latents, noise, timesteps)
                     if base.prediction_type == "epsilon":
                         target = noise
                     else:
                         target = scheduler.get_velocity(latents, noise, timesteps)
-                    conditioning = states.to(device).expand(len(timesteps), -1, -1)
+                    added = item.added_conditions(weight_dtype)
                     with autocast():
-                        prediction = base.unet(noisy.to(weight_dtype), timesteps, conditioning.to(weight_dtype)).sample
+                        prediction = base.unet(
+                            noisy.to(weight_dtype),
+                            timesteps,
+                            item.conditioning.to(device, weight_dtype),
+                            added_cond_kwargs=None if added is None else {k: v.to(device) for k, v in added.items()},
+                        ).sample
                     total += F.mse_loss(prediction.float(), target.float()).item()
         finally:
             base.unet.train(was_training)

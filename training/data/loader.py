@@ -8,6 +8,7 @@ by its position (seed, epoch, batch, slot), so resuming needs only that position
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -20,8 +21,8 @@ import torch
 from training.data.buckets import Bucket, BucketBatches, assign_bucket, make_buckets, square_bucket
 from training.data.captions import augment_caption
 from training.data.dataset import ImageRecord
-from training.data.images import load_pixels
-from training.prompts import encode_prompts
+from training.data.images import covering_size, crop_top_left, load_pixels
+from training.prompts import TextConditioning, encode_text
 from training.workspace import atomic_output
 
 if TYPE_CHECKING:
@@ -38,6 +39,16 @@ class Batch:
     conditioning: torch.Tensor  # (batch, 75 * n + 2, hidden): text-encoder states of the captions
     loss_weights: torch.Tensor  # (batch,): 1 for dataset images, prior_loss_weight for class images
     files: list[str]  # the images, so a loss spike can be traced to its data
+    # SDXL only: the second text encoder's pooled embedding, and the size and crop conditioning
+    # (original height, width; crop top, left; target height, width), which its UNet embeds.
+    pooled: torch.Tensor | None = None  # (batch, projection)
+    time_ids: torch.Tensor | None = None  # (batch, 6)
+
+    def added_conditions(self, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+        """The UNet's added_cond_kwargs (SDXL), or None."""
+        if self.pooled is None:
+            return None
+        return {"text_embeds": self.pooled.to(dtype), "time_ids": self.time_ids.to(dtype)}
 
 
 class TrainingData:
@@ -57,7 +68,8 @@ class TrainingData:
         self.epoch, self.batch_index = 0, 0
         self._epoch_batches = self.batches.epoch(0)
         self._latents: dict[tuple[int, bool], torch.Tensor] = {}
-        self._text: dict[str, torch.Tensor] = {}
+        self._text: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # caption -> (states, pooled)
+        self._sdxl = base.text_encoder_2 is not None
         self._vae_generator = torch.Generator(base.vae.device).manual_seed(config.seed)
         self._needs_rng = (
             config.flip_aug or config.crop == "random" or config.caption_dropout_rate > 0 or config.shuffle_captions
@@ -101,8 +113,9 @@ class TrainingData:
         with torch.no_grad():
             for first in range(0, len(captions), step):
                 chunk = captions[first : first + step]
-                for caption, states in zip(chunk, self._encode_text(chunk)):
-                    self._text[caption] = states
+                encoded = self._encode_text(chunk)
+                for i, caption in enumerate(chunk):
+                    self._text[caption] = (encoded.states[i], None if encoded.pooled is None else encoded.pooled[i])
         log.info("cached the text-encoder states of %d caption(s)", len(captions))
 
     # --- batches ---------------------------------------------------------------------------
@@ -130,6 +143,7 @@ class TrainingData:
             else self.records[r].caption
             for r, rng in zip(records, rngs)
         ]
+        time_ids = self._time_ids(records, bucket, rngs) if self._sdxl else None  # before the crops use the rngs
         if self._config.cache_latents:
             latents = torch.stack([self._cached_latent(r, flip) for r, flip in zip(records, flips)])
         else:
@@ -138,11 +152,14 @@ class TrainingData:
                     [self._pixels(r, bucket, f, rng) for r, f, rng in zip(records, flips, rngs)]
                 )
         if self._text:
-            conditioning = torch.stack([self._text[c] for c in captions])
+            conditioning = torch.stack([self._text[c][0] for c in captions])
+            pooled = torch.stack([self._text[c][1] for c in captions]) if self._sdxl else None
         else:
-            conditioning = self._encode_text(captions)
+            encoded = self._encode_text(captions)
+            conditioning, pooled = encoded.states, encoded.pooled
         weights = torch.tensor([self.records[r].loss_weight for r in records], device=latents.device)
-        return Batch(latents, conditioning, weights, [str(self.records[r].path) for r in records])
+        files = [str(self.records[r].path) for r in records]
+        return Batch(latents, conditioning, weights, files, pooled=pooled, time_ids=time_ids)
 
     def state(self) -> dict:
         """The position in the data order, and the VAE's sampling RNG (used per step when
@@ -167,14 +184,22 @@ class TrainingData:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * vae.config.scaling_factor).float()
 
-    def _encode_text(self, captions: list[str]) -> torch.Tensor:
-        return encode_prompts(
-            self._base.tokenizer,
-            self._base.text_encoder,
-            captions,
-            max_token_length=self._config.max_token_length,
-            clip_skip=self._config.clip_skip,
+    def _encode_text(self, captions: list[str]) -> TextConditioning:
+        return encode_text(
+            self._base, captions, max_token_length=self._config.max_token_length, clip_skip=self._config.clip_skip
         )
+
+    def _time_ids(self, records: list[int], bucket: Bucket, rngs: list) -> torch.Tensor:
+        """SDXL's size and crop conditioning of each sample: the crop is worked out on a copy of the
+        sample's generator, so load_pixels draws the same offsets from the original."""
+        random_crop = self._config.crop == "random" and not self._config.cache_latents
+        rows = []
+        for r, rng in zip(records, rngs):
+            width, height = self.records[r].size
+            resized = covering_size((width, height), bucket)
+            left, top = crop_top_left(resized, bucket, random_crop=random_crop, rng=copy.deepcopy(rng))
+            rows.append([height, width, top, left, bucket[1], bucket[0]])
+        return torch.tensor(rows, dtype=torch.float32, device=self._base.unet.device)
 
     def _latent_file(self, index: int, flip: bool) -> Path:
         return self._latent_cache_dir / f"{index:06d}{'_flip' if flip else ''}.pt"

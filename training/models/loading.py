@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTokenizer
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-Family = Literal["sd1", "sd2"]  # what this trainer trains
+Family = Literal["sd1", "sd2", "sdxl"]  # what this trainer trains
 ModelFamily = Literal["sd1", "sd2", "sdxl", "flux"]  # what it recognises
 FAMILY_NAMES = {  # as a sentence says it
     "sd1": "a Stable Diffusion 1.x",
@@ -71,14 +71,30 @@ class BaseModel:
         return self.pipeline.tokenizer
 
     @property
+    def text_encoder_2(self):
+        """SDXL's second text encoder (CLIPTextModelWithProjection); None for SD 1.x/2.x."""
+        return getattr(self.pipeline, "text_encoder_2", None)
+
+    @property
+    def tokenizer_2(self):
+        return getattr(self.pipeline, "tokenizer_2", None)
+
+    @property
+    def lora_models(self) -> tuple:
+        """(unet, text_encoder, text_encoder_2 or None): what training/lora.py's functions take."""
+        return self.unet, self.text_encoder, self.text_encoder_2
+
+    @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
 
     @property
     def base_model_version(self) -> str:
-        """The kohya `ss_base_model_version` tag: sd_v1, sd_v2 or sd_v2_v (v-prediction)."""
+        """The kohya `ss_base_model_version` tag: sd_v1, sd_v2, sd_v2_v (v-prediction) or sdxl_base_v1-0."""
         if self.family == "sd1":
             return "sd_v1"
+        if self.family == "sdxl":
+            return "sdxl_base_v1-0"
         return "sd_v2_v" if self.prediction_type == "v_prediction" else "sd_v2"
 
 
@@ -155,12 +171,13 @@ def detect_family(source: ModelSource) -> ModelFamily | None:
 
 def unsupported_family_message(model_name: str, family: str) -> str | None:
     """Why this trainer cannot train a model of `family`, or None when it can."""
-    if family in ("sd1", "sd2"):
+    if family in ("sd1", "sd2", "sdxl"):
         return None
     return (
         f"{model_name} is {FAMILY_NAMES[family]} model (read from its files, or model_family); this trainer "
-        "trains Stable Diffusion 1.x/2.x models so far: choose an SD 1.x/2.x model_name (e.g. "
-        "runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1, or builtin:tiny-sd15 to try things out)"
+        "trains Stable Diffusion 1.x/2.x and SDXL models so far: choose one of those (e.g. "
+        "runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0, or builtin:tiny-sd15 to try "
+        "things out)"
     )
 
 
@@ -171,18 +188,20 @@ def load_base_model(source: ModelSource, device: torch.device, *, model_family: 
     family = detect_family(source) if model_family == "auto" else model_family
     if family and (refusal := unsupported_family_message(str(source.path), family)):
         raise ModelNotFoundError(refusal)
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    sd_options = {"safety_checker": None, "requires_safety_checker": False}
+    pipeline_class, options = (
+        (StableDiffusionXLPipeline, {}) if family == "sdxl" else (StableDiffusionPipeline, sd_options)
+    )
     try:
         if source.kind == "single_file":
             config = str(source.config_folder) if source.config_folder else None
-            pipeline = StableDiffusionPipeline.from_single_file(
-                str(source.path), config=config, local_files_only=True, safety_checker=None
+            pipeline = pipeline_class.from_single_file(
+                str(source.path), config=config, local_files_only=True, **options
             )
         else:
-            pipeline = StableDiffusionPipeline.from_pretrained(
-                str(source.path), safety_checker=None, requires_safety_checker=False
-            )
+            pipeline = pipeline_class.from_pretrained(str(source.path), **options)
     except ModelNotFoundError:
         raise
     except Exception as exc:
@@ -202,9 +221,10 @@ def load_base_model(source: ModelSource, device: torch.device, *, model_family: 
 
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(device)
-    for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
-        module.requires_grad_(False)
-        module.eval()
+    for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)):
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
     vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
     unet_downsampling = 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
     return BaseModel(
@@ -212,7 +232,7 @@ def load_base_model(source: ModelSource, device: torch.device, *, model_family: 
         pipeline=pipeline,
         noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config),
         # SD 2.x UNets use linear projections in their transformer blocks; SD 1.x use 1x1 convs.
-        family="sd2" if pipeline.unet.config.use_linear_projection else "sd1",
+        family="sdxl" if family == "sdxl" else "sd2" if pipeline.unet.config.use_linear_projection else "sd1",
         native_resolution=pipeline.unet.config.sample_size * vae_scale_factor,
         vae_scale_factor=vae_scale_factor,
         bucket_step=vae_scale_factor * unet_downsampling,

@@ -1,0 +1,80 @@
+"""Where the base model's parts live and in what precision: mixed precision on CUDA, and the
+low_vram memory savers (encoders off the GPU between uses, gradient checkpointing)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from training.config import TrainingConfig
+    from training.models.loading import BaseModel
+
+log = logging.getLogger("training")
+
+
+class Placement:
+    """fp16/bf16 autocast on CUDA with the frozen weights stored in that type; LoRA weights stay fp32.
+    On CPU everything runs in fp32 (mixed_precision and low_vram are recorded only)."""
+
+    def __init__(self, base: BaseModel, config: TrainingConfig, device: torch.device):
+        self.base, self.config, self.device = base, config, device
+        requested = config.mixed_precision
+        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(requested)
+        if device.type != "cuda" and self.autocast_dtype is not None:
+            log.info("mixed_precision %s is recorded only: training on %s runs in fp32", requested, device.type)
+            self.autocast_dtype = None
+        self.weight_dtype = self.autocast_dtype or torch.float32
+        self.label = requested if self.autocast_dtype else "fp32"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
+        if self.autocast_dtype is not None:
+            for model in (base.unet, base.vae, *self.text_encoders):
+                model.to(dtype=self.autocast_dtype)
+            if self.autocast_dtype == torch.float16:
+                # SD and SDXL VAEs overflow in fp16 (SDXL's sets force_upcast); they encode once anyway.
+                base.vae.to(dtype=torch.float32)
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [m for m in (self.base.text_encoder, self.base.text_encoder_2) if m is not None]
+
+    def autocast(self):
+        return torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        )
+
+    def enable_memory_savers(self) -> None:
+        if self.config.gradient_checkpointing:
+            self.base.unet.enable_gradient_checkpointing()
+            if self.config.train_text_encoder:
+                for encoder in self.text_encoders:
+                    encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.config.low_vram and self.device.type != "cuda":
+            log.info(
+                "low_vram is recorded only: it moves encoders off the GPU, and this run is on %s", self.device.type
+            )
+
+    def offload_encoders(self, text_is_static: bool) -> None:
+        """low_vram on CUDA: after caching, the VAE (and frozen text encoders) wait on the CPU."""
+        if self.config.low_vram and self.device.type == "cuda":
+            if self.config.cache_latents:
+                self.base.vae.to("cpu")
+            if text_is_static:
+                for encoder in self.text_encoders:
+                    encoder.to("cpu")
+            torch.cuda.empty_cache()
+
+    @contextmanager
+    def encoders_on_device(self, text_is_static: bool) -> Iterator[None]:
+        """Bring offloaded encoders back for sampling, and send them away again."""
+        if self.config.low_vram and self.device.type == "cuda":
+            for model in (self.base.vae, *self.text_encoders):
+                model.to(self.device)
+        try:
+            yield
+        finally:
+            self.offload_encoders(text_is_static)
