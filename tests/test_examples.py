@@ -63,3 +63,17 @@ def test_watched_example_sets_the_diagnostics_options():
     assert cfg.lora_type == "style" and cfg.validation_split == 0.15 and cfg.validation_every == 100
     assert cfg.auto_stop_on == ["divergence", "no_effect"]
     assert control_prompt(cfg) == "painting of a sunset"
+
+
+def test_the_readme_configs_per_model_family_are_valid_configs():
+    import json
+    import re
+
+    readme = (EXAMPLES_DIR.parent / "README.md").read_text()
+    section = readme.split("## A config per model family", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```json\n(.*?)```", section, flags=re.DOTALL)
+    configs = [TrainingConfig.from_dict(json.loads(block)) for block in blocks]
+    assert [c.model_name for c in configs] == [
+        "runwayml/stable-diffusion-v1-5",
+        "stabilityai/stable-diffusion-xl-base-1.0",
+    ]
