@@ -163,3 +163,9 @@ def test_generate_image_uses_an_sdxl_lora_at_its_strength(tmp_path, trained):
 
     base = image(None)
     assert np.array_equal(image(0.0), base) and not np.array_equal(image(1.0), base)
+
+
+def test_clip_skip_is_said_to_have_no_effect_on_sdxl(tmp_path, shapes, tiny_sdxl):
+    result = run_training(fast_config(shapes, model_name="builtin:tiny-sdxl", steps=1, clip_skip=2), tmp_path / "r")
+    assert result.state == "completed"
+    assert "clip_skip 2 has no effect on SDXL" in (tmp_path / "r" / "train.log").read_text()

@@ -477,6 +477,12 @@ class Trainer:
             raise ConfigError(
                 ["for SDXL, this trainer encodes captions of up to 75 tokens so far: set max_token_length to 75"]
             )
+        if self.base.family == "sdxl" and config.clip_skip != 1:
+            log.warning(
+                "clip_skip %d has no effect on SDXL: it is conditioned on both encoders' penultimate layers "
+                "as it was trained",
+                config.clip_skip,
+            )
         if config.clip_skip > layers:
             raise ConfigError(
                 [f"clip_skip = {config.clip_skip}: the text encoder has only {layers} layers (allowed: 1-{layers})"]
