@@ -98,6 +98,23 @@ def test_the_tiny_sdxl_model_is_a_real_sdxl_pipeline(tiny_sdxl):
     assert pipe.unet.config.addition_embed_type == "text_time" and pipe.text_encoder_2.config.projection_dim == 32
 
 
+def test_the_tiny_flux_model_is_a_real_flux_pipeline_that_training_refuses(tmp_path):
+    from diffusers import FluxPipeline
+
+    folder = ensure_builtin("builtin:tiny-flux", tmp_path / "models")
+    assert detect_family(resolve_model(str(folder))) == "flux"
+    pipe = FluxPipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    image = pipe(
+        "a red circle", num_inference_steps=2, height=64, width=64, max_sequence_length=64, generator=generator
+    ).images[0]
+    assert image.size == (64, 64)
+    assert pipe.tokenizer_2("a red circle").input_ids[-1] == pipe.tokenizer_2.eos_token_id  # T5-style, offline
+    with pytest.raises(ModelNotFoundError, match="FLUX-class model"):
+        load_base_model(resolve_model(str(folder)), torch.device("cpu"))
+
+
 def test_the_family_override_wins_over_the_files(tiny_sd15, tiny_sdxl):
     sdxl = load_base_model(resolve_model("builtin:tiny-sdxl"), torch.device("cpu"))
     assert (sdxl.family, sdxl.base_model_version, sdxl.native_resolution) == ("sdxl", "sdxl_base_v1-0", 64)

@@ -15,6 +15,11 @@ plus start/end), so any caption tokenizes without a downloaded vocabulary.
 a projection, whose pooled output and the size/crop time ids feed the UNet's `text_time`
 embedding), cross-attention over both encoders' states (32 + 32), SDXL's VAE scaling factor and
 an Euler scheduler, as the real SDXL base has.
+
+`tiny-flux` is a FluxPipeline of the same scale: a FluxTransformer2DModel (one double- and one
+single-stream block, guidance embedding), a CLIP encoder for the pooled prompt and a T5 encoder
+for the token states, with a T5 tokenizer made from a byte vocabulary, and a 16-channel VAE with
+FLUX's scaling and shift. The trainer recognises it and says FLUX-class training is not there yet.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ class TinySpec:
     description: str
     prediction_type: str  # "epsilon" or "v_prediction"
     # sd2: linear attention projections, gelu text encoder, DDIM scheduler; sdxl: see the module docstring
-    family: Literal["sd1", "sd2", "sdxl"]
+    family: Literal["sd1", "sd2", "sdxl", "flux"]
     seed: int
 
     @property
@@ -51,6 +56,7 @@ BUILTINS: dict[str, TinySpec] = {
     "tiny-sd15": TinySpec("tiny random SD 1.x (epsilon prediction)", "epsilon", family="sd1", seed=1234),
     "tiny-sd2-v": TinySpec("tiny random SD 2.x (v-prediction)", "v_prediction", family="sd2", seed=4321),
     "tiny-sdxl": TinySpec("tiny random SDXL (two text encoders, epsilon)", "epsilon", family="sdxl", seed=2468),
+    "tiny-flux": TinySpec("tiny random FLUX-class (flow matching)", "flow_prediction", family="flux", seed=1357),
 }
 
 
@@ -92,6 +98,8 @@ def ensure_builtin(model_name: str, models_root: Path) -> Path:
 def _build_pipeline(spec: TinySpec):
     if spec.family == "sdxl":
         return _build_sdxl_pipeline(spec)
+    if spec.family == "flux":
+        return _build_flux_pipeline(spec)
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -230,6 +238,86 @@ def _build_sdxl_pipeline(spec: TinySpec):
         tokenizer_2=tokenizer,
         unet=unet,
         scheduler=scheduler,
+    )
+
+
+def _build_flux_pipeline(spec: TinySpec):
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+
+    clip_tokenizer = _byte_level_clip_tokenizer()
+    # T5's SentencePiece vocabulary, rebuilt offline: the special tokens, then every byte symbol.
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(symbol, -1.0) for symbol in _byte_symbols()]
+    t5_tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=64)
+    width = 32
+    torch.manual_seed(spec.seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16 * 4,  # 2x2 patches of the 16-channel latents, packed as FLUX packs them
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=width,  # T5 states
+        pooled_projection_dim=width,  # CLIP pooled
+        guidance_embeds=True,  # as FLUX.1-dev and Flex.1
+        axes_dims_rope=(4, 6, 6),  # sums to the head dimension
+    )
+    torch.manual_seed(spec.seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.3611,  # FLUX's
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    torch.manual_seed(spec.seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_tokenizer),
+            hidden_size=width,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+            projection_dim=width,
+            bos_token_id=clip_tokenizer.bos_token_id,
+            eos_token_id=clip_tokenizer.eos_token_id,
+            pad_token_id=clip_tokenizer.pad_token_id,
+        )
+    )
+    torch.manual_seed(spec.seed + 3)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tokenizer),
+            d_model=width,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
     )
 
 
