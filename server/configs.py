@@ -20,7 +20,7 @@ from server.errors import ServiceError
 from server.names import checked_name
 from server.paths import check_user_path
 from training.config import STEPS_PER_IMAGE, ConfigError, TrainingConfig
-from training.data.dataset import DatasetError, locate_dataset, scan_dataset
+from training.data.dataset import DatasetError, hold_out, locate_dataset, scan_dataset
 from training.diagnostics import Finding, preflight_findings
 from training.workspace import atomic_write_text, datasets_dir
 
@@ -188,6 +188,8 @@ class ConfigService:
             instance_prompt=value("instance_prompt", str, None),
             errors=errors,
             warnings=warnings,
+            validation_split=value("validation_split", float, 0.0),
+            seed=value("seed", int, 0),
         )
         native, family = check_model(
             value("model_name", str, TrainingConfig.model_fields["model_name"].default),
@@ -353,13 +355,17 @@ def check_dataset(
     instance_prompt: str | None,
     errors: list[str],
     warnings: list[str],
+    validation_split: float = 0.0,
+    seed: int = 0,
 ) -> int | None:
-    """The number of training images, or None with the reason appended to `errors`."""
+    """The number of training images, as the run counts them (validation_split held out), or None with
+    the reason appended to `errors`."""
     try:
         folder = locate_dataset(dataset_path, datasets_dir())
         index = scan_dataset(
             folder, trigger_word=trigger_word, trigger_words=trigger_words, instance_prompt=instance_prompt
         )
+        index = hold_out(index, validation_split, seed)
     except DatasetError as exc:
         errors.append(f"dataset: {exc}")
         return None

@@ -133,9 +133,13 @@ def apply_fix(
         raise ServiceError(f"{based_on} has no finding {finding_id!r}; its findings now: {listed}")
     if not finding.patch:
         raise ServiceError(f"finding {finding_id!r} has no config change to apply; its advice is: {finding.message}")
+    patch = dict(finding.patch)
+    for field, kohya_name in (("rank", "network_dim"), ("alpha", "network_alpha")):
+        if field in patch and values.get(kohya_name) is not None:  # the kohya name wins over the guide's: change it
+            patch[kohya_name] = patch.pop(field)
     name = _free_name(configs, f"{values.get('name', 'config')}-fix-{finding_id}")
-    changes = {key: [values.get(key), value] for key, value in finding.patch.items() if values.get(key) != value}
-    config = configs.create({**values, **finding.patch, "name": name})
+    changes = {key: [values.get(key), value] for key, value in patch.items() if values.get(key) != value}
+    config = configs.create({**values, **patch, "name": name})
     described = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changes.items())
     return AppliedFix(
         config_name=name,
@@ -195,6 +199,8 @@ def _evidence(status: JobStatus) -> RunEvidence:
         instance_prompt=config.instance_prompt,
         errors=errors,
         warnings=[],
+        validation_split=config.validation_split,
+        seed=config.seed,
     )
     native, family = check_model(
         config.model_name, config.base_model_config, errors=errors, model_family=config.model_family

@@ -1,6 +1,6 @@
 """generate-image and compare-lora-strengths: check a request, then render it inside the call
 (the built-in tiny models: seconds) or as a background job in the job table (a real model: a
-512 px image takes a minute or more on a CPU, and a GPU may be busy training).
+512 px image takes a minute or more on a CPU, and on a GPU the job waits for a training job to end).
 
 The rendering itself is `training/generation.py`; torch is imported only when an image is made.
 """
@@ -18,8 +18,8 @@ from server.errors import ServiceError
 from server.inspection import model_geometry
 from server.lora_tools import lora_path
 from training.config import DEFAULT_MODEL
+from training.diagnostics.preflight import SMALLEST_REAL_NATIVE  # smaller: a built-in test model, rendered inline
 
-SMALLEST_REAL_NATIVE = 256  # px: below this the model is a built-in test model, rendered inside the call
 MAX_SIDE = 2048
 
 
@@ -99,8 +99,8 @@ def render_now(workspace: Path, plan: GenerationPlan) -> list[Path]:
     out_dir = workspace / "generations" / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}-{plan.label}"
     try:
         return generate(GenerationRequest(**plan.request), out_dir)
-    except (OSError, ValueError) as exc:  # e.g. a LoRA file for another architecture
-        raise ServiceError(f"could not generate: {exc}") from None
+    except Exception as exc:  # e.g. a LoRA file for another architecture, or out of GPU memory
+        raise ServiceError(f"could not generate: {type(exc).__name__}: {exc}") from None
 
 
 def request_json(plan: GenerationPlan) -> str:

@@ -4,9 +4,9 @@ Three kinds of job share the table: `training` (a `lora-train` process), `captio
 `python -m training.captioning` process, for generate-captions on a long set) and `generation`
 (`python -m training.generation`, for generate-image with a real model). The job table
 (`state.db`) is the truth; nothing about a job lives only in memory. A job's progress is read
-from its run directory (status.json, train.log), which the child writes atomically. One job of
-each kind runs at a time (a dataset can be captioned while another trains); later ones wait as
-`queued` and start in order.
+from its run directory (status.json, train.log), which the child writes atomically. Training and
+generation share the GPU and run one at a time; a captioning job runs beside them (a dataset can be
+captioned while another trains). Later jobs wait as `queued` and start in order.
 
 Each trainer runs in its own session and process group, with stdin from /dev/null and its output
 in `process.log`, so it survives the server and a crash of either cannot take down the other.
@@ -44,6 +44,9 @@ CHILD_MODULES: dict[str, str] = {
     "captioning": "training.captioning",
     "generation": "training.generation",
 }
+# Kinds that share a slot run one at a time: training and generation both want the GPU (an SDXL
+# pipeline in fp32 alone is ~14 GB), while captioning models are small and run beside training.
+SLOTS = {"training": "gpu", "generation": "gpu", "captioning": "captioning"}
 RESUME_FROM = {  # what resume-training does for an interrupted job of each kind
     "training": "continues from its last checkpoint",
     "captioning": "continues with the images not yet captioned",
@@ -170,10 +173,12 @@ class JobStore:
             )
 
     def claim_next(self, kind: str) -> JobRecord | None:
-        """Mark the oldest queued job of `kind` running, if no job of that kind is running: one
+        """Mark the oldest queued job of `kind` running, if no job of its slot (SLOTS) is running: one
         transaction, so two servers on one workspace never start two jobs."""
+        sharing = [other for other, slot in SLOTS.items() if slot == SLOTS[kind]]
+        marks = ", ".join("?" for _ in sharing)
         with self.transaction() as db:
-            if db.execute("SELECT 1 FROM jobs WHERE state = 'running' AND kind = ?", (kind,)).fetchone():
+            if db.execute(f"SELECT 1 FROM jobs WHERE state = 'running' AND kind IN ({marks})", sharing).fetchone():
                 return None
             row = db.execute(
                 "SELECT * FROM jobs WHERE state = 'queued' AND kind = ? ORDER BY created_at, job_id LIMIT 1", (kind,)

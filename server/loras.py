@@ -121,6 +121,9 @@ class LoraService:
             return finals[0], ""
         folder = run_dir / "checkpoints" / f"step{step:06d}"
         files = sorted(folder.glob("*.safetensors"))
+        finals = [p for p in run_dir.glob("*.safetensors") if not p.name.startswith(".")]
+        if not files and finals and _steps_of(finals[0]) == step:
+            return finals[0], ""  # the last step is the final LoRA, not a checkpoint
         if not files:
             kept = (
                 sorted(p.name for p in (run_dir / "checkpoints").glob("step*"))
@@ -147,6 +150,15 @@ class LoraService:
         if not path.is_file():
             raise ServiceError(f"no file {relative!r}; list-exported-models lists the exported LoRAs")
         return path
+
+
+def _steps_of(lora: Path) -> int | None:
+    """The step a LoRA file was saved at (kohya's ss_steps), if it says."""
+    try:
+        steps = safetensors_metadata(lora).get("ss_steps")
+    except InvalidSafetensors:
+        return None
+    return int(steps) if steps and steps.isdigit() else None
 
 
 def _convert(source: Path, target: Path, output_format: str) -> None:

@@ -76,6 +76,16 @@ def test_an_unreadable_image_is_skipped_and_reported(tmp_path):
     assert "shape_001.png skipped" in (run_dir / "train.log").read_text()
 
 
+def test_a_truncated_image_is_skipped_not_fatal_to_its_batch(tmp_path):
+    folder = uncaptioned(tmp_path / "d", 2)
+    whole = (folder / "shape_001.png").read_bytes()
+    (folder / "shape_001.png").write_bytes(whole[: len(whole) // 2])
+    run_dir = job_dir(tmp_path, folder)
+    assert run_caption_job(run_dir, threading.Event()) == "completed"
+    assert (folder / "shape_000.txt").is_file() and not (folder / "shape_001.txt").exists()
+    assert "not a readable image" in rows(run_dir)[1]["skipped"]
+
+
 def test_a_model_that_cannot_load_fails_the_job_with_the_reason(tmp_path):
     folder = uncaptioned(tmp_path / "d", 1)
     (tmp_path / "not-a-model").mkdir()
@@ -133,18 +143,18 @@ def test_a_captioning_job_runs_as_a_child_process_in_the_job_table(service, tmp_
     assert [job.kind for job in service.list()] == ["captioning"]
 
 
+def a_training_job_is_running(service: JobService, run_dir: Path) -> None:
+    """A training job in the table that is being spawned: within the start-up grace, so it keeps its slot."""
+    now = time.time()
+    record = JobRecord(
+        job_id="training-now", config_name="c", state="running", run_dir=str(run_dir), created_at=now, started_at=now
+    )
+    service.store.insert(record)
+
+
 def test_captioning_does_not_wait_behind_training(service, tmp_path):
     """One job of each kind runs at a time: a training job in progress does not hold up captioning."""
-    service.store.insert(
-        JobRecord(
-            job_id="training-now",
-            config_name="c",
-            state="running",
-            run_dir=str(tmp_path),
-            created_at=time.time(),
-            started_at=time.time(),  # being spawned: within the start-up grace, so it keeps its slot
-        )
-    )
+    a_training_job_is_running(service, tmp_path)
     folder = uncaptioned(tmp_path / "datasets" / "d", 2)
     plan = plan_for(tmp_path, "template")
     record = service.start_captioning(plan.label, json.dumps(plan.job))
@@ -182,3 +192,10 @@ def test_stop_training_stops_a_captioning_job_and_resume_finishes_it(service, tm
     finished = wait_for_final(service, record.job_id)
     assert finished.state == "completed", service.logs(record.job_id, 30)
     assert finished.step == 3 * BATCH and len(list(folder.glob("*.txt"))) == 3 * BATCH
+
+
+def test_a_generation_job_waits_for_the_training_job_on_the_gpu(service, tmp_path):
+    a_training_job_is_running(service, tmp_path)
+    record = service.start_generation("base", json.dumps({"model_name": "builtin:tiny-sd15", "prompt": "p"}))
+    assert record.state == "queued"  # both want the GPU
+    service.stop(record.job_id)

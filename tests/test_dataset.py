@@ -415,3 +415,15 @@ def test_broken_class_image_is_named(tmp_path):
     bad.write_bytes(b"xx")
     with pytest.raises(DatasetError, match="broken.png"):
         class_image_records([good, bad], "person", repeats=1, loss_weight=1.0)
+
+
+def test_a_photo_turned_by_its_exif_orientation_has_its_displayed_size(tmp_path):
+    from PIL import Image
+
+    image = Image.new("RGB", (96, 64), (10, 200, 10))
+    exif = image.getexif()
+    exif[0x0112] = 6  # stored landscape, shown portrait (a phone held upright)
+    image.save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    (tmp_path / "phone.txt").write_text("xyz_shape a photo")
+    index = scan_dataset(tmp_path, trigger_word="xyz_shape", trigger_words={})
+    assert index.images[0].size == (64, 96)  # as load_pixels sees it after exif_transpose

@@ -153,6 +153,9 @@ def test_full_flow_on_the_tiny_model(server_workspace, shapes):
         assert recommended["step"] in (2, 4) and Path(recommended["path"]).is_file() and recommended["reason"]
         as_resource = await session.read_resource(f"lora://jobs/{job_id}/diagnosis")
         assert json.loads(as_resource.contents[0].text)["recommended_checkpoint"] == recommended
+        for step in (2, 4):  # a checkpoint, and the last step, which is the final LoRA
+            chosen = await session.call_tool("export-model", {"job_id": job_id, "step": step})
+            assert not chosen.is_error, chosen.content
 
         # Resources
         status = await session.read_resource(f"lora://jobs/{job_id}/status")

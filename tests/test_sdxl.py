@@ -137,6 +137,17 @@ def test_both_sdxl_text_encoders_train_as_kohya_te1_and_te2(tmp_path, shapes, sd
     pipe.set_adapters(["trained"], [{"unet": 0.0, "text_encoder": 1.0, "text_encoder_2": 1.0}])
     assert (latents(pipe) - base).abs().max() > 1e-3  # the text encoders' part alone moves the image
 
+    # generate-image's strength 0 turns off all three parts, both text encoders included.
+    from training.generation import GenerationRequest, LoraUse, generate
+
+    def image(loras: list) -> np.ndarray:
+        request = GenerationRequest(model_name="builtin:tiny-sdxl", prompt="xyz_shape", steps=2, loras=loras)
+        [path] = generate(request, tmp_path / f"g{len(list(tmp_path.iterdir()))}")
+        return np.asarray(Image.open(path), dtype=np.int16)
+
+    off = LoraUse(path=str(result.lora_path), strength_model=0.0)
+    assert np.array_equal(image([off]), image([]))
+
     # The same file converts losslessly to the diffusers layout and back.
     from training.convert import convert_lora_file
 

@@ -164,6 +164,11 @@ def _losses(run: Path) -> list[float]:
     return [row["loss"] for row in step_rows(run)]
 
 
+def _validation(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row["loss"]) for row in rows if row.get("kind") == "validation"]
+
+
 class _StopAfter(Trainer):
     """Behaves as if SIGTERM arrived during step `stop_at`."""
 
@@ -181,7 +186,14 @@ class _StopAfter(Trainer):
         {"flip_aug": True},
         {"cache_latents": False, "crop": "random", "shuffle_captions": True, "caption_dropout_rate": 0.3},
         # SDXL: both text encoders train, and the random crops feed its crop conditioning
-        {"model_name": "builtin:tiny-sdxl", "train_text_encoder": True, "cache_latents": False, "crop": "random"},
+        {
+            "model_name": "builtin:tiny-sdxl",
+            "train_text_encoder": True,
+            "cache_latents": False,
+            "crop": "random",
+            "validation_split": 0.25,  # scored through the text encoders' LoRA, every 2 steps
+            "validation_every": 2,
+        },
     ],
     ids=["cached", "live-augmented", "sdxl"],
 )
@@ -201,6 +213,7 @@ def test_resume_continues_with_identical_losses(tmp_path, shapes, options):
     resumed = run_training(config, tmp_path / "resumed", resume=True)
     assert resumed.state == "completed" and resumed.step == 6
     assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
+    assert _validation(tmp_path / "resumed") == _validation(tmp_path / "straight")
     with safe_open(str(straight.lora_path), "pt") as a, safe_open(str(resumed.lora_path), "pt") as b:
         assert sorted(a.keys()) == sorted(b.keys())
         for key in a.keys():

@@ -106,10 +106,10 @@ def test_auto_stop_on_no_effect_stops_the_run_and_says_why(services, shapes):
         jobs, "stuck", shapes, learning_rate=1e-9, steps=40, validation_every=4, auto_stop_on=["no_effect"]
     )
     diagnosis = diagnose(jobs, job_id)
-    assert diagnosis.state == "stopped" and diagnosis.step == 4  # the first check at 10% of the steps
+    assert diagnosis.state == "stopped" and diagnosis.step == 12  # met at steps 4, 8 and 12: three checks in a row
     assert diagnosis.stop_reason.startswith("auto_stop_on no_effect: the LoRA has no visible effect")
     run = Path(jobs.status(job_id).run_dir)
-    assert (run / "checkpoints" / "step000004").is_dir()  # stopped like stop-training: resumable
+    assert (run / "checkpoints" / "step000012").is_dir()  # stopped like stop-training: resumable
 
 
 def test_the_recommended_checkpoint_survives_pruning(services, shapes):
@@ -214,3 +214,12 @@ def test_the_control_prompt_is_the_first_test_prompt_without_its_trigger_word():
     assert control(test_prompts=["xyz_shapes on xyz_shape"]) == "xyz_shapes on"  # whole tags only
     assert control(test_prompts=["xyz_shape dog"], control_prompt="a cat") == "a cat"
     assert control() is None
+
+
+def test_a_rank_fix_changes_the_kohya_name_a_config_uses(services, shapes):
+    _, configs = services
+    configs.create(fast_config(shapes, name="kohya-names", network_dim=128).model_dump(mode="json", exclude_none=True))
+    assert "rank-for-dataset" in [f.rule for f in configs.validate("kohya-names").findings]
+    fixed = apply_fix(configs, None, job_id=None, config_name="kohya-names", finding_id="rank-for-dataset")
+    assert fixed.changes == {"network_dim": [128, 32]}
+    assert configs.get(fixed.config_name).effective_rank == 32  # the fix takes effect

@@ -85,7 +85,7 @@ def write_captions(
         for path in paths[first : first + BATCH]:
             try:
                 with Image.open(path) as image:
-                    image.size  # noqa: B018 - the header is read here, the pixels by the captioner
+                    image.load()  # decodes: a truncated file fails here, not in the captioner's batch
                 readable.append(path)
             except (OSError, UnidentifiedImageError) as exc:
                 skipped.append((str(path.relative_to(folder)), f"not a readable image: {exc}"))

@@ -205,8 +205,9 @@ class TrainingConfig(BaseModel):
     )
     auto_stop_on: list[AutoStop] = Field(
         default_factory=list,
-        description="Stop the run early, with the reason in its status, on: divergence (validation loss rising "
-        "while training loss falls, or loss exploding), plateau (no progress), no_effect (the LoRA changes nothing).",
+        description="Stop the run early, with the reason in its status, when one of these holds at 3 checks in a "
+        "row (validation_every steps apart): divergence (validation loss rising while training loss falls, or "
+        "exploding gradients), plateau (no progress), no_effect (the LoRA changes nothing).",
     )
 
     # --- sampling, checkpoints, output ------------------------------------------------------

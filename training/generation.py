@@ -67,12 +67,14 @@ def generate(
 
     files = RunFiles(out_dir)
     files.samples.mkdir(parents=True, exist_ok=True)
+    files.samples_index.unlink(missing_ok=True)  # a resumed job renders every image again
     device = pick_device()
     base = load_base_model(resolve_model(request.model_name, request.base_model_config), device)
     pipe = base.pipeline
     names = [f"lora{i}" for i in range(len(request.loras))]
     for name, lora in zip(names, request.loras):
         pipe.load_lora_weights(lora.path, adapter_name=name)
+    parts = {part for part in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, part, None) is not None}
     width = request.width or base.native_resolution
     height = request.height or base.native_resolution
 
@@ -90,7 +92,7 @@ def generate(
             break
         if names:
             active = names[:1] if request.strengths is not None else names
-            pipe.set_adapters(active, weights)
+            pipe.set_adapters(active, [{part: w for part, w in weight.items() if part in parts} for weight in weights])
         image = pipe(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt or None,
@@ -121,10 +123,11 @@ def generate(
 
 
 def _weights(lora: LoraUse, strength: float | None = None) -> dict[str, float]:
-    """The per-component adapter weights of one LoRA (a strength comparison sets both parts to it)."""
+    """The per-component adapter weights of one LoRA (a strength comparison sets both parts to it);
+    the CLIP strength applies to every text encoder (SDXL has two)."""
     model = lora.strength_model if strength is None else strength
     clip = model if strength is not None or lora.strength_clip is None else lora.strength_clip
-    return {"unet": model, "text_encoder": clip}
+    return {"unet": model, "text_encoder": clip, "text_encoder_2": clip}
 
 
 def strength_grid(images: list) -> object:

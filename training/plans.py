@@ -18,7 +18,15 @@ from pydantic import BaseModel, Field
 from training.config import STEPS_PER_IMAGE, LoraType, TrainingConfig
 from training.data.dataset import DatasetIndex
 from training.data.report import GUIDE_IMAGE_RANGE
-from training.diagnostics.preflight import SD2, SD15, SDXL, ModelFamily, estimate_minutes, model_family
+from training.diagnostics.preflight import (
+    SD2,
+    SD15,
+    SDXL,
+    SMALLEST_REAL_NATIVE,
+    ModelFamily,
+    estimate_minutes,
+    model_family,
+)
 
 Goal = Literal["balanced", "memory", "speed", "quality"]
 GOALS: tuple[str, ...] = get_args(Goal)
@@ -474,7 +482,7 @@ def _family_reason(family: ModelFamily, native: int | None) -> str:
             f"its native resolution was not read (no model named, or a single file without base_model_config); "
             f"{family.name}-class by its name"
         )
-    if native < 256:
+    if native < SMALLEST_REAL_NATIVE:
         return (
             f"native {native} px, a tiny test model: planned as {family.name}-class (the time figures are "
             f"{family.name}'s; it really trains in seconds to minutes)"

@@ -26,6 +26,9 @@ log = logging.getLogger("training")
 
 THUMBNAIL = 64  # px: enough for composition and colour, blind to the noise of a few sampler steps
 TOP_LAYERS = 5  # layers named in an update row
+# An auto_stop_on condition must hold at this many checks in a row (validation_every steps apart): diffusion
+# loss is noisy, and one window of a healthy flat run can look like a plateau.
+AUTO_STOP_CHECKS = 3
 
 
 def thumbnail(image: Image.Image | Path) -> np.ndarray:
@@ -117,6 +120,7 @@ class EvidenceRecorder:
         self._config = config
         self._validation = validation
         self._lora_models = lora_models  # () -> {prefix: model with adapters}
+        self._met: dict[str, int] = {}  # auto_stop_on condition -> checks in a row that met it
 
     def due(self, step: int) -> bool:
         return step == 0 or step % self._config.validation_every == 0 or step == self._config.steps
@@ -143,7 +147,8 @@ class EvidenceRecorder:
         return choice.step if choice else None
 
     def stop_reason(self) -> str | None:
-        """The first `auto_stop_on` condition the run's evidence meets, as a sentence; None to go on."""
+        """The first `auto_stop_on` condition the run's evidence has met at AUTO_STOP_CHECKS checks in a
+        row, as a sentence; None to go on."""
         if not self._config.auto_stop_on:
             return None
         from training.diagnostics.evidence import RunEvidence
@@ -151,8 +156,9 @@ class EvidenceRecorder:
 
         evidence = RunEvidence.from_run_dir(self._files.dir)
         for condition in self._config.auto_stop_on:
-            for rule in AUTO_STOP_RULES[condition]:
-                finding = rule(evidence)
-                if finding is not None and finding.severity != "info":
-                    return f"auto_stop_on {condition}: {finding.message}"
+            findings = [rule(evidence) for rule in AUTO_STOP_RULES[condition]]
+            finding = next((f for f in findings if f is not None and f.severity != "info"), None)
+            self._met[condition] = self._met.get(condition, 0) + 1 if finding else 0
+            if finding and self._met[condition] >= AUTO_STOP_CHECKS:
+                return f"auto_stop_on {condition}: {finding.message}"
         return None

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from training.config import ConfigError, TrainingConfig
-from training.data.dataset import DatasetError, class_image_records, locate_dataset, scan_dataset
+from training.data.dataset import DatasetError, class_image_records, hold_out, locate_dataset, scan_dataset
 from training.data.loader import Batch, TrainingData
 from training.export import export_lora
 from training.lora import LoraFileError, attach_lora, load_lora_weights_into, lora_components, read_lora_file
@@ -35,7 +35,7 @@ from training.resume import find_resume_lora, read_checkpoint_state, truncate_af
 from training.run_evidence import EvidenceRecorder, SampleStatistics
 from training.run_files import RunFiles, StatusWriter, default_run_dir
 from training.sampling import render_samples
-from training.validation import ValidationSet, hold_out
+from training.validation import ValidationSet
 from training.workspace import DIR_MODE, atomic_output, atomic_write_text, datasets_dir
 
 log = logging.getLogger("training")

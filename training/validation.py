@@ -11,7 +11,6 @@ denoising error, comparable across runs with different loss settings.
 
 from __future__ import annotations
 
-import random
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -25,26 +24,12 @@ from training.prompts import encode_text
 
 if TYPE_CHECKING:
     from training.config import TrainingConfig
-    from training.data.dataset import DatasetIndex, ImageRecord
+    from training.data.dataset import ImageRecord
     from training.models.loading import BaseModel
 
 # Five timesteps spread over the schedule (of 1000): the error at each differs by an order of magnitude,
 # so they are averaged per image rather than drawn at random, which would swamp a LoRA's effect in noise.
 VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)
-
-
-def hold_out(index: DatasetIndex, share: float, seed: int) -> DatasetIndex:
-    """The dataset with `share` of its images moved to validation (at least one, and at least one
-    left to train on), unless it has a validation folder already or share is 0."""
-    if index.validation or share <= 0 or index.num_images < 2:
-        return index
-    count = min(index.num_images - 1, max(1, round(share * index.num_images)))
-    chosen = set(random.Random(seed).sample(range(index.num_images), count))
-    return replace(
-        index,
-        images=[r for i, r in enumerate(index.images) if i not in chosen],
-        validation=[r for i, r in enumerate(index.images) if i in chosen],
-    )
 
 
 class ValidationSet:
@@ -55,7 +40,8 @@ class ValidationSet:
         self._items: list[Batch] = []  # per image: its latent and conditioning, once per timestep
 
     def prepare(self) -> None:
-        """Encode every image and caption once (the VAE and text encoder must be on the device)."""
+        """Encode every image and caption once (the VAE and text encoder must be on the device); with
+        train_text_encoder the captions are encoded again at each scoring, through the current LoRA."""
         base, config = self._base, self._config
         step = base.bucket_step
         buckets = make_buckets(config.resolution, step)
@@ -99,12 +85,16 @@ class ValidationSet:
         timesteps = torch.tensor(
             [t * scheduler.config.num_train_timesteps // 1000 for t in VALIDATION_TIMESTEPS], device=device
         )
-        was_training = base.unet.training
-        base.unet.eval()
+        models = [base.unet, *(m for m in (base.text_encoder, base.text_encoder_2) if m is not None)]
+        was_training = [model.training for model in models]
+        for model in models:
+            model.eval()
         total = 0.0
         try:
             with torch.no_grad():
                 for position, item in enumerate(self._items):
+                    if self._config.train_text_encoder:  # its LoRA moves: encode the caption as it is now
+                        item = self._with_current_text(item, position)
                     generator = torch.Generator().manual_seed(self._config.seed * 1000 + position)
                     latents = item.latents.to(device)
                     noise = torch.randn(latents.shape, generator=generator).to(device)
@@ -123,5 +113,18 @@ class ValidationSet:
                         ).sample
                     total += F.mse_loss(prediction.float(), target.float()).item()
         finally:
-            base.unet.train(was_training)
+            for model, mode in zip(models, was_training):
+                model.train(mode)
         return total / len(self._items)
+
+    def _with_current_text(self, item: Batch, position: int) -> Batch:
+        record, count = self.records[position], len(VALIDATION_TIMESTEPS)
+        config = self._config
+        text = encode_text(
+            self._base, [record.caption], max_token_length=config.max_token_length, clip_skip=config.clip_skip
+        )
+        return replace(
+            item,
+            conditioning=text.states.expand(count, -1, -1),
+            pooled=None if text.pooled is None else text.pooled.expand(count, -1),
+        )

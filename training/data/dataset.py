@@ -14,13 +14,15 @@ once with its name instead of killing it hours in.
 
 from __future__ import annotations
 
+import random
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 VALIDATION_FOLDER = "validation"
+ORIENTATION_TAG = 0x0112  # EXIF
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 
@@ -227,10 +229,28 @@ def _decoded_size(path: Path, broken: list[str], root: Path) -> tuple[int, int] 
     try:
         with Image.open(path) as image:
             image.load()  # decode fully: verify() misses truncated files
-            return image.size
+            width, height = image.size
+            # The size as displayed, which load_pixels crops (it applies the EXIF orientation): orientations
+            # 5-8 turn the image by 90 degrees, e.g. a phone photo stored landscape and shown portrait.
+            turned = image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
+            return (height, width) if turned else (width, height)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         broken.append(f"{path.relative_to(root)} ({type(exc).__name__}: {exc})")
         return None
+
+
+def hold_out(index: DatasetIndex, share: float, seed: int) -> DatasetIndex:
+    """The dataset with `share` of its images moved to validation (at least one, and at least one
+    left to train on), unless it has a validation folder already or share is 0."""
+    if index.validation or share <= 0 or index.num_images < 2:
+        return index
+    count = min(index.num_images - 1, max(1, round(share * index.num_images)))
+    chosen = set(random.Random(seed).sample(range(index.num_images), count))
+    return replace(
+        index,
+        images=[r for i, r in enumerate(index.images) if i not in chosen],
+        validation=[r for i, r in enumerate(index.images) if i in chosen],
+    )
 
 
 def with_trigger_first(caption: str, trigger: str | None) -> str:

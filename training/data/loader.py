@@ -143,7 +143,7 @@ class TrainingData:
             else self.records[r].caption
             for r, rng in zip(records, rngs)
         ]
-        time_ids = self._time_ids(records, bucket, rngs) if self._sdxl else None  # before the crops use the rngs
+        time_ids = self._time_ids(records, bucket, rngs, flips) if self._sdxl else None  # before crops use the rngs
         if self._config.cache_latents:
             latents = torch.stack([self._cached_latent(r, flip) for r, flip in zip(records, flips)])
         else:
@@ -189,15 +189,18 @@ class TrainingData:
             self._base, captions, max_token_length=self._config.max_token_length, clip_skip=self._config.clip_skip
         )
 
-    def _time_ids(self, records: list[int], bucket: Bucket, rngs: list) -> torch.Tensor:
+    def _time_ids(self, records: list[int], bucket: Bucket, rngs: list, flips: list[bool]) -> torch.Tensor:
         """SDXL's size and crop conditioning of each sample: the crop is worked out on a copy of the
-        sample's generator, so load_pixels draws the same offsets from the original."""
+        sample's generator, so load_pixels draws the same offsets from the original; a mirrored
+        sample's crop is measured from the other edge, as in the image the UNet sees."""
         random_crop = self._config.crop == "random" and not self._config.cache_latents
         rows = []
-        for r, rng in zip(records, rngs):
+        for r, rng, flip in zip(records, rngs, flips):
             width, height = self.records[r].size
             resized = covering_size((width, height), bucket)
             left, top = crop_top_left(resized, bucket, random_crop=random_crop, rng=copy.deepcopy(rng))
+            if flip:
+                left = resized[0] - bucket[0] - left
             rows.append([height, width, top, left, bucket[1], bucket[0]])
         return torch.tensor(rows, dtype=torch.float32, device=self._base.unet.device)
 

@@ -12,10 +12,10 @@ if TYPE_CHECKING:
     from training.diagnostics.evidence import RunEvidence
 
 
-# Trigger samples this close to a training image (mean absolute difference at 64 px, 0-1) copy it.
-COPY_DISTANCE = 0.05
-# Samples this close to their step-0 image show no effect of the LoRA yet.
-NO_EFFECT_DISTANCE = 0.002
+# Sample distances are the mean absolute difference at 64 px, 0-1 (training/run_evidence.py); the rules
+# (training_rules.py) and the recommendation judge them by the same lines:
+COPY_DISTANCE = 0.05  # trigger samples within 0.05 of a training image copy it (unrelated photos are ~0.3 apart)
+NO_EFFECT_DISTANCE = 0.01  # trigger samples within 0.01 of their step-0 image show no effect (an unchanged LoRA: 0)
 
 
 class CheckpointChoice(BaseModel):

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from statistics import linear_regression, mean, median, variance
 
 from training.config import TrainingConfig
+from training.diagnostics.checkpoints import COPY_DISTANCE, NO_EFFECT_DISTANCE
 from training.diagnostics.evidence import RunEvidence, SampleRow
 from training.diagnostics.findings import SEVERITY_ORDER, Finding
 from training.diagnostics.preflight import GUIDE_LR_RANGE
@@ -225,7 +226,6 @@ def overfitting_divergence(evidence: RunEvidence) -> Finding | None:
 
 
 # --- sample and update rules -------------------------------------------------------------------
-NO_EFFECT_DISTANCE = 0.01  # trigger samples within 0.01 of their step-0 image (an unchanged LoRA gives 0)
 NO_EFFECT_UPDATE = 1e-4  # ||BA|| / ||W|| below 1e-4: the LoRA has moved the weights by a hundredth of a percent
 NO_EFFECT_MIN_PROGRESS = 0.1  # judged from 10% of config.steps on: a LoRA starts at zero and needs steps
 STEPS_MAX = 1_000_000  # TrainingConfig.steps' upper limit
@@ -266,7 +266,6 @@ def no_effect(evidence: RunEvidence) -> Finding | None:
     )
 
 
-COPY_DISTANCE = 0.05  # trigger samples within 0.05 of a training image (unrelated photos are ~0.3 apart)
 DROPOUT_AGAINST_COPYING = 0.2  # the middle of the guide's 0.1-0.3
 
 

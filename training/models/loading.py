@@ -173,6 +173,8 @@ def unsupported_family_message(model_name: str, family: str) -> str | None:
     """Why this trainer cannot train a model of `family`, or None when it can."""
     if family in ("sd1", "sd2", "sdxl"):
         return None
+    if family not in FAMILY_NAMES:
+        return f"model_family {family!r} is not one of auto, sd1, sd2, sdxl, flux"
     return (
         f"{model_name} is {FAMILY_NAMES[family]} model (read from its files, or model_family); this trainer "
         "trains Stable Diffusion 1.x/2.x and SDXL models so far: choose one of those (e.g. "
