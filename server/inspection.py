@@ -46,8 +46,8 @@ def model_geometry(model_name: str) -> tuple[int, int]:
     geometry = read_geometry(source.path) if source.path.is_dir() else None
     if geometry is None:
         raise ServiceError(
-            f"cannot read the native resolution of {model_name!r} from its files; leave model_name out to "
-            "check against Stable Diffusion 1.5's 512 px"
+            f"cannot read the native resolution of {model_name!r} from its files (a single-file checkpoint has "
+            "none): give a diffusers folder or Hugging Face id of the model instead"
         )
     return geometry
 

@@ -82,6 +82,11 @@ def test_the_family_is_read_from_the_models_own_files(tmp_path, tiny_sd15, tiny_
     flux.mkdir()
     (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["x", "y"]}))
     assert detect_family(resolve_model(str(flux))) == "flux"
+    sd3 = tmp_path / "sd3"
+    sd3.mkdir()
+    index = {"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]}
+    (sd3 / "model_index.json").write_text(json.dumps(index))
+    assert detect_family(resolve_model(str(sd3))) is None  # a transformer pipeline, but not FLUX
     checkpoint = tmp_path / "model.safetensors"
     checkpoint.write_bytes(b"")
     assert detect_family(resolve_model(str(checkpoint))) is None  # a single file alone does not say

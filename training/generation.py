@@ -35,7 +35,6 @@ class LoraUse(BaseModel):
 
 class GenerationRequest(BaseModel):
     model_name: str
-    base_model_config: str | None = None
     prompt: str
     negative_prompt: str = ""
     loras: list[LoraUse] = Field(default_factory=list)
@@ -69,7 +68,7 @@ def generate(
     files.samples.mkdir(parents=True, exist_ok=True)
     files.samples_index.unlink(missing_ok=True)  # a resumed job renders every image again
     device = pick_device()
-    base = load_base_model(resolve_model(request.model_name, request.base_model_config), device)
+    base = load_base_model(resolve_model(request.model_name), device)
     pipe = base.pipeline
     names = [f"lora{i}" for i in range(len(request.loras))]
     for name, lora in zip(names, request.loras):

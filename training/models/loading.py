@@ -159,8 +159,11 @@ def detect_family(source: ModelSource) -> ModelFamily | None:
         return None
     try:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-        if "transformer" in index or str(index.get("_class_name", "")).startswith("Flux"):
+        pipeline, transformer = str(index.get("_class_name", "")), str(index.get("transformer"))
+        if pipeline.startswith("Flux") or "FluxTransformer2DModel" in transformer:
             return "flux"
+        if "transformer" in index:  # SD3, PixArt, ...: a transformer pipeline of a family this trainer does not know
+            return None
         if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
             return "sdxl"
         unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
