@@ -166,16 +166,23 @@ def compare_runs(jobs: JobService, job_ids: list[str]) -> RunComparison:
         if len({repr(dump.get(key)) for dump in dumps.values()}) > 1
     }
     scored = [r for r in runs if r.best_validation_loss is not None]
-    if len(scored) == len(runs):
+    # Validation losses compare only over the same held-out images: same dataset, split and seed.
+    held_out = {(e.config.dataset_path, e.config.validation_split, e.config.seed) for e in evidences}
+    if len(scored) < len(runs):
+        summary = (
+            "not every run scored a validation loss (set validation_split, or give the dataset a validation "
+            "folder): compare their samples with get-training-samples"
+        )
+    elif len(held_out) > 1:
+        summary = (
+            "the runs held out different images (dataset, validation_split or seed differ), so their validation "
+            "losses do not compare: compare their samples with get-training-samples"
+        )
+    else:
         best = min(scored, key=lambda r: r.best_validation_loss)
         summary = (
             f"lowest validation loss: {best.job_id} "
             f"({best.best_validation_loss:.4f} at step {best.best_validation_step})"
-        )
-    else:
-        summary = (
-            "not every run scored a validation loss (set validation_split, or give the dataset a validation "
-            "folder): compare their samples with get-training-samples"
         )
     return RunComparison(runs=runs, config_differences=differences, summary=summary)
 

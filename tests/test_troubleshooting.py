@@ -153,6 +153,8 @@ def test_compare_training_runs_shows_what_differs(services, shapes):
     assert comparison.summary.startswith("lowest validation loss:")
     with pytest.raises(ServiceError, match="2 to 8"):
         compare_runs(jobs, [slow])
+    other = trained_job(jobs, "other", shapes, steps=3, validation_split=0.25, validation_every=3, seed=7)
+    assert "held out different images" in compare_runs(jobs, [slow, other]).summary
 
 
 def test_a_config_finding_is_fixed_into_a_new_config(services, shapes):

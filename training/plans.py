@@ -19,6 +19,8 @@ from training.config import STEPS_PER_IMAGE, LoraType, TrainingConfig
 from training.data.dataset import DatasetIndex
 from training.data.report import GUIDE_IMAGE_RANGE
 from training.diagnostics.preflight import (
+    LEARNING_RATES,
+    RANK_TABLE,
     SD2,
     SD15,
     SDXL,
@@ -33,22 +35,6 @@ GOALS: tuple[str, ...] = get_args(Goal)
 
 # The guide: "Single image -> 100-500 steps". 100 x 1 is that range's floor; we take its middle.
 SINGLE_IMAGE_STEPS = 300
-
-# The guide's "Learning Rate" list: (value, the guide's words).
-LEARNING_RATES: dict[str, tuple[float, str]] = {
-    "default": (2e-4, "Good for most cases"),
-    "conservative": (1e-4, "Slower but safer"),
-    "aggressive": (3e-4, "For stubborn concepts"),
-    "fine_tuning": (5e-5, "For existing styles"),
-}
-
-# The guide's "Rank Selection" table: (lowest rank, highest rank, use case, approximate file size in MB).
-RANK_TABLE: tuple[tuple[int, int, str, int], ...] = (
-    (4, 8, "Simple style adjustments", 10),
-    (16, 32, "Standard character/style LoRAs", 50),
-    (64, 96, "Complex concepts, multiple subjects", 150),
-    (128, 128, "Maximum detail/flexibility", 300),
-)
 
 # Rank per kind of LoRA, from the Rank Selection table and the guide's "Common Training Scenarios".
 RANK_BY_TYPE: dict[str, tuple[int, str]] = {

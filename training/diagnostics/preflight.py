@@ -15,10 +15,16 @@ from training.diagnostics.findings import Finding
 if TYPE_CHECKING:
     from training.diagnostics.evidence import RunEvidence
 
-# The guide: "Default: 2e-4, Conservative: 1e-4, Aggressive: 3e-4, Fine-tuning: 5e-5". Adaptive
-# optimizers differ: Prodigy estimates its own step and wants lr 1.0.
-GUIDE_LR_RANGE = (5e-5, 3e-4)
-DEFAULT_LR = 2e-4
+# The guide's "Learning Rate" list: (value, the guide's words). Adaptive optimizers differ: Prodigy
+# estimates its own step and wants lr 1.0.
+LEARNING_RATES: dict[str, tuple[float, str]] = {
+    "default": (2e-4, "Good for most cases"),
+    "conservative": (1e-4, "Slower but safer"),
+    "aggressive": (3e-4, "For stubborn concepts"),
+    "fine_tuning": (5e-5, "For existing styles"),
+}
+GUIDE_LR_RANGE = (LEARNING_RATES["fine_tuning"][0], LEARNING_RATES["aggressive"][0])
+DEFAULT_LR = LEARNING_RATES["default"][0]
 PRODIGY_LR = 1.0
 GENERIC_TRIGGERS = {"style", "person", "man", "woman", "character", "object", "concept", "art", "photo", "dog", "cat"}
 
@@ -29,8 +35,13 @@ GENERIC_TRIGGERS = {"style", "person", "man", "woman", "character", "object", "c
 # grows from ~50 MB to ~150-300 MB. Checked in order: (smallest rank, fewest images it needs).
 RANK_NEEDS_IMAGES = ((128, 50), (64, 30))
 STANDARD_RANK = 32
-# The guide's file sizes by rank: (highest rank of the row, MB).
-GUIDE_FILE_MB = ((8, 10), (32, 50), (96, 150), (1024, 300))
+# The guide's "Rank Selection" table: (lowest rank, highest rank, use case, approximate file size in MB).
+RANK_TABLE: tuple[tuple[int, int, str, int], ...] = (
+    (4, 8, "Simple style adjustments", 10),
+    (16, 32, "Standard character/style LoRAs", 50),
+    (64, 96, "Complex concepts, multiple subjects", 150),
+    (128, 128, "Maximum detail/flexibility", 300),
+)
 FILES_SHOWN = 10
 
 
@@ -120,8 +131,8 @@ def generic_trigger_word(evidence: RunEvidence) -> Finding | None:
 
 # --- rank and dataset ----------------------------------------------------------------------------------
 def guide_file_mb(rank: int) -> int:
-    """The LoRA file size the guide's rank table gives for `rank`."""
-    return next(mb for highest, mb in GUIDE_FILE_MB if rank <= highest)
+    """The LoRA file size the guide's rank table gives for `rank` (between rows: the next row's)."""
+    return next((mb for _, highest, _, mb in RANK_TABLE if rank <= highest), RANK_TABLE[-1][3])
 
 
 def rank_for_dataset(evidence: RunEvidence) -> Finding | None:

@@ -17,11 +17,11 @@ from training.config import TrainingConfig
 from training.diagnostics.checkpoints import COPY_DISTANCE, NO_EFFECT_DISTANCE
 from training.diagnostics.evidence import RunEvidence, SampleRow
 from training.diagnostics.findings import SEVERITY_ORDER, Finding
-from training.diagnostics.preflight import GUIDE_LR_RANGE
+from training.diagnostics.preflight import GUIDE_LR_RANGE, LEARNING_RATES
 
 MIN_ROWS = 20  # training rows before any loss rule speaks: fewer is mostly warm-up and noise
 GUIDE_LOSS_TARGET = (0.05, 0.15)  # the guide: "Loss: Should decrease over time (target: 0.05-0.15)"
-GUIDE_CONSERVATIVE_LR = 1e-4  # the guide: "Conservative: 1e-4"
+GUIDE_CONSERVATIVE_LR = LEARNING_RATES["conservative"][0]
 
 
 # --- shared helpers ----------------------------------------------------------------------------
