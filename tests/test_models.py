@@ -93,6 +93,25 @@ def test_the_family_is_read_from_the_models_own_files(tmp_path, tiny_sd15, tiny_
     assert detect_family(resolve_model(str(checkpoint), str(tiny_sd2v))) == "sd2"
 
 
+@pytest.mark.parametrize(
+    ("key", "shape", "family"),
+    [
+        ("model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight", (2, 768), "sd1"),
+        ("model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight", (2, 1024), "sd2"),
+        ("conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias", (4,), "sdxl"),
+        ("double_blocks.0.img_attn.norm.key_norm.scale", (4,), "flux"),
+    ],
+)
+def test_a_single_file_checkpoint_is_judged_by_its_tensor_names(tmp_path, key, shape, family):
+    """The signature tensors of each family's original checkpoint layout (as diffusers' single-file
+    loader tells them apart); only the header is read."""
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "model.safetensors"
+    save_file({key: torch.zeros(shape)}, str(checkpoint))
+    assert detect_family(resolve_model(str(checkpoint))) == family
+
+
 def test_the_tiny_sdxl_model_is_a_real_sdxl_pipeline(tiny_sdxl):
     from diffusers import StableDiffusionXLPipeline
 

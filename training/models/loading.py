@@ -152,11 +152,11 @@ def _not_found(model_name: str, hf_cache: str) -> ModelNotFoundError:
 def detect_family(source: ModelSource) -> ModelFamily | None:
     """The model's architecture from its own files, not its name: model_index.json names the pipeline
     and its components (a second text encoder: SDXL; a transformer: FLUX-class), and the UNet's config
-    tells SD 2.x (linear projections, 1024-wide cross-attention) from SD 1.x. None for a single-file
-    checkpoint without base_model_config, or files that cannot be read."""
+    tells SD 2.x (linear projections, 1024-wide cross-attention) from SD 1.x. A single-file checkpoint
+    without base_model_config is judged by its tensor names and shapes. None when the files cannot tell."""
     folder = source.config_folder if source.kind == "single_file" else source.path
     if folder is None:
-        return None
+        return _checkpoint_family(source.path)
     try:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
         pipeline, transformer = str(index.get("_class_name", "")), str(index.get("transformer"))
@@ -170,6 +170,28 @@ def detect_family(source: ModelSource) -> ModelFamily | None:
     except (OSError, ValueError):
         return None
     return "sd2" if unet.get("use_linear_projection") or unet.get("cross_attention_dim") == 1024 else "sd1"
+
+
+# diffusers' names for the checkpoint types of the families this trainer knows (single_file_utils).
+_CHECKPOINT_FAMILIES = {"v1": "sd1", "v2": "sd2", "xl_base": "sdxl", "playground-v2-5": "sdxl"}
+
+
+def _checkpoint_family(path: Path) -> ModelFamily | None:
+    """The family of a .safetensors checkpoint from its header alone: diffusers' own single-file
+    inference runs on tensors of the right shapes on the meta device, so no weight is read."""
+    if path.suffix.lower() != ".safetensors":
+        return None  # a pickled .ckpt would have to be unpickled to be read
+    import torch
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = {key: torch.empty(f.get_slice(key).get_shape(), device="meta") for key in f.keys()}
+    except Exception:  # not a safetensors file: loading it says why
+        return None
+    kind = infer_diffusers_model_type(header)
+    return "flux" if kind.startswith("flux") else _CHECKPOINT_FAMILIES.get(kind)
 
 
 def unsupported_family_message(model_name: str, family: str) -> str | None:
