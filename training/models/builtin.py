@@ -101,8 +101,8 @@ def _build_pipeline(spec: TinySpec):
     if spec.family == "flux":
         return _build_flux_pipeline(spec)
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     tokenizer = _byte_level_clip_tokenizer()
 
@@ -119,34 +119,9 @@ def _build_pipeline(spec: TinySpec):
         attention_head_dim=(2, 4) if spec.sd2 else 8,
         use_linear_projection=spec.sd2,
     )
-    torch.manual_seed(spec.seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-    )
+    vae = _tiny_vae(spec.seed + 1)
     torch.manual_seed(spec.seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=4,
-            max_position_embeddings=77,
-            projection_dim=32,
-            hidden_act="gelu" if spec.sd2 else "quick_gelu",
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer, hidden_act="gelu" if spec.sd2 else "quick_gelu"))
     betas = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     if spec.sd2:
         scheduler = DDIMScheduler(
@@ -168,23 +143,11 @@ def _build_pipeline(spec: TinySpec):
 
 def _build_sdxl_pipeline(spec: TinySpec):
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = _byte_level_clip_tokenizer()
-    text_config = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_hidden_layers=4,
-        max_position_embeddings=77,
-        projection_dim=32,
-        hidden_act="gelu",
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    text_config = _tiny_clip_config(tokenizer, hidden_act="gelu")
     time_embed_dim = 8  # per time id; SDXL has 6 ids (original size, crop top-left, target size)
     torch.manual_seed(spec.seed)
     unet = UNet2DConditionModel(
@@ -201,26 +164,14 @@ def _build_sdxl_pipeline(spec: TinySpec):
         transformer_layers_per_block=(1, 2),
         addition_embed_type="text_time",
         addition_time_embed_dim=time_embed_dim,
-        projection_class_embeddings_input_dim=text_config["projection_dim"] + 6 * time_embed_dim,
+        projection_class_embeddings_input_dim=text_config.projection_dim + 6 * time_embed_dim,
     )
-    torch.manual_seed(spec.seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.13025,  # SDXL's
-        force_upcast=True,  # SDXL's VAE overflows in fp16; diffusers decodes it in fp32
-    )
+    # SDXL's scaling factor; its VAE overflows in fp16, so diffusers decodes it in fp32.
+    vae = _tiny_vae(spec.seed + 1, scaling_factor=0.13025, force_upcast=True)
     torch.manual_seed(spec.seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    text_encoder = CLIPTextModel(text_config)
     torch.manual_seed(spec.seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config)
     scheduler = EulerDiscreteScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -243,8 +194,8 @@ def _build_sdxl_pipeline(spec: TinySpec):
 
 def _build_flux_pipeline(spec: TinySpec):
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
 
     clip_tokenizer = _byte_level_clip_tokenizer()
     # T5's SentencePiece vocabulary, rebuilt offline: the special tokens, then every byte symbol.
@@ -264,37 +215,16 @@ def _build_flux_pipeline(spec: TinySpec):
         guidance_embeds=True,  # as FLUX.1-dev and Flex.1
         axes_dims_rope=(4, 6, 6),  # sums to the head dimension
     )
-    torch.manual_seed(spec.seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        layers_per_block=1,
+    vae = _tiny_vae(  # FLUX's 16 latent channels, scaling and shift, no quant convs
+        spec.seed + 1,
         latent_channels=16,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.3611,  # FLUX's
+        scaling_factor=0.3611,
         shift_factor=0.1159,
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
     torch.manual_seed(spec.seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(clip_tokenizer),
-            hidden_size=width,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            projection_dim=width,
-            bos_token_id=clip_tokenizer.bos_token_id,
-            eos_token_id=clip_tokenizer.eos_token_id,
-            pad_token_id=clip_tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(_tiny_clip_config(clip_tokenizer, num_hidden_layers=2))
     torch.manual_seed(spec.seed + 3)
     text_encoder_2 = T5EncoderModel(
         T5Config(
@@ -319,6 +249,45 @@ def _build_flux_pipeline(spec: TinySpec):
         tokenizer_2=t5_tokenizer,
         transformer=transformer,
     )
+
+
+def _tiny_vae(seed: int, **overrides):
+    """An 8x AutoencoderKL for 64 px images (4 latent channels unless overridden), seeded."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    layout = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    return AutoencoderKL(**{**layout, **overrides})
+
+
+def _tiny_clip_config(tokenizer, **overrides):
+    """A CLIP text encoder of width 32 and 4 layers over the byte-level tokenizer."""
+    from transformers import CLIPTextConfig
+
+    layout = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextConfig(**{**layout, **overrides})
 
 
 def _byte_level_clip_tokenizer():
