@@ -14,6 +14,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
 	$(VENV)/bin/pip install --quiet -e ".[test,lion,prodigy]"
+	# torchao (quantize_base 8bit off CUDA) beside the environment, not in it: once installed, every diffusers
+	# import logs warnings about its compiled kernels, built for another torch. The 8-bit test puts it on the
+	# PYTHONPATH of a trainer process.
+	$(VENV)/bin/pip install --quiet --upgrade --target $(VENV)/extras/torchao "torchao>=0.12,<1"
 	touch $@
 
 demo: setup

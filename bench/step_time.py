@@ -52,17 +52,17 @@ def bare_loop(dataset: Path, steps: int) -> list[float]:
             return_tensors="pt",
         ).input_ids
         states = base.text_encoder(ids).last_hidden_state
-    attach_lora(base.unet, base.text_encoder, rank=RANK, alpha=RANK, dropout=0.0, seed=42, train_text_encoder=False)
-    params = [p for p in base.unet.parameters() if p.requires_grad]
+    attach_lora(base.lora_models, rank=RANK, alpha=RANK, dropout=0.0, seed=42, train_text_encoder=False)
+    params = [p for p in base.denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=1e-2)
     scheduler = base.noise_scheduler
     generator = torch.Generator().manual_seed(42)
-    base.unet.train()
+    base.denoiser.train()
     ends = [time.perf_counter()]
     for _ in range(steps):
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, 1000, (BATCH,), generator=generator)
-        prediction = base.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, states).sample
+        prediction = base.denoiser(scheduler.add_noise(latents, noise, timesteps), timesteps, states).sample
         loss = F.mse_loss(prediction, noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

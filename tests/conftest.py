@@ -128,10 +128,14 @@ def step_rows(run: Path) -> list[dict]:
     return [row for line in path.read_text().splitlines() if "kind" not in (row := json.loads(line))]
 
 
-def tiny_pipeline(folder: Path):
-    """A diffusers StableDiffusionPipeline of a built-in tiny model folder, quiet, without safety checker."""
+def tiny_pipeline(folder: Path, pipeline_class=None):
+    """A quiet diffusers pipeline of a built-in tiny model folder: StableDiffusionPipeline without
+    safety checker by default, or `pipeline_class` (StableDiffusionXLPipeline, FluxPipeline)."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+    if pipeline_class is None:
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None)
+    else:
+        pipe = pipeline_class.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
     return pipe

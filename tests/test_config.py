@@ -29,7 +29,7 @@ def test_defaults_follow_the_guide():
     assert cfg.effective_alpha == 32
     assert cfg.model_name == "runwayml/stable-diffusion-v1-5"
     assert cfg.optimizer == "adamw"
-    assert cfg.output_format == "kohya"
+    assert cfg.output_format is None and cfg.sample_guidance_scale is None  # by family, in resolve()
     assert cfg.resolution is None and cfg.steps is None  # filled in by resolve()
 
 
@@ -47,6 +47,26 @@ def test_resolve_fills_steps_and_resolution():
     assert resolved.steps == 700
     assert resolved.resolution == 512
     assert resolved.rank == 32 and resolved.alpha == 32
+
+
+def test_resolve_fills_the_familys_output_format_and_sample_guidance():
+    sd = make().resolve(native_resolution=512, num_images=7)
+    assert (sd.output_format, sd.sample_guidance_scale) == ("kohya", 7.5)
+    flux = make().resolve(native_resolution=1024, num_images=7, family="flux")
+    assert (flux.output_format, flux.sample_guidance_scale) == ("diffusers", 3.5)
+    chosen = make(output_format="diffusers", sample_guidance_scale=2.0).resolve(native_resolution=512, num_images=7)
+    assert (chosen.output_format, chosen.sample_guidance_scale) == ("diffusers", 2.0)
+
+
+def test_options_that_do_not_fit_the_family_are_named():
+    errors, warnings = make(train_text_encoder=True, clip_skip=2).family_conflicts("flux")
+    assert len(errors) == 1 and "train the transformer only" in errors[0]
+    assert warnings == ["clip_skip 2 has no effect on FLUX: its prompt states come from T5"]
+    errors, warnings = make(timestep_sampling="uniform", quantize_base="8bit").family_conflicts("sdxl")
+    assert len(errors) == 1 and errors[0].startswith("quantize_base 8bit is for FLUX")
+    assert warnings == ["timestep_sampling is for flow-matching (FLUX) models; this sdxl model ignores it"]
+    assert make(train_text_encoder=True).family_conflicts("sd1") == ([], [])
+    assert make(train_text_encoder=True).family_conflicts(None) == ([], [])
 
 
 def test_resolve_keeps_explicit_values():

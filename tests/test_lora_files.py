@@ -115,9 +115,16 @@ def test_both_formats_read_back_to_the_same_weights(trained):
     pipe = tiny_pipeline(trained["model"])
     from training.lora import attach_lora
 
-    attach_lora(pipe.unet, pipe.text_encoder, rank=4, alpha=2, dropout=0.0, seed=0, train_text_encoder=True)
-    kohya = read_lora_file(trained["kohya"], pipe.unet, pipe.text_encoder)
-    peft = read_lora_file(trained["diffusers"], pipe.unet, pipe.text_encoder)
+    attach_lora(
+        {"unet": pipe.unet, "text_encoder": pipe.text_encoder},
+        rank=4,
+        alpha=2,
+        dropout=0.0,
+        seed=0,
+        train_text_encoder=True,
+    )
+    kohya = read_lora_file(trained["kohya"], {"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+    peft = read_lora_file(trained["diffusers"], {"unet": pipe.unet, "text_encoder": pipe.text_encoder})
     assert kohya.keys() == peft.keys()
     for name in kohya:
         assert torch.equal(kohya[name].down, peft[name].down) and torch.equal(kohya[name].up, peft[name].up)
@@ -142,9 +149,9 @@ def test_resume_from_into_a_larger_rank_keeps_the_function(trained, tmp_path):
     )
     stage2 = Trainer(config, tmp_path / "stage2")
     stage2.setup()
-    stage2.base.unet.eval()
-    assert torch.allclose(_unet_output(stage2.base.unet), expected, atol=1e-5)
-    layer = stage2.base.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    stage2.base.denoiser.eval()
+    assert torch.allclose(_unet_output(stage2.base.denoiser), expected, atol=1e-5)
+    layer = stage2.base.denoiser.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
     assert layer.lora_A["default"].weight.shape[0] == 8
     assert torch.count_nonzero(layer.lora_B["default"].weight[:, 4:]) == 0  # new directions start with no effect
     stage2.train()  # and they train

@@ -112,9 +112,11 @@ def test_merge_at_strength_one_equals_the_loras_stacked_at_their_weights(loras, 
 
 def test_merged_weights_are_the_weighted_sum_and_name_real_modules(loras, merged):
     pipe = tiny_pipeline(loras["model"])
-    a = read_lora_file(loras["a"], pipe.unet, pipe.text_encoder)
-    b = read_lora_file(loras["b"], pipe.unet, pipe.text_encoder)
-    result = read_lora_file(merged, pipe.unet, pipe.text_encoder)  # refuses any key that names no module
+    a = read_lora_file(loras["a"], {"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+    b = read_lora_file(loras["b"], {"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+    result = read_lora_file(
+        merged, {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    )  # refuses any key that names no module
 
     assert set(result) == set(a) | set(b) and set(b) < set(a)  # b has no text-encoder modules
     for name, w in result.items():

@@ -10,7 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from training.models.builtin import ensure_builtin
-from training.models.loading import ModelNotFoundError, detect_family, load_base_model, resolve_model
+from training.models.loading import (
+    ModelNotFoundError,
+    detect_family,
+    load_base_model,
+    read_geometry,
+    resolve_model,
+)
 
 
 def test_builtins_load_like_any_diffusers_folder(tiny_sd15, tiny_sd2v):
@@ -60,16 +66,6 @@ def test_missing_paths_and_non_pipelines_are_refused(tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(ModelNotFoundError, match="model_index.json"):
         resolve_model(str(tmp_path / "plain"))
-
-
-def test_flux_folders_are_refused_with_the_reason(tmp_path):
-    folder = tmp_path / "flux"
-    folder.mkdir()
-    (folder / "model_index.json").write_text(
-        json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]})
-    )
-    with pytest.raises(ModelNotFoundError, match="FLUX-class model .* 1.x/2.x and SDXL models so far"):
-        load_base_model(resolve_model(str(folder)), torch.device("cpu"))
 
 
 def test_the_family_is_read_from_the_models_own_files(tmp_path, tiny_sd15, tiny_sd2v, tiny_sdxl):
@@ -122,7 +118,7 @@ def test_the_tiny_sdxl_model_is_a_real_sdxl_pipeline(tiny_sdxl):
     assert pipe.unet.config.addition_embed_type == "text_time" and pipe.text_encoder_2.config.projection_dim == 32
 
 
-def test_the_tiny_flux_model_is_a_real_flux_pipeline_that_training_refuses(tmp_path):
+def test_the_tiny_flux_model_is_a_real_flux_pipeline(tmp_path):
     from diffusers import FluxPipeline
 
     folder = ensure_builtin("builtin:tiny-flux", tmp_path / "models")
@@ -135,16 +131,24 @@ def test_the_tiny_flux_model_is_a_real_flux_pipeline_that_training_refuses(tmp_p
     ).images[0]
     assert image.size == (64, 64)
     assert pipe.tokenizer_2("a red circle").input_ids[-1] == pipe.tokenizer_2.eos_token_id  # T5-style, offline
-    with pytest.raises(ModelNotFoundError, match="FLUX-class model"):
-        load_base_model(resolve_model(str(folder)), torch.device("cpu"))
+    base = load_base_model(resolve_model(str(folder)), torch.device("cpu"))
+    # The native size comes from the VAE's config (a transformer has none); sides step by 8 x 2 (2x2 patches).
+    assert (base.family, base.native_resolution, base.bucket_step) == ("flux", 64, 16)
+    assert read_geometry(folder) == (64, 16)  # the same, from the config files alone (dataset checks, validation)
+    assert (base.prediction_type, base.base_model_version, base.guidance_embedded) == ("flow_matching", "flux1", True)
+    assert list(base.lora_models) == ["transformer"] and base.denoiser is base.pipeline.transformer
 
 
-def test_the_family_override_wins_over_the_files(tiny_sd15, tiny_sdxl):
-    sdxl = load_base_model(resolve_model("builtin:tiny-sdxl"), torch.device("cpu"))
+def test_a_family_override_that_contradicts_the_files_is_refused(tiny_sd15, tiny_sdxl):
+    sdxl = load_base_model(resolve_model("builtin:tiny-sdxl"), torch.device("cpu"), model_family="sdxl")
     assert (sdxl.family, sdxl.base_model_version, sdxl.native_resolution) == ("sdxl", "sdxl_base_v1-0", 64)
     assert sdxl.text_encoder_2 is not None and sdxl.tokenizer_2 is not None
-    with pytest.raises(ModelNotFoundError, match="FLUX-class"):
+    with pytest.raises(
+        ModelNotFoundError, match="model_family is flux, but the files .* say it is a Stable Diffusion 1"
+    ):
         load_base_model(resolve_model(str(tiny_sd15)), torch.device("cpu"), model_family="flux")
+    with pytest.raises(ModelNotFoundError, match="not one of auto"):
+        load_base_model(resolve_model(str(tiny_sd15)), torch.device("cpu"), model_family="sd3")
 
 
 def test_a_hugging_face_id_resolves_from_the_local_cache(monkeypatch, tmp_path, tiny_sd15):
@@ -164,3 +168,18 @@ def test_a_hugging_face_id_resolves_from_the_local_cache(monkeypatch, tmp_path, 
     assert source.kind == "hub" and source.path == repo / "snapshots" / revision
     base = load_base_model(source, torch.device("cpu"))
     assert base.native_resolution == 64
+
+
+def test_a_flux_fill_or_control_model_is_refused_with_the_reason(tmp_path, workspace):
+    """Their transformers take image or control latents beside the noisy ones (here 128 input channels,
+    as FLUX.1 Canny/Depth): the text-to-image objective cannot feed them."""
+    from diffusers import FluxTransformer2DModel
+
+    folder = tmp_path / "flux-control"
+    shutil.copytree(ensure_builtin("builtin:tiny-flux", workspace / "models"), folder)
+    config = dict(FluxTransformer2DModel.load_config(str(folder / "transformer")))
+    config.update(in_channels=128, out_channels=64)
+    shutil.rmtree(folder / "transformer")
+    FluxTransformer2DModel.from_config(config).save_pretrained(folder / "transformer")
+    with pytest.raises(ModelNotFoundError, match="takes 128 input channels, not the 64 of text-to-image FLUX"):
+        load_base_model(resolve_model(str(folder)), torch.device("cpu"))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import fast_config
+from conftest import fast_config, tiny_pipeline
 from PIL import Image
 from safetensors import safe_open
 
@@ -51,9 +51,7 @@ def trained(tmp_path_factory, tiny_sdxl) -> Path:
 def sdxl_pipeline(sdxl):
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl.source.path))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_pipeline(sdxl.source.path, StableDiffusionXLPipeline)
 
 
 def latents(pipe) -> torch.Tensor:
@@ -98,7 +96,9 @@ def test_tiny_sdxl_trains_and_its_lora_loads_in_diffusers_and_changes_the_image(
     assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert all(key.startswith("lora_unet_") for key in keys)
-    weights = read_lora_file(lora, sdxl.unet, sdxl.text_encoder)  # every key names a module of the UNet
+    weights = read_lora_file(
+        lora, {"unet": sdxl.denoiser, "text_encoder": sdxl.text_encoder}
+    )  # every key names a module of the UNet
     assert len(weights) == len(keys) // 3  # down, up and alpha per module
 
     pipe = sdxl_pipeline(sdxl)
@@ -127,7 +127,7 @@ def test_both_sdxl_text_encoders_train_as_kohya_te1_and_te2(tmp_path, shapes, sd
     with safe_open(str(result.lora_path), framework="pt") as f:
         prefixes = {key.split("_")[1] for key in f.keys()}
     assert prefixes == {"unet", "te1", "te2"}
-    weights = read_lora_file(result.lora_path, *sdxl.lora_models)  # every key names a module of the model
+    weights = read_lora_file(result.lora_path, sdxl.lora_models)  # every key names a module of the model
     assert {name.split(".")[0] for name in weights} == {"unet", "text_encoder", "text_encoder_2"}
 
     pipe = sdxl_pipeline(sdxl)

@@ -101,7 +101,7 @@ def test_ldm_single_file_loads_like_the_diffusers_folder(fixture, request, tmp_p
     with torch.no_grad():
         outputs = [
             (
-                model.unet(latents, 500, encoder_hidden_states=states).sample,
+                model.denoiser(latents, 500, encoder_hidden_states=states).sample,
                 model.vae.encode(image).latent_dist.mean,
                 model.vae.decode(latents).sample,
                 model.text_encoder(ids).last_hidden_state,
@@ -114,7 +114,7 @@ def test_ldm_single_file_loads_like_the_diffusers_folder(fixture, request, tmp_p
 
     # Stronger than the outputs: every weight arrived, in its place, with nothing left on the meta device.
     for name in ("unet", "vae", "text_encoder"):
-        got, want = getattr(base, name).state_dict(), getattr(reference, name).state_dict()
+        got, want = getattr(base.pipeline, name).state_dict(), getattr(reference.pipeline, name).state_dict()
         assert set(got) == set(want), name
         for key, tensor in want.items():
             assert not got[key].is_meta and torch.equal(got[key], tensor), f"{name}: {key}"

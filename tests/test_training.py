@@ -194,8 +194,16 @@ class _StopAfter(Trainer):
             "validation_split": 0.25,  # scored through the text encoders' LoRA, every 2 steps
             "validation_every": 2,
         },
+        # FLUX: shifted logit-normal noise levels, VAE samples drawn per step, validation at fixed sigmas
+        {
+            "model_name": "builtin:tiny-flux",
+            "timestep_shift": 3.0,
+            "cache_latents": False,
+            "validation_split": 0.25,
+            "validation_every": 2,
+        },
     ],
-    ids=["cached", "live-augmented", "sdxl"],
+    ids=["cached", "live-augmented", "sdxl", "flux"],
 )
 def test_resume_continues_with_identical_losses(tmp_path, shapes, options):
     config = fast_config(shapes, steps=6, save_every=100, dropout=0.1, batch_size=1, **options)
@@ -404,7 +412,7 @@ def test_recorded_only_options_say_so(tmp_path, shapes):
 def test_gradient_checkpointing_is_enabled(tmp_path, shapes):
     trainer = Trainer(fast_config(shapes, gradient_checkpointing=True), tmp_path / "run")
     trainer.setup()
-    assert trainer.base.unet.is_gradient_checkpointing
+    assert trainer.base.denoiser.is_gradient_checkpointing
 
 
 def test_keep_last_n_checkpoints(tmp_path, shapes):

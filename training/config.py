@@ -27,6 +27,10 @@ CropMode = Literal["center", "random"]
 # The kinds of LoRA the guide's dataset-size and strength tables distinguish; every tool that takes one uses this.
 LoraType = Literal["style", "character", "person", "object", "concept", "complex_style", "pose", "details"]
 AutoStop = Literal["divergence", "plateau", "no_effect"]
+TimestepSampling = Literal["uniform", "logit_normal", "shift"]
+# The guidance a guidance-distilled FLUX model (dev, Flex.1) renders samples with by default; SD's is 7.5.
+SAMPLE_GUIDANCE = {"flux": 3.5}
+DEFAULT_SAMPLE_GUIDANCE = 7.5
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -138,7 +142,28 @@ class TrainingConfig(BaseModel):
         0.0, ge=0.0, le=1.0, description="Per-channel noise offset (0.05-0.1 helps dark/bright images)."
     )
     min_snr_gamma: float | None = Field(
-        None, gt=0.0, le=100.0, description="Min-SNR loss weighting gamma (5 is common)."
+        None,
+        gt=0.0,
+        le=100.0,
+        description="Min-SNR loss weighting gamma (5 is common); SD 1.x/2.x/SDXL only, not flow-matching FLUX.",
+    )
+    timestep_sampling: TimestepSampling = Field(
+        "shift",
+        description="FLUX (flow matching) only: how noise levels are drawn. uniform; logit_normal (more "
+        "mid-range noise levels, as SD3 trains); shift (logit-normal shifted towards high noise, as the "
+        "model's own scheduler samples at this resolution).",
+    )
+    timestep_shift: float | None = Field(
+        None,
+        gt=0.0,
+        le=100.0,
+        description="FLUX, timestep_sampling shift only: the shift s (sigma' = s*sigma / (1 + (s-1)*sigma)). "
+        "Default: from the model's scheduler, by resolution (about 3.2 at 1024 px for FLUX.1-dev).",
+    )
+    quantize_base: Literal["none", "8bit"] = Field(
+        "none",
+        description="FLUX: load the frozen transformer with 8-bit weights (about half its bf16 memory; the LoRA "
+        "still trains in full precision): bitsandbytes on CUDA, else torchao (pip install torchao).",
     )
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for LoRA init, data order, noise and samples.")
 
@@ -152,7 +177,16 @@ class TrainingConfig(BaseModel):
     )
     network_alpha: float | None = Field(None, gt=0.0, le=4096, description="kohya name of alpha; wins over alpha.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout (0.1-0.3 against overfitting).")
-    train_text_encoder: bool = Field(False, description="Also train a LoRA on the text encoder's attention.")
+    train_text_encoder: bool = Field(
+        False, description="Also train a LoRA on the text encoder's attention (SD 1.x/2.x and SDXL; not FLUX)."
+    )
+    target_modules: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Layers of the UNet/transformer that get a LoRA, as module-name suffixes (e.g. 'to_q', "
+        "'ff.net.2'). Default: every attention projection (SD); attention, feed-forward and single-block MLP "
+        "projections (FLUX).",
+    )
     clip_skip: int = Field(
         1, ge=1, le=12, description="Use the text encoder's n-th layer from the end (2 for anime models)."
     )
@@ -218,7 +252,9 @@ class TrainingConfig(BaseModel):
     )
     sample_every: int = Field(250, ge=1, description="Render test_prompts every N steps.")
     sample_steps: int = Field(20, ge=1, le=200, description="Denoising steps per sample image.")
-    sample_guidance_scale: float = Field(7.5, ge=0.0, le=50.0, description="Classifier-free guidance of sample images.")
+    sample_guidance_scale: float | None = Field(
+        None, ge=0.0, le=50.0, description="Guidance of sample images; default 7.5 (SD), 3.5 (FLUX)."
+    )
     disable_sampling: bool = Field(False, description="Skip sample images entirely (faster).")
     save_every: int = Field(250, ge=1, description="Save a resumable checkpoint every N steps.")
     keep_last_n_checkpoints: int = Field(3, ge=0, description="Checkpoints kept; older ones are deleted (0 keeps all).")
@@ -227,8 +263,11 @@ class TrainingConfig(BaseModel):
         description="Start from a previous LoRA: a run name, run directory, checkpoint or .safetensors file. "
         "A smaller rank is zero-padded to this rank (progressive training).",
     )
-    output_format: OutputFormat = Field(
-        "kohya", description="kohya (ComfyUI, A1111/Forge) or diffusers (peft layout); both load in diffusers."
+    output_format: OutputFormat | None = Field(
+        None,
+        description="kohya (ComfyUI, A1111/Forge) or diffusers (peft layout); both load in diffusers. Default: "
+        "kohya for SD 1.x/2.x/SDXL, diffusers for FLUX (with alphas, the layout ComfyUI maps for FLUX; kohya's "
+        "FLUX layout is not written).",
     )
 
     @field_validator("name")
@@ -302,13 +341,59 @@ class TrainingConfig(BaseModel):
             found.append("disable_sampling is on: test_prompts will not be rendered")
         return found
 
-    def resolve(self, *, native_resolution: int, num_images: int) -> TrainingConfig:
-        """The config a run actually uses: model- and dataset-dependent defaults filled in,
-        and the kohya names folded into rank/alpha."""
+    def family_conflicts(self, family: str | None) -> tuple[list[str], list[str]]:
+        """(errors, warnings) of options that do not fit the model family (sd1, sd2, sdxl, flux; None:
+        unknown, nothing to say)."""
+        errors: list[str] = []
+        warnings: list[str] = []
+        if family == "flux":
+            if self.train_text_encoder:
+                errors.append(
+                    "train_text_encoder: FLUX LoRAs train the transformer only (its T5 encoder has 4.7 B parameters "
+                    "and CLIP gives only a pooled vector): set train_text_encoder to false"
+                )
+            if self.min_snr_gamma:
+                errors.append(
+                    "min_snr_gamma weighs DDPM timesteps; FLUX trains by flow matching: remove min_snr_gamma "
+                    "(timestep_sampling chooses how noise levels are drawn)"
+                )
+            if self.output_format == "kohya":
+                errors.append(
+                    "output_format kohya: kohya's FLUX layout (fused qkv of BFL's blocks) is not written; use "
+                    "diffusers, which ComfyUI, Forge and diffusers load for FLUX"
+                )
+            if self.clip_skip != 1:
+                warnings.append(f"clip_skip {self.clip_skip} has no effect on FLUX: its prompt states come from T5")
+            if self.timestep_shift is not None and self.timestep_sampling != "shift":
+                warnings.append(
+                    f"timestep_shift is used by timestep_sampling shift only; {self.timestep_sampling} ignores it"
+                )
+            if self.max_token_length != 75:
+                warnings.append("max_token_length is CLIP's; FLUX reads captions through T5 (up to 512 tokens) anyway")
+        elif family is not None:
+            for option in ("timestep_sampling", "timestep_shift"):
+                if option in self.model_fields_set:
+                    warnings.append(f"{option} is for flow-matching (FLUX) models; this {family} model ignores it")
+            if self.quantize_base != "none":
+                errors.append(
+                    "quantize_base 8bit is for FLUX's 12 B transformer; an SD/SDXL UNet fits without it: set "
+                    "quantize_base to none"
+                )
+        return errors, warnings
+
+    def resolve(self, *, native_resolution: int, num_images: int, family: str = "sd1") -> TrainingConfig:
+        """The config a run actually uses: model- and dataset-dependent defaults filled in (the family's
+        output format and sample guidance), and the kohya names folded into rank/alpha."""
         return self.model_copy(
             update={
                 "resolution": self.resolution or native_resolution,
                 "steps": self.steps or max(1, STEPS_PER_IMAGE * num_images),
+                "output_format": self.output_format or ("diffusers" if family == "flux" else "kohya"),
+                "sample_guidance_scale": (
+                    self.sample_guidance_scale
+                    if self.sample_guidance_scale is not None
+                    else SAMPLE_GUIDANCE.get(family, DEFAULT_SAMPLE_GUIDANCE)
+                ),
                 "rank": self.effective_rank,
                 "alpha": self.effective_alpha,
                 "network_dim": None,

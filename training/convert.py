@@ -5,7 +5,9 @@ cannot be undone by string rules alone; the names are matched against the base m
 instead. The model is built on the meta device from its configs: no weights are loaded.
 
 Targets: "kohya", "diffusers", and "comfyui". ComfyUI loads kohya-layout files (`lora_unet_*` /
-`lora_te_*` keys with `.alpha`, which A1111/Forge read too), so "comfyui" writes the kohya layout.
+`lora_te_*` keys with `.alpha`, which A1111/Forge read too), so "comfyui" writes the kohya layout;
+for FLUX it writes the diffusers layout with `.alpha` tensors, which ComfyUI maps onto its FLUX
+model (kohya's FLUX layout, with BFL's fused projections, is not written).
 """
 
 from __future__ import annotations
@@ -24,11 +26,19 @@ from training.models.loading import ModelNotFoundError, resolve_model
 LoraFormat = Literal["kohya", "diffusers", "comfyui"]
 
 
-def file_layout(output_format: str) -> OutputFormat:
-    """The layout written for a target: ComfyUI reads kohya files, so "comfyui" is the kohya layout."""
+def file_layout(output_format: str, *, flux: bool = False) -> OutputFormat:
+    """The layout written for a target: ComfyUI reads kohya files, so "comfyui" is the kohya layout,
+    except for FLUX, where it is the diffusers layout with alphas."""
     if output_format not in get_args(LoraFormat):
         raise LoraFileError(f"unknown LoRA format {output_format!r}; use one of {', '.join(get_args(LoraFormat))}")
-    return "kohya" if output_format == "comfyui" else output_format
+    if flux and output_format == "kohya":
+        raise LoraFileError(
+            "kohya's FLUX layout (BFL's fused qkv projections) is not written: use diffusers or comfyui, the "
+            "layout ComfyUI, Forge and diffusers load for FLUX"
+        )
+    if output_format == "comfyui":
+        return "diffusers" if flux else "kohya"
+    return output_format
 
 
 def convert_lora_file(
@@ -36,9 +46,11 @@ def convert_lora_file(
 ) -> Path:
     """Write `source` again as `output_format` at `target`. The base model is `model_folder`, else
     the one named in the file's own training config."""
-    layout = file_layout(output_format)
+    file_layout(output_format)  # an unknown format is refused before anything is read
     metadata = lora_metadata(source)
-    weights = read_lora_file(source, *empty_models(base_model_folder(source, metadata, model_folder)))
+    models = empty_models(base_model_folder(source, metadata, model_folder))
+    weights = read_lora_file(source, models)
+    layout = file_layout(output_format, flux="transformer" in models)
     return write_lora_weights(target, weights, output_format=layout, metadata=metadata, source=source)
 
 
@@ -116,14 +128,18 @@ def write_lora_weights(
     )
 
 
-def empty_models(folder: Path) -> tuple:
-    """(unet, text_encoder, text_encoder_2 or None) of a diffusers folder, as module trees without
-    weights (SDXL has the second text encoder)."""
+def empty_models(folder: Path) -> dict:
+    """The models a LoRA of a diffusers folder may adapt, by prefix ({unet, text_encoder[, text_encoder_2]}
+    or FLUX's {transformer}), as module trees without weights."""
     import torch
-    from diffusers import UNet2DConditionModel
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     try:
+        if (folder / "transformer" / "config.json").is_file():
+            transformer_config = FluxTransformer2DModel.load_config(str(folder), subfolder="transformer")
+            with torch.device("meta"):
+                return {"transformer": FluxTransformer2DModel.from_config(transformer_config)}
         unet_config = UNet2DConditionModel.load_config(str(folder), subfolder="unet")
         text_config = CLIPTextConfig.from_pretrained(str(folder), subfolder="text_encoder")
         second_config = None
@@ -131,10 +147,10 @@ def empty_models(folder: Path) -> tuple:
             second_config = CLIPTextConfig.from_pretrained(str(folder), subfolder="text_encoder_2")
     except OSError as exc:
         raise ModelNotFoundError(
-            f"{folder} is not a diffusers model folder with unet/ and text_encoder/: {exc}"
+            f"{folder} is not a diffusers model folder with unet/ and text_encoder/ (or a FLUX transformer/): {exc}"
         ) from None
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config)
-        text_encoder = CLIPTextModel(text_config)
-        text_encoder_2 = CLIPTextModelWithProjection(second_config) if second_config else None
-    return unet, text_encoder, text_encoder_2
+        models = {"unet": UNet2DConditionModel.from_config(unet_config), "text_encoder": CLIPTextModel(text_config)}
+        if second_config:
+            models["text_encoder_2"] = CLIPTextModelWithProjection(second_config)
+    return models

@@ -5,6 +5,10 @@
   prefix and the run's alpha, which that conversion sets to the rank).
 - diffusers: peft keys (`unet.<module>.lora_A.weight`) with the adapter config (rank, alpha,
   targets) in the `lora_adapter_metadata` entry diffusers reads back.
+- FLUX: the diffusers layout (`transformer.<module>.lora_A.weight` / `.lora_B.weight`) plus an
+  `transformer.<module>.alpha` tensor per module, the form ComfyUI maps onto its FLUX model (it
+  reads alpha only from such tensors) and diffusers' FLUX loader takes as network alphas. kohya's
+  own FLUX layout names BFL's fused qkv projections and is not written.
 
 Both carry kohya's `ss_*` metadata, `modelspec.*` and the full training config as JSON.
 """
@@ -41,9 +45,9 @@ def export_lora(
     started_at: float,
 ) -> Path:
     """Write the current adapters of `base` to `path` (atomically) in `config.output_format`."""
-    models = (base.unet, base.text_encoder, base.text_encoder_2)
-    state = {key: value.detach().float().cpu() for key, value in lora_state_dict(*models).items()}
-    components = lora_components(*models)
+    models = base.lora_models
+    state = {key: value.detach().float().cpu() for key, value in lora_state_dict(models).items()}
+    components = lora_components(models)
     adapter_configs = {prefix: model.peft_config["default"].to_dict() for prefix, model in components.items()}
     metadata = training_metadata(
         base, config, dataset=dataset, step=step, epoch=epoch, num_epochs=num_epochs, started_at=started_at
@@ -86,13 +90,21 @@ def write_lora_file(
             tensors[key] = value
         metadata.pop("lora_adapter_metadata", None)
     else:
-        tensors = canonical
-        flat = {
-            f"{prefix}.{field}": sorted(value) if isinstance(value, set) else value
-            for prefix, fields in adapter_configs.items()
-            for field, value in fields.items()
-        }
-        metadata["lora_adapter_metadata"] = json.dumps(flat, sort_keys=True, default=str)
+        tensors = dict(canonical)
+        if any(key.startswith("transformer.") for key in canonical):
+            # FLUX: the alphas go into the tensors; diffusers refuses a file that has both those and
+            # the adapter config, whose rank the shapes already give.
+            for key in canonical:
+                if key.endswith(".lora_A.weight"):
+                    tensors[key.removesuffix(".lora_A.weight") + ".alpha"] = torch.tensor(float(alpha))
+            metadata.pop("lora_adapter_metadata", None)
+        else:
+            flat = {
+                f"{prefix}.{field}": sorted(value) if isinstance(value, set) else value
+                for prefix, fields in adapter_configs.items()
+                for field, value in fields.items()
+            }
+            metadata["lora_adapter_metadata"] = json.dumps(flat, sort_keys=True, default=str)
 
     with atomic_output(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -117,6 +129,8 @@ def training_metadata(
         "sd_v2": "stable-diffusion-v2-512",
         "sd_v2_v": "stable-diffusion-v2-768-v",
         "sdxl_base_v1-0": "stable-diffusion-xl-v1-base",
+        # The SAI model spec names FLUX.1 by variant: dev (guidance-distilled) or schnell.
+        "flux1": "flux-1-dev" if base.guidance_embedded else "flux-1-schnell",
     }[base.base_model_version]
     now = datetime.now(UTC)
     meta = {
@@ -168,7 +182,9 @@ def training_metadata(
         "modelspec.implementation": "https://github.com/huggingface/diffusers",
         "modelspec.title": config.name,
         "modelspec.resolution": resolution,
-        "modelspec.prediction_type": "v" if base.prediction_type == "v_prediction" else "epsilon",
+        "modelspec.prediction_type": {"v_prediction": "v", "flow_matching": "rectified_flow"}.get(
+            base.prediction_type, "epsilon"
+        ),
         "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
         "training_config": json.dumps(config.model_dump(mode="json"), sort_keys=True),
     }

@@ -3,8 +3,9 @@ compare-lora-strengths (one LoRA across strengths with a fixed seed, as one labe
 
 LoRAs are loaded with diffusers (`load_lora_weights`, kohya or diffusers layout) as named
 adapters and weighted per component with `set_adapters`: `strength_model` scales the UNet's
-part and `strength_clip` the text encoder's, as ComfyUI's LoraLoader does. A LoRA at strength 0
-adds exactly nothing, so a stack with one at 0 gives the image of the stack without it.
+(FLUX: the transformer's) part and `strength_clip` the text encoder's, as ComfyUI's LoraLoader
+does. A LoRA at strength 0 adds exactly nothing, so a stack with one at 0 gives the image of the
+stack without it.
 
 A long request runs as a background job: `python -m training.generation RUN_DIR` reads
 `request.json` and writes its images like a run's samples (`samples/*.png` and
@@ -39,7 +40,7 @@ class GenerationRequest(BaseModel):
     negative_prompt: str = ""
     loras: list[LoraUse] = Field(default_factory=list)
     steps: int = Field(20, ge=1, le=150)
-    guidance: float = Field(7.5, ge=0.0, le=30.0)
+    guidance: float | None = Field(None, ge=0.0, le=30.0)  # default: the family's (config.SAMPLE_GUIDANCE)
     width: int | None = None  # default: the model's native resolution
     height: int | None = None
     seed: int = Field(0, ge=0, le=2**32 - 1)
@@ -60,6 +61,7 @@ def generate(
     written (for a strength comparison the last one is the grid)."""
     import torch
 
+    from training.config import DEFAULT_SAMPLE_GUIDANCE, SAMPLE_GUIDANCE
     from training.models.loading import load_base_model, pick_device, resolve_model
     from training.run_files import RunFiles
     from training.workspace import atomic_output
@@ -68,12 +70,21 @@ def generate(
     files.samples.mkdir(parents=True, exist_ok=True)
     files.samples_index.unlink(missing_ok=True)  # a resumed job renders every image again
     device = pick_device()
-    base = load_base_model(resolve_model(request.model_name), device)
+    # bf16 weights on a GPU that has it (FLUX in fp32 would need ~67 GB); fp32 elsewhere.
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    base = load_base_model(resolve_model(request.model_name), device, mixed_precision="bf16" if bf16 else "no")
     pipe = base.pipeline
+    guidance = (
+        request.guidance if request.guidance is not None else SAMPLE_GUIDANCE.get(base.family, DEFAULT_SAMPLE_GUIDANCE)
+    )
     names = [f"lora{i}" for i in range(len(request.loras))]
     for name, lora in zip(names, request.loras):
         pipe.load_lora_weights(lora.path, adapter_name=name)
-    parts = {part for part in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, part, None) is not None}
+    parts = {
+        part
+        for part in ("unet", "transformer", "text_encoder", "text_encoder_2")
+        if getattr(pipe, part, None) is not None and part in pipe._lora_loadable_modules
+    }
     width = request.width or base.native_resolution
     height = request.height or base.native_resolution
 
@@ -96,7 +107,7 @@ def generate(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt or None,
             num_inference_steps=request.steps,
-            guidance_scale=request.guidance,
+            guidance_scale=guidance,
             width=width,
             height=height,
             generator=torch.Generator(device).manual_seed(seed),
@@ -126,7 +137,7 @@ def _weights(lora: LoraUse, strength: float | None = None) -> dict[str, float]:
     the CLIP strength applies to every text encoder (SDXL has two)."""
     model = lora.strength_model if strength is None else strength
     clip = model if strength is not None or lora.strength_clip is None else lora.strength_clip
-    return {"unet": model, "text_encoder": clip, "text_encoder_2": clip}
+    return {"unet": model, "transformer": model, "text_encoder": clip, "text_encoder_2": clip}
 
 
 def strength_grid(images: list) -> object:

@@ -1,8 +1,10 @@
 """The LoRA adapters: attaching them with peft, reading their weights, and starting from a
 previous LoRA file (also into a larger rank, for the guide's progressive training).
 
-Weights are addressed as `unet.<module path>` / `text_encoder.<module path>`, where the module
-path is the one in the loaded model (peft's own naming).
+Weights are addressed as `<prefix>.<module path>`, where the prefix names the model (`unet`,
+`text_encoder`, `text_encoder_2`, or FLUX's `transformer`) and the module path is the one in the
+loaded model (peft's own naming). The functions take the models as {prefix: model}, as
+BaseModel.lora_models gives them.
 """
 
 from __future__ import annotations
@@ -17,8 +19,32 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
+from training.config import ConfigError
+
 UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]  # every attention projection
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# FLUX: the attention projections of the image and text streams, the feed-forward layers of the
+# double-stream blocks, and the single-stream blocks' fused MLP input and output (as ai-toolkit and
+# diffusers' FLUX LoRA script adapt them). Names are matched as module-name suffixes by peft.
+FLUX_TARGET_MODULES = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
+    "proj_out",
+]
+# ...but not the transformer's own final projection to latent patches, which is also named proj_out
+# (kohya and ai-toolkit leave that final layer alone too); peft full-matches a string pattern.
+FLUX_EXCLUDED_MODULES = "proj_out"
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 # SDXL's two text encoders are kohya's te1 and te2.
 SDXL_KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
@@ -30,45 +56,78 @@ class LoraFileError(ValueError):
 
 
 def attach_lora(
-    unet,
-    text_encoder,
+    models: dict[str, torch.nn.Module],
     *,
     rank: int,
     alpha: float,
     dropout: float,
     seed: int,
     train_text_encoder: bool,
-    text_encoder_2=None,
-):
-    """Add trainable LoRA adapters (A gaussian, B zero: the model starts unchanged); with
-    train_text_encoder, on every text encoder (SDXL has two)."""
+    target_modules: list[str] | None = None,
+) -> None:
+    """Add trainable LoRA adapters (A gaussian, B zero: the model starts unchanged) to the denoiser
+    (`target_modules`, default by architecture) and, with train_text_encoder, to every text encoder
+    in `models` (SDXL has two)."""
     torch.manual_seed(seed)  # the A matrices' initial values
-    unet.add_adapter(_lora_config(rank, alpha, dropout, UNET_TARGET_MODULES))
-    if train_text_encoder:
-        for encoder in (text_encoder, text_encoder_2):
-            if encoder is not None:
-                encoder.add_adapter(_lora_config(rank, alpha, dropout, TEXT_ENCODER_TARGET_MODULES))
+    for prefix, model in models.items():
+        if prefix.startswith("text_encoder"):
+            if train_text_encoder:
+                model.add_adapter(_lora_config(rank, alpha, dropout, TEXT_ENCODER_TARGET_MODULES))
+            continue
+        flux = prefix == "transformer"
+        targets = target_modules or (FLUX_TARGET_MODULES if flux else UNET_TARGET_MODULES)
+        if target_modules:
+            _check_targets(model, prefix, target_modules)
+        excluded = FLUX_EXCLUDED_MODULES if flux else None
+        model.add_adapter(_lora_config(rank, alpha, dropout, targets, excluded))
 
 
-def _lora_config(rank: int, alpha: float, dropout: float, targets: list[str]) -> LoraConfig:
+def _check_targets(model: torch.nn.Module, prefix: str, targets: list[str]) -> None:
+    """Each target must name linear layers of the model (matched as peft matches: a module-name suffix):
+    kohya, ComfyUI and this trainer's own resume read linear LoRAs only."""
+    problems = []
+    for target in targets:
+        matched = [m for name, m in model.named_modules() if name == target or name.endswith(f".{target}")]
+        kinds = sorted({type(m).__name__ for m in matched if not isinstance(m, torch.nn.Linear)})
+        if not matched:
+            problems.append(f"target_modules: {target!r} names no layer of the {prefix}")
+        elif kinds:
+            problems.append(f"target_modules: {target!r} names {', '.join(kinds)} layers, not linear ones")
+    if problems:
+        examples = sorted(
+            {_short_name(name) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        )
+        raise ConfigError(problems + [f"linear layer names of the {prefix}: {', '.join(examples[:30])}"])
+
+
+def _short_name(module_name: str) -> str:
+    """The suffix that names a kind of layer: `to_q`, and `to_out.0` rather than `0`."""
+    parts = module_name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
+def _lora_config(
+    rank: int, alpha: float, dropout: float, targets: list[str], excluded: str | None = None
+) -> LoraConfig:
     return LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=targets
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        init_lora_weights="gaussian",
+        target_modules=targets,
+        exclude_modules=excluded,
     )
 
 
-def lora_components(unet, text_encoder, text_encoder_2=None) -> dict[str, torch.nn.Module]:
+def lora_components(models: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
     """The models that carry adapters, by their prefix."""
-    found = {"unet": unet}
-    for prefix, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
-        if model is not None and getattr(model, "peft_config", None):
-            found[prefix] = model
-    return found
+    return {prefix: model for prefix, model in models.items() if getattr(model, "peft_config", None)}
 
 
-def lora_state_dict(unet, text_encoder, text_encoder_2=None) -> dict[str, torch.Tensor]:
+def lora_state_dict(models: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
     """peft-named LoRA weights of every component: `unet.<module>.lora_A.weight`, ..."""
     state = {}
-    for prefix, model in lora_components(unet, text_encoder, text_encoder_2).items():
+    for prefix, model in lora_components(models).items():
         state.update({f"{prefix}.{key}": value for key, value in get_peft_model_state_dict(model).items()})
     return state
 
@@ -89,7 +148,7 @@ class LoraWeights:
     alpha: float
 
 
-def read_lora_file(path: Path, unet, text_encoder, text_encoder_2=None) -> dict[str, LoraWeights]:
+def read_lora_file(path: Path, models: dict[str, torch.nn.Module]) -> dict[str, LoraWeights]:
     """Read a kohya or diffusers/peft LoRA file into {'unet.<module>': LoraWeights}.
 
     Keys are matched against the modules of the loaded models, so a file made for another
@@ -101,9 +160,13 @@ def read_lora_file(path: Path, unet, text_encoder, text_encoder_2=None) -> dict[
             metadata = f.metadata() or {}
     except Exception as exc:
         raise LoraFileError(f"{path} is not a readable .safetensors LoRA file: {exc}") from None
-    models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
-    models = {prefix: model for prefix, model in models.items() if model is not None}
     if any(key.startswith(ALL_KOHYA_PREFIXES) for key in tensors):
+        if "transformer" in models:
+            raise LoraFileError(
+                f"{path} is a kohya-layout FLUX LoRA (lora_unet_double_blocks_*, fused projections); this trainer "
+                "reads FLUX LoRAs in the diffusers layout (transformer.*.lora_A.weight): convert it with "
+                "diffusers (FluxPipeline.lora_state_dict) first"
+            )
         return _read_kohya(path, tensors, models)
     if any(".lora_A." in key for key in tensors):
         return _read_peft(path, tensors, metadata, models)
@@ -150,17 +213,27 @@ def _read_peft(path: Path, tensors: dict, metadata: dict, models: dict) -> dict[
             continue
         stem = key.split(".lora_A.")[0]
         prefix, module = stem.split(".", 1)
+        if prefix not in models:
+            raise LoraFileError(
+                f"{path}: its keys start with {prefix!r}, and this base model's LoRA adapts only "
+                f"{', '.join(models)} (written by another tool, or for another architecture); LoRAs in the diffusers "
+                f"layout ({next(iter(models))}.<module>.lora_A.weight) are read"
+            )
         if prefix.startswith("text_encoder") and stem not in known:
             stem = f"{prefix}.{module.removeprefix('text_model.')}"  # written canonically, loaded without the wrapper
         if stem not in known:
             raise LoraFileError(f"{path}: {stem} names no module of this base model (another architecture?)")
         down, up = tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")]
-        alpha = float(adapter_config.get(f"{prefix}.lora_alpha", down.shape[0]))
+        alpha_tensor = tensors.get(key.split(".lora_A.")[0] + ".alpha")  # FLUX files carry kohya-style alphas
+        if alpha_tensor is not None:
+            alpha = float(alpha_tensor)
+        else:
+            alpha = float(adapter_config.get(f"{prefix}.lora_alpha", down.shape[0]))
         weights[stem] = LoraWeights(down.float(), up.float(), alpha)
     return weights
 
 
-def load_lora_weights_into(weights: dict[str, LoraWeights], unet, text_encoder, text_encoder_2=None) -> list[str]:
+def load_lora_weights_into(weights: dict[str, LoraWeights], models: dict[str, torch.nn.Module]) -> list[str]:
     """Copy `weights` into the attached adapters; a smaller rank is zero-padded.
 
     Padding keeps the function of the old LoRA: its rows of A and columns of B are copied
@@ -168,7 +241,7 @@ def load_lora_weights_into(weights: dict[str, LoraWeights], unet, text_encoder, 
     the new rows of A keep their random init, so they start with no effect yet get gradients.
     Returns notes for the log (modules of this run that the file does not cover).
     """
-    components = lora_components(unet, text_encoder, text_encoder_2)
+    components = lora_components(models)
     layers = {
         f"{prefix}.{name}": module
         for prefix, model in components.items()

@@ -57,7 +57,7 @@ def merge_lora_files(
     for fewer than two sources, a weight outside [-2, 2], sources made for different base models,
     layers whose shapes differ from the base model's, or a merged rank above 1024.
     """
-    layout = file_layout(output_format)
+    file_layout(output_format)  # an unknown format is refused before anything is read
     sources = [(Path(path), weight) for path, weight in sources]
     if len(sources) < 2:
         raise LoraFileError(f"merging needs at least 2 LoRA files, got {len(sources)}")
@@ -72,10 +72,11 @@ def merge_lora_files(
     described = next((i for i, config in enumerate(configs) if "model_name" in config), 0)
     folder = base_model_folder(sources[described][0], metadatas[described], model_folder)
     models = empty_models(folder)
-    layers = _linear_layers(*models)
+    layout = file_layout(output_format, flux="transformer" in models)
+    layers = _linear_layers(models)
     loras = []
     for path, _ in sources:
-        weights = read_lora_file(path, *models)
+        weights = read_lora_file(path, models)
         if not weights:
             raise LoraFileError(f"{path} holds no LoRA weights")
         _check_shapes(path, weights, layers, folder)
@@ -125,12 +126,10 @@ def _check_same_base_model(paths: list[Path], metadatas: list[dict]) -> None:
                 )
 
 
-def _linear_layers(unet, text_encoder, text_encoder_2=None) -> dict[str, torch.nn.Linear]:
-    models = (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2))
+def _linear_layers(models: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Linear]:
     return {
         f"{prefix}.{name}": module
-        for prefix, model in models
-        if model is not None
+        for prefix, model in models.items()
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear)
     }

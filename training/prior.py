@@ -9,18 +9,20 @@ from typing import TYPE_CHECKING
 import torch
 
 from training.data.dataset import IMAGE_SUFFIXES
+from training.sampling import render
 from training.workspace import atomic_output
 
 if TYPE_CHECKING:
     from training.config import TrainingConfig
     from training.models.loading import BaseModel
+    from training.placement import Placement
 
 log = logging.getLogger("training")
 GENERATION_BATCH = 4
 GENERATION_STEPS = 25  # enough for recognisable class images at SD scale; each is a one-off cost
 
 
-def ensure_class_images(base: BaseModel, config: TrainingConfig, class_dir: Path) -> list[Path]:
+def ensure_class_images(base: BaseModel, placement: Placement, config: TrainingConfig, class_dir: Path) -> list[Path]:
     """Return `num_class_images` class images from `class_dir`, generating the missing ones.
 
     Must run before the LoRA is attached: class images show what the base model makes of
@@ -31,19 +33,21 @@ def ensure_class_images(base: BaseModel, config: TrainingConfig, class_dir: Path
     missing = config.num_class_images - len(existing)
     if missing > 0:
         log.info("generating %d class image(s) of %r into %s", missing, config.class_prompt, class_dir)
-        base.unet.eval()
+        base.denoiser.eval()
         number = len(existing)
         with torch.no_grad():
             while missing > 0:
                 count = min(GENERATION_BATCH, missing)
-                generator = torch.Generator(base.unet.device).manual_seed(config.seed + number)
-                images = base.pipeline(
-                    [config.class_prompt] * count,
+                generator = torch.Generator(base.denoiser.device).manual_seed(config.seed + number)
+                images = render(
+                    base,
+                    placement,
+                    prompt=[config.class_prompt] * count,
                     height=config.resolution,
                     width=config.resolution,
                     num_inference_steps=GENERATION_STEPS,
                     generator=generator,
-                ).images
+                )
                 for image in images:
                     while (path := class_dir / f"class_{number:05d}.png").exists():
                         number += 1  # never overwrite a class image the user put there

@@ -9,6 +9,9 @@ clip_skip n takes the n-th hidden layer from the end, passed through the final l
 SDXL conditions on both of its text encoders: each one's penultimate hidden layer (no final layer
 norm), concatenated feature-wise, plus the second encoder's pooled projection, as diffusers'
 StableDiffusionXLPipeline.encode_prompt computes them (tests compare the two).
+
+FLUX conditions on T5's token states (up to 512 tokens for dev, 256 for schnell, as each was
+trained) and CLIP's pooled vector; FluxPipeline.encode_prompt computes both.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ if TYPE_CHECKING:
     from training.models.loading import BaseModel
 
 CHUNK_TOKENS = 75  # CLIP's 77 positions minus start and end
+# FLUX's T5 sequence length: dev (guidance-distilled) was trained with 512 tokens, schnell with 256.
+FLUX_T5_TOKENS = {True: 512, False: 256}
 
 
 def encode_prompts(
@@ -56,12 +61,20 @@ def _hidden_states(text_encoder, input_ids: torch.Tensor, clip_skip: int) -> tor
 
 @dataclass
 class TextConditioning:
-    states: torch.Tensor  # (batch, tokens, hidden): what the UNet cross-attends to
-    pooled: torch.Tensor | None = None  # (batch, projection): SDXL's second encoder, for its text_time embedding
+    states: torch.Tensor  # (batch, tokens, hidden): what the UNet (CLIP) or FLUX's transformer (T5) attends to
+    # (batch, projection): SDXL's second encoder, for its text_time embedding; FLUX's CLIP vector
+    pooled: torch.Tensor | None = None
 
 
 def encode_text(base: BaseModel, prompts: list[str], *, max_token_length: int, clip_skip: int) -> TextConditioning:
     """The conditioning of `prompts` for the base model's family."""
+    if base.family == "flux":
+        states, pooled, _ = base.pipeline.encode_prompt(
+            prompts,
+            device=base.text_encoder_2.device,
+            max_sequence_length=FLUX_T5_TOKENS[base.guidance_embedded],
+        )
+        return TextConditioning(states.float(), pooled.float())
     if base.text_encoder_2 is None:
         states = encode_prompts(
             base.tokenizer, base.text_encoder, prompts, max_token_length=max_token_length, clip_skip=clip_skip

@@ -87,6 +87,7 @@ def lora_update_row(models: dict[str, torch.nn.Module], step: int) -> dict:
     ||BA||_F^2 = sum((B^T B) * (A A^T)): two rank x rank products, so even rank 128 on every
     attention projection of SD 1.5 costs milliseconds, and no full-size delta is formed."""
     from peft.tuners.lora import LoraLayer
+    from peft.utils.integrations import dequantize_module_weight
 
     ratios: dict[str, float] = {}
     with torch.no_grad():
@@ -97,7 +98,8 @@ def lora_update_row(models: dict[str, torch.nn.Module], step: int) -> dict:
                 down = module.lora_A["default"].weight.float().flatten(1)  # (rank, in)
                 up = module.lora_B["default"].weight.float().flatten(1)  # (out, rank)
                 delta = torch.sqrt(((up.T @ up) * (down @ down.T)).sum().clamp(min=0)) * module.scaling["default"]
-                base = module.get_base_layer().weight.float().norm()
+                # peft's own dequantization: 8-bit base weights (quantize_base) are read as real values
+                base = dequantize_module_weight(module.get_base_layer()).float().norm()
                 ratios[f"{prefix}.{name}"] = float(delta / base) if base > 0 else 0.0
     values = list(ratios.values()) or [0.0]
     top = sorted(ratios.items(), key=lambda item: item[1], reverse=True)[:TOP_LAYERS]

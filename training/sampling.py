@@ -17,8 +17,11 @@ from training.prompts import TextConditioning, encode_text
 from training.workspace import atomic_output, read_jsonl
 
 if TYPE_CHECKING:
+    from PIL.Image import Image
+
     from training.config import TrainingConfig
     from training.models.loading import BaseModel
+    from training.placement import Placement
     from training.run_evidence import SampleStatistics
     from training.run_files import RunFiles
 
@@ -38,18 +41,38 @@ def control_prompt(config: TrainingConfig) -> str | None:
     return prompt if prompt and prompt != config.test_prompts[0] else None
 
 
+def render(base: BaseModel, placement: Placement, *, height: int, width: int, **arguments) -> list[Image]:
+    """Images from the base pipeline: the denoising loop under the run's autocast (the frozen weights
+    are fp16/bf16 on CUDA, the prompt states fp32), the VAE decode in the VAE's own type, which is
+    fp32 under fp16 (SD and SDXL VAEs overflow in fp16; autocast would run it in fp16 anyway)."""
+    with placement.autocast():
+        latents = base.pipeline(height=height, width=width, output_type="latent", **arguments).images
+    vae = base.vae
+    if base.family == "flux":  # FLUX returns its latents packed in 2x2 patches
+        latents = base.pipeline._unpack_latents(latents, height, width, base.vae_scale_factor)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
+    return base.pipeline.image_processor.postprocess(pixels, output_type="pil")
+
+
 def render_samples(
-    base: BaseModel, config: TrainingConfig, files: RunFiles, step: int, stats: SampleStatistics
+    base: BaseModel,
+    placement: Placement,
+    config: TrainingConfig,
+    files: RunFiles,
+    step: int,
+    stats: SampleStatistics,
 ) -> list[str]:
     """Render every test prompt, then the control prompt, at `step`; returns the file names written.
 
     Runs under fork_rng: sampling draws no numbers from the training RNG streams, so a run
     with sampling trains exactly like one without (and resume stays exact).
     """
-    devices = [base.unet.device] if base.unet.device.type == "cuda" else []
+    denoiser = base.denoiser
+    devices = [denoiser.device] if denoiser.device.type == "cuda" else []
     written = []
-    was_training = base.unet.training
-    base.unet.eval()
+    was_training = denoiser.training
+    denoiser.eval()
     base.text_encoder.eval()
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
@@ -58,15 +81,17 @@ def render_samples(
             prompts = config.test_prompts + ([control] if control else [])
             previous = _previous_samples(files, step)
             for index, prompt in enumerate(prompts):
-                generator = torch.Generator(base.unet.device).manual_seed(config.seed)
-                image = base.pipeline(
-                    **_prompt_arguments(_encode(base, config, [prompt]), negative),
+                generator = torch.Generator(denoiser.device).manual_seed(config.seed)
+                [image] = render(
+                    base,
+                    placement,
+                    **_prompt_arguments(base, _encode(base, config, [prompt]), negative),
                     height=config.resolution,
                     width=config.resolution,
                     num_inference_steps=config.sample_steps,
                     guidance_scale=config.sample_guidance_scale,
                     generator=generator,
-                ).images[0]
+                )
                 path = files.sample_image(step, index)
                 with atomic_output(path) as tmp:
                     image.save(tmp, format="PNG")
@@ -90,7 +115,7 @@ def render_samples(
                 files.append_sample(row)
                 written.append(path.name)
     finally:
-        base.unet.train(was_training)
+        denoiser.train(was_training)
     return written
 
 
@@ -98,8 +123,11 @@ def _encode(base: BaseModel, config: TrainingConfig, prompts: list[str]) -> Text
     return encode_text(base, prompts, max_token_length=config.max_token_length, clip_skip=config.clip_skip)
 
 
-def _prompt_arguments(positive: TextConditioning, negative: TextConditioning) -> dict:
-    """The pipeline's prompt arguments: encoded states, and for SDXL the pooled embeddings too."""
+def _prompt_arguments(base: BaseModel, positive: TextConditioning, negative: TextConditioning) -> dict:
+    """The pipeline's prompt arguments: encoded states, and for SDXL the pooled embeddings too. FLUX
+    takes no negative prompt (its guidance is an input of the distilled model)."""
+    if base.family == "flux":
+        return {"prompt_embeds": positive.states, "pooled_prompt_embeds": positive.pooled}
     arguments = {"prompt_embeds": positive.states, "negative_prompt_embeds": negative.states}
     if positive.pooled is not None:
         arguments.update(pooled_prompt_embeds=positive.pooled, negative_pooled_prompt_embeds=negative.pooled)

@@ -1,4 +1,4 @@
-"""The LoRA training recipe for Stable Diffusion 1.x/2.x.
+"""The LoRA training recipe for Stable Diffusion 1.x/2.x, SDXL and FLUX.
 
 `Trainer` has four phases, called in order by `run_training()`:
 setup (model, data, adapters, caches, optimizer; or state from a checkpoint),
@@ -27,7 +27,14 @@ from training.data.dataset import DatasetError, class_image_records, hold_out, l
 from training.data.loader import Batch, TrainingData
 from training.export import export_lora
 from training.lora import LoraFileError, attach_lora, load_lora_weights_into, lora_components, read_lora_file
-from training.models.loading import ModelNotFoundError, load_base_model, pick_device, resolve_model
+from training.models.loading import (
+    ModelNotFoundError,
+    QuantizationUnavailable,
+    load_base_model,
+    pick_device,
+    resolve_model,
+)
+from training.objectives import objective_for
 from training.optimizers import OptimizerUnavailable, build_lr_scheduler, build_optimizer
 from training.placement import Placement
 from training.prior import ensure_class_images
@@ -43,7 +50,14 @@ log = logging.getLogger("training")
 LOSS_SMOOTHING = 0.9  # EMA weight of the loss and step time shown in status.json
 LOG_EVERY = 10  # steps between progress lines in train.log
 # Errors whose message already says what is wrong and what to do: reported without a traceback.
-EXPECTED_ERRORS = (ConfigError, DatasetError, ModelNotFoundError, OptimizerUnavailable, LoraFileError)
+EXPECTED_ERRORS = (
+    ConfigError,
+    DatasetError,
+    ModelNotFoundError,
+    OptimizerUnavailable,
+    LoraFileError,
+    QuantizationUnavailable,
+)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -95,7 +109,13 @@ class Trainer:
             self.status.update(device_memory_gb=round(memory / 2**30, 1))
         config = self.config
         source = resolve_model(config.model_name, config.base_model_config)
-        self.base = load_base_model(source, self.device, model_family=config.model_family)
+        self.base = load_base_model(
+            source,
+            self.device,
+            model_family=config.model_family,
+            quantize=config.quantize_base,
+            mixed_precision=config.mixed_precision,
+        )
         self.dataset = hold_out(
             scan_dataset(
                 locate_dataset(config.dataset_path, datasets_dir()),
@@ -108,7 +128,7 @@ class Trainer:
         )
         warnings = config.warnings() + self.dataset.warnings  # before resolve() folds network_* into rank/alpha
         self.config = config = config.resolve(
-            native_resolution=self.base.native_resolution, num_images=self.dataset.num_images
+            native_resolution=self.base.native_resolution, num_images=self.dataset.num_images, family=self.base.family
         )
         self._check_against_model()
         atomic_write_text(self.files.config, config.to_yaml())
@@ -116,31 +136,30 @@ class Trainer:
         for warning in warnings:
             log.warning("%s", warning)
 
+        self.placement = Placement(self.base, config, self.device)
         records = list(self.dataset.images)
         if config.prior_preservation:
             class_dir = Path(config.class_data_dir) if config.class_data_dir else self.files.dir / "class_images"
-            class_images = ensure_class_images(self.base, config, class_dir)
+            class_images = ensure_class_images(self.base, self.placement, config, class_dir)
             repeats = max(1, round(self.dataset.num_samples / max(1, len(class_images))))
             records += class_image_records(
                 class_images, config.class_prompt, repeats=repeats, loss_weight=config.prior_loss_weight
             )
 
-        self.placement = Placement(self.base, config, self.device)
         attach_lora(
-            self.base.unet,
-            self.base.text_encoder,
+            self.base.lora_models,
             rank=config.rank,
             alpha=config.alpha,
             dropout=config.dropout,
             seed=config.seed,
             train_text_encoder=config.train_text_encoder,
-            text_encoder_2=self.base.text_encoder_2,
+            target_modules=config.target_modules,
         )
         if config.resume_from and not self.resume:
             lora_file = find_resume_lora(config.resume_from)
             log.info("starting from the LoRA %s", lora_file)
-            weights = read_lora_file(lora_file, *self.base.lora_models)
-            for note in load_lora_weights_into(weights, *self.base.lora_models):
+            weights = read_lora_file(lora_file, self.base.lora_models)
+            for note in load_lora_weights_into(weights, self.base.lora_models):
                 log.info("%s", note)
         self.placement.enable_memory_savers()
 
@@ -153,9 +172,8 @@ class Trainer:
         if validation is not None:
             validation.prepare()
         self.placement.offload_encoders(self.data.text_is_static)
-        self.evidence = EvidenceRecorder(
-            self.files, config, validation, lambda: lora_components(*self.base.lora_models)
-        )
+        self.evidence = EvidenceRecorder(self.files, config, validation, lambda: lora_components(self.base.lora_models))
+        self.objective = objective_for(self.base, config)
         self.sample_stats = SampleStatistics([r.path for r in self.dataset.images])
 
         self.params = self._param_groups()
@@ -178,7 +196,7 @@ class Trainer:
     def train(self) -> None:
         config = self.config
         accumulation = config.gradient_accumulation_steps
-        self.base.unet.train()
+        self.base.denoiser.train()
         if config.train_text_encoder:
             for encoder in self.placement.text_encoders:
                 encoder.train()
@@ -213,10 +231,10 @@ class Trainer:
         bar.close()
 
     def _loss(self, batch: Batch) -> torch.Tensor:
-        """The denoising loss of one micro-batch: noise the latents at random timesteps and
-        score the UNet's prediction of the noise (epsilon) or of the velocity (v-prediction)."""
-        config, scheduler = self.config, self.base.noise_scheduler
-        latents = batch.latents  # (B, 4, h, w)
+        """The denoising loss of one micro-batch: noise the latents at random noise levels and score
+        the denoiser's prediction of what the family's objective asks (noise, velocity or flow)."""
+        config, objective = self.config, self.objective
+        latents = batch.latents  # (B, C, h, w)
         noise = torch.randn(latents.shape, generator=self.noise_generator, device=self.device)
         if config.noise_offset:
             # A per-image, per-channel shift teaches the model to change overall brightness.
@@ -224,34 +242,13 @@ class Trainer:
                 (latents.shape[0], latents.shape[1], 1, 1), generator=self.noise_generator, device=self.device
             )
             noise = noise + config.noise_offset * offset
-        timesteps = torch.randint(
-            0,
-            scheduler.config.num_train_timesteps,
-            (latents.shape[0],),
-            generator=self.noise_generator,
-            device=self.device,
-        )
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = noise if self.base.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-        dtype = self.placement.weight_dtype
-        prediction = self.base.unet(
-            noisy.to(dtype),
-            timesteps,
-            batch.conditioning.to(dtype),
-            added_cond_kwargs=batch.added_conditions(dtype),  # SDXL's pooled text and size/crop ids
-        ).sample
+        levels = objective.sample_levels(latents, self.noise_generator)
+        noisy, target = objective.noisy_and_target(latents, noise, levels)
+        prediction = objective.predict(noisy, levels, batch, self.placement.weight_dtype)
         per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if config.min_snr_gamma:
-            per_image = per_image * self._min_snr_weights(timesteps)
+            per_image = per_image * objective.min_snr_weights(levels, config.min_snr_gamma)
         return (per_image * batch.loss_weights).mean()
-
-    def _min_snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """Min-SNR-gamma (Hang et al. 2023): down-weight easy, low-noise timesteps."""
-        from diffusers.training_utils import compute_snr
-
-        snr = compute_snr(self.base.noise_scheduler, timesteps)
-        clipped = torch.clamp(snr, max=self.config.min_snr_gamma)
-        return clipped / (snr + 1) if self.base.prediction_type == "v_prediction" else clipped / snr
 
     # ------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -310,7 +307,7 @@ class Trainer:
         )
         per_epoch = data.batches.batches_per_epoch
         epochs = self._planned_epochs()
-        unet_params = sum(p.numel() for p in self.params[0]["params"])
+        denoiser_params = sum(p.numel() for p in self.params[0]["params"])
         te_params = sum(p.numel() for g in self.params[1:] for p in g["params"])
         extra = len(data.records) - len(dataset.images)
         return [
@@ -323,10 +320,11 @@ class Trainer:
             f"batch: {config.batch_size} x {config.gradient_accumulation_steps} accumulation = "
             f"{config.effective_batch_size} effective",
             f"steps: {config.steps} ({epochs:.1f} epochs of {per_epoch} batches)",
-            f"trainable parameters: {unet_params + te_params:,} (unet {unet_params:,}, text encoder {te_params:,}); "
+            f"trainable parameters: {denoiser_params + te_params:,} ({self.base.denoiser_prefix} "
+            f"{denoiser_params:,}, text encoder {te_params:,}); "
             f"rank {config.rank}, alpha {config.alpha:g}",
             f"optimizer: {config.optimizer} lr {config.learning_rate:g}, {config.lr_scheduler} schedule, "
-            f"{config.lr_warmup_steps} warm-up steps; precision {self.placement.label}",
+            f"{config.lr_warmup_steps} warm-up steps; precision {self.placement.label}{self._quantization_note()}",
             f"run directory: {self.files.dir}",
         ]
 
@@ -382,7 +380,7 @@ class Trainer:
 
     def _render_samples(self) -> None:
         with self.placement.encoders_on_device(self.data.text_is_static):
-            names = render_samples(self.base, self.config, self.files, self.step, self.sample_stats)
+            names = render_samples(self.base, self.placement, self.config, self.files, self.step, self.sample_stats)
         self.status.update(latest_samples=names)
         self.status.write()
 
@@ -400,6 +398,12 @@ class Trainer:
             num_epochs=math.ceil(self._planned_epochs()),
             started_at=self.started_at,
         )
+
+    def _quantization_note(self) -> str:
+        if not self.base.quantized:
+            return ""
+        method = self.base.denoiser.hf_quantizer.quantization_config.quant_method  # bitsandbytes or torchao
+        return f", frozen {self.base.denoiser_prefix} weights in 8 bits ({getattr(method, 'value', method)})"
 
     def _dataset_name(self, file: str) -> str:
         path = Path(file)
@@ -439,7 +443,7 @@ class Trainer:
             return
         step, folder = checkpoints[-1]
         lora_file, state = read_checkpoint_state(folder)
-        load_lora_weights_into(read_lora_file(lora_file, *self.base.lora_models), *self.base.lora_models)
+        load_lora_weights_into(read_lora_file(lora_file, self.base.lora_models), self.base.lora_models)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.placement.scaler.load_state_dict(state["scaler"])
@@ -473,16 +477,20 @@ class Trainer:
 
     def _check_against_model(self) -> None:
         config, layers = self.config, self.base.text_encoder.config.num_hidden_layers
+        errors, warnings = config.family_conflicts(self.base.family)
         if self.base.family == "sdxl" and config.max_token_length > 75:
-            raise ConfigError(
-                ["for SDXL, this trainer encodes captions of up to 75 tokens so far: set max_token_length to 75"]
+            errors.append(
+                "for SDXL, this trainer encodes captions of up to 75 tokens so far: set max_token_length to 75"
             )
         if self.base.family == "sdxl" and config.clip_skip != 1:
-            log.warning(
-                "clip_skip %d has no effect on SDXL: it is conditioned on both encoders' penultimate layers "
-                "as it was trained",
-                config.clip_skip,
+            warnings.append(
+                f"clip_skip {config.clip_skip} has no effect on SDXL: it is conditioned on both encoders' "
+                "penultimate layers as it was trained"
             )
+        if errors:
+            raise ConfigError(errors)
+        for warning in warnings:
+            log.warning("%s", warning)
         if config.clip_skip > layers:
             raise ConfigError(
                 [f"clip_skip = {config.clip_skip}: the text encoder has only {layers} layers (allowed: 1-{layers})"]
@@ -500,10 +508,9 @@ class Trainer:
         from diffusers.training_utils import cast_training_params
 
         encoders = self.placement.text_encoders if self.config.train_text_encoder else []
-        cast_training_params([self.base.unet, *encoders], dtype=torch.float32)
-        groups = [
-            {"params": [p for p in self.base.unet.parameters() if p.requires_grad], "lr": self.config.learning_rate}
-        ]
+        denoiser = self.base.denoiser
+        cast_training_params([denoiser, *encoders], dtype=torch.float32)
+        groups = [{"params": [p for p in denoiser.parameters() if p.requires_grad], "lr": self.config.learning_rate}]
         if encoders:
             groups.append(
                 {

@@ -3,7 +3,8 @@
 The images come from the dataset's `validation` folder or, without one, a `validation_split`
 share of the training images picked with the run's seed. Each image is encoded once (centre
 crop, no flip, the VAE's mean rather than a sample) with its caption as written (no dropout or
-shuffle), and scored at VALIDATION_TIMESTEPS with noise drawn from a generator seeded by the run's
+shuffle), and scored at five fixed noise levels (objectives.VALIDATION_LEVELS: timesteps of the
+DDPM schedule, or sigmas of FLUX's flow) with noise drawn from a generator seeded by the run's
 seed and the image's position. So two scorings of the same weights give the same number, and a
 change of the number is a change of the LoRA. No min-SNR weighting: the figure is the plain
 denoising error, comparable across runs with different loss settings.
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from training.data.buckets import assign_bucket, make_buckets, square_bucket
 from training.data.images import covering_size, crop_top_left, load_pixels
 from training.data.loader import Batch
+from training.objectives import VALIDATION_LEVELS, objective_for
 from training.prompts import encode_text
 
 if TYPE_CHECKING:
@@ -27,17 +29,14 @@ if TYPE_CHECKING:
     from training.data.dataset import ImageRecord
     from training.models.loading import BaseModel
 
-# Five timesteps spread over the schedule (of 1000): the error at each differs by an order of magnitude,
-# so they are averaged per image rather than drawn at random, which would swamp a LoRA's effect in noise.
-VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)
-
 
 class ValidationSet:
     def __init__(self, records: list[ImageRecord], base: BaseModel, config: TrainingConfig):
         self.records = records
         self._base = base
         self._config = config
-        self._items: list[Batch] = []  # per image: its latent and conditioning, once per timestep
+        self._items: list[Batch] = []  # per image: its latent and conditioning, once per noise level
+        self._objective = objective_for(base, config)
 
     def prepare(self) -> None:
         """Encode every image and caption once (the VAE and text encoder must be on the device); with
@@ -59,9 +58,9 @@ class ValidationSet:
                 text = encode_text(
                     base, [record.caption], max_token_length=config.max_token_length, clip_skip=config.clip_skip
                 )
-                count = len(VALIDATION_TIMESTEPS)
+                count = len(VALIDATION_LEVELS)
                 time_ids = None
-                if text.pooled is not None:  # SDXL: the centre crop of the resized image, as training sees it
+                if base.family == "sdxl":  # SDXL: the centre crop of the resized image, as training sees it
                     left, top = crop_top_left(covering_size(record.size, bucket), bucket, random_crop=False, rng=None)
                     row = [record.size[1], record.size[0], top, left, bucket[1], bucket[0]]
                     time_ids = torch.tensor([row] * count, dtype=torch.float32)
@@ -77,15 +76,12 @@ class ValidationSet:
                 )
 
     def loss(self, weight_dtype: torch.dtype, autocast) -> float:
-        """The mean denoising error over every image and VALIDATION_TIMESTEPS, in eval mode (no LoRA
+        """The mean denoising error over every image and VALIDATION_LEVELS, in eval mode (no LoRA
         dropout); the RNG streams of training are not touched."""
-        base = self._base
-        scheduler = base.noise_scheduler
-        device = base.unet.device
-        timesteps = torch.tensor(
-            [t * scheduler.config.num_train_timesteps // 1000 for t in VALIDATION_TIMESTEPS], device=device
-        )
-        models = [base.unet, *(m for m in (base.text_encoder, base.text_encoder_2) if m is not None)]
+        base, objective = self._base, self._objective
+        device = base.denoiser.device
+        levels = objective.validation_levels(device)
+        models = list(base.lora_models.values())
         was_training = [model.training for model in models]
         for model in models:
             model.eval()
@@ -98,19 +94,9 @@ class ValidationSet:
                     generator = torch.Generator().manual_seed(self._config.seed * 1000 + position)
                     latents = item.latents.to(device)
                     noise = torch.randn(latents.shape, generator=generator).to(device)
-                    noisy = scheduler.add_noise(latents, noise, timesteps)
-                    if base.prediction_type == "epsilon":
-                        target = noise
-                    else:
-                        target = scheduler.get_velocity(latents, noise, timesteps)
-                    added = item.added_conditions(weight_dtype)
+                    noisy, target = objective.noisy_and_target(latents, noise, levels)
                     with autocast():
-                        prediction = base.unet(
-                            noisy.to(weight_dtype),
-                            timesteps,
-                            item.conditioning.to(device, weight_dtype),
-                            added_cond_kwargs=None if added is None else {k: v.to(device) for k, v in added.items()},
-                        ).sample
+                        prediction = objective.predict(noisy, levels, item, weight_dtype)
                     total += F.mse_loss(prediction.float(), target.float()).item()
         finally:
             for model, mode in zip(models, was_training):
@@ -118,7 +104,7 @@ class ValidationSet:
         return total / len(self._items)
 
     def _with_current_text(self, item: Batch, position: int) -> Batch:
-        record, count = self.records[position], len(VALIDATION_TIMESTEPS)
+        record, count = self.records[position], len(VALIDATION_LEVELS)
         config = self._config
         text = encode_text(
             self._base, [record.caption], max_token_length=config.max_token_length, clip_skip=config.clip_skip

@@ -35,18 +35,21 @@ ENCODE_BATCH = 8  # images per VAE call while caching; text prompts per text-enc
 
 @dataclass
 class Batch:
-    latents: torch.Tensor  # (batch, 4, height / 8, width / 8), scaled by the VAE's scaling factor
-    conditioning: torch.Tensor  # (batch, 75 * n + 2, hidden): text-encoder states of the captions
+    # (batch, channels, height / 8, width / 8), shifted and scaled as the VAE's config says;
+    # 4 channels for SD, 16 for FLUX
+    latents: torch.Tensor
+    conditioning: torch.Tensor  # (batch, tokens, hidden): CLIP states of the captions (FLUX: T5 states)
     loss_weights: torch.Tensor  # (batch,): 1 for dataset images, prior_loss_weight for class images
     files: list[str]  # the images, so a loss spike can be traced to its data
-    # SDXL only: the second text encoder's pooled embedding, and the size and crop conditioning
+    # SDXL: the second text encoder's pooled embedding, and the size and crop conditioning
     # (original height, width; crop top, left; target height, width), which its UNet embeds.
+    # FLUX: CLIP's pooled embedding, and no time ids.
     pooled: torch.Tensor | None = None  # (batch, projection)
     time_ids: torch.Tensor | None = None  # (batch, 6)
 
     def added_conditions(self, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
         """The UNet's added_cond_kwargs (SDXL), or None."""
-        if self.pooled is None:
+        if self.time_ids is None:
             return None
         return {"text_embeds": self.pooled.to(dtype), "time_ids": self.time_ids.to(dtype)}
 
@@ -69,7 +72,8 @@ class TrainingData:
         self._epoch_batches = self.batches.epoch(0)
         self._latents: dict[tuple[int, bool], torch.Tensor] = {}
         self._text: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # caption -> (states, pooled)
-        self._sdxl = base.text_encoder_2 is not None
+        self._sdxl = base.family == "sdxl"
+        self._pooled = base.text_encoder_2 is not None  # SDXL's and FLUX's conditioning has a pooled vector
         self._vae_generator = torch.Generator(base.vae.device).manual_seed(config.seed)
         self._needs_rng = (
             config.flip_aug or config.crop == "random" or config.caption_dropout_rate > 0 or config.shuffle_captions
@@ -114,6 +118,8 @@ class TrainingData:
             for first in range(0, len(captions), step):
                 chunk = captions[first : first + step]
                 encoded = self._encode_text(chunk)
+                if self._base.family == "flux":  # T5 states are 512 x 4096: 8 MB per caption, kept off the GPU
+                    encoded = TextConditioning(encoded.states.cpu(), encoded.pooled.cpu())
                 for i, caption in enumerate(chunk):
                     self._text[caption] = (encoded.states[i], None if encoded.pooled is None else encoded.pooled[i])
         log.info("cached the text-encoder states of %d caption(s)", len(captions))
@@ -152,8 +158,9 @@ class TrainingData:
                     [self._pixels(r, bucket, f, rng) for r, f, rng in zip(records, flips, rngs)]
                 )
         if self._text:
-            conditioning = torch.stack([self._text[c][0] for c in captions])
-            pooled = torch.stack([self._text[c][1] for c in captions]) if self._sdxl else None
+            device = self._base.denoiser.device
+            conditioning = torch.stack([self._text[c][0] for c in captions]).to(device)
+            pooled = torch.stack([self._text[c][1] for c in captions]).to(device) if self._pooled else None
         else:
             encoded = self._encode_text(captions)
             conditioning, pooled = encoded.states, encoded.pooled
@@ -202,7 +209,7 @@ class TrainingData:
             if flip:
                 left = resized[0] - bucket[0] - left
             rows.append([height, width, top, left, bucket[1], bucket[0]])
-        return torch.tensor(rows, dtype=torch.float32, device=self._base.unet.device)
+        return torch.tensor(rows, dtype=torch.float32, device=self._base.denoiser.device)
 
     def _latent_file(self, index: int, flip: bool) -> Path:
         return self._latent_cache_dir / f"{index:06d}{'_flip' if flip else ''}.pt"
@@ -210,4 +217,4 @@ class TrainingData:
     def _cached_latent(self, index: int, flip: bool) -> torch.Tensor:
         if (index, flip) in self._latents:
             return self._latents[(index, flip)]
-        return torch.load(self._latent_file(index, flip), weights_only=True).to(self._base.unet.device)
+        return torch.load(self._latent_file(index, flip), weights_only=True).to(self._base.denoiser.device)

@@ -19,7 +19,7 @@ an Euler scheduler, as the real SDXL base has.
 `tiny-flux` is a FluxPipeline of the same scale: a FluxTransformer2DModel (one double- and one
 single-stream block, guidance embedding), a CLIP encoder for the pooled prompt and a T5 encoder
 for the token states, with a T5 tokenizer made from a byte vocabulary, and a 16-channel VAE with
-FLUX's scaling and shift. The trainer recognises it and says FLUX-class training is not there yet.
+FLUX's scaling and shift (its config's sample size, 64, is the native resolution the trainer reads).
 """
 
 from __future__ import annotations

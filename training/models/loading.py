@@ -3,7 +3,9 @@
 `model_name` may be a built-in id (`builtin:tiny-sd15`), a local diffusers folder, a
 single-file checkpoint (`.safetensors` / `.ckpt`), or a Hugging Face id that is already in
 the local HF cache (fetched only when the machine is online and HF_HUB_OFFLINE is unset).
-Whatever the source, the result is one `BaseModel` with the same components.
+Whatever the source, the result is one `BaseModel`: the pipeline of its family
+(StableDiffusionPipeline, StableDiffusionXLPipeline or FluxPipeline) with a `denoiser` (UNet or
+transformer) and the family's geometry and training scheduler.
 """
 
 from __future__ import annotations
@@ -19,12 +21,11 @@ from training.workspace import models_dir
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DiffusionPipeline, SchedulerMixin
     from transformers import CLIPTextModel, CLIPTokenizer
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-Family = Literal["sd1", "sd2", "sdxl"]  # what this trainer trains
-ModelFamily = Literal["sd1", "sd2", "sdxl", "flux"]  # what it recognises
+ModelFamily = Literal["sd1", "sd2", "sdxl", "flux"]  # what this trainer recognises and trains
 FAMILY_NAMES = {  # as a sentence says it
     "sd1": "a Stable Diffusion 1.x",
     "sd2": "a Stable Diffusion 2.x",
@@ -37,6 +38,10 @@ class ModelNotFoundError(RuntimeError):
     """The base model could not be found or loaded; the message says where we looked."""
 
 
+class QuantizationUnavailable(RuntimeError):
+    """quantize_base asks for a library that is not installed; the message names it."""
+
+
 @dataclass(frozen=True)
 class ModelSource:
     kind: Literal["builtin", "folder", "single_file", "hub"]
@@ -47,16 +52,31 @@ class ModelSource:
 @dataclass
 class BaseModel:
     source: ModelSource
-    pipeline: StableDiffusionPipeline
-    noise_scheduler: DDPMScheduler  # the training-time scheduler, from the model's own scheduler config
-    family: Family
-    native_resolution: int  # sample_size x VAE scale factor: 512 for SD 1.5, 64 for the tiny built-ins
+    pipeline: DiffusionPipeline  # StableDiffusion(XL)Pipeline or FluxPipeline
+    # The training-time scheduler, from the model's own scheduler config: DDPM for SD, the
+    # flow-matching Euler scheduler for FLUX.
+    noise_scheduler: SchedulerMixin
+    family: ModelFamily
+    native_resolution: int  # 512 for SD 1.5, 1024 for SDXL and FLUX, 64 for the tiny built-ins
     vae_scale_factor: int
-    bucket_step: int  # pixels by which bucket sides step: VAE factor x UNet downsampling (64 for SD)
+    # Pixels by which bucket sides step: VAE factor x UNet downsampling (64 for SD); VAE factor x 2
+    # for FLUX, whose transformer sees 2x2 patches of latents (16).
+    bucket_step: int
 
     @property
-    def unet(self) -> UNet2DConditionModel:
-        return self.pipeline.unet
+    def denoiser(self) -> torch.nn.Module:
+        """What is trained: the UNet of SD 1.x/2.x/SDXL, the transformer of FLUX."""
+        return self.pipeline.transformer if self.family == "flux" else self.pipeline.unet
+
+    @property
+    def quantized(self) -> bool:
+        """The denoiser's frozen weights are 8-bit (quantize_base): they keep their storage type."""
+        return getattr(self.denoiser, "hf_quantizer", None) is not None
+
+    @property
+    def denoiser_prefix(self) -> str:
+        """Its name in LoRA files: `unet` (kohya `lora_unet_`) or `transformer`."""
+        return "transformer" if self.family == "flux" else "unet"
 
     @property
     def vae(self) -> AutoencoderKL:
@@ -72,7 +92,7 @@ class BaseModel:
 
     @property
     def text_encoder_2(self):
-        """SDXL's second text encoder (CLIPTextModelWithProjection); None for SD 1.x/2.x."""
+        """SDXL's second CLIP encoder (CLIPTextModelWithProjection), FLUX's T5 encoder; None for SD 1.x/2.x."""
         return getattr(self.pipeline, "text_encoder_2", None)
 
     @property
@@ -80,21 +100,32 @@ class BaseModel:
         return getattr(self.pipeline, "tokenizer_2", None)
 
     @property
-    def lora_models(self) -> tuple:
-        """(unet, text_encoder, text_encoder_2 or None): what training/lora.py's functions take."""
-        return self.unet, self.text_encoder, self.text_encoder_2
+    def lora_models(self) -> dict[str, torch.nn.Module]:
+        """The models a LoRA may adapt, by their prefix in LoRA files: what training/lora.py's functions
+        take. FLUX's text encoders are not trained (CLIP gives only the pooled vector, T5 is 4.7 B
+        parameters), so its LoRA is the transformer's alone."""
+        if self.family == "flux":
+            return {"transformer": self.denoiser}
+        models = {"unet": self.denoiser, "text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None:
+            models["text_encoder_2"] = self.text_encoder_2
+        return models
 
     @property
     def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
+        """epsilon or v_prediction (SD), flow_matching (FLUX: the velocity noise - image)."""
+        return "flow_matching" if self.family == "flux" else self.noise_scheduler.config.prediction_type
+
+    @property
+    def guidance_embedded(self) -> bool:
+        """FLUX.1-dev and Flex.1 take the guidance scale as an input (distilled guidance); schnell does not."""
+        return self.family == "flux" and bool(self.denoiser.config.guidance_embeds)
 
     @property
     def base_model_version(self) -> str:
-        """The kohya `ss_base_model_version` tag: sd_v1, sd_v2, sd_v2_v (v-prediction) or sdxl_base_v1-0."""
-        if self.family == "sd1":
-            return "sd_v1"
-        if self.family == "sdxl":
-            return "sdxl_base_v1-0"
+        """The kohya `ss_base_model_version` tag: sd_v1, sd_v2, sd_v2_v (v-prediction), sdxl_base_v1-0 or flux1."""
+        if self.family in ("sd1", "sdxl", "flux"):
+            return {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}[self.family]
         return "sd_v2_v" if self.prediction_type == "v_prediction" else "sd_v2"
 
 
@@ -194,42 +225,56 @@ def _checkpoint_family(path: Path) -> ModelFamily | None:
     return "flux" if kind.startswith("flux") else _CHECKPOINT_FAMILIES.get(kind)
 
 
-def unsupported_family_message(model_name: str, family: str) -> str | None:
-    """Why this trainer cannot train a model of `family`, or None when it can."""
-    if family in ("sd1", "sd2", "sdxl"):
-        return None
+def unsupported_family_message(model_name: str, family: str, detected: str | None = None) -> str | None:
+    """Why a model of `family` cannot be trained, or None when it can: an unknown family, or a
+    model_family override that contradicts what the model's files say (`detected`)."""
     if family not in FAMILY_NAMES:
-        return f"model_family {family!r} is not one of auto, sd1, sd2, sdxl, flux"
-    return (
-        f"{model_name} is {FAMILY_NAMES[family]} model (read from its files, or model_family); this trainer "
-        "trains Stable Diffusion 1.x/2.x and SDXL models so far: choose one of those (e.g. "
-        "runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0, or builtin:tiny-sd15 to try "
-        "things out)"
-    )
+        return f"model_family {family!r} of {model_name} is not one of auto, sd1, sd2, sdxl, flux"
+    if detected is not None and detected != family:
+        return (
+            f"model_family is {family}, but the files of {model_name} say it is {FAMILY_NAMES[detected]} model: "
+            "set model_family to auto (the override is for single files whose architecture cannot be read)"
+        )
+    return None
 
 
-def load_base_model(source: ModelSource, device: torch.device, *, model_family: str = "auto") -> BaseModel:
-    """Load every component of the pipeline in fp32 (LoRA weights train in fp32 on any device;
-    autocast handles mixed precision), frozen and in eval mode. A model of a family this trainer
-    cannot train (read from its files, or `model_family` when not auto) is refused before loading."""
-    family = detect_family(source) if model_family == "auto" else model_family
-    if family and (refusal := unsupported_family_message(str(source.path), family)):
+def load_base_model(
+    source: ModelSource,
+    device: torch.device,
+    *,
+    model_family: str = "auto",
+    quantize: str = "none",
+    mixed_precision: str = "no",
+) -> BaseModel:
+    """Load every component of the pipeline, frozen and in eval mode: in fp32, or on CUDA with
+    `mixed_precision` in the types placement.frozen_dtypes gives (a diffusers folder is read straight
+    into them; a single file is cast by Placement after loading). LoRA weights train in fp32 either
+    way. The family (read from the model's files, or `model_family` when not auto) picks the pipeline
+    class. `quantize` "8bit" loads a FLUX transformer with 8-bit weights (see quantized_transformer)."""
+    detected = detect_family(source)
+    family = detected if model_family == "auto" else model_family
+    if family and (refusal := unsupported_family_message(str(source.path), family, detected)):
         raise ModelNotFoundError(refusal)
-    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DDPMScheduler, FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    sd_options = {"safety_checker": None, "requires_safety_checker": False}
-    pipeline_class, options = (
-        (StableDiffusionXLPipeline, {}) if family == "sdxl" else (StableDiffusionPipeline, sd_options)
-    )
+    pipeline_class, options = {
+        "sdxl": (StableDiffusionXLPipeline, {}),
+        "flux": (FluxPipeline, {}),
+    }.get(family, (StableDiffusionPipeline, {"safety_checker": None, "requires_safety_checker": False}))
+    from training.placement import frozen_dtypes
+
+    dtypes = frozen_dtypes(mixed_precision, device.type, family)
     try:
-        if source.kind == "single_file":
+        if family == "flux" and quantize == "8bit":
+            options["transformer"] = quantized_transformer(source, device)
+        if source.kind == "single_file":  # one type for all; Placement sets the VAE's and T5's own
             config = str(source.config_folder) if source.config_folder else None
             pipeline = pipeline_class.from_single_file(
-                str(source.path), config=config, local_files_only=True, **options
+                str(source.path), config=config, local_files_only=True, dtype=dtypes["default"], **options
             )
         else:
-            pipeline = pipeline_class.from_pretrained(str(source.path), **options)
-    except ModelNotFoundError:
+            pipeline = pipeline_class.from_pretrained(str(source.path), dtype=dtypes, **options)
+    except (ModelNotFoundError, QuantizationUnavailable):
         raise
     except Exception as exc:
         if source.kind != "single_file":
@@ -240,19 +285,34 @@ def load_base_model(source: ModelSource, device: torch.device, *, model_family: 
                 "diffusers folder (or built-in id) of the same architecture."
             )
         else:
-            hint = (
-                " Is it a Stable Diffusion 1.x/2.x checkpoint (.safetensors/.ckpt) of the same architecture as "
-                f"base_model_config ({source.config_folder})?"
-            )
+            hint = f" Is it a checkpoint of the same architecture as base_model_config ({source.config_folder})?"
         raise ModelNotFoundError(f"could not load the model at {source.path}: {str(exc).rstrip('. ')}.{hint}") from exc
 
     pipeline.set_progress_bar_config(disable=True)
+    if family == "flux":
+        _check_text_to_image_flux(pipeline, source)
+    for name, module in pipeline.components.items():  # the types above, also for a single file's VAE and T5
+        if name in dtypes and module is not None:
+            module.to(dtype=dtypes[name])
     pipeline.to(device)
-    for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)):
+    denoiser = pipeline.transformer if family == "flux" else pipeline.unet
+    for module in (denoiser, pipeline.vae, pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)):
         if module is not None:
             module.requires_grad_(False)
             module.eval()
     vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    if family == "flux":
+        # A transformer has no sample size; the VAE's config records the size it was trained at
+        # (1024 for FLUX.1), and latents are packed in 2x2 patches.
+        return BaseModel(
+            source=source,
+            pipeline=pipeline,
+            noise_scheduler=type(pipeline.scheduler).from_config(pipeline.scheduler.config),
+            family="flux",
+            native_resolution=int(pipeline.vae.config.sample_size),
+            vae_scale_factor=vae_scale_factor,
+            bucket_step=vae_scale_factor * 2,
+        )
     unet_downsampling = 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
     return BaseModel(
         source=source,
@@ -266,17 +326,68 @@ def load_base_model(source: ModelSource, device: torch.device, *, model_family: 
     )
 
 
+def _check_text_to_image_flux(pipeline, source: ModelSource) -> None:
+    """FLUX Fill and Control (Canny, Depth) transformers take image or control latents beside the noisy
+    ones (384 / 128 input channels instead of 64); this trainer's objective feeds only the noisy latents."""
+    expected = 4 * pipeline.vae.config.latent_channels  # 2x2 patches of the VAE's latents
+    got = pipeline.transformer.config.in_channels
+    if got != expected:
+        raise ModelNotFoundError(
+            f"{source.path} is a FLUX model whose transformer takes {got} input channels, not the {expected} of "
+            "text-to-image FLUX (a Fill or Control model, which also conditions on an image); this trainer trains "
+            "text-to-image FLUX LoRAs (FLUX.1-dev, FLUX.1-schnell, Flex.1)"
+        )
+
+
+def quantized_transformer(source: ModelSource, device: torch.device):
+    """The FLUX transformer with 8-bit weights, about half of its bf16 memory (12 B parameters: ~12 GB
+    instead of ~24 GB): bitsandbytes' LLM.int8 on CUDA (its quantizer needs a GPU), else torchao's int8
+    weight-only (CPU or GPU). peft attaches trainable full-precision LoRA layers to either."""
+    import importlib.util
+
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    if device.type == "cuda" and importlib.util.find_spec("bitsandbytes"):
+        from diffusers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    elif importlib.util.find_spec("torchao"):
+        from diffusers import TorchAoConfig
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        quantization = TorchAoConfig(Int8WeightOnlyConfig())
+    else:
+        raise QuantizationUnavailable(
+            "quantize_base 8bit needs bitsandbytes (CUDA: pip install bitsandbytes) or torchao (pip install "
+            "torchao); install one, or set quantize_base to none"
+        )
+    options = {"quantization_config": quantization, "dtype": torch.float32}
+    if source.kind == "single_file":
+        config = str(source.config_folder) if source.config_folder else None
+        return FluxTransformer2DModel.from_single_file(
+            str(source.path), config=config, subfolder="transformer", local_files_only=True, **options
+        )
+    return FluxTransformer2DModel.from_pretrained(str(source.path), subfolder="transformer", **options)
+
+
 def read_geometry(folder: Path) -> tuple[int, int] | None:
     """(native resolution, bucket step) of a diffusers folder from its config.json files, without
-    loading weights: UNet sample_size x VAE scale factor, and VAE factor x UNet downsampling."""
+    loading weights: UNet sample_size x VAE scale factor, and VAE factor x UNet downsampling; for a
+    FLUX transformer, the VAE's sample size and VAE factor x 2 (its 2x2 latent patches)."""
     try:
-        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
         vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
-        sample_size = unet["sample_size"]
-        vae_levels, unet_levels = vae["block_out_channels"], unet["block_out_channels"]
-        if not isinstance(sample_size, int) or not vae_levels or not unet_levels:
+        vae_levels = vae["block_out_channels"]
+        if not vae_levels:
             return None
         vae_factor = 2 ** (len(vae_levels) - 1)
+        if (folder / "transformer" / "config.json").is_file():
+            sample_size = vae["sample_size"]
+            return (sample_size, vae_factor * 2) if isinstance(sample_size, int) else None
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        sample_size, unet_levels = unet["sample_size"], unet["block_out_channels"]
+        if not isinstance(sample_size, int) or not unet_levels:
+            return None
         return sample_size * vae_factor, vae_factor * 2 ** (len(unet_levels) - 1)
     except (OSError, ValueError, KeyError, TypeError):
         return None
