@@ -38,7 +38,7 @@ from server.uploads import UploadService
 log = logging.getLogger("server")
 MONITOR_SECONDS = 1.0  # how often finished jobs are noticed, queued ones started, and subscribers notified
 
-INSTRUCTIONS = """Trains LoRAs for Stable Diffusion in the background.
+INSTRUCTIONS = """Trains LoRAs for Stable Diffusion 1.x/2.x, SDXL and FLUX models in the background.
 Typical flow: create-training-config (name, model_name, dataset_path, trigger_word, test_prompts) ->
 validate-training-config -> start-training (returns a job_id at once) -> get-training-status every
 minute or so -> get-training-samples to look at progress -> the LoRA path is in the final status.

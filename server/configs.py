@@ -200,6 +200,9 @@ class ConfigService:
 
         if config is not None:
             warnings.extend(config.warnings())
+            family_errors, family_warnings = config.family_conflicts(family)
+            errors.extend(family_errors)
+            warnings.extend(family_warnings)
             # Only what is at hand: a DatasetReport would read every image's pixels, and the server does not
             # know the training device's memory.
             from training.diagnostics.evidence import RunEvidence
@@ -402,8 +405,9 @@ def check_model(
     except OSError as exc:  # e.g. building a built-in model into an unwritable workspace
         errors.append(f"model {model_name!r} cannot be prepared: {exc}")
         return ModelCheck(None, None if model_family == "auto" else model_family)
-    family = detect_family(source) if model_family == "auto" else model_family
-    if family and (refusal := unsupported_family_message(model_name, family)):
+    detected = detect_family(source)
+    family = detected if model_family == "auto" else model_family
+    if family and (refusal := unsupported_family_message(model_name, family, detected)):
         errors.append(f"model: {refusal}")
     geometry = read_geometry(source.path) if source.kind in _DIFFUSERS_KINDS else None
     return ModelCheck(geometry[0] if geometry else None, family)

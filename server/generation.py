@@ -45,7 +45,7 @@ def plan_generation(
     negative_prompt: str,
     loras: list[LoraStrength],
     steps: int,
-    guidance: float,
+    guidance: float | None,
     width: int | None,
     height: int | None,
     seed: int,

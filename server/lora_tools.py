@@ -21,7 +21,7 @@ from server.errors import ServiceError
 from server.loras import ExportedLora
 from server.names import checked_name
 from server.paths import check_user_path, looks_like_path
-from server.safetensors_file import InvalidSafetensors, safetensors_metadata
+from server.safetensors_file import InvalidSafetensors, lora_layout, safetensors_metadata
 from training.workspace import atomic_write_json
 
 # The targets of training.convert.LoraFormat, here without importing torch (a test keeps them equal).
@@ -67,7 +67,7 @@ def lora_path(workspace: Path, reference: str) -> Path:
 
 
 def merge_loras(
-    workspace: Path, loras: list[MergeSource | dict], output_name: str, output_format: LoraTarget = "kohya"
+    workspace: Path, loras: list[MergeSource | dict], output_name: str, output_format: LoraTarget = "comfyui"
 ) -> ExportedLora:
     """Merge `loras` (each at its weight) into `loras/<output_name>.safetensors`: at strength 1 the
     result equals loading them together at those weights (training/merge.py)."""
@@ -81,38 +81,37 @@ def merge_loras(
         raise ServiceError(f"loras must be a list of {{lora, weight}} with weights from -2 to 2: {exc}") from None
     if len(sources) < 2:
         raise ServiceError(f"merging needs at least 2 LoRAs, got {len(sources)}; list-exported-models lists them")
-    layout = _checked_target(output_format)
+    _checked_target(output_format)
     target = _new_output(workspace, output_name)
     paths = [lora_path(workspace, source.lora) for source in sources]
     try:
         merge_lora_files([(path, s.weight) for path, s in zip(paths, sources)], target, output_format=output_format)
     except (LoraFileError, ModelNotFoundError) as exc:
         raise ServiceError(f"cannot merge these LoRAs: {exc}") from None
-    return _record(target, layout)
+    return _record(target)
 
 
 def convert_lora(workspace: Path, lora: str, to: LoraTarget, output_name: str | None = None) -> ExportedLora:
     """Write `lora` again in the layout `to` as `loras/<output_name>.safetensors` (default
-    '<lora>-<to>'), losslessly. "comfyui" is the kohya layout, which ComfyUI's LoraLoader reads."""
+    '<lora>-<to>'), losslessly. "comfyui" is what ComfyUI's LoraLoader reads: the kohya layout, or for
+    FLUX the diffusers layout with alphas."""
     from training.convert import convert_lora_file
     from training.lora import LoraFileError
     from training.models.loading import ModelNotFoundError
 
-    layout = _checked_target(to)
+    _checked_target(to)
     source = lora_path(workspace, lora)
     target = _new_output(workspace, output_name or f"{source.stem}-{to}")
     try:
         convert_lora_file(source, target, to)
     except (LoraFileError, ModelNotFoundError) as exc:
         raise ServiceError(f"cannot convert {lora!r} to {to}: {exc}") from None
-    return _record(target, layout)
+    return _record(target)
 
 
-def _checked_target(output_format: str) -> str:
-    """The file layout of a target ("comfyui" is written as kohya)."""
+def _checked_target(output_format: str) -> None:
     if output_format not in get_args(LoraTarget):
         raise ServiceError(f"unknown LoRA format {output_format!r}; use one of {', '.join(get_args(LoraTarget))}")
-    return "kohya" if output_format == "comfyui" else output_format
 
 
 def _new_output(workspace: Path, output_name: str) -> Path:
@@ -126,9 +125,11 @@ def _new_output(workspace: Path, output_name: str) -> Path:
     return target
 
 
-def _record(target: Path, layout: str) -> ExportedLora:
-    """The written file's sidecar, as LoraService.export writes it; output_format is the file's layout."""
+def _record(target: Path) -> ExportedLora:
+    """The written file's sidecar, as LoraService.export writes it; output_format is the file's layout
+    ("comfyui" is one of the two)."""
     metadata = safetensors_metadata(target)
+    layout = lora_layout(target)
     record = ExportedLora(
         name=target.stem,
         path=str(target),

@@ -48,16 +48,18 @@ class LoraService:
         self.folder = self.workspace / "loras"
 
     def export(
-        self, job_id: str, run_dir: Path, config_name: str, step: int | None, output_format: str
+        self, job_id: str, run_dir: Path, config_name: str, step: int | None, output_format: str | None = None
     ) -> ExportedLora:
-        """Copy a job's final LoRA (or the checkpoint LoRA of `step`) into loras/, with its sidecar."""
+        """Copy a job's final LoRA (or the checkpoint LoRA of `step`) into loras/, with its sidecar; in
+        `output_format`, or as trained when None."""
         source, label = self._source(job_id, run_dir, step)
         try:
             metadata = safetensors_metadata(source)
         except InvalidSafetensors as exc:
             raise ServiceError(f"job {job_id}'s LoRA {source.name} is damaged ({exc}); train or resume again") from None
         config = json.loads(metadata.get("training_config", "{}"))
-        trained_format = config.get("output_format", "kohya")
+        trained_format = config.get("output_format") or "kohya"
+        output_format = output_format or trained_format
         name = f"{config_name}{label}"
         target = self.folder / f"{name}.safetensors"
         if output_format == trained_format:

@@ -32,6 +32,7 @@ from training.plans import GOALS, Goal, TrainingPlan, recommend_plan, trigger_wo
 
 # Optimizers a preset may choose that need a package of their own: optimizer -> (module, pip package).
 _OPTIONAL_OPTIMIZERS = {"lion": ("lion_pytorch", "lion-pytorch")}
+_QUANTIZERS = ("bitsandbytes", "torchao")  # either gives quantize_base 8bit (training/models/loading.py)
 _NAME_LENGTH = 100  # TrainingConfig's limit on a config name
 
 
@@ -61,9 +62,9 @@ def recommend_training_plan(
         raise ServiceError(f"dataset {dataset_name!r} cannot be read: {exc}") from None
 
     if model_name is None:
-        model_name, native = TrainingConfig.model_fields["model_name"].default, None
+        model_name, native, family = TrainingConfig.model_fields["model_name"].default, None, None
     else:
-        native = _native_resolution(model_name)
+        native, family = _model_facts(model_name)
     trigger = trigger_word_for(dataset_name, index)
     plan = recommend_plan(
         images=index.num_images,
@@ -71,28 +72,34 @@ def recommend_training_plan(
         goal=goal,
         model_name=model_name,
         native_resolution=native,
+        detected_family=family,
         dataset_path=dataset_name,
         name=_free_config_name(Path(workspace), dataset_name, lora_type),
         trigger_word=trigger.word,
         trigger_reason=trigger.reason,
     )
     plan.warnings.extend(_missing_packages(plan.config.get("optimizer")))
+    if plan.config.get("quantize_base") == "8bit" and not any(map(importlib.util.find_spec, _QUANTIZERS)):
+        plan.warnings.append(
+            "quantize_base 8bit needs bitsandbytes (CUDA) or torchao, and neither is installed here: pip install "
+            "bitsandbytes (or torchao) where the run trains, or set quantize_base to none on a 40+ GB GPU"
+        )
     plan.warnings.extend(f"dataset: {warning}" for warning in index.warnings)
     return plan
 
 
-def _native_resolution(model_name: str) -> int | None:
-    """The model's native size from its config files (None for a single file), as validate-training-config
-    reads it; a model that cannot be found is a ServiceError."""
+def _model_facts(model_name: str) -> tuple[int | None, str | None]:
+    """The model's native size (None for a single file) and family from its files, as
+    validate-training-config reads them; a model that cannot be found is a ServiceError."""
     errors: list[str] = []
-    native, _ = check_model(model_name, None, errors=errors)
+    native, family = check_model(model_name, None, errors=errors)
     if errors:
         raise ServiceError(
             f"{'; '.join(errors)}. Plan for a model this machine has (a local diffusers folder, a .safetensors "
             "file, a Hugging Face id in the local cache, or 'builtin:tiny-sd15'), or leave model_name out to plan "
             "for the default model"
         )
-    return native
+    return native, family
 
 
 def _free_config_name(workspace: Path, dataset_name: str, lora_type: str) -> str:

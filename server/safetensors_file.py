@@ -39,7 +39,18 @@ class InvalidSafetensors(ValueError):
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:
-    """Check that `path` is a well-formed safetensors file and return its __metadata__.
+    """Check that `path` is a well-formed safetensors file and return its __metadata__."""
+    return _checked_header(path)[0]
+
+
+def lora_layout(path: Path) -> str:
+    """ "kohya" (`.lora_down.weight` keys) or "diffusers" (`.lora_A.weight`) for a well-formed file."""
+    names = _checked_header(path)[1]
+    return "kohya" if any(".lora_down." in name for name in names) else "diffusers"
+
+
+def _checked_header(path: Path) -> tuple[dict[str, str], list[str]]:
+    """(__metadata__, tensor names) of `path`, once it is checked to be a well-formed safetensors file.
 
     Reads only the header: an 8-byte little-endian header length, a JSON object of tensors
     {name: {dtype, shape, data_offsets}} (and an optional __metadata__ of strings), then the data,
@@ -79,7 +90,7 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
         position = end
     if position != data_size:
         raise InvalidSafetensors(f"the tensors cover {position} bytes of data, but the file holds {data_size}")
-    return metadata
+    return metadata, list(header)
 
 
 def _tensor_range(name: str, info: Any, data_size: int) -> tuple[int, int]:

@@ -309,8 +309,19 @@ def test_validate_shows_the_preflight_rules(service, shapes, tiny_sd15):
     assert report.valid  # warnings do not stop a run
 
 
-def test_a_model_of_a_family_the_trainer_cannot_train_is_an_error(service, tiny_sdxl, shapes):
+def test_a_family_override_that_contradicts_the_models_files_is_an_error(service, tiny_sdxl, shapes):
     service.create(values(shapes, name="xl", model_name="builtin:tiny-sdxl"))
     assert service.validate("xl").valid  # SDXL trains
     service.create(values(shapes, name="forced", model_name="builtin:tiny-sd15", model_family="flux"))
-    assert any("a FLUX-class model" in error for error in service.validate("forced").errors)
+    assert any("model_family is flux, but the files" in error for error in service.validate("forced").errors)
+
+
+def test_options_that_do_not_fit_flux_are_errors_before_a_run(service, shapes):
+    service.create(values(shapes, name="flux", model_name="builtin:tiny-flux"))
+    assert service.validate("flux").valid  # FLUX trains
+    service.update("flux", {"train_text_encoder": True, "min_snr_gamma": 5, "output_format": "kohya"})
+    errors = service.validate("flux").errors
+    assert len(errors) == 3
+    assert errors[0].startswith("train_text_encoder: FLUX LoRAs train the transformer only")
+    assert errors[1].startswith("min_snr_gamma weighs DDPM timesteps")
+    assert errors[2].startswith("output_format kohya: kohya's FLUX layout")

@@ -204,7 +204,9 @@ def test_vram_estimate_reproduces_the_guide_table():
     # The anchor (batch 1, native size, fp16, AdamW, rank 32) is the guide's recommended VRAM ...
     assert estimate_vram_gb(config(mixed_precision="fp16"), 512) == pytest.approx(8.0)
     assert estimate_vram_gb(config(mixed_precision="bf16"), 1024) == pytest.approx(16.0)
-    assert estimate_vram_gb(config(model_name="flux-dev", mixed_precision="bf16"), 1024) == pytest.approx(24.0)
+    flux = config(model_name="flux-dev", mixed_precision="bf16", quantize_base="8bit")
+    assert estimate_vram_gb(flux, 1024) == pytest.approx(24.0)  # the guide's FLUX row: 8-bit weights
+    assert estimate_vram_gb(config(model_name="flux-dev", mixed_precision="bf16"), 1024) == pytest.approx(35.9)
     # ... and the guide's memory preset brings it to about the minimum.
     preset = dict(mixed_precision="fp16", gradient_checkpointing=True, low_vram=True, optimizer="adafactor")
     assert estimate_vram_gb(config(**preset), 512) == pytest.approx(6.0, abs=0.1)
@@ -270,10 +272,23 @@ def test_vram_estimate_over_the_device_suggests_the_memory_preset():
 
 def test_vram_estimate_beyond_the_memory_preset_says_so():
     cfg = config(
-        model_name="flux-dev", mixed_precision="bf16", gradient_checkpointing=True, low_vram=True, optimizer="adafactor"
+        model_name="flux-dev",
+        mixed_precision="bf16",
+        gradient_checkpointing=True,
+        low_vram=True,
+        optimizer="adafactor",
+        quantize_base="8bit",
     )
     finding = vram_estimate(evidence(cfg, native_resolution=1024, device_memory_gb=8))
     assert finding.patch == {} and "lower the resolution" in finding.message
+
+
+def test_vram_estimate_for_flux_offers_an_8bit_transformer():
+    cfg = config(model_name="flux-dev", mixed_precision="bf16")
+    finding = vram_estimate(evidence(cfg, native_resolution=1024, device_memory_gb=24))
+    assert finding.severity == "warning" and finding.patch["quantize_base"] == "8bit"
+    assert finding.evidence["with_memory_preset_gb"] < 24 < finding.evidence["estimate_gb"]
+    assert_patch_validates(cfg, finding.patch)
 
 
 def test_resolution_below_native():

@@ -185,25 +185,47 @@ def test_memory_time_counts_the_four_micro_batches_per_step():
 
 
 @pytest.mark.parametrize(
-    ("model_name", "native", "per_1k_steps", "trainable"),
+    ("model_name", "native", "per_1k_steps"),
     [
-        ("builtin:tiny-sd15", 64, (15, 30), True),
-        ("runwayml/stable-diffusion-v1-5", 512, (15, 30), True),
-        ("runwayml/stable-diffusion-v1-5", None, (15, 30), True),
-        ("stabilityai/stable-diffusion-2-1", 768, (21, 42), True),  # between SD 1.5 and SDXL
-        ("stabilityai/stable-diffusion-2-1", None, (21, 42), True),
-        ("stabilityai/stable-diffusion-xl-base-1.0", 1024, (30, 60), True),
-        ("model.safetensors", 1024, (30, 60), True),
-        ("black-forest-labs/FLUX.1-dev", None, (60, 120), False),
-        ("ostris/Flex.1-alpha", 1024, (60, 120), False),
+        ("builtin:tiny-sd15", 64, (15, 30)),
+        ("runwayml/stable-diffusion-v1-5", 512, (15, 30)),
+        ("runwayml/stable-diffusion-v1-5", None, (15, 30)),
+        ("stabilityai/stable-diffusion-2-1", 768, (21, 42)),  # between SD 1.5 and SDXL
+        ("stabilityai/stable-diffusion-2-1", None, (21, 42)),
+        ("stabilityai/stable-diffusion-xl-base-1.0", 1024, (30, 60)),
+        ("model.safetensors", 1024, (30, 60)),
+        ("black-forest-labs/FLUX.1-dev", None, (60, 120)),
+        ("ostris/Flex.1-alpha", 1024, (60, 120)),
     ],
 )
-def test_training_time_uses_the_guides_hardware_row(model_name, native, per_1k_steps, trainable):
+def test_training_time_uses_the_guides_hardware_row(model_name, native, per_1k_steps):
     plan = plan_for(10, "style", model_name=model_name, native_resolution=native)
     assert plan.estimated_minutes == per_1k_steps
-    assert (plan.warnings == []) == trainable
+    assert plan.warnings == []  # every family trains
     if native == 64:
         assert "SD 1.5-class" in plan.reasons["model_name"]
+
+
+@pytest.mark.parametrize(
+    ("model_name", "native", "optimizer", "precision", "quantize"),
+    [
+        ("runwayml/stable-diffusion-v1-5", 512, "adamw", "fp16", None),
+        ("stabilityai/stable-diffusion-xl-base-1.0", 1024, "adamw", "bf16", None),
+        ("ostris/Flex.1-alpha", 1024, "adafactor", "bf16", "8bit"),
+        ("builtin:tiny-flux", 64, "adafactor", "bf16", None),  # a toy transformer needs no 8-bit weights
+    ],
+)
+def test_the_model_family_sets_optimizer_precision_and_8bit_weights(model_name, native, optimizer, precision, quantize):
+    plan = plan_for(10, "style", model_name=model_name, native_resolution=native)
+    config = plan.config
+    assert (config["optimizer"], config["mixed_precision"], config.get("quantize_base")) == (
+        optimizer,
+        precision,
+        quantize,
+    )
+    assert plan.reasons["optimizer"] and plan.reasons["mixed_precision"]
+    family = "flux" if "flux" in model_name.lower() or "flex" in model_name.lower() else "sd1"
+    assert TrainingConfig.from_dict(config).family_conflicts(family) == ([], [])
 
 
 @pytest.mark.parametrize(("rank", "size"), sorted(FILE_SIZE_MB.items()))
@@ -286,6 +308,7 @@ def test_the_service_plans_a_real_dataset_that_validates(workspace, tiny_sd15, t
         "rank": 16,
         "alpha": 16,
         "mixed_precision": "fp16",
+        "optimizer": "adamw",
     }
     assert "64 px" in plan.reasons["model_name"] and "SD 1.5-class" in plan.reasons["model_name"]
     assert plan.estimated_minutes == (9.0, 18.0)
@@ -297,6 +320,22 @@ def test_the_service_plans_a_real_dataset_that_validates(workspace, tiny_sd15, t
     report = configs.validate("plan-shapes-style")
     assert report.valid, report.errors
     assert (report.images, report.native_resolution) == (6, 64)
+
+
+def test_the_service_plans_by_the_family_the_models_files_say(workspace, tmp_path):
+    import shutil
+
+    from training.models.builtin import ensure_builtin
+
+    make_dataset(workspace, "plan-shapes", 6, trigger_word="xyz_shape")
+    renamed = tmp_path / "my-model"  # its name says nothing of FLUX; its files do
+    shutil.copytree(ensure_builtin("builtin:tiny-flux", workspace / "models"), renamed)
+    plan = recommend_training_plan(
+        workspace, dataset_name="plan-shapes", lora_type="style", model_name=str(renamed), goal="balanced"
+    )
+    assert (plan.config["optimizer"], plan.config["mixed_precision"]) == ("adafactor", "bf16")
+    assert "FLUX-class" in plan.reasons["model_name"]
+    assert plan.estimated_minutes == (36.0, 72.0)  # the guide's FLUX row: 60-120 min per 1k steps x 600 steps
 
 
 def test_the_config_name_skips_names_already_taken(tmp_path):

@@ -19,11 +19,11 @@ from training.config import STEPS_PER_IMAGE, LoraType, TrainingConfig
 from training.data.dataset import DatasetIndex
 from training.data.report import GUIDE_IMAGE_RANGE
 from training.diagnostics.preflight import (
+    FLUX,
     LEARNING_RATES,
     RANK_TABLE,
     SD2,
     SD15,
-    SDXL,
     SMALLEST_REAL_NATIVE,
     ModelFamily,
     estimate_minutes,
@@ -235,10 +235,11 @@ def recommend_plan(
     name: str,
     trigger_word: str | None,
     trigger_reason: str | None = None,
+    detected_family: str | None = None,
 ) -> TrainingPlan:
     """The plan for `images` training images of a `lora_type` LoRA on `model_name` (whose native size
-    is `native_resolution`, None when unknown), with `goal`'s preset. Its config validates as a
-    TrainingConfig (checked here)."""
+    is `native_resolution`, None when unknown; `detected_family` as read from its files, else judged by
+    name and size), with `goal`'s preset. Its config validates as a TrainingConfig (checked here)."""
     if images < 1:
         raise ValueError(f"a plan needs at least one training image, not {images}")
     if lora_type not in RANK_BY_TYPE:
@@ -299,18 +300,27 @@ def recommend_plan(
             "guide's DreamBooth example uses class_prompt 'person'); a narrower class (e.g. 'a photo of a car', "
             "'an anime girl') preserves better"
         )
+    family = model_family(TrainingConfig.from_dict(config), native_resolution, detected_family)
     if "mixed_precision" not in config:  # the memory preset sets its own
-        family = model_family(TrainingConfig.from_dict(config), native_resolution)
         config["mixed_precision"], reasons["mixed_precision"] = _precision_for(family)
+    if "optimizer" not in config:  # the memory and speed presets set their own
+        config["optimizer"], reasons["optimizer"] = _optimizer_for(family)
+    if family is FLUX and (native_resolution is None or native_resolution >= SMALLEST_REAL_NATIVE):
+        config["quantize_base"] = "8bit"
+        reasons["quantize_base"] = (
+            "8bit: the guide's FLUX row (16 GB minimum, 24 GB recommended) fits only with the 12 B transformer's "
+            "weights in 8 bits (~12 GB instead of ~24 GB); the LoRA still trains in full precision. It needs "
+            "bitsandbytes (CUDA) or torchao installed; set quantize_base none on a 40+ GB GPU"
+        )
     # A config that would be refused is a bug here, not the user's problem; the validated one also
     # supplies the defaults (batch size) the estimates need.
     validated = TrainingConfig.from_dict(config)
 
     size_mb, size_reason = file_size_mb(validated.effective_rank)
     reasons["expected_file_size_mb"] = size_reason
-    family = model_family(validated, native_resolution)
+    family = model_family(validated, native_resolution, detected_family)
     reasons["model_name"] = f"{model_name}: {_family_reason(family, native_resolution)}"
-    low, high = estimate_minutes(validated, native_resolution, images)
+    low, high = estimate_minutes(validated, native_resolution, images, detected_family)
     minutes = (round(low, 1), round(high, 1))
     per_step = validated.effective_batch_size
     batches = f" x {per_step} images per step (batch_size x gradient_accumulation_steps)" if per_step > 1 else ""
@@ -321,11 +331,6 @@ def recommend_plan(
         f"{steps / 1000:g}k steps{batches}; gradient checkpointing, class-image generation and a CPU make it longer"
     )
     warnings = []
-    if family not in (SD15, SD2, SDXL):
-        warnings.append(
-            f"{model_name} looks {family.name}-class: this trainer trains Stable Diffusion 1.x/2.x and SDXL, and "
-            "refuses FLUX-class models when the run loads them; pick one of those"
-        )
     next_step = (
         f"create-training-config with `config` as its arguments (change any value first if you like), then "
         f"validate-training-config with name {name!r}, then start-training with config_name {name!r}"
@@ -474,6 +479,16 @@ def _family_reason(family: ModelFamily, native: int | None) -> str:
             f"{family.name}'s; it really trains in seconds to minutes)"
         )
     return f"native {native} px: {family.name}-class"
+
+
+def _optimizer_for(family: ModelFamily) -> tuple[str, str]:
+    """The optimizer a model family trains well with, with the reason."""
+    if family is FLUX:
+        return "adafactor", (
+            "adafactor for FLUX: its 12 B transformer leaves little room on the guide's 16-24 GB, and Adafactor "
+            "'uses less memory than AdamW' (the guide's Memory Optimization) with no extra package"
+        )
+    return "adamw", f"adamw, the guide's default and the optimizer of its examples, for {family.name}"
 
 
 def _precision_for(family: ModelFamily) -> tuple[str, str]:

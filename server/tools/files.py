@@ -38,7 +38,11 @@ def register_file_tools(server: MCPServer, s: Services) -> None:
     def export_model(
         job_id: str = Field(description="Job id from start-training."),
         step: int | None = Field(None, ge=1, description="A checkpoint step; default: the final LoRA."),
-        output_format: Literal["kohya", "diffusers"] = Field("kohya", description="kohya for ComfyUI/A1111."),
+        output_format: Literal["kohya", "diffusers"] | None = Field(
+            None,
+            description="kohya for ComfyUI/A1111, or diffusers; default: as the run wrote it (kohya for SD 1.x/2.x "
+            "and SDXL, diffusers for FLUX, which ComfyUI loads too).",
+        ),
     ) -> ExportedLora:
         status = call(jobs.training_status, job_id)
         return call(loras.export, job_id, Path(status.run_dir), status.config_name, step, output_format)

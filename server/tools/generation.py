@@ -62,10 +62,14 @@ def register_generation_tools(server: MCPServer, s: Services) -> None:
     async def generate_image(
         prompt: str = Field(description="What to draw; start with the LoRA's trigger word."),
         model_name: str | None = Field(None, description="Base model; default: the first LoRA's base model."),
-        negative_prompt: str = Field("", description="What to avoid."),
+        negative_prompt: str = Field(
+            "", description="What to avoid (SD 1.x/2.x and SDXL; FLUX is guidance-distilled and ignores it)."
+        ),
         loras: list[LoraStrength] = Field(default_factory=list, description="LoRAs to apply, in order."),
         steps: int = Field(20, ge=1, le=150, description="Denoising steps."),
-        guidance: float = Field(7.5, ge=0.0, le=30.0, description="Classifier-free guidance scale."),
+        guidance: float | None = Field(
+            None, ge=0.0, le=30.0, description="Guidance scale; default 7.5 for SD 1.x/2.x/SDXL, 3.5 for FLUX."
+        ),
         width: int | None = Field(None, description="Pixels; default: the model's native size."),
         height: int | None = Field(None, description="Pixels; default: the model's native size."),
         seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the first image; image i uses seed + i."),
@@ -108,7 +112,7 @@ def register_generation_tools(server: MCPServer, s: Services) -> None:
             negative_prompt="",
             loras=[LoraStrength(lora=lora)],
             steps=steps,
-            guidance=7.5,
+            guidance=None,
             width=None,
             height=None,
             seed=seed,
@@ -125,15 +129,20 @@ def register_generation_tools(server: MCPServer, s: Services) -> None:
     def merge_loras_tool(
         loras: list[MergeSource] = Field(description="[{lora: name or path, weight}], at least two."),
         output_name: str = Field(description="Name of the merged LoRA in loras/."),
-        output_format: Literal["kohya", "diffusers"] = Field("kohya", description="kohya for ComfyUI/A1111."),
+        output_format: Literal["kohya", "diffusers", "comfyui"] = Field(
+            "comfyui",
+            description="comfyui (default): what ComfyUI loads, the kohya layout for SD 1.x/2.x/SDXL and the "
+            "diffusers layout with alphas for FLUX; kohya for A1111/Forge (not for FLUX); diffusers (peft keys).",
+        ),
     ) -> MergeResult:
         merged = call(lambda: merge_loras(workspace, loras, output_name, output_format))
         return MergeResult(lora=merged, next_step=f"generate-image with loras=[{{lora: {merged.name!r}}}]")
 
     @server.tool(
         name="convert-lora",
-        description="Rewrite a LoRA in another layout, losslessly: kohya (ComfyUI, A1111/Forge), diffusers "
-        "(peft keys), or comfyui (the kohya layout, which ComfyUI's LoraLoader reads).",
+        description="Rewrite a LoRA in another layout, losslessly: kohya (ComfyUI, A1111/Forge; SD and SDXL only), "
+        "diffusers (peft keys), or comfyui (what ComfyUI's LoraLoader reads: the kohya layout for SD/SDXL, the "
+        "diffusers layout with alphas for FLUX).",
     )
     def convert_lora_tool(
         lora: str = Field(description="An exported LoRA's name or a .safetensors path."),

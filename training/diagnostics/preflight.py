@@ -318,8 +318,11 @@ def estimate_vram_gb(config: TrainingConfig, native_resolution: int | None, dete
     family = model_family(config, native_resolution, detected)
     native = native_resolution or family.native
     fp32 = config.mixed_precision == "no"
-    weights = family.denoiser_gb + (0.0 if config.low_vram else family.encoders_gb)
-    if fp32 and not family.quantized:
+    denoiser, quantized = family.denoiser_gb, family.quantized
+    if quantized and config.quantize_base == "none":  # the guide's FLUX row is at 8 bits; 16 bits is twice that
+        denoiser, quantized = 2 * denoiser, False
+    weights = denoiser + (0.0 if config.low_vram else family.encoders_gb)
+    if fp32 and not quantized:
         weights *= 2
     anchor_lora = _lora_state_gb(STANDARD_RANK, "adamw")
     activations = family.recommended_gb - family.denoiser_gb - family.encoders_gb - anchor_lora
@@ -335,9 +338,12 @@ def _lora_state_gb(rank: int, optimizer: str) -> float:
     return rank * LORA_PARAMS_PER_RANK * (8 + 4 * OPTIMIZER_STATES[optimizer]) / 1e9
 
 
-def memory_preset_patch(config: TrainingConfig) -> dict:
-    """The guide's memory preset as changes to `config`, keeping the effective batch size."""
+def memory_preset_patch(config: TrainingConfig, family: ModelFamily | None = None) -> dict:
+    """The guide's memory preset as changes to `config`, keeping the effective batch size; for FLUX also
+    8-bit transformer weights, which the guide's FLUX row assumes."""
     patch: dict = {key: value for key, value in MEMORY_PRESET.items() if getattr(config, key) != value}
+    if family is FLUX and config.quantize_base == "none":
+        patch["quantize_base"] = "8bit"
     if config.batch_size > 1:
         patch["gradient_accumulation_steps"] = min(256, config.effective_batch_size)
     if config.mixed_precision == "no":
@@ -355,7 +361,7 @@ def vram_estimate(evidence: RunEvidence) -> Finding | None:
         return None
     family = model_family(config, evidence.native_resolution, evidence.model_family)
     need = estimate_vram_gb(config, evidence.native_resolution, evidence.model_family)
-    patch = memory_preset_patch(config)
+    patch = memory_preset_patch(config, family)
     with_preset = estimate_vram_gb(config.model_copy(update=patch), evidence.native_resolution, evidence.model_family)
     row = f"{family.name}: the guide's minimum {family.minimum_gb:g} GB, recommended {family.recommended_gb:g} GB"
     if not family.from_guide:
