@@ -65,6 +65,13 @@ def test_watched_example_sets_the_diagnostics_options():
     assert control_prompt(cfg) == "painting of a sunset"
 
 
+def test_the_flux_example_fits_its_family():
+    cfg = load_example("flux.yaml")
+    assert (cfg.quantize_base, cfg.mixed_precision, cfg.timestep_sampling) == ("8bit", "bf16", "shift")
+    assert cfg.family_conflicts("flux") == ([], [])
+    assert cfg.resolve(native_resolution=1024, num_images=15, family="flux").output_format == "diffusers"
+
+
 def test_the_readme_configs_per_model_family_are_valid_configs():
     import json
     import re
@@ -76,4 +83,7 @@ def test_the_readme_configs_per_model_family_are_valid_configs():
     assert [c.model_name for c in configs] == [
         "runwayml/stable-diffusion-v1-5",
         "stabilityai/stable-diffusion-xl-base-1.0",
+        "ostris/Flex.1-alpha",
     ]
+    for config, family in zip(configs, ["sd1", "sdxl", "flux"]):
+        assert config.family_conflicts(family) == ([], []), config.name  # nothing the family refuses or ignores
