@@ -60,9 +60,11 @@ def register_training_tools(server: MCPServer, s: Services) -> None:
     server.add_tool(
         create_training_config,
         name="create-training-config",
-        description="Create a named training config. Give name, model_name (e.g. runwayml/stable-diffusion-v1-5 or "
-        "builtin:tiny-sd15), dataset_path (a dataset name from list-datasets or a folder path), trigger_word and "
-        "test_prompts; every other option has the guide's default (learning_rate 2e-4, rank 32, steps 100 x images).",
+        description="Create a named training config. Give name, model_name (an SD 1.x/2.x, SDXL or FLUX model, e.g. "
+        "runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0, black-forest-labs/FLUX.1-dev, or "
+        "builtin:tiny-sd15 to try things out), dataset_path (a dataset name from list-datasets or a folder path), "
+        "trigger_word and test_prompts; every other option has the guide's default (learning_rate 2e-4, rank 32, "
+        "steps 100 x images) or the model family's (resolution, output format).",
     )
 
     @server.tool(name="list-configs", description="List saved training configs.", annotations=read_only)
