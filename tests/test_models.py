@@ -183,3 +183,13 @@ def test_a_flux_fill_or_control_model_is_refused_with_the_reason(tmp_path, works
     FluxTransformer2DModel.from_config(config).save_pretrained(folder / "transformer")
     with pytest.raises(ModelNotFoundError, match="takes 128 input channels, not the 64 of text-to-image FLUX"):
         load_base_model(resolve_model(str(folder)), torch.device("cpu"))
+
+
+def test_a_flux_single_file_needs_the_folder_of_its_model(tmp_path):
+    """BFL's FLUX checkpoints hold the transformer only: the VAE and text encoders must come from somewhere."""
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "flux1-dev.safetensors"
+    save_file({"double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(4)}, str(checkpoint))
+    with pytest.raises(ModelNotFoundError, match="holds the transformer only: set base_model_config"):
+        load_base_model(resolve_model(str(checkpoint)), torch.device("cpu"))

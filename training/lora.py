@@ -94,9 +94,7 @@ def _check_targets(model: torch.nn.Module, prefix: str, targets: list[str]) -> N
         elif kinds:
             problems.append(f"target_modules: {target!r} names {', '.join(kinds)} layers, not linear ones")
     if problems:
-        examples = sorted(
-            {_short_name(name) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        )
+        examples = sorted({_short_name(name) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ConfigError(problems + [f"linear layer names of the {prefix}: {', '.join(examples[:30])}"])
 
 

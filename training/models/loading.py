@@ -248,9 +248,9 @@ def load_base_model(
 ) -> BaseModel:
     """Load every component of the pipeline, frozen and in eval mode: in fp32, or on CUDA with
     `mixed_precision` in the types placement.frozen_dtypes gives (a diffusers folder is read straight
-    into them; a single file is cast by Placement after loading). LoRA weights train in fp32 either
-    way. The family (read from the model's files, or `model_family` when not auto) picks the pipeline
-    class. `quantize` "8bit" loads a FLUX transformer with 8-bit weights (see quantized_transformer)."""
+    into them; a single file in the main type, its VAE and T5 cast after). LoRA weights train in fp32
+    either way. The family (read from the model's files, or `model_family` when not auto) picks the pipeline
+    class. `quantize` "8bit" loads a FLUX transformer with 8-bit weights (see flux_transformer)."""
     detected = detect_family(source)
     family = detected if model_family == "auto" else model_family
     if family and (refusal := unsupported_family_message(str(source.path), family, detected)):
@@ -265,9 +265,14 @@ def load_base_model(
 
     dtypes = frozen_dtypes(mixed_precision, device.type, family)
     try:
-        if family == "flux" and quantize == "8bit":
-            options["transformer"] = quantized_transformer(source, device)
-        if source.kind == "single_file":  # one type for all; Placement sets the VAE's and T5's own
+        if family == "flux" and (quantize == "8bit" or source.kind == "single_file"):
+            # A FLUX single file (BFL's layout) holds the transformer only; the rest of the pipeline comes
+            # from base_model_config's folder, as diffusers documents for FLUX single files.
+            options["transformer"] = flux_transformer(source, device, quantize=quantize, dtype=dtypes["default"])
+            pipeline = pipeline_class.from_pretrained(
+                str(source.config_folder if source.kind == "single_file" else source.path), dtype=dtypes, **options
+            )
+        elif source.kind == "single_file":  # one type for all; the VAE's own is set below
             config = str(source.config_folder) if source.config_folder else None
             pipeline = pipeline_class.from_single_file(
                 str(source.path), config=config, local_files_only=True, dtype=dtypes["default"], **options
@@ -339,34 +344,46 @@ def _check_text_to_image_flux(pipeline, source: ModelSource) -> None:
         )
 
 
-def quantized_transformer(source: ModelSource, device: torch.device):
-    """The FLUX transformer with 8-bit weights, about half of its bf16 memory (12 B parameters: ~12 GB
-    instead of ~24 GB): bitsandbytes' LLM.int8 on CUDA (its quantizer needs a GPU), else torchao's int8
-    weight-only (CPU or GPU). peft attaches trainable full-precision LoRA layers to either."""
+def flux_transformer(source: ModelSource, device: torch.device, *, quantize: str, dtype: torch.dtype):
+    """The FLUX transformer loaded on its own: from a single file, and/or with 8-bit weights (`quantize`
+    "8bit": about half of its bf16 memory, 12 B parameters in ~12 GB instead of ~24 GB), through
+    bitsandbytes' LLM.int8 on CUDA (its quantizer needs a GPU), else torchao's int8 weight-only (CPU or
+    GPU). peft attaches trainable full-precision LoRA layers to either."""
     import importlib.util
 
     import torch
     from diffusers import FluxTransformer2DModel
 
-    if device.type == "cuda" and importlib.util.find_spec("bitsandbytes"):
-        from diffusers import BitsAndBytesConfig
-
-        quantization = BitsAndBytesConfig(load_in_8bit=True)
-    elif importlib.util.find_spec("torchao"):
-        from diffusers import TorchAoConfig
-        from torchao.quantization import Int8WeightOnlyConfig
-
-        quantization = TorchAoConfig(Int8WeightOnlyConfig())
-    else:
-        raise QuantizationUnavailable(
-            "quantize_base 8bit needs bitsandbytes (CUDA: pip install bitsandbytes) or torchao (pip install "
-            "torchao); install one, or set quantize_base to none"
+    options: dict = {"dtype": dtype}
+    if source.kind == "single_file" and source.config_folder is None:
+        raise ModelNotFoundError(
+            f"{source.path} is a FLUX checkpoint, which holds the transformer only: set base_model_config to the "
+            "diffusers folder (or Hugging Face id in the local cache) of its model, e.g. black-forest-labs/FLUX.1-dev, "
+            "for its VAE, text encoders and configs"
         )
-    options = {"quantization_config": quantization, "dtype": torch.float32}
+    if quantize == "8bit":
+        if device.type == "cuda" and importlib.util.find_spec("bitsandbytes"):
+            from diffusers import BitsAndBytesConfig
+
+            options["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        elif importlib.util.find_spec("torchao"):
+            from diffusers import TorchAoConfig
+            from torchao.quantization import Int8WeightOnlyConfig
+
+            options["quantization_config"] = TorchAoConfig(Int8WeightOnlyConfig())
+        else:
+            raise QuantizationUnavailable(
+                "quantize_base 8bit needs bitsandbytes (CUDA: pip install bitsandbytes) or torchao (pip install "
+                "torchao); install one, or set quantize_base to none"
+            )
+        options["dtype"] = torch.float32  # the layers left unquantized (norms, embeddings): small
     if source.kind == "single_file":
-        config = str(source.config_folder) if source.config_folder else None
         return FluxTransformer2DModel.from_single_file(
-            str(source.path), config=config, subfolder="transformer", local_files_only=True, **options
+            str(source.path),
+            config=str(source.config_folder),
+            subfolder="transformer",
+            local_files_only=True,
+            **options,
         )
     return FluxTransformer2DModel.from_pretrained(str(source.path), subfolder="transformer", **options)
 
