@@ -289,6 +289,21 @@ def test_loss_target_is_information():
     assert fire(loss_target, healthy(train=rows(flat(100, 0.3)))).evidence["position"] == "above"
 
 
+def test_flux_losses_are_not_judged_by_the_guides_noise_prediction_band():
+    """Flow matching's velocity loss sits far above SD's 0.05-0.15; its level says nothing alone."""
+    level = fire(loss_target, healthy(train=rows(flat(100, 0.45)), model_family="flux"))
+    assert level.evidence["position"] == "n/a" and "FLUX learns the velocity" in level.message
+    # A FLUX loss stuck early plateaus by its trend alone, without the SD band in the message;
+    # the same run in SD terms is stuck above the band and says so.
+    stuck = rows(decaying(300, start=0.6, floor=0.45, tau=20))
+    flux = fire(plateau_early, healthy(train=stuck, model_family="flux"))
+    assert flux.rule == "loss-plateau" and "guide's" not in flux.message
+    assert "above the guide's 0.15" in fire(plateau_early, healthy(train=stuck)).message
+    low = rows(decaying(300, start=0.2, floor=0.1, tau=20))  # in the SD band: no SD plateau, a FLUX one
+    assert plateau_early(healthy(train=low)) is None
+    assert plateau_early(healthy(train=low, model_family="flux")) is not None
+
+
 def test_training_time_from_step_times():
     finding = fire(training_time, healthy())
     assert finding.rule == "training-time" and finding.severity == "info"

@@ -117,8 +117,16 @@ class EvidenceRecorder:
     there are held-out images, and the LoRA's update size, as rows of metrics.jsonl; then the
     `auto_stop_on` checks, which read the run's evidence back like diagnose-training does."""
 
-    def __init__(self, files: RunFiles, config: TrainingConfig, validation: ValidationSet | None, lora_models):
+    def __init__(
+        self,
+        files: RunFiles,
+        config: TrainingConfig,
+        validation: ValidationSet | None,
+        lora_models,
+        model_family: str | None = None,
+    ):
         self._files = files
+        self._family = model_family  # the rules judge loss levels by it (flow matching's sit higher)
         self._config = config
         self._validation = validation
         self._lora_models = lora_models  # () -> {prefix: model with adapters}
@@ -156,7 +164,7 @@ class EvidenceRecorder:
         from training.diagnostics.evidence import RunEvidence
         from training.diagnostics.training_rules import AUTO_STOP_RULES
 
-        evidence = RunEvidence.from_run_dir(self._files.dir)
+        evidence = RunEvidence.from_run_dir(self._files.dir).model_copy(update={"model_family": self._family})
         for condition in self._config.auto_stop_on:
             findings = [rule(evidence) for rule in AUTO_STOP_RULES[condition]]
             finding = next((f for f in findings if f is not None and f.severity != "info"), None)

@@ -172,7 +172,9 @@ class Trainer:
         if validation is not None:
             validation.prepare()
         self.placement.offload_encoders(self.data.text_is_static)
-        self.evidence = EvidenceRecorder(self.files, config, validation, lambda: lora_components(self.base.lora_models))
+        self.evidence = EvidenceRecorder(
+            self.files, config, validation, lambda: lora_components(self.base.lora_models), self.base.family
+        )
         self.objective = objective_for(self.base, config)
         self.sample_stats = SampleStatistics([r.path for r in self.dataset.images])
 

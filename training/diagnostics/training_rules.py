@@ -120,15 +120,17 @@ def plateau_early(evidence: RunEvidence) -> Finding | None:
     steps = evidence.config.steps
     progress = evidence.train[-1].step / steps if steps else None
     early = (progress is not None and progress < PLATEAU_EARLY) or gain_since_start < PLATEAU_MIN_GAIN_SINCE_START
-    if gain >= PLATEAU_MIN_GAIN or gain < -PLATEAU_MAX_RISE or not early or last <= GUIDE_LOSS_TARGET[1]:
+    flow = _flow_matching(evidence)  # the guide's band describes noise-prediction losses only
+    if gain >= PLATEAU_MIN_GAIN or gain < -PLATEAU_MAX_RISE or not early or (not flow and last <= GUIDE_LOSS_TARGET[1]):
         return None
     patch = _lr_patch(evidence.config, PLATEAU_LR_FACTOR)
     fix = "raise learning_rate" if patch else "learning_rate cannot go higher here: try a larger rank"
+    band = "" if flow else f" (above the guide's {GUIDE_LOSS_TARGET[1]:g})"
     return Finding(
         rule="loss-plateau",
         severity="warning",
-        message=f"the loss has stalled at {last:.3g} (above the guide's {GUIDE_LOSS_TARGET[1]:g}) by step "
-        f"{evidence.train[-1].step}: it plateaued early, {fix}.",
+        message=f"the loss has stalled at {last:.3g}{band} by step {evidence.train[-1].step}: it plateaued early, "
+        f"{fix}.",
         evidence={
             "step": evidence.train[-1].step,
             "progress": progress,
@@ -441,6 +443,21 @@ def loss_target(evidence: RunEvidence) -> Finding | None:
     if len(losses) < MIN_ROWS:
         return None
     level, (low, high) = _recent_median(losses), GUIDE_LOSS_TARGET
+    if _flow_matching(evidence):
+        return Finding(
+            rule="loss-target",
+            severity="info",
+            message=f"the smoothed loss is {level:.3g} at step {evidence.train[-1].step}. The guide's target "
+            f"{low:g}-{high:g} describes noise-prediction (SD) losses; FLUX learns the velocity noise - image, "
+            "whose loss sits higher and depends on the noise levels drawn: judge a FLUX run by the trend of its "
+            "validation loss and its samples.",
+            evidence={
+                "step": evidence.train[-1].step,
+                "smoothed_loss": level,
+                "target": [low, high],
+                "position": "n/a",
+            },
+        )
     where = "below" if level < low else "above" if level > high else "within"
     return Finding(
         rule="loss-target",
@@ -449,6 +466,11 @@ def loss_target(evidence: RunEvidence) -> Finding | None:
         f"{low:g}-{high:g}; that target is only a guide, the level varies with the model and the data.",
         evidence={"step": evidence.train[-1].step, "smoothed_loss": level, "target": [low, high], "position": where},
     )
+
+
+def _flow_matching(evidence: RunEvidence) -> bool:
+    family = evidence.config.model_family if evidence.config.model_family != "auto" else evidence.model_family
+    return family == "flux"
 
 
 def training_time(evidence: RunEvidence) -> Finding | None:
