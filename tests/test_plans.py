@@ -404,3 +404,11 @@ def test_the_precision_follows_the_model_family(model_name, native, precision):
         plan_for(24, "style", "memory", model_name=model_name, native_resolution=native).config["mixed_precision"]
         == "fp16"
     )  # the guide's memory preset
+
+
+def test_the_memory_preset_keeps_bf16_where_fp16_overflows():
+    sd = plan_for(10, "style", goal="memory", model_name="runwayml/stable-diffusion-v1-5", native_resolution=512)
+    flux = plan_for(10, "style", goal="memory", model_name="ostris/Flex.1-alpha", native_resolution=1024)
+    assert sd.config["mixed_precision"] == "fp16"  # the guide's Memory Optimization
+    assert flux.config["mixed_precision"] == "bf16" and "saves no more" in flux.reasons["mixed_precision"]
+    assert flux.config["optimizer"] == "adafactor" and flux.config["quantize_base"] == "8bit"

@@ -301,8 +301,11 @@ def recommend_plan(
             "'an anime girl') preserves better"
         )
     family = model_family(TrainingConfig.from_dict(config), native_resolution, detected_family)
-    if "mixed_precision" not in config:  # the memory preset sets its own
+    if "mixed_precision" not in config:
         config["mixed_precision"], reasons["mixed_precision"] = _precision_for(family)
+    elif config["mixed_precision"] == "fp16" and family is FLUX:  # the memory preset's fp16 overflows in FLUX
+        config["mixed_precision"], why = _precision_for(family)
+        reasons["mixed_precision"] = f"{why}; the guide's Memory Optimization writes fp16, which saves no more"
     if "optimizer" not in config:  # the memory and speed presets set their own
         config["optimizer"], reasons["optimizer"] = _optimizer_for(family)
     if family is FLUX and (native_resolution is None or native_resolution >= SMALLEST_REAL_NATIVE):

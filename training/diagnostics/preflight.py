@@ -340,14 +340,14 @@ def _lora_state_gb(rank: int, optimizer: str) -> float:
 
 def memory_preset_patch(config: TrainingConfig, family: ModelFamily | None = None) -> dict:
     """The guide's memory preset as changes to `config`, keeping the effective batch size; for FLUX also
-    8-bit transformer weights, which the guide's FLUX row assumes."""
+    8-bit transformer weights, which the guide's FLUX row assumes, and bf16 rather than fp16."""
     patch: dict = {key: value for key, value in MEMORY_PRESET.items() if getattr(config, key) != value}
     if family is FLUX and config.quantize_base == "none":
         patch["quantize_base"] = "8bit"
     if config.batch_size > 1:
         patch["gradient_accumulation_steps"] = min(256, config.effective_batch_size)
-    if config.mixed_precision == "no":
-        patch["mixed_precision"] = "fp16"
+    if config.mixed_precision == "no":  # FLUX's activations overflow fp16 (SD's and SDXL's UNets run in it)
+        patch["mixed_precision"] = "bf16" if family is FLUX else "fp16"
     if "optimizer" in patch and config.optimizer == "prodigy":
         patch["learning_rate"] = DEFAULT_LR  # Prodigy's 1.0 would be 5000x the guide's default for Adafactor
     return patch

@@ -110,7 +110,11 @@ def plateau_early(evidence: RunEvidence) -> Finding | None:
     """The smoothed loss (quarter medians) stopped improving early, above the guide's target band. The guide:
     "Plateaued early -> Increase learning rate". Early: the run is under half done, or the loss has not
     improved since its first quarter. An oscillating or exploding run stops improving too, but there a
-    higher lr makes it worse: those rules report it instead."""
+    higher lr makes it worse: those rules report it instead. A flow-matching (FLUX) run is judged by its
+    validation loss instead: its training loss is flat and noisy by nature (it mostly tracks the noise
+    levels drawn), so its quarters never show progress."""
+    if _flow_matching(evidence):
+        return _validation_plateau(evidence)
     losses = _losses(evidence)
     if len(losses) < 2 * MIN_ROWS or oscillation(evidence) or gradient_exploding(evidence):
         return None
@@ -120,24 +124,50 @@ def plateau_early(evidence: RunEvidence) -> Finding | None:
     steps = evidence.config.steps
     progress = evidence.train[-1].step / steps if steps else None
     early = (progress is not None and progress < PLATEAU_EARLY) or gain_since_start < PLATEAU_MIN_GAIN_SINCE_START
-    flow = _flow_matching(evidence)  # the guide's band describes noise-prediction losses only
-    if gain >= PLATEAU_MIN_GAIN or gain < -PLATEAU_MAX_RISE or not early or (not flow and last <= GUIDE_LOSS_TARGET[1]):
+    if gain >= PLATEAU_MIN_GAIN or gain < -PLATEAU_MAX_RISE or not early or last <= GUIDE_LOSS_TARGET[1]:
         return None
-    patch = _lr_patch(evidence.config, PLATEAU_LR_FACTOR)
-    fix = "raise learning_rate" if patch else "learning_rate cannot go higher here: try a larger rank"
-    band = "" if flow else f" (above the guide's {GUIDE_LOSS_TARGET[1]:g})"
-    return Finding(
-        rule="loss-plateau",
-        severity="warning",
-        message=f"the loss has stalled at {last:.3g}{band} by step {evidence.train[-1].step}: it plateaued early, "
-        f"{fix}.",
-        evidence={
+    return _plateau_finding(
+        evidence,
+        f"the loss has stalled at {last:.3g} (above the guide's {GUIDE_LOSS_TARGET[1]:g})",
+        {
             "step": evidence.train[-1].step,
             "progress": progress,
             "previous_quarter_median": third,
             "latest_quarter_median": last,
             "improvement": gain,
         },
+    )
+
+
+PLATEAU_VALIDATION_CHECKS = 4  # validation scores a flow-matching plateau needs: step 0 and three more
+
+
+def _validation_plateau(evidence: RunEvidence) -> Finding | None:
+    """The held-out loss (fixed noise levels, so its changes are the LoRA's) improved less than 2% over
+    its last two checks while the run is under half done; without validation, nothing is said."""
+    scores = evidence.validation
+    steps = evidence.config.steps
+    if len(scores) < PLATEAU_VALIDATION_CHECKS or not steps:
+        return None
+    before, last = scores[-3].loss, scores[-1].loss
+    gain, progress = (before - last) / before, scores[-1].step / steps
+    if gain >= PLATEAU_MIN_GAIN or gain < -PLATEAU_MAX_RISE or progress >= PLATEAU_EARLY:
+        return None
+    return _plateau_finding(
+        evidence,
+        f"the validation loss has stalled at {last:.3g} (from {before:.3g} two checks before)",
+        {"step": scores[-1].step, "progress": progress, "validation_before": before, "validation_latest": last},
+    )
+
+
+def _plateau_finding(evidence: RunEvidence, stalled: str, facts: dict) -> Finding:
+    patch = _lr_patch(evidence.config, PLATEAU_LR_FACTOR)
+    fix = "raise learning_rate" if patch else "learning_rate cannot go higher here: try a larger rank"
+    return Finding(
+        rule="loss-plateau",
+        severity="warning",
+        message=f"{stalled} by step {facts['step']}: it plateaued early, {fix}.",
+        evidence=facts,
         patch=patch,
     )
 
