@@ -392,6 +392,7 @@ def check_model(
     from training.models.loading import (
         ModelNotFoundError,
         detect_family,
+        flux_refusal,
         read_geometry,
         resolve_model,
         unsupported_family_message,
@@ -407,7 +408,12 @@ def check_model(
         return ModelCheck(None, None if model_family == "auto" else model_family)
     detected = detect_family(source)
     family = detected if model_family == "auto" else model_family
-    if family and (refusal := unsupported_family_message(model_name, family, detected)):
+    if (
+        family
+        and (refusal := unsupported_family_message(model_name, family, detected))
+        or family == "flux"
+        and (refusal := flux_refusal(source))
+    ):
         errors.append(f"model: {refusal}")
     geometry = read_geometry(source.path) if source.kind in _DIFFUSERS_KINDS else None
     return ModelCheck(geometry[0] if geometry else None, family)

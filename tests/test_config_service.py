@@ -325,3 +325,14 @@ def test_options_that_do_not_fit_flux_are_errors_before_a_run(service, shapes):
     assert errors[0].startswith("train_text_encoder: FLUX LoRAs train the transformer only")
     assert errors[1].startswith("min_snr_gamma weighs DDPM timesteps")
     assert errors[2].startswith("output_format kohya: kohya's FLUX layout")
+
+
+def test_a_flux_single_file_without_its_models_folder_is_an_error_before_a_run(service, shapes, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "flux1-dev.safetensors"  # BFL's layout: the transformer alone
+    save_file({"double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(4)}, str(checkpoint))
+    service.create(values(shapes, name="flux-file", model_name=str(checkpoint)))
+    errors = service.validate("flux-file").errors
+    assert len(errors) == 1 and "holds the transformer only: set base_model_config" in errors[0]

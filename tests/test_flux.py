@@ -340,3 +340,60 @@ def test_a_bf16_request_on_the_cpu_still_loads_fp32_weights(flux):
         name: next(m.parameters()).dtype for name, m in base.pipeline.components.items() if hasattr(m, "parameters")
     }
     assert set(dtypes.values()) == {torch.float32} and len(dtypes) == 4  # transformer, VAE, CLIP, T5
+
+
+def test_low_vram_keeps_static_text_encoders_off_the_gpu(flux):
+    from training.placement import frozen_dtypes, text_encoders_stay_on_cpu
+
+    cuda = torch.device("cuda")  # only its type is read: no GPU is needed to decide
+    config = TrainingConfig(name="x", dataset_path="/d", low_vram=True)
+    assert text_encoders_stay_on_cpu(config, cuda)
+    assert not text_encoders_stay_on_cpu(config, torch.device("cpu"))
+    assert not text_encoders_stay_on_cpu(config.model_copy(update={"shuffle_captions": True}), cuda)  # per step
+    assert not text_encoders_stay_on_cpu(config.model_copy(update={"low_vram": False}), cuda)
+    # On the CPU they keep fp32 under fp16 (no fast fp16 there); bf16 they keep.
+    assert frozen_dtypes("fp16", "cuda", "flux", text_on_cpu=True)["text_encoder"] == torch.float32
+    assert "text_encoder" not in frozen_dtypes("bf16", "cuda", "flux", text_on_cpu=True)
+    # The part-by-part placement the loader uses then.
+    base = load_base_model(resolve_model("builtin:tiny-flux"), torch.device("cpu"), text_on_cpu=True)
+    assert {m.device.type for m in base.pipeline.components.values() if isinstance(m, torch.nn.Module)} == {"cpu"}
+
+
+def test_kohya_files_get_the_reason_they_do_not_fit_flux(flux, tmp_path):
+    from safetensors.torch import save_file
+
+    def kohya(name: str, module: str) -> Path:
+        path = tmp_path / f"{name}.safetensors"
+        save_file(
+            {f"{module}.lora_down.weight": torch.zeros(2, 4), f"{module}.lora_up.weight": torch.zeros(4, 2)}, path
+        )
+        return path
+
+    with pytest.raises(LoraFileError, match="kohya-layout FLUX LoRA"):
+        read_lora_file(kohya("bfl", "lora_unet_double_blocks_0_img_attn_qkv"), flux.lora_models)
+    with pytest.raises(LoraFileError, match="kohya LoRA of a UNet model"):
+        read_lora_file(kohya("sd", "lora_unet_down_blocks_0_attentions_0_proj_in"), flux.lora_models)
+
+
+def test_a_flux_lora_of_another_tool_with_clip_weights_converts_and_merges(trained, tmp_path):
+    """diffusers' FLUX script with --train_text_encoder also adapts CLIP: such files convert and merge whole."""
+    from safetensors.torch import save_file
+
+    with safe_open(str(trained / "a.safetensors"), framework="pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        metadata = f.metadata()
+    clip = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    tensors |= {
+        f"{clip}.lora_A.weight": torch.randn(4, 32),
+        f"{clip}.lora_B.weight": torch.randn(32, 4),
+        f"{clip}.alpha": torch.tensor(2.0),
+    }
+    source = tmp_path / "with-clip.safetensors"
+    save_file(tensors, str(source), metadata=metadata)
+    converted = convert_lora_file(source, tmp_path / "converted.safetensors", "comfyui")
+    merged = merge_lora_files([(source, 1.0), (trained / "a.safetensors", 0.5)], tmp_path / "merged.safetensors")
+    for path in (converted, merged):
+        with safe_open(str(path), framework="pt") as f:
+            assert f"{clip}.lora_A.weight" in f.keys() and f"{clip}.alpha" in f.keys()
+    with safe_open(str(converted), framework="pt") as f:
+        assert torch.equal(f.get_tensor(f"{clip}.lora_B.weight"), tensors[f"{clip}.lora_B.weight"])

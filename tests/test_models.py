@@ -193,3 +193,14 @@ def test_a_flux_single_file_needs_the_folder_of_its_model(tmp_path):
     save_file({"double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(4)}, str(checkpoint))
     with pytest.raises(ModelNotFoundError, match="holds the transformer only: set base_model_config"):
         load_base_model(resolve_model(str(checkpoint)), torch.device("cpu"))
+
+
+def test_an_edm_trained_sdxl_model_is_refused_with_the_reason(tmp_path, tiny_sdxl):
+    """Playground v2.5 has SDXL's architecture but EDM noise and normalised latents (latents_mean/std)."""
+    folder = tmp_path / "playground"
+    shutil.copytree(tiny_sdxl, folder)
+    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    vae_config.update(latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    (folder / "vae" / "config.json").write_text(json.dumps(vae_config))
+    with pytest.raises(ModelNotFoundError, match="EDM noise and normalised latents"):
+        load_base_model(resolve_model(str(folder)), torch.device("cpu"))

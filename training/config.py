@@ -323,6 +323,11 @@ class TrainingConfig(BaseModel):
         return self.alpha if self.alpha is not None else float(self.effective_rank)
 
     @property
+    def static_text(self) -> bool:
+        """Captions map to fixed embeddings: the text encoder is frozen and tags are not shuffled."""
+        return not self.train_text_encoder and not self.shuffle_captions
+
+    @property
     def effective_batch_size(self) -> int:
         return self.batch_size * self.gradient_accumulation_steps
 

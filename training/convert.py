@@ -130,16 +130,22 @@ def write_lora_weights(
 
 def empty_models(folder: Path) -> dict:
     """The models a LoRA of a diffusers folder may adapt, by prefix ({unet, text_encoder[, text_encoder_2]}
-    or FLUX's {transformer}), as module trees without weights."""
+    or FLUX's {transformer, text_encoder}), as module trees without weights."""
     import torch
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     try:
         if (folder / "transformer" / "config.json").is_file():
+            # FLUX: this trainer adapts the transformer only, but LoRAs of other tools (diffusers' FLUX script
+            # with --train_text_encoder) also adapt its CLIP encoder; both are read, merged and converted.
             transformer_config = FluxTransformer2DModel.load_config(str(folder), subfolder="transformer")
+            clip_config = CLIPTextConfig.from_pretrained(str(folder), subfolder="text_encoder")
             with torch.device("meta"):
-                return {"transformer": FluxTransformer2DModel.from_config(transformer_config)}
+                return {
+                    "transformer": FluxTransformer2DModel.from_config(transformer_config),
+                    "text_encoder": CLIPTextModel(clip_config),
+                }
         unet_config = UNet2DConditionModel.load_config(str(folder), subfolder="unet")
         text_config = CLIPTextConfig.from_pretrained(str(folder), subfolder="text_encoder")
         second_config = None

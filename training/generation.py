@@ -70,8 +70,9 @@ def generate(
     files.samples.mkdir(parents=True, exist_ok=True)
     files.samples_index.unlink(missing_ok=True)  # a resumed job renders every image again
     device = pick_device()
-    # bf16 weights on a GPU that has it (FLUX in fp32 would need ~67 GB); fp32 elsewhere.
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    # bf16 weights on a GPU with native bf16 (Ampere, compute capability 8.0, and newer; FLUX in fp32 would
+    # need ~67 GB); fp32 elsewhere, where bf16 would only be emulated.
+    bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
     base = load_base_model(resolve_model(request.model_name), device, mixed_precision="bf16" if bf16 else "no")
     pipe = base.pipeline
     guidance = (

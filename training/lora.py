@@ -160,11 +160,13 @@ def read_lora_file(path: Path, models: dict[str, torch.nn.Module]) -> dict[str, 
         raise LoraFileError(f"{path} is not a readable .safetensors LoRA file: {exc}") from None
     if any(key.startswith(ALL_KOHYA_PREFIXES) for key in tensors):
         if "transformer" in models:
-            raise LoraFileError(
-                f"{path} is a kohya-layout FLUX LoRA (lora_unet_double_blocks_*, fused projections); this trainer "
-                "reads FLUX LoRAs in the diffusers layout (transformer.*.lora_A.weight): convert it with "
-                "diffusers (FluxPipeline.lora_state_dict) first"
-            )
+            if any("double_blocks" in key or "single_blocks" in key for key in tensors):
+                raise LoraFileError(
+                    f"{path} is a kohya-layout FLUX LoRA (lora_unet_double_blocks_*, fused projections); this "
+                    "trainer reads FLUX LoRAs in the diffusers layout (transformer.*.lora_A.weight): convert it "
+                    "with diffusers (FluxPipeline.lora_state_dict) first"
+                )
+            raise LoraFileError(f"{path} is a kohya LoRA of a UNet model (SD 1.x/2.x or SDXL), not of this FLUX model")
         return _read_kohya(path, tensors, models)
     if any(".lora_A." in key for key in tensors):
         return _read_peft(path, tensors, metadata, models)

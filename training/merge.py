@@ -47,7 +47,7 @@ def merge_lora_files(
     sources: list[tuple[Path, float]],
     target: Path,
     *,
-    output_format: LoraFormat = "kohya",
+    output_format: LoraFormat = "comfyui",
     model_folder: Path | None = None,
 ) -> Path:
     """Write the LoRA that equals `sources` (file, weight) applied together, at `target`.

@@ -1,5 +1,6 @@
 """Where the base model's parts live and in what precision: mixed precision on CUDA, and the
-low_vram memory savers (encoders off the GPU between uses, gradient checkpointing)."""
+low_vram memory savers (text encoders on the CPU, the VAE off the GPU between uses, gradient
+checkpointing)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("training")
 
 
-def frozen_dtypes(mixed_precision: str, device_type: str, family: str | None) -> dict[str, torch.dtype]:
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # pipeline component names (FLUX: CLIP and T5)
+
+
+def frozen_dtypes(
+    mixed_precision: str, device_type: str, family: str | None, *, text_on_cpu: bool = False
+) -> dict[str, torch.dtype]:
     """The storage type of the frozen weights by pipeline component ("default": the rest), as
     diffusers' from_pretrained takes it: the mixed-precision type on CUDA, fp32 elsewhere. Under fp16
     the VAE stays fp32 (SD and SDXL VAEs overflow in fp16; SDXL's sets force_upcast), and so does FLUX's
-    T5 (its activations overflow too); both encode once anyway. Loading FLUX straight in bf16 halves
-    what its fp32 load would put on the GPU (12 B + 4.7 B parameters: ~34 GB instead of ~67 GB)."""
+    T5 (its activations overflow too); both encode once anyway, and so do text encoders kept on the CPU
+    (`text_on_cpu`), which has no fast fp16. Loading FLUX straight in bf16 halves what its fp32 load
+    would put on the GPU (12 B + 4.7 B parameters: ~34 GB instead of ~67 GB)."""
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision) if device_type == "cuda" else None
     if dtype is None:
         return {"default": torch.float32}
@@ -31,7 +38,16 @@ def frozen_dtypes(mixed_precision: str, device_type: str, family: str | None) ->
         dtypes["vae"] = torch.float32
         if family == "flux":
             dtypes["text_encoder_2"] = torch.float32
+        if text_on_cpu:
+            dtypes.update(dict.fromkeys(TEXT_ENCODERS, torch.float32))
     return dtypes
+
+
+def text_encoders_stay_on_cpu(config: TrainingConfig, device: torch.device) -> bool:
+    """low_vram on CUDA, with captions that encode to fixed states: the text encoders never go to the GPU
+    (FLUX's T5 alone is 9.5 GB in bf16, as much as the 8-bit transformer); they encode every caption and
+    test prompt on the CPU, once per caption and per sample set."""
+    return config.low_vram and device.type == "cuda" and config.static_text
 
 
 class Placement:
@@ -48,8 +64,9 @@ class Placement:
         self.weight_dtype = self.autocast_dtype or torch.float32
         self.label = requested if self.autocast_dtype else "fp32"
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
+        self.text_on_cpu = text_encoders_stay_on_cpu(config, device)
         if self.autocast_dtype is not None:  # a no-op where the loader already stored them so
-            dtypes = frozen_dtypes(requested, device.type, base.family)
+            dtypes = frozen_dtypes(requested, device.type, base.family, text_on_cpu=self.text_on_cpu)
             for name, model in base.pipeline.components.items():
                 frozen = isinstance(model, torch.nn.Module) and not (model is base.denoiser and base.quantized)
                 if frozen:  # 8-bit weights keep their type
@@ -75,23 +92,20 @@ class Placement:
                 "low_vram is recorded only: it moves encoders off the GPU, and this run is on %s", self.device.type
             )
 
-    def offload_encoders(self, text_is_static: bool) -> None:
-        """low_vram on CUDA: after caching, the VAE (and frozen text encoders) wait on the CPU."""
+    def offload_encoders(self) -> None:
+        """low_vram on CUDA: after caching, the VAE waits on the CPU (the text encoders never left it,
+        unless they are trained or re-encode shuffled captions every step)."""
         if self.config.low_vram and self.device.type == "cuda":
             if self.config.cache_latents:
                 self.base.vae.to("cpu")
-            if text_is_static:
-                for encoder in self.text_encoders:
-                    encoder.to("cpu")
             torch.cuda.empty_cache()
 
     @contextmanager
-    def encoders_on_device(self, text_is_static: bool) -> Iterator[None]:
-        """Bring offloaded encoders back for sampling, and send them away again."""
+    def encoders_on_device(self) -> Iterator[None]:
+        """Bring the offloaded VAE back to decode samples, and send it away again."""
         if self.config.low_vram and self.device.type == "cuda":
-            for model in (self.base.vae, *self.text_encoders):
-                model.to(self.device)
+            self.base.vae.to(self.device)
         try:
             yield
         finally:
-            self.offload_encoders(text_is_static)
+            self.offload_encoders()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from training.data.dataset import IMAGE_SUFFIXES
-from training.sampling import render
+from training.sampling import prompt_arguments, render
 from training.workspace import atomic_output
 
 if TYPE_CHECKING:
@@ -42,10 +42,11 @@ def ensure_class_images(base: BaseModel, placement: Placement, config: TrainingC
                 images = render(
                     base,
                     placement,
-                    prompt=[config.class_prompt] * count,
+                    **prompt_arguments(base, config, [config.class_prompt] * count),
                     height=config.resolution,
                     width=config.resolution,
                     num_inference_steps=GENERATION_STEPS,
+                    guidance_scale=config.sample_guidance_scale,
                     generator=generator,
                 )
                 for image in images:

@@ -71,12 +71,12 @@ def render_samples(
     denoiser = base.denoiser
     devices = [denoiser.device] if denoiser.device.type == "cuda" else []
     written = []
-    was_training = denoiser.training
-    denoiser.eval()
-    base.text_encoder.eval()
+    models = list(base.lora_models.values())  # eval: no LoRA dropout in samples; modes restored after
+    was_training = [model.training for model in models]
+    for model in models:
+        model.eval()
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            negative = _encode(base, config, [""])
             control = control_prompt(config)
             prompts = config.test_prompts + ([control] if control else [])
             previous = _previous_samples(files, step)
@@ -85,7 +85,7 @@ def render_samples(
                 [image] = render(
                     base,
                     placement,
-                    **_prompt_arguments(base, _encode(base, config, [prompt]), negative),
+                    **prompt_arguments(base, config, [prompt]),
                     height=config.resolution,
                     width=config.resolution,
                     num_inference_steps=config.sample_steps,
@@ -115,22 +115,31 @@ def render_samples(
                 files.append_sample(row)
                 written.append(path.name)
     finally:
-        denoiser.train(was_training)
+        for model, mode in zip(models, was_training):
+            model.train(mode)
     return written
 
 
-def _encode(base: BaseModel, config: TrainingConfig, prompts: list[str]) -> TextConditioning:
-    return encode_text(base, prompts, max_token_length=config.max_token_length, clip_skip=config.clip_skip)
+def prompt_arguments(base: BaseModel, config: TrainingConfig, prompts: list[str]) -> dict:
+    """The pipeline's prompt arguments for `prompts`, encoded by this run's text encoders wherever they
+    are (low_vram keeps them on the CPU) and outside autocast (T5 overflows in fp16), then moved to the
+    denoiser's device: the states, for SDXL and FLUX the pooled embeddings, and for SD and SDXL an empty
+    negative prompt for classifier-free guidance (FLUX's guidance is an input of the distilled model)."""
+    device = base.denoiser.device
 
+    def encoded(texts: list[str]) -> TextConditioning:
+        text = encode_text(base, texts, max_token_length=config.max_token_length, clip_skip=config.clip_skip)
+        return TextConditioning(text.states.to(device), None if text.pooled is None else text.pooled.to(device))
 
-def _prompt_arguments(base: BaseModel, positive: TextConditioning, negative: TextConditioning) -> dict:
-    """The pipeline's prompt arguments: encoded states, and for SDXL the pooled embeddings too. FLUX
-    takes no negative prompt (its guidance is an input of the distilled model)."""
-    if base.family == "flux":
-        return {"prompt_embeds": positive.states, "pooled_prompt_embeds": positive.pooled}
-    arguments = {"prompt_embeds": positive.states, "negative_prompt_embeds": negative.states}
+    positive = encoded(prompts)
+    arguments = {"prompt_embeds": positive.states}
     if positive.pooled is not None:
-        arguments.update(pooled_prompt_embeds=positive.pooled, negative_pooled_prompt_embeds=negative.pooled)
+        arguments["pooled_prompt_embeds"] = positive.pooled
+    if base.family != "flux":
+        negative = encoded([""] * len(prompts))
+        arguments["negative_prompt_embeds"] = negative.states
+        if negative.pooled is not None:
+            arguments["negative_pooled_prompt_embeds"] = negative.pooled
     return arguments
 
 

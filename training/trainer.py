@@ -36,7 +36,7 @@ from training.models.loading import (
 )
 from training.objectives import objective_for
 from training.optimizers import OptimizerUnavailable, build_lr_scheduler, build_optimizer
-from training.placement import Placement
+from training.placement import Placement, text_encoders_stay_on_cpu
 from training.prior import ensure_class_images
 from training.resume import find_resume_lora, read_checkpoint_state, truncate_after
 from training.run_evidence import EvidenceRecorder, SampleStatistics
@@ -115,6 +115,7 @@ class Trainer:
             model_family=config.model_family,
             quantize=config.quantize_base,
             mixed_precision=config.mixed_precision,
+            text_on_cpu=text_encoders_stay_on_cpu(config, self.device),
         )
         self.dataset = hold_out(
             scan_dataset(
@@ -166,12 +167,12 @@ class Trainer:
         self.data = TrainingData(records, self.base, config, self.files.latent_cache)
         if config.cache_latents:
             self.data.cache_latents()
-        if self.data.text_is_static:
+        if config.static_text:
             self.data.cache_text()
         validation = ValidationSet(self.dataset.validation, self.base, config) if self.dataset.validation else None
         if validation is not None:
             validation.prepare()
-        self.placement.offload_encoders(self.data.text_is_static)
+        self.placement.offload_encoders()
         self.evidence = EvidenceRecorder(
             self.files, config, validation, lambda: lora_components(self.base.lora_models), self.base.family
         )
@@ -381,7 +382,7 @@ class Trainer:
             self.stop_requested = True
 
     def _render_samples(self) -> None:
-        with self.placement.encoders_on_device(self.data.text_is_static):
+        with self.placement.encoders_on_device():
             names = render_samples(self.base, self.placement, self.config, self.files, self.step, self.sample_stats)
         self.status.update(latest_samples=names)
         self.status.write()

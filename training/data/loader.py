@@ -80,11 +80,6 @@ class TrainingData:
         )
 
     # --- caches ----------------------------------------------------------------------------
-    @property
-    def text_is_static(self) -> bool:
-        """Captions map to fixed embeddings: the text encoder is frozen and tags are not shuffled."""
-        return not self._config.train_text_encoder and not self._config.shuffle_captions
-
     def cache_latents(self) -> None:
         """Encode every record (both orientations with flip_aug) once, by bucket, with the VAE."""
         by_bucket: dict[Bucket, list[int]] = defaultdict(list)

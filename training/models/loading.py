@@ -245,25 +245,30 @@ def load_base_model(
     model_family: str = "auto",
     quantize: str = "none",
     mixed_precision: str = "no",
+    text_on_cpu: bool = False,
 ) -> BaseModel:
     """Load every component of the pipeline, frozen and in eval mode: in fp32, or on CUDA with
     `mixed_precision` in the types placement.frozen_dtypes gives (a diffusers folder is read straight
     into them; a single file in the main type, its VAE and T5 cast after). LoRA weights train in fp32
     either way. The family (read from the model's files, or `model_family` when not auto) picks the pipeline
-    class. `quantize` "8bit" loads a FLUX transformer with 8-bit weights (see flux_transformer)."""
+    class. `quantize` "8bit" loads a FLUX transformer with 8-bit weights (see flux_transformer);
+    `text_on_cpu` leaves the text encoders on the CPU (low_vram: they never occupy the GPU)."""
     detected = detect_family(source)
     family = detected if model_family == "auto" else model_family
     if family and (refusal := unsupported_family_message(str(source.path), family, detected)):
         raise ModelNotFoundError(refusal)
+    if family == "flux" and (refusal := flux_refusal(source)):
+        raise ModelNotFoundError(refusal)
+    import torch
     from diffusers import DDPMScheduler, FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     pipeline_class, options = {
         "sdxl": (StableDiffusionXLPipeline, {}),
         "flux": (FluxPipeline, {}),
     }.get(family, (StableDiffusionPipeline, {"safety_checker": None, "requires_safety_checker": False}))
-    from training.placement import frozen_dtypes
+    from training.placement import TEXT_ENCODERS, frozen_dtypes
 
-    dtypes = frozen_dtypes(mixed_precision, device.type, family)
+    dtypes = frozen_dtypes(mixed_precision, device.type, family, text_on_cpu=text_on_cpu)
     try:
         if family == "flux" and (quantize == "8bit" or source.kind == "single_file"):
             # A FLUX single file (BFL's layout) holds the transformer only; the rest of the pipeline comes
@@ -294,12 +299,24 @@ def load_base_model(
         raise ModelNotFoundError(f"could not load the model at {source.path}: {str(exc).rstrip('. ')}.{hint}") from exc
 
     pipeline.set_progress_bar_config(disable=True)
-    if family == "flux":
-        _check_text_to_image_flux(pipeline, source)
+    if getattr(pipeline.vae.config, "latents_mean", None) is not None or type(pipeline.scheduler).__name__.startswith(
+        "EDM"
+    ):
+        # Playground v2.5: an SDXL architecture trained with EDM noise and normalised latents; replacing its
+        # scheduler by DDPM and skipping the normalisation would train it on the wrong objective.
+        raise ModelNotFoundError(
+            f"{source.path} is an SDXL-architecture model trained with EDM noise and normalised latents (such as "
+            "Playground v2.5); this trainer trains DDPM-trained SD 1.x/2.x and SDXL models and FLUX"
+        )
     for name, module in pipeline.components.items():  # the types above, also for a single file's VAE and T5
         if name in dtypes and module is not None:
             module.to(dtype=dtypes[name])
-    pipeline.to(device)
+    if text_on_cpu:  # one part at a time, so the text encoders are never on the GPU, not even briefly
+        for name, module in pipeline.components.items():
+            if isinstance(module, torch.nn.Module) and name not in TEXT_ENCODERS and not _bitsandbytes_8bit(module):
+                module.to(device)
+    else:
+        pipeline.to(device)
     denoiser = pipeline.transformer if family == "flux" else pipeline.unet
     for module in (denoiser, pipeline.vae, pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)):
         if module is not None:
@@ -331,17 +348,36 @@ def load_base_model(
     )
 
 
-def _check_text_to_image_flux(pipeline, source: ModelSource) -> None:
-    """FLUX Fill and Control (Canny, Depth) transformers take image or control latents beside the noisy
-    ones (384 / 128 input channels instead of 64); this trainer's objective feeds only the noisy latents."""
-    expected = 4 * pipeline.vae.config.latent_channels  # 2x2 patches of the VAE's latents
-    got = pipeline.transformer.config.in_channels
-    if got != expected:
-        raise ModelNotFoundError(
-            f"{source.path} is a FLUX model whose transformer takes {got} input channels, not the {expected} of "
-            "text-to-image FLUX (a Fill or Control model, which also conditions on an image); this trainer trains "
-            "text-to-image FLUX LoRAs (FLUX.1-dev, FLUX.1-schnell, Flex.1)"
+def _bitsandbytes_8bit(module) -> bool:
+    """bitsandbytes' 8-bit models are placed on the GPU when loaded and refuse .to() (pipeline.to skips them)."""
+    return bool(getattr(module, "is_loaded_in_8bit", False))
+
+
+def flux_refusal(source: ModelSource) -> str | None:
+    """Why a FLUX model cannot be trained, from its files alone (no weights), or None: a single file
+    without base_model_config (BFL's checkpoints hold the transformer only), or a Fill / Control
+    transformer, which takes image or control latents beside the noisy ones (384 / 128 input channels
+    instead of 64) that this trainer's text-to-image objective does not feed."""
+    if source.kind == "single_file" and source.config_folder is None:
+        return (
+            f"{source.path} is a FLUX checkpoint, which holds the transformer only: set base_model_config to the "
+            "diffusers folder (or Hugging Face id in the local cache) of its model, e.g. black-forest-labs/FLUX.1-dev, "
+            "for its VAE, text encoders and configs"
         )
+    folder = source.config_folder if source.kind == "single_file" else source.path
+    try:
+        transformer = json.loads((folder / "transformer" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        got, expected = int(transformer["in_channels"]), 4 * int(vae["latent_channels"])  # 2x2 latent patches
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # loading says what is missing
+    if got == expected:
+        return None
+    return (
+        f"{source.path} is a FLUX model whose transformer takes {got} input channels, not the {expected} of "
+        "text-to-image FLUX (a Fill or Control model, which also conditions on an image); this trainer trains "
+        "text-to-image FLUX LoRAs (FLUX.1-dev, FLUX.1-schnell, Flex.1)"
+    )
 
 
 def flux_transformer(source: ModelSource, device: torch.device, *, quantize: str, dtype: torch.dtype):
@@ -355,12 +391,6 @@ def flux_transformer(source: ModelSource, device: torch.device, *, quantize: str
     from diffusers import FluxTransformer2DModel
 
     options: dict = {"dtype": dtype}
-    if source.kind == "single_file" and source.config_folder is None:
-        raise ModelNotFoundError(
-            f"{source.path} is a FLUX checkpoint, which holds the transformer only: set base_model_config to the "
-            "diffusers folder (or Hugging Face id in the local cache) of its model, e.g. black-forest-labs/FLUX.1-dev, "
-            "for its VAE, text encoders and configs"
-        )
     if quantize == "8bit":
         if device.type == "cuda" and importlib.util.find_spec("bitsandbytes"):
             from diffusers import BitsAndBytesConfig
