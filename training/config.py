@@ -135,8 +135,9 @@ class TrainingConfig(BaseModel):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     low_vram: bool = Field(
         False,
-        description="Keep the VAE and text encoder off the GPU except while they encode (CUDA only; "
-        "recorded only on CPU).",
+        description="Keep the text encoders on the CPU (they encode each caption and prompt there; trained or "
+        "shuffled-caption encoders stay on the GPU) and the VAE off the GPU except while it encodes or decodes "
+        "(CUDA only; recorded only on CPU).",
     )
     noise_offset: float = Field(
         0.0, ge=0.0, le=1.0, description="Per-channel noise offset (0.05-0.1 helps dark/bright images)."

@@ -110,8 +110,8 @@ GOAL_PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
     "memory": {
         "low_vram": (
             True,
-            "the guide's Memory Optimization ('For limited VRAM'): the VAE and text encoder stay off "
-            "the GPU except while they encode (CUDA only)",
+            "the guide's Memory Optimization ('For limited VRAM'): the text encoders stay on the CPU and "
+            "the VAE off the GPU except while it encodes or decodes (CUDA only)",
         ),
         "gradient_checkpointing": (
             True,
