@@ -397,3 +397,25 @@ def test_a_flux_lora_of_another_tool_with_clip_weights_converts_and_merges(train
             assert f"{clip}.lora_A.weight" in f.keys() and f"{clip}.alpha" in f.keys()
     with safe_open(str(converted), framework="pt") as f:
         assert torch.equal(f.get_tensor(f"{clip}.lora_B.weight"), tensors[f"{clip}.lora_B.weight"])
+
+
+def test_a_schnell_like_model_trains_without_a_guidance_input(tmp_path, shapes, flux):
+    """FLUX.1-schnell has no guidance embedding: no guidance input, 256 T5 tokens, flux-1-schnell metadata."""
+    import shutil
+
+    from diffusers import FluxTransformer2DModel
+
+    folder = tmp_path / "tiny-schnell"
+    shutil.copytree(flux.source.path, folder)
+    config = dict(FluxTransformer2DModel.load_config(str(folder / "transformer")))
+    shutil.rmtree(folder / "transformer")
+    torch.manual_seed(0)
+    FluxTransformer2DModel.from_config({**config, "guidance_embeds": False}).save_pretrained(folder / "transformer")
+    schnell = load_base_model(resolve_model(str(folder)), torch.device("cpu"))
+    assert not schnell.guidance_embedded
+    assert encode_text(schnell, [PROMPT], max_token_length=75, clip_skip=1).states.shape[1] == 256
+
+    result = run_training(fast_config(shapes, model_name=str(folder), steps=2, learning_rate=5e-2), tmp_path / "run")
+    assert result.state == "completed", result.error
+    with safe_open(str(result.lora_path), framework="pt") as f:
+        assert f.metadata()["modelspec.architecture"] == "flux-1-schnell/lora"
