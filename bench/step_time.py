@@ -96,6 +96,7 @@ def trainer(dataset: Path, steps: int) -> list[float]:
     result = run_training(config, run_dir)
     assert result.state == "completed", result.error
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [row for row in rows if "kind" not in row]  # optimizer steps only, not validation / update rows
     ends = [row["time"] for row in rows]
     # Step 1 ends `step_time` after it starts; later steps are timed end to end.
     return [rows[0]["step_time"]] + [b - a for a, b in zip(ends, ends[1:])]

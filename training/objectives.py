@@ -66,8 +66,8 @@ class DdpmObjective:
         return unet(
             noisy.to(dtype),
             timesteps,
-            batch.conditioning.to(unet.device, dtype),
-            added_cond_kwargs=None if added is None else {k: v.to(unet.device) for k, v in added.items()},
+            batch.conditioning.to(self.base.device, dtype),
+            added_cond_kwargs=None if added is None else {k: v.to(self.base.device) for k, v in added.items()},
         ).sample
 
     def min_snr_weights(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -132,7 +132,7 @@ class FlowMatchingObjective:
         from diffusers import FluxPipeline
 
         transformer, factor = self.base.denoiser, self.base.vae_scale_factor
-        device = transformer.device
+        device = self.base.device
         count, channels, height, width = noisy.shape
         packed = FluxPipeline._pack_latents(noisy.to(dtype), count, channels, height, width)
         image_ids = FluxPipeline._prepare_latent_image_ids(count, height // 2, width // 2, device, dtype)

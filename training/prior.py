@@ -38,7 +38,7 @@ def ensure_class_images(base: BaseModel, placement: Placement, config: TrainingC
         with torch.no_grad():
             while missing > 0:
                 count = min(GENERATION_BATCH, missing)
-                generator = torch.Generator(base.denoiser.device).manual_seed(config.seed + number)
+                generator = torch.Generator(base.device).manual_seed(config.seed + number)
                 images = render(
                     base,
                     placement,

@@ -68,8 +68,7 @@ def render_samples(
     Runs under fork_rng: sampling draws no numbers from the training RNG streams, so a run
     with sampling trains exactly like one without (and resume stays exact).
     """
-    denoiser = base.denoiser
-    devices = [denoiser.device] if denoiser.device.type == "cuda" else []
+    devices = [base.device] if base.device.type == "cuda" else []
     written = []
     models = list(base.lora_models.values())  # eval: no LoRA dropout in samples; modes restored after
     was_training = [model.training for model in models]
@@ -81,7 +80,7 @@ def render_samples(
             prompts = config.test_prompts + ([control] if control else [])
             previous = _previous_samples(files, step)
             for index, prompt in enumerate(prompts):
-                generator = torch.Generator(denoiser.device).manual_seed(config.seed)
+                generator = torch.Generator(base.device).manual_seed(config.seed)
                 [image] = render(
                     base,
                     placement,
@@ -125,7 +124,7 @@ def prompt_arguments(base: BaseModel, config: TrainingConfig, prompts: list[str]
     are (low_vram keeps them on the CPU) and outside autocast (T5 overflows in fp16), then moved to the
     denoiser's device: the states, for SDXL and FLUX the pooled embeddings, and for SD and SDXL an empty
     negative prompt for classifier-free guidance (FLUX's guidance is an input of the distilled model)."""
-    device = base.denoiser.device
+    device = base.device
 
     def encoded(texts: list[str]) -> TextConditioning:
         text = encode_text(base, texts, max_token_length=config.max_token_length, clip_skip=config.clip_skip)

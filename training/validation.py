@@ -79,7 +79,7 @@ class ValidationSet:
         """The mean denoising error over every image and VALIDATION_LEVELS, in eval mode (no LoRA
         dropout); the RNG streams of training are not touched."""
         base, objective = self._base, self._objective
-        device = base.denoiser.device
+        device = base.device
         levels = objective.validation_levels(device)
         models = list(base.lora_models.values())
         was_training = [model.training for model in models]

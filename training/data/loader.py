@@ -153,7 +153,7 @@ class TrainingData:
                     [self._pixels(r, bucket, f, rng) for r, f, rng in zip(records, flips, rngs)]
                 )
         if self._text:
-            device = self._base.denoiser.device
+            device = self._base.device
             conditioning = torch.stack([self._text[c][0] for c in captions]).to(device)
             pooled = torch.stack([self._text[c][1] for c in captions]).to(device) if self._pooled else None
         else:
@@ -204,7 +204,7 @@ class TrainingData:
             if flip:
                 left = resized[0] - bucket[0] - left
             rows.append([height, width, top, left, bucket[1], bucket[0]])
-        return torch.tensor(rows, dtype=torch.float32, device=self._base.denoiser.device)
+        return torch.tensor(rows, dtype=torch.float32, device=self._base.device)
 
     def _latent_file(self, index: int, flip: bool) -> Path:
         return self._latent_cache_dir / f"{index:06d}{'_flip' if flip else ''}.pt"
@@ -212,4 +212,4 @@ class TrainingData:
     def _cached_latent(self, index: int, flip: bool) -> torch.Tensor:
         if (index, flip) in self._latents:
             return self._latents[(index, flip)]
-        return torch.load(self._latent_file(index, flip), weights_only=True).to(self._base.denoiser.device)
+        return torch.load(self._latent_file(index, flip), weights_only=True).to(self._base.device)

@@ -69,6 +69,12 @@ class BaseModel:
         return self.pipeline.transformer if self.family == "flux" else self.pipeline.unet
 
     @property
+    def device(self) -> torch.device:
+        """Where the denoiser computes: its first parameter's device. (diffusers' ModelMixin.device walks
+        every module looking for offload hooks: ~6 ms on the tiny UNet, 10% of a training step.)"""
+        return next(self.denoiser.parameters()).device
+
+    @property
     def quantized(self) -> bool:
         """The denoiser's frozen weights are 8-bit (quantize_base): they keep their storage type."""
         return getattr(self.denoiser, "hf_quantizer", None) is not None
