@@ -377,6 +377,15 @@ class TrainingConfig(BaseModel):
             if self.max_token_length != 75:
                 warnings.append("max_token_length is CLIP's; FLUX reads captions through T5 (up to 512 tokens) anyway")
         elif family is not None:
+            if family == "sdxl" and self.max_token_length > 75:
+                errors.append(
+                    "for SDXL, this trainer encodes captions of up to 75 tokens so far: set max_token_length to 75"
+                )
+            if family == "sdxl" and self.clip_skip != 1:
+                warnings.append(
+                    f"clip_skip {self.clip_skip} has no effect on SDXL: it is conditioned on both encoders' "
+                    "penultimate layers as it was trained"
+                )
             for option in ("timestep_sampling", "timestep_shift"):
                 if option in self.model_fields_set:
                     warnings.append(f"{option} is for flow-matching (FLUX) models; this {family} model ignores it")

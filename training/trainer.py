@@ -481,15 +481,6 @@ class Trainer:
     def _check_against_model(self) -> None:
         config, layers = self.config, self.base.text_encoder.config.num_hidden_layers
         errors, warnings = config.family_conflicts(self.base.family)
-        if self.base.family == "sdxl" and config.max_token_length > 75:
-            errors.append(
-                "for SDXL, this trainer encodes captions of up to 75 tokens so far: set max_token_length to 75"
-            )
-        if self.base.family == "sdxl" and config.clip_skip != 1:
-            warnings.append(
-                f"clip_skip {config.clip_skip} has no effect on SDXL: it is conditioned on both encoders' "
-                "penultimate layers as it was trained"
-            )
         if errors:
             raise ConfigError(errors)
         for warning in warnings:
