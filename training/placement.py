@@ -64,13 +64,7 @@ class Placement:
         self.weight_dtype = self.autocast_dtype or torch.float32
         self.label = requested if self.autocast_dtype else "fp32"
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
-        self.text_on_cpu = text_encoders_stay_on_cpu(config, device)
-        if self.autocast_dtype is not None:  # a no-op where the loader already stored them so
-            dtypes = frozen_dtypes(requested, device.type, base.family, text_on_cpu=self.text_on_cpu)
-            for name, model in base.pipeline.components.items():
-                frozen = isinstance(model, torch.nn.Module) and not (model is base.denoiser and base.quantized)
-                if frozen:  # 8-bit weights keep their type
-                    model.to(dtype=dtypes.get(name, dtypes["default"]))
+        # The frozen weights are already stored in frozen_dtypes' types and places: load_base_model reads them so.
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
