@@ -65,6 +65,9 @@ def test_options_that_do_not_fit_the_family_are_named():
     errors, warnings = make(timestep_sampling="uniform", quantize_base="8bit").family_conflicts("sdxl")
     assert len(errors) == 1 and errors[0].startswith("quantize_base 8bit is for FLUX")
     assert warnings == ["timestep_sampling is for flow-matching (FLUX) models; this sdxl model ignores it"]
+    errors, warnings = make(max_token_length=150, clip_skip=2).family_conflicts("sdxl")
+    assert errors == ["for SDXL, this trainer encodes captions of up to 75 tokens so far: set max_token_length to 75"]
+    assert warnings[0].startswith("clip_skip 2 has no effect on SDXL")
     assert make(train_text_encoder=True).family_conflicts("sd1") == ([], [])
     assert make(train_text_encoder=True).family_conflicts(None) == ([], [])
 
