@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 from pydantic import AliasChoices, BaseModel, Field
 
 from server.errors import ServiceError
-from server.names import checked_name
+from server.names import checked_name, is_safe_name
 from server.paths import check_user_path
 from training.config import STEPS_PER_IMAGE, ConfigError, TrainingConfig
 from training.data.dataset import DatasetError, hold_out, locate_dataset, scan_dataset
@@ -84,7 +84,7 @@ class ConfigService:
         summaries = []
         for path in sorted(self.folder.glob("*" + CONFIG_SUFFIX)):
             name = path.name.removesuffix(CONFIG_SUFFIX)
-            if not path.is_file() or _is_bad_name(name):
+            if not path.is_file() or not is_safe_name(name):
                 continue  # temporary files start with '.', and nothing else is ours
             try:
                 updated_at = path.stat().st_mtime
@@ -117,6 +117,10 @@ class ConfigService:
                 f"config {name!r} on disk no longer validates (edited by hand?): {'; '.join(exc.problems)}. "
                 "Fix it with update-training-config."
             ) from None
+
+    def exists(self, name: str) -> bool:
+        """Whether a config of that name is saved (for `server.names.free_name`)."""
+        return self._path(name).is_file()
 
     def get_yaml(self, name: str) -> str:
         name, path = self._existing(name)
@@ -248,7 +252,7 @@ class ConfigService:
 
     def _unknown(self, name: str) -> ServiceError:
         known = [p.name.removesuffix(CONFIG_SUFFIX) for p in sorted(self.folder.glob("*" + CONFIG_SUFFIX))]
-        known = [n for n in known if not _is_bad_name(n)]
+        known = [n for n in known if is_safe_name(n)]
         hint = f" (saved configs: {', '.join(known[:20])})" if known else " (there are no saved configs yet)"
         return ServiceError(f"no config named {name!r}{hint}: call list-configs to see the saved configs")
 
@@ -336,14 +340,6 @@ def _by_field_name(changes: dict[str, Any]) -> dict[str, Any]:
             raise ServiceError(f"{field} is given twice (as {key!r} and another name) with different values")
         result[field] = value
     return result
-
-
-def _is_bad_name(name: str) -> bool:
-    try:
-        checked_name("config", name)
-    except ServiceError:
-        return True
-    return False
 
 
 def _str_or(value: Any, default: str) -> str:

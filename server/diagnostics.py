@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from server.configs import ConfigService, check_dataset, check_model
 from server.errors import ServiceError
 from server.jobs import JobService, JobStatus, read_status
+from server.names import free_name
 from training.config import ConfigError, TrainingConfig
 from training.diagnostics import Finding, preflight_findings
 from training.diagnostics.checkpoints import CheckpointChoice, recommend_checkpoint
@@ -137,7 +138,7 @@ def apply_fix(
     for field, kohya_name in (("rank", "network_dim"), ("alpha", "network_alpha")):
         if field in patch and values.get(kohya_name) is not None:  # the kohya name wins over the guide's: change it
             patch[kohya_name] = patch.pop(field)
-    name = _free_name(configs, f"{values.get('name', 'config')}-fix-{finding_id}")
+    name = free_name(f"{values.get('name', 'config')}-fix-{finding_id}", configs.exists)
     changes = {key: [values.get(key), value] for key, value in patch.items() if values.get(key) != value}
     config = configs.create({**values, **patch, "name": name})
     described = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changes.items())
@@ -281,11 +282,3 @@ def _request_config(run_dir: Path) -> TrainingConfig:
     except ConfigError as exc:
         raise ServiceError(f"the job's config no longer validates: {exc}") from None
 
-
-def _free_name(configs: ConfigService, wanted: str) -> str:
-    """`wanted` (cut to the 100 characters a name may have), or with -2, -3, ... when that config exists."""
-    existing = {summary.name for summary in configs.list()}
-    base = wanted[:96]
-    if base not in existing:
-        return base
-    return next(f"{base}-{n}" for n in range(2, 10_000) if f"{base}-{n}" not in existing)

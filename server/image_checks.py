@@ -22,6 +22,7 @@ from pathlib import Path
 from server.dataset_contents import CAPTION_SUFFIX
 from server.dataset_schemas import Refused, UploadImage
 from server.limits import count, megabytes
+from server.names import plain_filename_problem
 from training.data.dataset import IMAGE_SUFFIXES
 from training.workspace import atomic_output, atomic_write_bytes
 
@@ -45,14 +46,8 @@ _MAX_NAME_BYTES = 255
 
 def check_filename(filename: str) -> None:
     plain = "use a plain file name such as 'img001.png', without folders"
-    if not filename.strip():
-        raise Refused(f"the filename is empty: {plain}")
-    if "/" in filename or "\\" in filename:
-        raise Refused(f"the filename contains a folder separator: {plain}")
-    if ".." in filename:
-        raise Refused(f"the filename contains '..': {plain}")
-    if filename.startswith("."):
-        raise Refused(f"the filename starts with '.' (a hidden file, which training skips): {plain}")
+    if problem := plain_filename_problem(filename):
+        raise Refused(f"the filename {problem}: {plain}")
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in filename):
         raise Refused(f"the filename contains control characters: {plain}")
     if len(filename.encode("utf-8", errors="replace")) > _MAX_NAME_BYTES:

@@ -1,19 +1,54 @@
-"""Names that become file or folder names in the workspace (configs, datasets, jobs)."""
+"""Names that become file or folder names in the workspace (configs, datasets, jobs, uploads), and
+the file names a tool is given: every service checks them here, so every front end refuses the same.
+"""
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections.abc import Callable
+from typing import Any
 
 from server.errors import ServiceError
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+NAME_LENGTH = 100  # TrainingConfig's limit on a config name, and ours on every other name
+_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{NAME_LENGTH - 1}}}$")
+
+
+def is_safe_name(name: Any) -> bool:
+    """Whether `name` is safe as a single path component: letters, digits, '.', '_', '-', no '..'."""
+    return isinstance(name, str) and ".." not in name and bool(_NAME.match(name))
 
 
 def checked_name(kind: str, name: str) -> str:
     """`name` if it is safe as a single path component, else a ServiceError saying why."""
-    if not isinstance(name, str) or ".." in name or not _NAME.match(name):
+    if not is_safe_name(name):
         raise ServiceError(
-            f"{kind} name {name!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-', starting with a "
-            "letter or digit (no '/', '..' or absolute paths)"
+            f"{kind} name {name!r} is not allowed: use 1-{NAME_LENGTH} letters, digits, '.', '_' or '-', starting "
+            "with a letter or digit (no '/', '..' or absolute paths)"
         )
     return name
+
+
+def plain_filename_problem(filename: Any) -> str | None:
+    """Why `filename` is not a plain file name inside one folder, said after "the filename", or None."""
+    if not isinstance(filename, str) or not filename.strip():
+        return "is empty"
+    if "/" in filename or "\\" in filename:
+        return "contains a folder separator"
+    if ".." in filename:
+        return "contains '..'"
+    if filename.startswith("."):
+        return "starts with '.' (a hidden file, which training and listings skip)"
+    return None
+
+
+def free_name(wanted: str, taken: Callable[[str], bool], *, suffix: str = "") -> str:
+    """`wanted` + `suffix`, numbered -2, -3, ... while `taken` says a name is in use; `wanted` is cut so the
+    result keeps its suffix and number within the NAME_LENGTH characters a name may have."""
+    for number in itertools.count(1):
+        ending = suffix + (f"-{number}" if number > 1 else "")
+        name = wanted[: NAME_LENGTH - len(ending)] + ending
+        if not taken(name):
+            return name
+    raise AssertionError("itertools.count never ends")

@@ -19,13 +19,13 @@ Nothing heavy is imported at import time: the server imports this module at star
 from __future__ import annotations
 
 import importlib.util
-import itertools
 from pathlib import Path
 from typing import get_args
 
-from server.configs import CONFIG_SUFFIX, check_model
+from server.configs import ConfigService, check_model
 from server.errors import ServiceError
 from server.inspection import dataset_folder
+from server.names import free_name
 from training.config import LoraType, TrainingConfig
 from training.data.dataset import DatasetError, scan_dataset
 from training.plans import GOALS, Goal, TrainingPlan, recommend_plan, trigger_word_for
@@ -33,7 +33,6 @@ from training.plans import GOALS, Goal, TrainingPlan, recommend_plan, trigger_wo
 # Optimizers a preset may choose that need a package of their own: optimizer -> (module, pip package).
 _OPTIONAL_OPTIMIZERS = {"lion": ("lion_pytorch", "lion-pytorch")}
 _QUANTIZERS = ("bitsandbytes", "torchao")  # either gives quantize_base 8bit (training/models/loading.py)
-_NAME_LENGTH = 100  # TrainingConfig's limit on a config name
 
 
 def recommend_training_plan(
@@ -74,7 +73,7 @@ def recommend_training_plan(
         native_resolution=native,
         detected_family=family,
         dataset_path=dataset_name,
-        name=_free_config_name(Path(workspace), dataset_name, lora_type),
+        name=free_name(dataset_name, ConfigService(workspace).exists, suffix=f"-{lora_type}"),
         trigger_word=trigger.word,
         trigger_reason=trigger.reason,
     )
@@ -100,17 +99,6 @@ def _model_facts(model_name: str) -> tuple[int | None, str | None]:
             "for the default model"
         )
     return native, family
-
-
-def _free_config_name(workspace: Path, dataset_name: str, lora_type: str) -> str:
-    """'<dataset>-<lora_type>', numbered from 2 when a config of that name exists; at most 100 characters."""
-    configs = workspace / "configs"
-    for number in itertools.count(1):
-        suffix = f"-{lora_type}" + (f"-{number}" if number > 1 else "")
-        name = dataset_name[: _NAME_LENGTH - len(suffix)] + suffix
-        if not (configs / f"{name}{CONFIG_SUFFIX}").exists():
-            return name
-    raise AssertionError("unreachable")
 
 
 def _missing_packages(optimizer: str | None) -> list[str]:

@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 from server.errors import ServiceError
-from server.names import checked_name
+from server.names import checked_name, plain_filename_problem
 
 DEFAULT_CHUNK_SIZE = 262144  # the guide's 256 KiB
 MIN_CHUNK_SIZE = 1024
@@ -42,14 +42,8 @@ def checked_id(upload_id: Any) -> str:
 
 def checked_filename(filename: Any) -> str:
     plain = "give a plain file name such as 'my_lora.safetensors', without folders"
-    if not isinstance(filename, str) or not filename.strip():
-        raise ServiceError(f"filename is empty: {plain}")
-    if "/" in filename or "\\" in filename:
-        raise ServiceError(f"filename {filename!r} contains a folder separator: {plain}")
-    if ".." in filename:
-        raise ServiceError(f"filename {filename!r} contains '..': {plain}")
-    if filename.startswith("."):
-        raise ServiceError(f"filename {filename!r} starts with '.' (a hidden file): {plain}")
+    if problem := plain_filename_problem(filename):
+        raise ServiceError(f"filename {filename!r} {problem}: {plain}")
     if not filename.endswith(SUFFIX):
         if filename.lower().endswith(SUFFIX):
             raise ServiceError(f"filename {filename!r} must end in lower-case {SUFFIX}: rename it")

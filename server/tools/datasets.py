@@ -24,7 +24,7 @@ from server.datasets import CaptionUpdateResult, DatasetSummary, ImportResult, U
 from server.errors import ServiceError
 from server.images import thumbnail_png
 from server.inspection import CaptionLintResult, caption_lint, dataset_info
-from server.names import checked_name
+from server.names import checked_name, plain_filename_problem
 from server.paths import set_client_roots
 from server.tools import READ_ONLY, Deleted, Services
 from training.config import LoraType
@@ -232,8 +232,7 @@ def register_dataset_tools(server: MCPServer, s: Services) -> None:
         folder = workspace / "datasets" / resource_call(checked_name, "dataset", name)
         path = folder / filename
         if (
-            "/" in filename
-            or filename.startswith(".")
+            plain_filename_problem(filename)
             or path.suffix.lower() not in IMAGE_SUFFIXES
             or not path.is_file()
         ):
