@@ -12,9 +12,9 @@ no torch or diffusers at import time; `validate` imports the model loader lazily
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, TypeAdapter, ValidationError
 
 from server.errors import ServiceError
 from server.names import checked_name, is_safe_name
@@ -177,29 +177,22 @@ class ConfigService:
             errors.extend(exc.problems)
 
         # With invalid fields, still check dataset and model from whatever values are usable.
-        def value(field: str, kind: type, default: Any) -> Any:
-            if config is not None:
-                return getattr(config, field)
-            got = raw.get(field, default)
-            return got if isinstance(got, kind) else default
+        def option(field: str) -> Any:
+            return getattr(config, field) if config is not None else _usable_value(raw, field)
 
+        trigger_words = option("trigger_words") or {}
         images = check_dataset(
-            value("dataset_path", str, ""),
-            trigger_word=value("trigger_word", str, None),
-            trigger_words={
-                str(k): v for k, v in value("trigger_words", dict, {}).items() if isinstance(v, str) and v.strip()
-            },
-            instance_prompt=value("instance_prompt", str, None),
+            option("dataset_path") or "",
+            trigger_word=option("trigger_word"),
+            trigger_words={str(k): v for k, v in trigger_words.items() if isinstance(v, str) and v.strip()},
+            instance_prompt=option("instance_prompt"),
             errors=errors,
             warnings=warnings,
-            validation_split=value("validation_split", float, 0.0),
-            seed=value("seed", int, 0),
+            validation_split=option("validation_split"),
+            seed=option("seed"),
         )
         native, family = check_model(
-            value("model_name", str, TrainingConfig.model_fields["model_name"].default),
-            value("base_model_config", str, None),
-            errors=errors,
-            model_family=value("model_family", str, "auto"),
+            option("model_name"), option("base_model_config"), errors=errors, model_family=option("model_family")
         )
 
         if config is not None:
@@ -272,6 +265,19 @@ def _validated(name: str, values: dict[str, Any], *, doing: str) -> TrainingConf
         return TrainingConfig.from_dict(values)
     except ConfigError as exc:
         raise ServiceError(f"config {name!r} not {doing}: " + "; ".join(exc.problems)) from None
+
+
+def _usable_value(raw: dict[str, Any], field: str) -> Any:
+    """The stored value of `field` if it is valid on its own, else the config model's default (None for a
+    required field): a config with some invalid options still has its dataset and model checked."""
+    info = TrainingConfig.model_fields[field]
+    default = None if info.is_required() else info.get_default(call_default_factory=True)
+    if field not in raw:
+        return default
+    try:
+        return TypeAdapter(Annotated[info.annotation, *info.metadata]).validate_python(raw[field])
+    except ValidationError:
+        return default
 
 
 def _stored_yaml(config: TrainingConfig) -> str:
@@ -354,8 +360,8 @@ def check_dataset(
     instance_prompt: str | None,
     errors: list[str],
     warnings: list[str],
-    validation_split: float = 0.0,
-    seed: int = 0,
+    validation_split: float,
+    seed: int,
 ) -> int | None:
     """The number of training images, as the run counts them (validation_split held out), or None with
     the reason appended to `errors`."""
