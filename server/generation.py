@@ -12,78 +12,42 @@ import secrets
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from server.errors import ServiceError
 from server.inspection import model_geometry
+from server.jobs import JobRecord, JobService
 from server.lora_tools import lora_path
 from training.config import DEFAULT_MODEL
-from training.diagnostics.preflight import SMALLEST_REAL_NATIVE  # smaller: a built-in test model, rendered inline
+from training.guide import SMALLEST_REAL_NATIVE  # smaller: a built-in test model, rendered inline
+from training.generation import GenerationRequest
 
 MAX_SIDE = 2048
 
 
-class LoraStrength(BaseModel):
-    lora: str = Field(description="An exported LoRA's name (list-exported-models) or a .safetensors path.")
-    strength_model: float = Field(1.0, ge=-2.0, le=2.0, description="UNet weight, as ComfyUI's strength_model.")
-    strength_clip: float | None = Field(
-        None, ge=-2.0, le=2.0, description="Text-encoder weight, as ComfyUI's strength_clip; default strength_model."
-    )
-
-
 class GenerationPlan(BaseModel):
-    request: dict = Field(description="training.generation.GenerationRequest, as the renderer reads it.")
+    request: GenerationRequest  # resolved: its model_name set, its LoRAs named by their paths
     native_resolution: int
     label: str
 
 
-def plan_generation(
-    workspace: Path,
-    *,
-    model_name: str | None,
-    prompt: str,
-    negative_prompt: str,
-    loras: list[LoraStrength],
-    steps: int,
-    guidance: float | None,
-    width: int | None,
-    height: int | None,
-    seed: int,
-    count: int,
-    strengths: list[float] | None = None,
-) -> GenerationPlan:
+def plan_generation(workspace: Path, request: GenerationRequest) -> GenerationPlan:
     """Everything checked before anything is rendered: the model, the LoRA files, the size."""
-    from training.generation import GenerationRequest, LoraUse
-
-    if not prompt.strip():
+    if not request.prompt.strip():
         raise ServiceError("prompt is empty: describe the image, starting with the LoRA's trigger word")
-    paths = [lora_path(workspace, item.lora) for item in loras]
-    model = model_name or _model_of(paths) or DEFAULT_MODEL
+    paths = [lora_path(workspace, item.lora) for item in request.loras]
+    model = request.model_name or _model_of(paths) or DEFAULT_MODEL
     native, step = model_geometry(model)
-    for side, value in (("width", width), ("height", height)):
+    for side, value in (("width", request.width), ("height", request.height)):
         if value is not None and (value % step or not step <= value <= MAX_SIDE):
             raise ServiceError(
                 f"{side} {value} does not suit {model}: use a multiple of {step} between {step} and {MAX_SIDE} "
                 f"(its native size is {native})"
             )
-    request = GenerationRequest(
-        model_name=model,
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        loras=[
-            LoraUse(path=str(path), strength_model=item.strength_model, strength_clip=item.strength_clip)
-            for path, item in zip(paths, loras)
-        ],
-        steps=steps,
-        guidance=guidance,
-        width=width,
-        height=height,
-        seed=seed,
-        count=count,
-        strengths=strengths,
-    )
+    loras = [item.model_copy(update={"lora": str(path)}) for path, item in zip(paths, request.loras)]
+    resolved = request.model_copy(update={"model_name": model, "loras": loras})
     label = paths[0].stem if paths else "base"
-    return GenerationPlan(request=request.model_dump(), native_resolution=native, label=label[:60])
+    return GenerationPlan(request=resolved, native_resolution=native, label=label[:60])
 
 
 def runs_in_background(plan: GenerationPlan, background: bool | None) -> bool:
@@ -92,19 +56,26 @@ def runs_in_background(plan: GenerationPlan, background: bool | None) -> bool:
     return plan.native_resolution >= SMALLEST_REAL_NATIVE
 
 
+def render_or_queue(
+    workspace: Path, jobs: JobService, request: GenerationRequest, background: bool | None
+) -> tuple[GenerationPlan, list[Path] | JobRecord]:
+    """Check the request, then render it inside the call (a built-in tiny model) or queue it as a job
+    (a real model, or as `background` says): the plan with the images written or the job started."""
+    plan = plan_generation(workspace, request)
+    if runs_in_background(plan, background):
+        return plan, jobs.start_generation(plan.label, plan.request.model_dump_json())
+    return plan, render_now(workspace, plan)
+
+
 def render_now(workspace: Path, plan: GenerationPlan) -> list[Path]:
     """Render inside the call, into <workspace>/generations/<time>-<label>/samples/."""
-    from training.generation import GenerationRequest, generate
+    from training.generation import generate
 
     out_dir = workspace / "generations" / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}-{plan.label}"
     try:
-        return generate(GenerationRequest(**plan.request), out_dir)
+        return generate(plan.request, out_dir)
     except Exception as exc:  # e.g. a LoRA file for another architecture, or out of GPU memory
         raise ServiceError(f"could not generate: {type(exc).__name__}: {exc}") from None
-
-
-def request_json(plan: GenerationPlan) -> str:
-    return json.dumps(plan.request)
 
 
 def _model_of(paths: list[Path]) -> str | None:

@@ -19,7 +19,8 @@ from safetensors import safe_open
 
 from training.config import TrainingConfig
 from training.convert import convert_lora_file
-from training.generation import GenerationRequest, LoraUse, generate
+from training.generation import GenerationRequest, generate
+from training.generation import LoraStrength as LoraUse
 from training.lora import LoraFileError, read_lora_file
 from training.merge import merge_lora_files
 from training.models.loading import load_base_model, resolve_model

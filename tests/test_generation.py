@@ -11,7 +11,8 @@ import pytest
 from conftest import fast_config
 from PIL import Image
 
-from training.generation import GenerationRequest, LoraUse, generate, run_generation_job
+from training.generation import GenerationRequest, generate, run_generation_job
+from training.generation import LoraStrength as LoraUse
 from training.trainer import run_training
 
 

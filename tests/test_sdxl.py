@@ -138,7 +138,8 @@ def test_both_sdxl_text_encoders_train_as_kohya_te1_and_te2(tmp_path, shapes, sd
     assert (latents(pipe) - base).abs().max() > 1e-3  # the text encoders' part alone moves the image
 
     # generate-image's strength 0 turns off all three parts, both text encoders included.
-    from training.generation import GenerationRequest, LoraUse, generate
+    from training.generation import GenerationRequest, generate
+    from training.generation import LoraStrength as LoraUse
 
     def image(loras: list) -> np.ndarray:
         request = GenerationRequest(model_name="builtin:tiny-sdxl", prompt="xyz_shape", steps=2, loras=loras)
@@ -163,7 +164,8 @@ def test_long_captions_are_refused_for_sdxl_with_the_reason(tmp_path, shapes, ti
 
 
 def test_generate_image_uses_an_sdxl_lora_at_its_strength(tmp_path, trained):
-    from training.generation import GenerationRequest, LoraUse, generate
+    from training.generation import GenerationRequest, generate
+    from training.generation import LoraStrength as LoraUse
 
     def image(strength: float | None) -> np.ndarray:
         lora = LoraUse(path=str(trained / "test-run.safetensors"), strength_model=strength or 0.0)

@@ -19,35 +19,92 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, AliasChoices, BaseModel, Field
 
 log = logging.getLogger("training.generation")
 GRID_LABEL_HEIGHT = 20  # px of caption strip under each image of a strength grid
+MAX_STRENGTH = 2.0  # |strength| past 1 exaggerates a LoRA; past 2 it only breaks the image
+DEFAULT_COMPARED_STRENGTHS = [0.0, 0.4, 0.7, 1.0]
 
 
-class LoraUse(BaseModel):
-    path: str = Field(description="The LoRA file (.safetensors, kohya or diffusers layout).")
-    strength_model: float = Field(1.0, ge=-2.0, le=2.0, description="Weight of the UNet part, as in ComfyUI.")
+def _within_strength_bounds(strength: float) -> float:
+    if not -MAX_STRENGTH <= strength <= MAX_STRENGTH:
+        raise ValueError(f"strength {strength:g} must lie between -2 and 2 (usually 0 to 1)")
+    return strength
+
+
+# The bound is checked by a validator rather than ge/le so that the strengths' schema stays a plain number list.
+Strength = Annotated[float, AfterValidator(_within_strength_bounds)]
+Prompt = Annotated[str, Field(description="What to draw; start with the LoRA's trigger word.")]
+BaseModelName = Annotated[str | None, Field(description="Base model; default: the (first) LoRA's own base model.")]
+Steps = Annotated[int, Field(ge=1, le=150, description="Denoising steps.")]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="Seed of the first image; image i uses seed + i.")]
+DEFAULT_STEPS = 20
+
+
+class LoraStrength(BaseModel):
+    """One LoRA of a stack and its weights. The tool names it by an exported name or a path (`lora`); the
+    server resolves that to the file's path before rendering, which the renderer's callers may call `path`."""
+
+    lora: str = Field(
+        validation_alias=AliasChoices("lora", "path"),
+        description="An exported LoRA's name (list-exported-models) or a .safetensors path.",
+    )
+    strength_model: float = Field(
+        1.0, ge=-MAX_STRENGTH, le=MAX_STRENGTH, description="UNet weight, as ComfyUI's strength_model."
+    )
     strength_clip: float | None = Field(
-        None, ge=-2.0, le=2.0, description="Weight of the text-encoder part; default: strength_model."
+        None,
+        ge=-MAX_STRENGTH,
+        le=MAX_STRENGTH,
+        description="Text-encoder weight, as ComfyUI's strength_clip; default strength_model.",
     )
 
 
 class GenerationRequest(BaseModel):
-    model_name: str
-    prompt: str
-    negative_prompt: str = ""
-    loras: list[LoraUse] = Field(default_factory=list)
-    steps: int = Field(20, ge=1, le=150)
-    guidance: float | None = Field(None, ge=0.0, le=30.0)  # default: the family's (config.SAMPLE_GUIDANCE)
-    width: int | None = None  # default: the model's native resolution
-    height: int | None = None
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-    count: int = Field(1, ge=1, le=16)
-    strengths: list[float] | None = Field(
+    """generate-image's arguments, the server's generation request, a job's request.json and the renderer's
+    input. The server fills in `model_name` and the LoRAs' paths before anything renders."""
+
+    prompt: Prompt
+    model_name: BaseModelName = None
+    negative_prompt: str = Field(
+        "", description="What to avoid (SD 1.x/2.x and SDXL; FLUX is guidance-distilled and ignores it)."
+    )
+    loras: list[LoraStrength] = Field(default_factory=list, description="LoRAs to apply, in order.")
+    steps: Steps = DEFAULT_STEPS
+    guidance: float | None = Field(
+        None, ge=0.0, le=30.0, description="Guidance scale; default 7.5 for SD 1.x/2.x/SDXL, 3.5 for FLUX."
+    )
+    width: int | None = Field(None, description="Pixels; default: the model's native size.")
+    height: int | None = Field(None, description="Pixels; default: the model's native size.")
+    seed: Seed = 0
+    count: int = Field(1, ge=1, le=16, description="Images to make.")
+    strengths: list[Strength] | None = Field(
         None, description="compare-lora-strengths: one image per strength of loras[0] (same seed), and a grid."
     )
+
+
+class StrengthComparison(BaseModel):
+    """compare-lora-strengths' arguments: one LoRA across strengths with one seed."""
+
+    lora: str = Field(description="An exported LoRA's name or a .safetensors path.")
+    prompt: Prompt
+    strengths: list[Strength] = Field(DEFAULT_COMPARED_STRENGTHS, min_length=2, max_length=8)
+    model_name: BaseModelName = None
+    steps: Steps = DEFAULT_STEPS
+    seed: Seed = 0
+
+    def as_generation(self) -> GenerationRequest:
+        return GenerationRequest(
+            prompt=self.prompt,
+            model_name=self.model_name,
+            loras=[LoraStrength(lora=self.lora)],
+            steps=self.steps,
+            seed=self.seed,
+            strengths=self.strengths,
+        )
 
 
 def generate(
@@ -80,7 +137,7 @@ def generate(
     )
     names = [f"lora{i}" for i in range(len(request.loras))]
     for name, lora in zip(names, request.loras):
-        pipe.load_lora_weights(lora.path, adapter_name=name)
+        pipe.load_lora_weights(lora.lora, adapter_name=name)
     parts = {
         part
         for part in ("unet", "transformer", "text_encoder", "text_encoder_2")
@@ -133,7 +190,7 @@ def generate(
     return written
 
 
-def _weights(lora: LoraUse, strength: float | None = None) -> dict[str, float]:
+def _weights(lora: LoraStrength, strength: float | None = None) -> dict[str, float]:
     """The per-component adapter weights of one LoRA (a strength comparison sets both parts to it);
     the CLIP strength applies to every text encoder (SDXL has two)."""
     model = lora.strength_model if strength is None else strength

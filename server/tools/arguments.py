@@ -58,11 +58,13 @@ def request_tool(
     returns: Any,
     extra: list[inspect.Parameter] = (),
     omitted_means_default: bool = False,
+    leave_out: tuple[str, ...] = (),
 ) -> Callable[..., Any]:
     """A function for `server.add_tool` whose arguments are `model`'s fields (then `extra`): it validates
     them into the model and returns `handler(request, **extra_values)`. A request the model refuses
     (a cross-field rule the schema cannot express) becomes the ToolError the assistant reads.
-    `function_name` names the function, and so the schemas' titles, that clients see."""
+    `function_name` names the function, and so the schemas' titles, that clients see; fields in
+    `leave_out` are not the tool's arguments (they keep their defaults)."""
     extra_names = {parameter.name for parameter in extra}
 
     def tool(**values: Any) -> Any:
@@ -75,7 +77,10 @@ def request_tool(
             raise ToolError(f"invalid arguments: {problems}") from None
         return handler(request, **extra_values)
 
-    parameters = [*request_parameters(model, omitted_means_default=omitted_means_default), *extra]
+    parameters = [
+        *request_parameters(model, omitted_means_default=omitted_means_default, leave_out=leave_out),
+        *extra,
+    ]
     # The SDK titles the argument and output schemas after the function ("generate_imageArguments").
     tool.__name__ = tool.__qualname__ = function_name
     tool.__signature__ = inspect.Signature(parameters, return_annotation=returns)

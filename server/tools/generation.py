@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Literal
 
-import anyio
 from mcp.server import MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.utilities.types import Image
 from pydantic import BaseModel, Field
 
-from server.errors import ServiceError
-from server.generation import LoraStrength, plan_generation, render_now, request_json, runs_in_background
+from server.generation import render_or_queue
 from server.images import thumbnail_png
 from server.lora_tools import MergeSource, convert_lora, merge_loras
 from server.loras import ExportedLora
 from server.tools import Services
+from server.tools.arguments import request_tool
+from training.generation import GenerationRequest, StrengthComparison
 
 MAX_IMAGES_IN_RESULT = 4  # thumbnails of at most 384 px: four stay well under the ~1 MB a result may hold
+
+# Not a field of the request: whether it renders inside the call is the server's choice, not the renderer's.
+BACKGROUND = inspect.Parameter(
+    "background",
+    inspect.Parameter.KEYWORD_ONLY,
+    default=Field(None, description="Force (true) or avoid (false) a background job."),
+    annotation=bool | None,
+)
 
 
 class MergeResult(BaseModel):
@@ -25,108 +33,43 @@ class MergeResult(BaseModel):
     next_step: str
 
 
-def register_generation_tools(server: MCPServer, s: Services) -> None:
-    call, jobs, workspace = s.call, s.jobs, s.workspace
+class ImageTools:
+    """generate-image and compare-lora-strengths: both render a GenerationRequest."""
 
-    async def render(plan_arguments: dict, background: bool | None, what: str) -> list:
-        """Render inside the call, or start a job; as content: a line per image and the images."""
+    def __init__(self, s: Services):
+        self.s = s
 
-        def run() -> list:
-            try:
-                plan = plan_generation(workspace, **plan_arguments)
-                if runs_in_background(plan, background):
-                    record = call(jobs.start_generation, plan.label, request_json(plan))
-                    return [
-                        f"{what} is rendering in the background as job {record.job_id} ({plan.request['model_name']}). "
-                        f"Poll get-training-status job_id={record.job_id}; when it is completed, "
-                        f"get-training-samples job_id={record.job_id} shows the images."
-                    ]
-                paths = render_now(workspace, plan)
-            except ServiceError as exc:
-                raise ToolError(str(exc)) from None
-            content: list = [f"{what}: {len(paths)} image(s) in {paths[0].parent}" if paths else "no image made"]
-            for path in paths[-MAX_IMAGES_IN_RESULT:]:
-                content.append(f"{path.name} (full size: {path})")
-                content.append(Image(data=thumbnail_png(path), format="png"))
-            return content
+    def generate_image(self, request: GenerationRequest, background: bool | None) -> list:
+        return self.render(request, background, "generate-image")
 
-        return await anyio.to_thread.run_sync(run)
+    def compare_lora_strengths(self, comparison: StrengthComparison, background: bool | None) -> list:
+        return self.render(comparison.as_generation(), background, "compare-lora-strengths")
 
-    @server.tool(
-        name="generate-image",
-        description="Generate images with a base model and any stack of LoRAs at given strengths (ComfyUI's "
-        "strength_model / strength_clip), to show 'before / after' or check that a LoRA does something. "
-        "Built-in tiny models answer at once; a real model renders as a background job (job_id; then "
-        "get-training-status and get-training-samples).",
-    )
-    async def generate_image(
-        prompt: str = Field(description="What to draw; start with the LoRA's trigger word."),
-        model_name: str | None = Field(None, description="Base model; default: the first LoRA's base model."),
-        negative_prompt: str = Field(
-            "", description="What to avoid (SD 1.x/2.x and SDXL; FLUX is guidance-distilled and ignores it)."
-        ),
-        loras: list[LoraStrength] = Field(default_factory=list, description="LoRAs to apply, in order."),
-        steps: int = Field(20, ge=1, le=150, description="Denoising steps."),
-        guidance: float | None = Field(
-            None, ge=0.0, le=30.0, description="Guidance scale; default 7.5 for SD 1.x/2.x/SDXL, 3.5 for FLUX."
-        ),
-        width: int | None = Field(None, description="Pixels; default: the model's native size."),
-        height: int | None = Field(None, description="Pixels; default: the model's native size."),
-        seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the first image; image i uses seed + i."),
-        count: int = Field(1, ge=1, le=16, description="Images to make."),
-        background: bool | None = Field(None, description="Force (true) or avoid (false) a background job."),
-    ) -> list:
-        arguments = dict(
-            model_name=model_name,
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            loras=loras,
-            steps=steps,
-            guidance=guidance,
-            width=width,
-            height=height,
-            seed=seed,
-            count=count,
-        )
-        return await render(arguments, background, "generate-image")
+    def render(self, request: GenerationRequest, background: bool | None, what: str) -> list:
+        """Render inside the call, or start a job; as content: a line per image and the images.
+        The SDK runs these synchronous tools in a worker thread, so status calls do not wait for a render."""
+        plan, outcome = self.s.call(render_or_queue, self.s.workspace, self.s.jobs, request, background)
+        if not isinstance(outcome, list):
+            return [
+                f"{what} is rendering in the background as job {outcome.job_id} ({plan.request.model_name}). "
+                f"Poll get-training-status job_id={outcome.job_id}; when it is completed, "
+                f"get-training-samples job_id={outcome.job_id} shows the images."
+            ]
+        content: list = [f"{what}: {len(outcome)} image(s) in {outcome[0].parent}" if outcome else "no image made"]
+        for path in outcome[-MAX_IMAGES_IN_RESULT:]:
+            content.append(f"{path.name} (full size: {path})")
+            content.append(Image(data=thumbnail_png(path), format="png"))
+        return content
 
-    @server.tool(
-        name="compare-lora-strengths",
-        description="One LoRA at several strengths with one seed, as images and a labelled grid, to choose the "
-        "strength to use (the guide: style 0.6-1.0, character 0.7-0.9, pose 0.4-0.7, details 0.3-0.6).",
-    )
-    async def compare_lora_strengths(
-        lora: str = Field(description="An exported LoRA's name or a .safetensors path."),
-        prompt: str = Field(description="A prompt with the LoRA's trigger word."),
-        strengths: list[float] = Field([0.0, 0.4, 0.7, 1.0], min_length=2, max_length=8),
-        model_name: str | None = Field(None, description="Base model; default: the LoRA's own base model."),
-        steps: int = Field(20, ge=1, le=150),
-        seed: int = Field(0, ge=0, le=2**32 - 1),
-        background: bool | None = Field(None, description="Force (true) or avoid (false) a background job."),
-    ) -> list:
-        if any(not -2.0 <= strength <= 2.0 for strength in strengths):
-            raise ToolError(f"strengths {strengths} must lie between -2 and 2 (usually 0 to 1)")
-        arguments = dict(
-            model_name=model_name,
-            prompt=prompt,
-            negative_prompt="",
-            loras=[LoraStrength(lora=lora)],
-            steps=steps,
-            guidance=None,
-            width=None,
-            height=None,
-            seed=seed,
-            count=1,
-            strengths=strengths,
-        )
-        return await render(arguments, background, "compare-lora-strengths")
 
-    @server.tool(
-        name="merge-loras",
-        description="Merge LoRAs for the same base model into one file, each at a weight: the merge at strength "
-        "1 equals stacking them at those weights. LoRAs for different base models are refused with the reason.",
-    )
+class LoraFileTools:
+    """merge-loras and convert-lora: new LoRA files in loras/."""
+
+    def __init__(self, s: Services):
+        self.s = s
+
     def merge_loras_tool(
+        self,
         loras: list[MergeSource] = Field(description="[{lora: name or path, weight}], at least two."),
         output_name: str = Field(description="Name of the merged LoRA in loras/."),
         output_format: Literal["kohya", "diffusers", "comfyui"] = Field(
@@ -135,18 +78,58 @@ def register_generation_tools(server: MCPServer, s: Services) -> None:
             "diffusers layout with alphas for FLUX; kohya for A1111/Forge (not for FLUX); diffusers (peft keys).",
         ),
     ) -> MergeResult:
-        merged = call(lambda: merge_loras(workspace, loras, output_name, output_format))
+        merged = self.s.call(merge_loras, self.s.workspace, loras, output_name, output_format)
         return MergeResult(lora=merged, next_step=f"generate-image with loras=[{{lora: {merged.name!r}}}]")
 
-    @server.tool(
+    def convert_lora_tool(
+        self,
+        lora: str = Field(description="An exported LoRA's name or a .safetensors path."),
+        to: Literal["kohya", "diffusers", "comfyui"] = Field(description="The layout to write."),
+        output_name: str | None = Field(None, description="Name in loras/; default '<lora>-<to>'."),
+    ) -> ExportedLora:
+        return self.s.call(convert_lora, self.s.workspace, lora, to, output_name)
+
+
+def register_generation_tools(server: MCPServer, s: Services) -> None:
+    images, files = ImageTools(s), LoraFileTools(s)
+    server.add_tool(
+        request_tool(
+            GenerationRequest,
+            images.generate_image,
+            function_name="generate_image",
+            returns=list,
+            extra=[BACKGROUND],
+            leave_out=("strengths",),
+        ),
+        name="generate-image",
+        description="Generate images with a base model and any stack of LoRAs at given strengths (ComfyUI's "
+        "strength_model / strength_clip), to show 'before / after' or check that a LoRA does something. "
+        "Built-in tiny models answer at once; a real model renders as a background job (job_id; then "
+        "get-training-status and get-training-samples).",
+    )
+    server.add_tool(
+        request_tool(
+            StrengthComparison,
+            images.compare_lora_strengths,
+            function_name="compare_lora_strengths",
+            returns=list,
+            extra=[BACKGROUND],
+        ),
+        name="compare-lora-strengths",
+        description="One LoRA at several strengths with one seed, as images and a labelled grid, to choose the "
+        "strength to use (the guide: style 0.6-1.0, character 0.7-0.9, pose 0.4-0.7, details 0.3-0.6).",
+    )
+    server.add_tool(
+        files.merge_loras_tool,
+        name="merge-loras",
+        description="Merge LoRAs for the same base model into one file, each at a weight: the merge at strength "
+        "1 equals stacking them at those weights. LoRAs for different base models are refused with the reason.",
+    )
+    server.add_tool(
+        files.convert_lora_tool,
         name="convert-lora",
         description="Rewrite a LoRA in another layout, losslessly: kohya (ComfyUI, A1111/Forge; SD and SDXL only), "
         "diffusers (peft keys), or comfyui (what ComfyUI's LoraLoader reads: the kohya layout for SD/SDXL, the "
         "diffusers layout with alphas for FLUX).",
     )
-    def convert_lora_tool(
-        lora: str = Field(description="An exported LoRA's name or a .safetensors path."),
-        to: Literal["kohya", "diffusers", "comfyui"] = Field(description="The layout to write."),
-        output_name: str | None = Field(None, description="Name in loras/; default '<lora>-<to>'."),
-    ) -> ExportedLora:
-        return call(lambda: convert_lora(workspace, lora, to, output_name))
+
