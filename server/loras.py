@@ -7,6 +7,7 @@ import base64
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
@@ -14,6 +15,9 @@ from server.errors import ServiceError
 from server.names import checked_name
 from server.safetensors_file import InvalidSafetensors, safetensors_metadata
 from training.workspace import atomic_output, atomic_write_json
+
+if TYPE_CHECKING:
+    from server.jobs import JobService
 
 # Clients cap a tool result near 1 MB and base64 adds a third: 512 KiB of file is ~700 KB of text,
 # and the largest chunk, 720 KiB, stays just under 1 MB.
@@ -42,16 +46,37 @@ class Chunk(BaseModel):
     next_offset: int | None = Field(description="Offset to ask for next, or null at the end.")
 
 
+class ExportRequest(BaseModel):
+    """export-model: a job's LoRA into loras/."""
+
+    job_id: str = Field(description="Job id from start-training.")
+    step: int | None = Field(None, ge=1, description="A checkpoint step; default: the final LoRA.")
+    output_format: Literal["kohya", "diffusers"] | None = Field(
+        None,
+        description="kohya for ComfyUI/A1111, or diffusers; default: as the run wrote it (kohya for SD 1.x/2.x "
+        "and SDXL, diffusers for FLUX, which ComfyUI loads too).",
+    )
+
+
+class ChunkRequest(BaseModel):
+    """download-model: one piece of an exported LoRA or a run file."""
+
+    path: str = Field(description="'name.safetensors' in loras/, or '<job_id>/<file>' in a job's run directory.")
+    offset: int = Field(0, ge=0, description="Byte offset to start at.")
+    length: int = Field(DEFAULT_CHUNK, ge=1, le=MAX_CHUNK, description="Bytes to read (at most 720 KiB).")
+
+
 class LoraService:
     def __init__(self, workspace: Path):
         self.workspace = Path(workspace)
         self.folder = self.workspace / "loras"
 
-    def export(
-        self, job_id: str, run_dir: Path, config_name: str, step: int | None, output_format: str | None = None
-    ) -> ExportedLora:
+    def export(self, request: ExportRequest, jobs: JobService) -> ExportedLora:
         """Copy a job's final LoRA (or the checkpoint LoRA of `step`) into loras/, with its sidecar; in
-        `output_format`, or as trained when None."""
+        `output_format`, or as trained when None. The file is named after the job's config."""
+        job_id, step = request.job_id, request.step
+        job = jobs.training_status(job_id)
+        run_dir = Path(job.run_dir)
         source, label = self._source(job_id, run_dir, step)
         try:
             metadata = safetensors_metadata(source)
@@ -59,8 +84,8 @@ class LoraService:
             raise ServiceError(f"job {job_id}'s LoRA {source.name} is damaged ({exc}); train or resume again") from None
         config = json.loads(metadata.get("training_config", "{}"))
         trained_format = config.get("output_format") or "kohya"
-        output_format = output_format or trained_format
-        name = f"{config_name}{label}"
+        output_format = request.output_format or trained_format
+        name = f"{job.config_name}{label}"
         target = self.folder / f"{name}.safetensors"
         if output_format == trained_format:
             with atomic_output(target) as tmp:
@@ -92,9 +117,10 @@ class LoraService:
             )
         return found
 
-    def read_chunk(self, relative: str, offset: int, length: int, run_dirs: dict[str, Path]) -> Chunk:
+    def read_chunk(self, request: ChunkRequest, jobs: JobService) -> Chunk:
         """Bytes of a file under loras/ (`name.safetensors`) or a job's run directory (`<job_id>/<file>`)."""
-        path = self._downloadable(relative, run_dirs)
+        relative, offset, length = request.path, request.offset, request.length
+        path = self._downloadable(relative, {job.job_id: Path(job.run_dir) for job in jobs.list()})
         total = path.stat().st_size
         if offset < 0 or offset > total:
             raise ServiceError(f"offset {offset} is outside the file ({total} bytes); start at 0")

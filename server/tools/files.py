@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from mcp.server import MCPServer
 from pydantic import BaseModel, Field
 
-from server.loras import DEFAULT_CHUNK, MAX_CHUNK, Chunk, ExportedLora
+from server.loras import Chunk, ChunkRequest, ExportedLora, ExportRequest
 from server.system import SystemStats, system_stats
 from server.tools import READ_ONLY, Services
+from server.tools.arguments import request_tool
 from server.upload_arguments import DEFAULT_CHUNK_SIZE
 from server.uploads import ChunkReceived, UploadFinished, UploadStarted
 
@@ -19,55 +19,23 @@ class LoraList(BaseModel):
     loras: list[ExportedLora]
 
 
-def register_file_tools(server: MCPServer, s: Services) -> None:
-    call, workspace, jobs, loras, uploads = s.call, s.workspace, s.jobs, s.loras, s.uploads
-    read_only = READ_ONLY
+class FileTools:
+    """LoRA files in and out of the workspace, and the machine's stats."""
 
-    # --- LoRA files and the machine --------------------------------------------------------------
-    @server.tool(
-        name="list-exported-models", description="LoRA files in the workspace's loras/ folder.", annotations=read_only
-    )
-    def list_exported_models() -> LoraList:
-        return LoraList(loras=call(loras.list))
+    def __init__(self, s: Services):
+        self.s = s
 
-    @server.tool(
-        name="export-model",
-        description="Copy a job's LoRA (the final one, or a checkpoint's with step) into loras/ with a metadata "
-        "sidecar, ready for ComfyUI (models/loras) or A1111 (models/Lora).",
-    )
-    def export_model(
-        job_id: str = Field(description="Job id from start-training."),
-        step: int | None = Field(None, ge=1, description="A checkpoint step; default: the final LoRA."),
-        output_format: Literal["kohya", "diffusers"] | None = Field(
-            None,
-            description="kohya for ComfyUI/A1111, or diffusers; default: as the run wrote it (kohya for SD 1.x/2.x "
-            "and SDXL, diffusers for FLUX, which ComfyUI loads too).",
-        ),
-    ) -> ExportedLora:
-        status = call(jobs.training_status, job_id)
-        return call(loras.export, job_id, Path(status.run_dir), status.config_name, step, output_format)
+    def list_exported_models(self) -> LoraList:
+        return LoraList(loras=self.s.call(self.s.loras.list))
 
-    @server.tool(
-        name="download-model",
-        description="Read a file in pieces as base64: an exported LoRA ('name.safetensors') or a run file "
-        "('<job_id>/<file>'). Call again with next_offset until eof is true.",
-        annotations=read_only,
-    )
-    def download_model(
-        path: str = Field(description="'name.safetensors' in loras/, or '<job_id>/<file>' in a job's run directory."),
-        offset: int = Field(0, ge=0, description="Byte offset to start at."),
-        length: int = Field(DEFAULT_CHUNK, ge=1, le=MAX_CHUNK, description="Bytes to read (at most 720 KiB)."),
-    ) -> Chunk:
-        run_dirs = {job.job_id: Path(job.run_dir) for job in call(jobs.list)}
-        return call(loras.read_chunk, path, offset, length, run_dirs)
+    def export_model(self, request: ExportRequest) -> ExportedLora:
+        return self.s.call(self.s.loras.export, request, self.s.jobs)
 
-    @server.tool(
-        name="upload-lora-chunked-start",
-        description="Begin uploading a LoRA file too large for one call: give a new upload_id (e.g. a uuid4), the "
-        "filename (.safetensors), total_size in bytes, optional metadata {trigger_words, base_model} and sha256. "
-        "Then send the file with upload-lora-chunked-append in chunk_size pieces (any order), then finish.",
-    )
+    def download_model(self, request: ChunkRequest) -> Chunk:
+        return self.s.call(self.s.loras.read_chunk, request, self.s.jobs)
+
     def upload_lora_chunked_start(
+        self,
         upload_id: str = Field(description="Your id for this upload, e.g. a uuid4."),
         filename: str = Field(description="Name of the LoRA file, ending in .safetensors."),
         total_size: int = Field(ge=1, description="File size in bytes."),
@@ -75,35 +43,69 @@ def register_file_tools(server: MCPServer, s: Services) -> None:
         chunk_size: int = Field(DEFAULT_CHUNK_SIZE, description="Bytes per chunk (default 262144)."),
         sha256: str | None = Field(None, description="Optional hex sha256 of the whole file, checked at finish."),
     ) -> UploadStarted:
-        return call(lambda: uploads.start(upload_id, filename, total_size, metadata, chunk_size, sha256))
+        return self.s.call(self.s.uploads.start, upload_id, filename, total_size, metadata, chunk_size, sha256)
 
-    @server.tool(
-        name="upload-lora-chunked-append",
-        description="Send one chunk: its bytes as base64 and its chunk_index (offset = chunk_index x chunk_size). "
-        "Chunks may come in any order and may be re-sent.",
-    )
     def upload_lora_chunked_append(
+        self,
         upload_id: str = Field(description="The id given to upload-lora-chunked-start."),
         chunk: str = Field(description="The chunk's bytes, base64-encoded."),
         chunk_index: int = Field(ge=0, description="Which chunk this is, from 0."),
     ) -> ChunkReceived:
-        return call(uploads.append, upload_id, chunk, chunk_index)
+        return self.s.call(self.s.uploads.append, upload_id, chunk, chunk_index)
 
-    @server.tool(
+    def upload_lora_chunked_finish(
+        self, upload_id: str = Field(description="The id given to upload-lora-chunked-start.")
+    ) -> UploadFinished:
+        return self.s.call(self.s.uploads.finish, upload_id)
+
+    def get_system_stats(self) -> SystemStats:
+        return system_stats(self.s.workspace, self.s.call(self.s.jobs.list))
+
+
+def register_file_tools(server: MCPServer, s: Services) -> None:
+    tools = FileTools(s)
+    server.add_tool(
+        tools.list_exported_models,
+        name="list-exported-models",
+        description="LoRA files in the workspace's loras/ folder.",
+        annotations=READ_ONLY,
+    )
+    server.add_tool(
+        request_tool(ExportRequest, tools.export_model, function_name="export_model", returns=ExportedLora),
+        name="export-model",
+        description="Copy a job's LoRA (the final one, or a checkpoint's with step) into loras/ with a metadata "
+        "sidecar, ready for ComfyUI (models/loras) or A1111 (models/Lora).",
+    )
+    server.add_tool(
+        request_tool(ChunkRequest, tools.download_model, function_name="download_model", returns=Chunk),
+        name="download-model",
+        description="Read a file in pieces as base64: an exported LoRA ('name.safetensors') or a run file "
+        "('<job_id>/<file>'). Call again with next_offset until eof is true.",
+        annotations=READ_ONLY,
+    )
+    server.add_tool(
+        tools.upload_lora_chunked_start,
+        name="upload-lora-chunked-start",
+        description="Begin uploading a LoRA file too large for one call: give a new upload_id (e.g. a uuid4), the "
+        "filename (.safetensors), total_size in bytes, optional metadata {trigger_words, base_model} and sha256. "
+        "Then send the file with upload-lora-chunked-append in chunk_size pieces (any order), then finish.",
+    )
+    server.add_tool(
+        tools.upload_lora_chunked_append,
+        name="upload-lora-chunked-append",
+        description="Send one chunk: its bytes as base64 and its chunk_index (offset = chunk_index x chunk_size). "
+        "Chunks may come in any order and may be re-sent.",
+    )
+    server.add_tool(
+        tools.upload_lora_chunked_finish,
         name="upload-lora-chunked-finish",
         description="Check that every chunk arrived (size, sha256, a valid safetensors file) and move the LoRA "
         "into loras/ with its metadata; list-exported-models then shows it.",
     )
-    def upload_lora_chunked_finish(
-        upload_id: str = Field(description="The id given to upload-lora-chunked-start."),
-    ) -> UploadFinished:
-        return call(uploads.finish, upload_id)
-
-    @server.tool(
+    server.add_tool(
+        tools.get_system_stats,
         name="get-system-stats",
         description="GPU name and memory (when torch sees one), RAM, free disk in the workspace, and how many "
         "jobs are running and queued.",
-        annotations=read_only,
+        annotations=READ_ONLY,
     )
-    def get_system_stats() -> SystemStats:
-        return system_stats(workspace, call(jobs.list))
