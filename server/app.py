@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
 from server.configs import ConfigService
 from server.datasets import DatasetService
 from server.errors import ServiceError
-from server.jobs import JobService
+from server.jobs import JobService, JobStatus
 from server.limits import megabytes
 from server.loras import LoraService
 from server.tools import Services
@@ -33,6 +33,7 @@ from server.tools.files import register_file_tools
 from server.tools.generation import register_generation_tools
 from server.tools.prompts import register_prompts
 from server.tools.training import register_training_tools
+from server.training_runs import TrainingService
 from server.uploads import UploadService
 
 log = logging.getLogger("server")
@@ -47,35 +48,67 @@ Training takes minutes to hours: never wait inside a tool call, poll get-trainin
 
 def build_server(workspace: Path) -> MCPServer:
     workspace = Path(workspace)
-    configs = ConfigService(workspace)
-    jobs = JobService(workspace)
-    loras = LoraService(workspace)
-    datasets = DatasetService(workspace)
-    uploads = UploadService(workspace, max_total_size=megabytes("LORA_MCP_MAX_UPLOAD_MB", 4096))
-    lock = threading.Lock()  # tools run in worker threads; the job service is not re-entrant
+    calls = ServiceCalls()
+    configs, jobs = ConfigService(workspace), JobService(workspace)
+    services = Services(
+        workspace,
+        configs,
+        jobs,
+        LoraService(workspace),
+        DatasetService(workspace),
+        UploadService(workspace, max_total_size=megabytes("LORA_MCP_MAX_UPLOAD_MB", 4096)),
+        calls.call,
+        calls.resource_call,
+        TrainingService(configs, jobs),
+    )
+    subscriptions = Subscriptions()
+    server = MCPServer(
+        "lora-trainer",
+        instructions=INSTRUCTIONS,
+        lifespan=job_monitor(lambda: calls.call(jobs.list), subscriptions.notify_updated),
+        subscriptions=subscriptions.bus,
+    )
+    subscriptions.register(server)
+    register_dataset_tools(server, services)
+    register_training_tools(server, services)
+    register_diagnostic_tools(server, services)
+    register_file_tools(server, services)
+    register_generation_tools(server, services)
+    register_prompts(server)
+    return server
 
-    def call(fn: Callable, *args, error: type[Exception] = ToolError):
+
+class ServiceCalls:
+    """Service calls made from the tools, one at a time: tools run in worker threads, and the job
+    service is not re-entrant."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def call(self, fn: Callable, *args, error: type[Exception] = ToolError):
         """Run a service call; its ServiceError becomes the ToolError the assistant reads (or, for a
         resource, the not-found error its reader gets)."""
         try:
-            with lock:
+            with self._lock:
                 return fn(*args)
         except ServiceError as exc:
             raise error(str(exc)) from None
 
-    def resource_call(fn: Callable, *args):
-        return call(fn, *args, error=ResourceNotFoundError)
+    def resource_call(self, fn: Callable, *args):
+        return self.call(fn, *args, error=ResourceNotFoundError)
+
+
+def job_monitor(list_jobs: Callable[[], list[JobStatus]], notify_updated: Callable[[str], Awaitable[None]]):
+    """The server's lifespan: reconcile the job table at start-up and keep it current while the server
+    runs, telling subscribers of a job's status resource when it changes."""
 
     @asynccontextmanager
     async def lifespan(_server: MCPServer) -> AsyncIterator[None]:
-        """Reconcile the job table at start-up and keep it current while the server runs."""
-
         async def monitor() -> None:
             seen: dict[str, tuple] = {}
             while True:
                 try:
-                    statuses = await anyio.to_thread.run_sync(lambda: call(jobs.list))
-                    for status in statuses:
+                    for status in await anyio.to_thread.run_sync(list_jobs):
                         # What a watcher cares about; a change notifies subscribers of the status resource.
                         fingerprint = (status.state, status.step, status.last_checkpoint, tuple(status.latest_samples))
                         if seen.get(status.job_id) != fingerprint:
@@ -90,39 +123,38 @@ def build_server(workspace: Path) -> MCPServer:
             yield
             group.cancel_scope.cancel()
 
-    # Status updates reach subscribers of both protocol eras: `subscriptions/listen` streams
-    # (2026-07-28) through the bus, and sessions that sent `resources/subscribe` (earlier versions)
-    # through a resources/updated notification on their session.
-    bus = InMemorySubscriptionBus()
-    legacy_subscribers: dict[str, set] = {}
+    return lifespan
 
-    async def notify_updated(uri: str) -> None:
-        await bus.publish(ResourceUpdated(uri=uri))
-        for session in list(legacy_subscribers.get(uri, ())):
+
+class Subscriptions:
+    """Status updates reach subscribers of both protocol eras: `subscriptions/listen` streams
+    (2026-07-28) through the bus, and sessions that sent `resources/subscribe` (earlier versions)
+    through a resources/updated notification on their session."""
+
+    def __init__(self):
+        self.bus = InMemorySubscriptionBus()
+        self._legacy: dict[str, set] = {}
+
+    def register(self, server: MCPServer) -> None:
+        # MCPServer has no decorator for the pre-2026 subscribe requests; its low-level server takes them
+        # (registering them also advertises the resources.subscribe capability).
+        server._lowlevel_server.add_request_handler("resources/subscribe", types.SubscribeRequestParams, self.subscribe)
+        server._lowlevel_server.add_request_handler(
+            "resources/unsubscribe", types.UnsubscribeRequestParams, self.unsubscribe
+        )
+
+    async def notify_updated(self, uri: str) -> None:
+        await self.bus.publish(ResourceUpdated(uri=uri))
+        for session in list(self._legacy.get(uri, ())):
             try:
                 await session.send_resource_updated(uri)
             except Exception:  # the client went away: forget it
-                legacy_subscribers[uri].discard(session)
+                self._legacy[uri].discard(session)
 
-    async def subscribe(ctx, params: types.SubscribeRequestParams) -> types.EmptyResult:
-        legacy_subscribers.setdefault(str(params.uri), set()).add(ctx.session)
+    async def subscribe(self, ctx, params: types.SubscribeRequestParams) -> types.EmptyResult:
+        self._legacy.setdefault(str(params.uri), set()).add(ctx.session)
         return types.EmptyResult()
 
-    async def unsubscribe(ctx, params: types.UnsubscribeRequestParams) -> types.EmptyResult:
-        legacy_subscribers.get(str(params.uri), set()).discard(ctx.session)
+    async def unsubscribe(self, ctx, params: types.UnsubscribeRequestParams) -> types.EmptyResult:
+        self._legacy.get(str(params.uri), set()).discard(ctx.session)
         return types.EmptyResult()
-
-    server = MCPServer("lora-trainer", instructions=INSTRUCTIONS, lifespan=lifespan, subscriptions=bus)
-    # MCPServer has no decorator for the pre-2026 subscribe requests; its low-level server takes them
-    # (registering them also advertises the resources.subscribe capability).
-    server._lowlevel_server.add_request_handler("resources/subscribe", types.SubscribeRequestParams, subscribe)
-    server._lowlevel_server.add_request_handler("resources/unsubscribe", types.UnsubscribeRequestParams, unsubscribe)
-
-    services = Services(workspace, configs, jobs, loras, datasets, uploads, call, resource_call)
-    register_dataset_tools(server, services)
-    register_training_tools(server, services)
-    register_diagnostic_tools(server, services)
-    register_file_tools(server, services)
-    register_generation_tools(server, services)
-    register_prompts(server)
-    return server

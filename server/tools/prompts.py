@@ -7,22 +7,25 @@ from pydantic import Field
 
 
 def register_prompts(server: MCPServer) -> None:
-    @server.prompt(
+    server.prompt(
         name="train-lora",
         description="Walk through training a LoRA: dataset, captions, config, start, monitor, use.",
-    )
-    def train_lora(
-        goal: str = Field(description="What the LoRA should learn, e.g. 'a watercolor style' or 'my dog Rex'."),
-        dataset: str = Field("", description="A dataset name or folder, if there is one already."),
-    ) -> str:
-        return TRAIN_LORA_PROMPT.format(goal=goal, dataset=dataset or "(not chosen yet)")
-
-    @server.prompt(
+    )(train_lora)
+    server.prompt(
         name="troubleshoot-training",
         description="Find out what is wrong with a training job and offer a fixed config.",
-    )
-    def troubleshoot_training(job_id: str = Field(description="The job to look at, from list-training-jobs.")) -> str:
-        return TROUBLESHOOT_PROMPT.format(job_id=job_id)
+    )(troubleshoot_training)
+
+
+def train_lora(
+    goal: str = Field(description="What the LoRA should learn, e.g. 'a watercolor style' or 'my dog Rex'."),
+    dataset: str = Field("", description="A dataset name or folder, if there is one already."),
+) -> str:
+    return TRAIN_LORA_PROMPT.format(goal=goal, dataset=dataset or "(not chosen yet)")
+
+
+def troubleshoot_training(job_id: str = Field(description="The job to look at, from list-training-jobs.")) -> str:
+    return TROUBLESHOOT_PROMPT.format(job_id=job_id)
 
 
 TRAIN_LORA_PROMPT = """Help me train a LoRA for: {goal}. Dataset: {dataset}.
