@@ -134,10 +134,8 @@ def apply_fix(
         raise ServiceError(f"{based_on} has no finding {finding_id!r}; its findings now: {listed}")
     if not finding.patch:
         raise ServiceError(f"finding {finding_id!r} has no config change to apply; its advice is: {finding.message}")
-    patch = dict(finding.patch)
-    for field, kohya_name in (("rank", "network_dim"), ("alpha", "network_alpha")):
-        if field in patch and values.get(kohya_name) is not None:  # the kohya name wins over the guide's: change it
-            patch[kohya_name] = patch.pop(field)
+    # A job's findings read its resolved config: its rank and alpha go back under the names the job was given.
+    patch = TrainingConfig.from_dict(values).in_given_names(finding.patch)
     name = free_name(f"{values.get('name', 'config')}-fix-{finding_id}", configs.exists)
     changes = {key: [values.get(key), value] for key, value in patch.items() if values.get(key) != value}
     config = configs.create({**values, **patch, "name": name})

@@ -7,19 +7,14 @@ import pytest
 from training.config import TrainingConfig
 from training.data.report import ConceptCount, DatasetReport
 from training.diagnostics.evidence import RunEvidence
+from training.estimates import estimate_minutes, estimate_vram_gb, model_family
+from training.guide import FLUX, SD2, SD15, SDXL
 from training.diagnostics.preflight import (
-    FLUX,
     PREFLIGHT_RULES,
-    SD2,
-    SD15,
-    SDXL,
     alpha_above_rank,
     captions_missing_trigger,
-    estimate_minutes,
-    estimate_vram_gb,
     generic_trigger_word,
     learning_rate_band,
-    model_family,
     preflight_findings,
     rank_for_dataset,
     resolution_below_native,
@@ -344,7 +339,8 @@ def test_preflight_collects_every_rule():
 
 
 def test_the_family_read_from_the_files_or_set_in_the_config_wins_over_guesses():
-    from training.diagnostics.preflight import SD2, SDXL, model_family
+    from training.estimates import model_family
+    from training.guide import SD2, SDXL
 
     plain = config(model_name="my-model")  # a name that says nothing, no size known
     assert model_family(plain, None).name == "SD 1.5"  # the guess

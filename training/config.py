@@ -11,26 +11,55 @@ from __future__ import annotations
 
 import re
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from training.guide import (
+    CAPTION_TOKENS,
+    DEFAULT_LEARNING_RATE,
+    LEARNING_RATES,
+    PRODIGY_LR,
+    RANK_TABLE,
+    STANDARD_RANK,
+    STEPS_PER_IMAGE,
+    LoraType,
+    lr_text,
+)
 
 DEFAULT_MODEL = "runwayml/stable-diffusion-v1-5"
-STEPS_PER_IMAGE = 100  # the guide: "Optimal Steps = 100 x number_of_images"
 
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 Optimizer = Literal["adamw", "adamw8bit", "adafactor", "lion", "prodigy", "sgd"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 OutputFormat = Literal["kohya", "diffusers"]
 CropMode = Literal["center", "random"]
-# The kinds of LoRA the guide's dataset-size and strength tables distinguish; every tool that takes one uses this.
-LoraType = Literal["style", "character", "person", "object", "concept", "complex_style", "pose", "details"]
+# Caption tokens read: one CLIP chunk of 75 (the default), or two or three chunks (kohya's long captions).
+MaxTokenLength = Literal[75, 150, 225]
 AutoStop = Literal["divergence", "plateau", "no_effect"]
 TimestepSampling = Literal["uniform", "logit_normal", "shift"]
 # The guidance a guidance-distilled FLUX model (dev, Flex.1) renders samples with by default; SD's is 7.5.
 SAMPLE_GUIDANCE = {"flux": 3.5}
 DEFAULT_SAMPLE_GUIDANCE = 7.5
+
+
+
+def _band(row: int) -> str:
+    """A band of the guide's rank table as it writes it: '4-8'."""
+    low, high, _, _ = RANK_TABLE[row]
+    return f"{low}-{high}"
+
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -43,8 +72,20 @@ class ConfigError(ValueError):
         super().__init__("invalid training config: " + "; ".join(problems))
 
 
+@dataclass(frozen=True)
+class LoraShape:
+    """The LoRA's rank and alpha as a config gives them, under the guide's names or kohya's."""
+
+    rank: int
+    alpha: float | None  # None: equal to rank
+    rank_option: str  # the option that gave the rank: rank, or network_dim when the config has it
+    alpha_option: str  # alpha, or network_alpha
+    clashes: tuple[str, ...]  # both names given with different values, and which one wins
+
+
 class TrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    _lora: LoraShape = PrivateAttr()  # set by _fold_kohya_names, the one reader of network_dim / network_alpha
 
     # --- what to train -------------------------------------------------------------------
     name: str = Field(
@@ -111,11 +152,13 @@ class TrainingConfig(BaseModel):
     batch_size: int = Field(1, ge=1, le=256, description="Images per micro-batch.")
     gradient_accumulation_steps: int = Field(1, ge=1, le=256, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(
-        2e-4,
+        DEFAULT_LEARNING_RATE,
         gt=0.0,
         le=10.0,
         validation_alias=AliasChoices("learning_rate", "lr"),
-        description="Peak learning rate: 2e-4 default, 1e-4 conservative, 5e-5 fine-tuning; Prodigy wants 1.0.",
+        description=f"Peak learning rate: {lr_text(DEFAULT_LEARNING_RATE)} default, "
+        f"{lr_text(LEARNING_RATES['conservative'][0])} conservative, {lr_text(LEARNING_RATES['fine_tuning'][0])} "
+        f"fine-tuning; Prodigy wants {PRODIGY_LR}.",
     )
     text_encoder_lr: float | None = Field(
         None, gt=0.0, le=10.0, description="Learning rate of the text encoder LoRA; default learning_rate."
@@ -169,10 +212,16 @@ class TrainingConfig(BaseModel):
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for LoRA init, data order, noise and samples.")
 
     # --- the LoRA --------------------------------------------------------------------------
-    rank: int = Field(32, ge=1, le=1024, description="LoRA rank (dim): 4-8 simple styles, 16-32 standard, 64+ complex.")
+    rank: int = Field(
+        STANDARD_RANK,
+        ge=1,
+        le=1024,
+        description=f"LoRA rank (dim): {_band(0)} simple styles, {_band(1)} standard, {RANK_TABLE[2][0]}+ complex.",
+    )
     alpha: float | None = Field(
         None, gt=0.0, le=4096, description="LoRA alpha; the update is scaled by alpha / rank. Default: equal to rank."
     )
+    # kohya's names, declared so kohya configs load as they are; only _fold_kohya_names reads them.
     network_dim: int | None = Field(
         None, ge=1, le=1024, description="kohya name of rank; wins over rank when both are given."
     )
@@ -191,8 +240,10 @@ class TrainingConfig(BaseModel):
     clip_skip: int = Field(
         1, ge=1, le=12, description="Use the text encoder's n-th layer from the end (2 for anime models)."
     )
-    max_token_length: Literal[75, 150, 225] = Field(
-        75, description="Caption tokens encoded (in 75-token chunks, as kohya does); longer captions are cut."
+    max_token_length: MaxTokenLength = Field(
+        CAPTION_TOKENS,
+        description=f"Caption tokens encoded (in {CAPTION_TOKENS}-token chunks, as kohya does); longer captions are "
+        "cut.",
     )
 
     # --- DreamBooth-style prior preservation -----------------------------------------------
@@ -299,6 +350,31 @@ class TrainingConfig(BaseModel):
         return {folder: _check_trigger(word) for folder, word in value.items()}
 
     @model_validator(mode="after")
+    def _fold_kohya_names(self) -> TrainingConfig:
+        """The LoRA's shape from rank / alpha or kohya's network_dim / network_alpha: the kohya name wins
+        when both are given (a kohya config pasted over the guide's defaults means kohya's values), and the
+        clash is kept for warnings()."""
+        clashes = []
+        if self.network_dim is not None and self.network_dim != self.rank and "rank" in self.model_fields_set:
+            clashes.append(f"rank={self.rank} and network_dim={self.network_dim} differ: network_dim wins")
+        if self.network_alpha is not None and self.alpha is not None and self.network_alpha != self.alpha:
+            clashes.append(f"alpha={self.alpha:g} and network_alpha={self.network_alpha:g} differ: network_alpha wins")
+        rank_option = "network_dim" if self.network_dim is not None else "rank"
+        alpha_option = "network_alpha" if self.network_alpha is not None else "alpha"
+        self._lora = LoraShape(
+            rank=getattr(self, rank_option),
+            alpha=getattr(self, alpha_option),
+            rank_option=rank_option,
+            alpha_option=alpha_option,
+            clashes=tuple(clashes),
+        )
+        return self
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> TrainingConfig:
+        """pydantic's copy, which does not validate, with the LoRA's shape folded again from the copy's values."""
+        return super().model_copy(update=update, deep=deep)._fold_kohya_names()
+
+    @model_validator(mode="after")
     def _consistent(self) -> TrainingConfig:
         if self.prior_preservation and not self.class_prompt:
             raise ValueError(
@@ -314,14 +390,22 @@ class TrainingConfig(BaseModel):
 
     # --- derived values ----------------------------------------------------------------------
     @property
+    def lora(self) -> LoraShape:
+        return self._lora
+
+    @property
     def effective_rank(self) -> int:
-        return self.network_dim if self.network_dim is not None else self.rank
+        return self._lora.rank
 
     @property
     def effective_alpha(self) -> float:
-        if self.network_alpha is not None:
-            return self.network_alpha
-        return self.alpha if self.alpha is not None else float(self.effective_rank)
+        return self._lora.alpha if self._lora.alpha is not None else float(self._lora.rank)
+
+    def in_given_names(self, patch: dict[str, Any]) -> dict[str, Any]:
+        """`patch` with rank and alpha under the names this config gives them (kohya's win, so a change
+        to rank must change network_dim where the config has it)."""
+        names = {"rank": self._lora.rank_option, "alpha": self._lora.alpha_option}
+        return {names.get(key, key): value for key, value in patch.items()}
 
     @property
     def static_text(self) -> bool:
@@ -334,11 +418,7 @@ class TrainingConfig(BaseModel):
 
     def warnings(self) -> list[str]:
         """Things that are allowed but probably not what the user meant."""
-        found = []
-        if self.network_dim is not None and self.network_dim != self.rank and "rank" in self.model_fields_set:
-            found.append(f"rank={self.rank} and network_dim={self.network_dim} differ: network_dim wins")
-        if self.network_alpha is not None and self.alpha is not None and self.network_alpha != self.alpha:
-            found.append(f"alpha={self.alpha:g} and network_alpha={self.network_alpha:g} differ: network_alpha wins")
+        found = list(self._lora.clashes)
         if self.cache_latents_to_disk and not self.cache_latents:
             found.append("cache_latents_to_disk has no effect while cache_latents is false")
         if self.lr_scheduler == "constant" and self.lr_warmup_steps:
@@ -374,12 +454,13 @@ class TrainingConfig(BaseModel):
                 warnings.append(
                     f"timestep_shift is used by timestep_sampling shift only; {self.timestep_sampling} ignores it"
                 )
-            if self.max_token_length != 75:
+            if self.max_token_length != CAPTION_TOKENS:
                 warnings.append("max_token_length is CLIP's; FLUX reads captions through T5 (up to 512 tokens) anyway")
         elif family is not None:
-            if family == "sdxl" and self.max_token_length > 75:
+            if family == "sdxl" and self.max_token_length > CAPTION_TOKENS:
                 errors.append(
-                    "for SDXL, this trainer encodes captions of up to 75 tokens so far: set max_token_length to 75"
+                    f"for SDXL, this trainer encodes captions of up to {CAPTION_TOKENS} tokens so far: set "
+                    f"max_token_length to {CAPTION_TOKENS}"
                 )
             if family == "sdxl" and self.clip_skip != 1:
                 warnings.append(

@@ -15,19 +15,23 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field
 
-from training.config import STEPS_PER_IMAGE, LoraType, TrainingConfig
+from training.config import TrainingConfig
 from training.data.dataset import DatasetIndex
-from training.data.report import GUIDE_IMAGE_RANGE
-from training.diagnostics.preflight import (
+from training.estimates import estimate_minutes, model_family
+from training.guide import (
+    CONSERVATIVE_LEARNING_RATE,
     FLUX,
+    GUIDE_IMAGE_RANGE,
+    GUIDE_STRENGTHS,
     LEARNING_RATES,
-    RANK_TABLE,
     SD2,
     SD15,
     SMALLEST_REAL_NATIVE,
-    ModelFamily,
-    estimate_minutes,
-    model_family,
+    STEPS_PER_IMAGE,
+    FamilyRow,
+    LoraType,
+    lr_text,
+    rank_row,
 )
 
 Goal = Literal["balanced", "memory", "speed", "quality"]
@@ -79,14 +83,8 @@ RANK_BY_TYPE: dict[str, tuple[int, str]] = {
     ),
 }
 
-# The guide's "Optimal Strength Settings": row -> (model strength, CLIP strength).
-GUIDE_STRENGTHS: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
-    "style": ((0.6, 1.0), (0.6, 1.0)),
-    "character": ((0.7, 0.9), (0.7, 0.9)),
-    "pose": ((0.4, 0.7), (0.3, 0.6)),
-    "details": ((0.3, 0.6), (0.3, 0.6)),
-}
-# Kinds without a row of their own use the nearest row, and say why.
+# The row of the guide's "Optimal Strength Settings" (GUIDE_STRENGTHS) each kind uses: kinds without a row of
+# their own use the nearest row, and say why.
 STRENGTH_ROW: dict[str, tuple[str, str]] = {
     "style": ("style", ""),
     "character": ("character", ""),
@@ -144,7 +142,7 @@ GOAL_PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
             "(pip install lion-pytorch, or the project's [lion] extra): without it the run stops at set-up with "
             "OptimizerUnavailable saying what to install; choose optimizer adamw instead if you cannot install "
             "it. Not from the guide: Lion's authors advise a learning rate 3-10x below AdamW's; if the loss "
-            "oscillates, use the guide's conservative 1e-4",
+            f"oscillates, use the guide's conservative {lr_text(CONSERVATIVE_LEARNING_RATE)}",
         ),
         "lr_scheduler": ("constant", "the guide's Speed Optimization: 'Simple scheduler' (also the default)"),
         "cache_latents": (True, "the guide's Speed Optimization: 'Pre-compute VAE encodings' (also the default)"),
@@ -160,7 +158,11 @@ GOAL_PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
             32,
             "the guide's Quality Optimization: 'Lower than rank for regularization' (updates scaled by 32/64 = 0.5)",
         ),
-        "learning_rate": (1e-4, "the guide's Quality Optimization: 1e-4 (its 'Conservative: 1e-4 - Slower but safer')"),
+        "learning_rate": (
+            CONSERVATIVE_LEARNING_RATE,
+            f"the guide's Quality Optimization: {lr_text(CONSERVATIVE_LEARNING_RATE)} (its 'Conservative: "
+            f"{lr_text(CONSERVATIVE_LEARNING_RATE)} - {LEARNING_RATES['conservative'][1]}')",
+        ),
         "lr_scheduler": ("cosine_with_restarts", "the guide's Quality Optimization: cosine_with_restarts"),
         "sample_every": (
             100,
@@ -274,7 +276,8 @@ def recommend_plan(
         "lora_type": f"{lora_type}: recorded in the config for the diagnostics' dataset-size advice and the "
         "recommended strengths",
         "steps": steps_reason,
-        "learning_rate": f"{learning_rate:g}, the guide's 'Default: 2e-4 (0.0002) - {lr_words}'",
+        "learning_rate": f"{learning_rate:g}, the guide's 'Default: {lr_text(learning_rate)} ({learning_rate:g}) - "
+        f"{lr_words}'",
         "rank": f"{rank}: {rank_reason}",
         "alpha": f"{rank}, equal to rank (updates scaled by alpha/rank = 1), as in the guide's examples "
         "('rank': 32, 'alpha': 32)",
@@ -358,8 +361,7 @@ def recommend_plan(
 
 def file_size_mb(rank: int) -> tuple[int, str]:
     """The guide's approximate file size for `rank`: its band's figure, or the next band's between bands."""
-    row = next((row for row in RANK_TABLE if rank <= row[1]), RANK_TABLE[-1])
-    low, high, use, size = row
+    low, high, use, size = rank_row(rank)
     band = f"{low}-{high}" if low != high else str(low)
     where = "above" if rank > high else "in" if rank >= low else "just below"
     return size, (
@@ -470,7 +472,7 @@ def _steps(images: int, goal: str) -> tuple[int, str]:
     return steps, why
 
 
-def _family_reason(family: ModelFamily, native: int | None) -> str:
+def _family_reason(family: FamilyRow, native: int | None) -> str:
     if native is None:
         return (
             f"its native resolution was not read (no model named, or a single file without base_model_config); "
@@ -484,7 +486,7 @@ def _family_reason(family: ModelFamily, native: int | None) -> str:
     return f"native {native} px: {family.name}-class"
 
 
-def _optimizer_for(family: ModelFamily) -> tuple[str, str]:
+def _optimizer_for(family: FamilyRow) -> tuple[str, str]:
     """The optimizer a model family trains well with, with the reason."""
     if family is FLUX:
         return "adafactor", (
@@ -494,7 +496,7 @@ def _optimizer_for(family: ModelFamily) -> tuple[str, str]:
     return "adamw", f"adamw, the guide's default and the optimizer of its examples, for {family.name}"
 
 
-def _precision_for(family: ModelFamily) -> tuple[str, str]:
+def _precision_for(family: FamilyRow) -> tuple[str, str]:
     """The mixed precision a model family trains well in, with the reason."""
     if family in (SD15, SD2):
         return "fp16", (

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pydantic import BaseModel, Field
 
 from training.data.dataset import DatasetIndex
-from training.diagnostics.preflight import GENERIC_TRIGGERS
+from training.guide import CAPTION_TOKENS, GENERIC_TRIGGERS
 
 MIN_TAGS = 3  # trigger + subject, then at least two of style, quality, composition (comma-separated)
 MIN_WORDS = 5
@@ -38,7 +38,7 @@ def lint_captions(
     index: DatasetIndex,
     *,
     flux: bool = False,
-    max_tokens: int = 75,
+    max_tokens: int = CAPTION_TOKENS,
     count_tokens: Callable[[str], int] | None = None,
 ) -> list[CaptionFinding]:
     """Findings for every training image's caption file. `count_tokens` is the model's tokenizer

@@ -10,26 +10,11 @@ from __future__ import annotations
 import re
 from collections import Counter
 from pathlib import Path
-from typing import get_args
 
 from pydantic import BaseModel, Field
 
-from training.config import LoraType
 from training.data.dataset import IMAGE_SUFFIXES, scan_dataset
-
-# The guide's "Dataset Size Guidelines". It gives none for pose and details LoRAs; they are taught
-# like objects and concepts, so they share that range.
-GUIDE_IMAGE_RANGE: dict[str, tuple[int, int]] = {
-    "style": (10, 50),
-    "character": (20, 100),
-    "person": (20, 100),
-    "object": (15, 50),
-    "concept": (15, 50),
-    "complex_style": (50, 200),
-    "pose": (15, 50),
-    "details": (15, 50),
-}
-assert set(GUIDE_IMAGE_RANGE) == set(get_args(LoraType))
+from training.guide import DEFAULT_LORA_TYPE, GUIDE_IMAGE_RANGE, LoraType
 
 NEAR_DUPLICATE_BITS = 6  # of 64 hash bits: re-encodes and small crops stay within ~4, different photos differ by 20+
 # Blur: |Laplacian| / |gradient| over the strongest 5% of edges. A step edge gives 1.9-2.4 (measured on
@@ -78,7 +63,7 @@ class DatasetReport(BaseModel):
 def inspect_dataset(
     root: Path,
     *,
-    lora_type: LoraType = "style",
+    lora_type: LoraType = DEFAULT_LORA_TYPE,
     trigger_word: str | None = None,
     trigger_words: dict[str, str] | None = None,
     native_resolution: int = 512,

@@ -6,6 +6,6 @@ sentence, the evidence, and the config change that fixes it as a patch.
 """
 
 from training.diagnostics.findings import Finding, Severity
-from training.diagnostics.preflight import estimate_minutes, estimate_vram_gb, preflight_findings
+from training.diagnostics.preflight import preflight_findings
 
-__all__ = ["Finding", "Severity", "estimate_minutes", "estimate_vram_gb", "preflight_findings"]
+__all__ = ["Finding", "Severity", "preflight_findings"]

@@ -17,11 +17,9 @@ from training.config import TrainingConfig
 from training.diagnostics.checkpoints import COPY_DISTANCE, NO_EFFECT_DISTANCE
 from training.diagnostics.evidence import RunEvidence, SampleRow
 from training.diagnostics.findings import SEVERITY_ORDER, Finding
-from training.diagnostics.preflight import GUIDE_LR_RANGE, LEARNING_RATES
+from training.guide import CONSERVATIVE_LEARNING_RATE, GUIDE_LOSS_TARGET, GUIDE_LR_RANGE
 
 MIN_ROWS = 20  # training rows before any loss rule speaks: fewer is mostly warm-up and noise
-GUIDE_LOSS_TARGET = (0.05, 0.15)  # the guide: "Loss: Should decrease over time (target: 0.05-0.15)"
-GUIDE_CONSERVATIVE_LR = LEARNING_RATES["conservative"][0]
 
 
 # --- shared helpers ----------------------------------------------------------------------------
@@ -450,7 +448,7 @@ def non_finite_loss(evidence: RunEvidence) -> Finding | None:
     config = evidence.config
     patch: dict = {}
     if config.optimizer != "prodigy":
-        patch["learning_rate"] = min(GUIDE_CONSERVATIVE_LR, config.learning_rate / 2)
+        patch["learning_rate"] = min(CONSERVATIVE_LEARNING_RATE, config.learning_rate / 2)
     if config.max_grad_norm == 0:
         patch["max_grad_norm"] = 1.0
     if config.mixed_precision == "fp16":

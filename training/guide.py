@@ -1,0 +1,141 @@
+"""The LoRA training guide's numbers, once: its tables and the defaults taken from them.
+
+The guide (`lora-training-guide.md`) is the document the product is built from. The config's defaults
+(`training/config.py`), the diagnostic rules (`training/diagnostics/`), the training plans
+(`training/plans.py`), the dataset report and caption lint (`training/data/`) and the server's tool
+descriptions and prompts read its numbers here. This module imports nothing of the project, so every
+layer may import it without a cycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+# --- kinds of LoRA ---------------------------------------------------------------------------
+# The kinds the guide's dataset-size and strength tables distinguish; every tool that takes one uses this.
+LoraType = Literal["style", "character", "person", "object", "concept", "complex_style", "pose", "details"]
+# What a dataset is judged as when no kind is named: the guide's first "Common Training Scenario".
+DEFAULT_LORA_TYPE: LoraType = "style"
+
+# --- steps -----------------------------------------------------------------------------------
+STEPS_PER_IMAGE = 100  # the guide: "Optimal Steps = 100 x number_of_images"
+
+# --- learning rate ---------------------------------------------------------------------------
+# The guide's "Learning Rate" list: (value, the guide's words). Adaptive optimizers differ: Prodigy
+# estimates its own step and wants lr 1.0.
+LEARNING_RATES: dict[str, tuple[float, str]] = {
+    "default": (2e-4, "Good for most cases"),
+    "conservative": (1e-4, "Slower but safer"),
+    "aggressive": (3e-4, "For stubborn concepts"),
+    "fine_tuning": (5e-5, "For existing styles"),
+}
+DEFAULT_LEARNING_RATE = LEARNING_RATES["default"][0]
+CONSERVATIVE_LEARNING_RATE = LEARNING_RATES["conservative"][0]
+GUIDE_LR_RANGE = (LEARNING_RATES["fine_tuning"][0], LEARNING_RATES["aggressive"][0])
+PRODIGY_LR = 1.0
+
+
+def lr_text(value: float) -> str:
+    """A learning rate as the guide writes it: 2e-4, 5e-5."""
+    return f"{value:.0e}".replace("e-0", "e-")
+
+
+# --- rank and file size ----------------------------------------------------------------------
+# The guide's "Rank Selection" table: (lowest rank, highest rank, use case, approximate file size in MB).
+RANK_TABLE: tuple[tuple[int, int, str, int], ...] = (
+    (4, 8, "Simple style adjustments", 10),
+    (16, 32, "Standard character/style LoRAs", 50),
+    (64, 96, "Complex concepts, multiple subjects", 150),
+    (128, 128, "Maximum detail/flexibility", 300),
+)
+# The top of the "Standard character/style LoRAs" band, and the config's rank default (the guide's examples
+# train at 'rank': 32, 'alpha': 32).
+STANDARD_RANK = 32
+# Rank against dataset size. The guide's 16-32 is for datasets of 10-100 images, 64-96 for complex concepts
+# and multiple subjects, 128 for maximum detail (complex styles: 50-200 images). A rank of 64+ on under 30
+# images (128 on under 50) has 2-4x the parameters of a rank-32 LoRA with nothing more to learn from: it
+# memorises the images, and the file grows from ~50 MB to ~150-300 MB. Checked in order: (smallest rank,
+# fewest images it needs).
+RANK_NEEDS_IMAGES = ((128, 50), (64, 30))
+
+
+def rank_row(rank: int) -> tuple[int, int, str, int]:
+    """The row of the guide's rank table that gives `rank`'s file size: its band, or the next band's
+    between bands (the last band's above it)."""
+    return next((row for row in RANK_TABLE if rank <= row[1]), RANK_TABLE[-1])
+
+
+def guide_file_mb(rank: int) -> int:
+    """The LoRA file size (MB) the guide's rank table gives for `rank`."""
+    return rank_row(rank)[3]
+
+
+# --- dataset size ----------------------------------------------------------------------------
+# The guide's "Dataset Size Guidelines". It gives none for pose and details LoRAs; they are taught
+# like objects and concepts, so they share that range.
+GUIDE_IMAGE_RANGE: dict[str, tuple[int, int]] = {
+    "style": (10, 50),
+    "character": (20, 100),
+    "person": (20, 100),
+    "object": (15, 50),
+    "concept": (15, 50),
+    "complex_style": (50, 200),
+    "pose": (15, 50),
+    "details": (15, 50),
+}
+assert set(GUIDE_IMAGE_RANGE) == set(get_args(LoraType))
+
+# --- using a LoRA ----------------------------------------------------------------------------
+# The guide's "Optimal Strength Settings": row -> (model strength, CLIP strength), each (low, high).
+GUIDE_STRENGTHS: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
+    "style": ((0.6, 1.0), (0.6, 1.0)),
+    "character": ((0.7, 0.9), (0.7, 0.9)),
+    "pose": ((0.4, 0.7), (0.3, 0.6)),
+    "details": ((0.3, 0.6), (0.3, 0.6)),
+}
+
+# --- captions --------------------------------------------------------------------------------
+# CLIP reads 77 positions: 75 caption tokens between its start and end tokens. Longer captions are encoded
+# in 75-token chunks (kohya's max_token_length 150 or 225); 75 is the default.
+CAPTION_TOKENS = 75
+# Ordinary words the model already knows; the guide: "Use unique trigger words (xyz_style, not 'style')".
+GENERIC_TRIGGERS = {"style", "person", "man", "woman", "character", "object", "concept", "art", "photo", "dog", "cat"}
+
+# --- loss ------------------------------------------------------------------------------------
+GUIDE_LOSS_TARGET = (0.05, 0.15)  # the guide: "Loss: Should decrease over time (target: 0.05-0.15)"
+
+# --- the guide's "Memory Optimization" preset, as config values --------------------------------
+MEMORY_PRESET = {"low_vram": True, "gradient_checkpointing": True, "batch_size": 1, "optimizer": "adafactor"}
+
+
+# --- per model family: the guide's "Required Hardware" and "Training Time" rows -------------------
+# These rows belong with their family's module (training/families/); they move there once each family
+# is one module.
+@dataclass(frozen=True)
+class FamilyRow:
+    """A row of the guide's "Required Hardware" table, with the weights the memory estimate splits off
+    (public parameter counts, at 2 bytes per parameter unless `quantized`)."""
+
+    name: str
+    native: int
+    minimum_gb: float
+    recommended_gb: float
+    minutes_per_1k: tuple[float, float]  # the guide's "Training Time (1k steps)"
+    denoiser_gb: float  # the UNet or transformer
+    encoders_gb: float  # text encoder(s) + VAE: what low_vram keeps off the GPU
+    quantized: bool = False  # weights stored in 8 bits, whatever mixed_precision says
+    from_guide: bool = True
+
+
+SD15 = FamilyRow("SD 1.5", 512, 6, 8, (15, 30), denoiser_gb=1.7, encoders_gb=0.4)  # UNet 860M; CLIP-L + VAE 207M
+# The guide has no SD 2.x row: its numbers are interpolated between SD 1.5 and SDXL by pixels (768^2 lies
+# 42% of the way from 512^2 to 1024^2). UNet 865M; OpenCLIP-H + VAE 438M.
+SD2 = FamilyRow("SD 2.x", 768, 8.5, 11.3, (21, 42), denoiser_gb=1.7, encoders_gb=0.9, from_guide=False)
+SDXL = FamilyRow("SDXL", 1024, 12, 16, (30, 60), denoiser_gb=5.1, encoders_gb=1.8)  # UNet 2.6B; CLIP-L + bigG + VAE
+# FLUX's 12B transformer alone is 24 GB at 16 bits, so the guide's 16/24 GB imply 8-bit weights (as ai-toolkit
+# quantizes them): transformer 11.9 GB, T5-XXL 4.8 GB + CLIP-L and VAE 0.4 GB.
+FLUX = FamilyRow("FLUX", 1024, 16, 24, (60, 120), denoiser_gb=11.9, encoders_gb=5.2, quantized=True)
+FAMILY_ROWS = {"sd1": SD15, "sd2": SD2, "sdxl": SDXL, "flux": FLUX}
+# A native size under this is a tiny test model (builtin:tiny-*, 64 px), which the guide's table does not describe.
+SMALLEST_REAL_NATIVE = 256
