@@ -1,20 +1,11 @@
 """LoRA files uploaded in chunks: upload-lora-chunked-start, -append and -finish.
 
-All state is on disk, so an upload survives a server restart half-way:
-
-    <workspace>/uploads/<upload_id>/upload.json   filename, sizes, sha256, metadata, created_at
-    <workspace>/uploads/<upload_id>/data.part     the file, total_size bytes long from the start
-    <workspace>/uploads/<upload_id>/chunks/<i>    an empty marker per chunk that arrived
-    <workspace>/uploads/.finished/<upload_id>.json  a tombstone: where a finished upload went
-
-An upload folder appears whole (it is built under a hidden name and renamed into place) and
-disappears whole (renamed away, then deleted). Chunk i is written at offset i * chunk_size and
-fsynced before its marker is created, so a marker always means the bytes are on disk; chunks
-arrive in any order and a chunk sent again with the same bytes is accepted. `finish` checks that
-every chunk arrived, the size, the sha256 (when given) and that the bytes are a well-formed
-safetensors file, then links the file into `loras/<stem>.safetensors` (never over an existing
-file) and writes its `.json` sidecar in the layout `server.loras.LoraService` reads. Nothing
-reaches loras/ before all of that passed.
+An upload's state is on disk (`server.upload_store`: its folder, chunk markers and lock), so it
+survives a server restart half-way. Chunks arrive in any order and a chunk sent again with the same
+bytes is accepted. `finish` checks that every chunk arrived, the size, the sha256 (when given) and
+that the bytes are a well-formed safetensors file, then links the file into
+`loras/<stem>.safetensors` (never over an existing file) and writes its `.json` sidecar in the
+layout `server.loras.LoraService` reads. Nothing reaches loras/ before all of that passed.
 
 This module is a plain service: the MCP tools wrap it, tests call it directly. It imports no
 torch.
@@ -24,13 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,28 +36,15 @@ from server.upload_arguments import (
     checked_sha256,
     decoded_chunk,
 )
-from training.workspace import DIR_MODE, atomic_output, atomic_write_json
-
-try:  # advisory locks between processes (and threads) touching one upload; absent on Windows
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
+from server.upload_store import UploadRecord, UploadStore, fsync_dir
+from training.workspace import atomic_output, atomic_write_json
 
 MAX_CHUNKS = 65536  # one marker file per chunk: at the default chunk size this is 16 GiB
 MAX_MISSING_LISTED = 20
 
-UPLOAD_JSON = "upload.json"
-DATA_FILE = "data.part"
-CHUNKS_DIR = "chunks"
-LOCK_FILE = "lock"
-FINISHED_DIR = ".finished"
-
 START_TOOL = "upload-lora-chunked-start"
 APPEND_TOOL = "upload-lora-chunked-append"
 FINISH_TOOL = "upload-lora-chunked-finish"
-
-# Keys of the sidecar that the server sets; metadata may not give them.
-
 
 class UploadStarted(BaseModel):
     upload_id: str = Field(description="The upload's id; give it to every append and to finish.")
@@ -106,32 +81,6 @@ class UploadFinished(BaseModel):
     next_step: str = Field(description="What to do next.")
 
 
-class _Upload(BaseModel):
-    """upload.json."""
-
-    upload_id: str
-    filename: str
-    total_size: int
-    chunk_size: int
-    sha256: str | None
-    metadata: dict[str, Any]
-    created_at: float
-
-    @property
-    def chunks(self) -> int:
-        return math.ceil(self.total_size / self.chunk_size)
-
-    @property
-    def stem(self) -> str:
-        return self.filename[: -len(SUFFIX)]
-
-    def chunk_length(self, index: int) -> int:
-        return min(self.chunk_size, self.total_size - index * self.chunk_size)
-
-    def parameters(self) -> dict[str, Any]:
-        return self.model_dump(include={"filename", "total_size", "chunk_size", "sha256", "metadata"})
-
-
 class UploadService:
     def __init__(self, workspace: Path, *, max_total_size: int = 4 * 2**30, expiry_seconds: float = 24 * 3600):
         self.workspace = Path(workspace)
@@ -139,6 +88,7 @@ class UploadService:
         self.loras = self.workspace / "loras"
         self.max_total_size = max_total_size
         self.expiry_seconds = expiry_seconds
+        self.store = UploadStore(self.folder)
 
     # --- start -----------------------------------------------------------------------------------
     def start(
@@ -153,7 +103,7 @@ class UploadService:
         """Begin an upload (or, with the same arguments again, report the one already begun)."""
         upload_id = checked_id(upload_id)
         self._refuse_if_finished(upload_id)
-        wanted = _Upload(
+        wanted = UploadRecord(
             upload_id=upload_id,
             filename=checked_filename(filename),
             total_size=self._checked_total_size(total_size),
@@ -170,43 +120,23 @@ class UploadService:
             )
 
         self.expire()  # an expired upload under this id is gone before it is judged
-        existing = self._existing(upload_id)
+        existing = self.store.read(upload_id)
         if existing is not None:
             return self._restarted(existing, wanted)
         self._refuse_if_target_exists(wanted.stem, f"choose another filename or delete loras/{wanted.filename} first")
         self._check_free_space(wanted.total_size)
-        if (self.folder / upload_id).exists():  # a folder left half-removed by a crash
-            self._discard(upload_id)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".start-", dir=self.folder))
         try:
-            os.chmod(staging, DIR_MODE)
-            (staging / CHUNKS_DIR).mkdir()
-            (staging / LOCK_FILE).touch()
-            with (staging / DATA_FILE).open("wb") as f:
-                f.truncate(wanted.total_size)
-                os.fsync(f.fileno())
-            atomic_write_json(staging / UPLOAD_JSON, wanted.model_dump(mode="json"))
-            _fsync_dir(staging)
-            try:
-                os.rename(staging, self.folder / upload_id)
-            except OSError:
-                # Another start with this id won the race: its folder stands, judge against it.
-                existing = self._existing(upload_id)
-                if existing is None:
-                    raise
-                return self._restarted(existing, wanted)
-            _fsync_dir(self.folder)
+            created = self.store.create(wanted)
         except OSError as exc:
             raise ServiceError(
                 f"the upload could not be created on the server ({exc.strerror or exc}): check the server's disk, "
                 f"then call {START_TOOL} again"
             ) from None
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        if not created:  # another start with this id won the race: its folder stands, judge against it
+            return self._restarted(self.store.read(upload_id), wanted)
         return self._started(wanted, received=set(), again=False)
 
-    def _restarted(self, existing: _Upload, wanted: _Upload) -> UploadStarted:
+    def _restarted(self, existing: UploadRecord, wanted: UploadRecord) -> UploadStarted:
         if existing.parameters() != wanted.parameters():
             given, stored = wanted.parameters(), existing.parameters()
             differences = ", ".join(
@@ -217,17 +147,17 @@ class UploadService:
                 f"Continue that upload with {APPEND_TOOL}, or start this file under a new upload_id "
                 "(e.g. a fresh uuid4)"
             )
-        with self._locked(existing.upload_id) as upload:
+        with self.store.locked(existing.upload_id) as upload:
             if upload is None:  # finished or expired meanwhile
                 self._refuse_if_finished(existing.upload_id)
                 raise ServiceError(f"upload {existing.upload_id!r} expired just now: call {START_TOOL} again")
-            return self._started(upload, received=self._received(upload), again=True)
+            return self._started(upload, received=self.store.received(upload), again=True)
 
-    def _started(self, upload: _Upload, received: set[int], again: bool) -> UploadStarted:
+    def _started(self, upload: UploadRecord, received: set[int], again: bool) -> UploadStarted:
         last = upload.chunk_length(upload.chunks - 1)
         expires_at = upload.created_at + self.expiry_seconds
         if again:
-            missing = _missing(upload, received)
+            missing = upload.missing(received)
             step = (
                 f"This upload was already started; {len(received)} of {upload.chunks} chunks arrived"
                 + (f", missing: {_listed(missing)}. Send those with {APPEND_TOOL}, " if missing else ". ")
@@ -255,7 +185,7 @@ class UploadService:
     def append(self, upload_id: str, chunk: str, chunk_index: int) -> ChunkReceived:
         """Store one chunk (base64) at its place in the file."""
         upload_id = checked_id(upload_id)
-        with self._locked(upload_id) as upload:
+        with self.store.locked(upload_id) as upload:
             upload = self._live(upload_id, upload)
             if isinstance(chunk_index, bool) or not isinstance(chunk_index, int):
                 raise ServiceError(f"chunk_index must be a whole number from 0 to {upload.chunks - 1}")
@@ -273,42 +203,26 @@ class UploadService:
                     f"(bytes {chunk_index * upload.chunk_size} to {chunk_index * upload.chunk_size + expected - 1} "
                     f"of the file; chunk_size is {upload.chunk_size}): send exactly that slice, base64-encoded"
                 )
-            folder = self.folder / upload_id
-            marker = folder / CHUNKS_DIR / str(chunk_index)
-            offset = chunk_index * upload.chunk_size
             try:
-                if marker.exists():
-                    with (folder / DATA_FILE).open("rb") as f:
-                        stored = os.pread(f.fileno(), expected, offset)
-                    if stored != data:
-                        raise ServiceError(
-                            f"chunk {chunk_index} already arrived with different bytes, and the first ones are kept: "
-                            "check that you slice the file the same way each time. If the file itself changed, "
-                            f"upload it anew under a new upload_id with {START_TOOL}"
-                        )
-                else:
-                    fd = os.open(folder / DATA_FILE, os.O_WRONLY)
-                    try:
-                        written = os.pwrite(fd, data, offset)
-                        if written != len(data):
-                            raise OSError(f"short write ({written} of {len(data)} bytes)")
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                    marker.touch()
-                    _fsync_dir(marker.parent)
+                kept = self.store.write_chunk(upload, chunk_index, data)
             except OSError as exc:
                 raise ServiceError(
                     f"chunk {chunk_index} could not be stored ({exc.strerror or exc}): check the server's disk, "
                     "then send the chunk again"
                 ) from None
-            received = self._received(upload)
+            if not kept:
+                raise ServiceError(
+                    f"chunk {chunk_index} already arrived with different bytes, and the first ones are kept: "
+                    "check that you slice the file the same way each time. If the file itself changed, "
+                    f"upload it anew under a new upload_id with {START_TOOL}"
+                )
+            received = self.store.received(upload)
             return ChunkReceived(
                 upload_id=upload_id,
                 chunk_index=chunk_index,
                 received_chunks=len(received),
                 total_chunks=upload.chunks,
-                missing=_missing(upload, received)[:MAX_MISSING_LISTED],
+                missing=upload.missing(received)[:MAX_MISSING_LISTED],
                 complete=len(received) == upload.chunks,
             )
 
@@ -316,48 +230,16 @@ class UploadService:
     def finish(self, upload_id: str) -> UploadFinished:
         """Check the whole file and move it into loras/ with its sidecar."""
         upload_id = checked_id(upload_id)
-        with self._locked(upload_id) as upload:
+        with self.store.locked(upload_id) as upload:
             upload = self._live(upload_id, upload)
-            folder = self.folder / upload_id
-            data_file = folder / DATA_FILE
-            missing = _missing(upload, self._received(upload))
+            missing = upload.missing(self.store.received(upload))
             if missing:
                 raise ServiceError(
                     f"{len(missing)} of {upload.chunks} chunk(s) have not arrived yet: {_listed(missing)}. "
                     f"Send them with {APPEND_TOOL}, then call {FINISH_TOOL} again"
                 )
-            retry = (
-                f"The upload was discarded: start again with {START_TOOL} (the same upload_id may be used) "
-                "and send every chunk"
-            )
-            try:
-                size = data_file.stat().st_size
-                digest = _sha256(data_file)
-            except OSError as exc:
-                raise ServiceError(
-                    f"the uploaded file could not be read ({exc.strerror or exc}): check the server's disk, "
-                    f"then call {FINISH_TOOL} again"
-                ) from None
-            if size != upload.total_size:
-                self._discard(upload_id)
-                raise ServiceError(
-                    f"the assembled file is {size} bytes, not the {upload.total_size} announced. {retry}"
-                )
-            if upload.sha256 is not None and digest != upload.sha256:
-                self._discard(upload_id)
-                raise ServiceError(
-                    f"the assembled file's sha256 is {digest}, not the {upload.sha256} given at start: some chunk "
-                    f"was not the file's bytes at its place (or the sha256 given was wrong). {retry}"
-                )
-            try:
-                file_metadata = safetensors_metadata(data_file)
-            except InvalidSafetensors as exc:
-                self._discard(upload_id)
-                raise ServiceError(
-                    f"the uploaded file is not a valid safetensors file ({exc}): send the .safetensors file's own "
-                    f"bytes, unchanged. {retry}"
-                ) from None
-
+            data_file = self.store.data_file(upload_id)
+            size, digest, file_metadata = self._verified(upload, data_file)
             target = self.loras / upload.filename
             self._refuse_if_target_exists(
                 upload.stem,
@@ -395,10 +277,8 @@ class UploadService:
                     f"the LoRA's sidecar could not be written ({exc.strerror or exc}): check the server's disk, "
                     f"then call {FINISH_TOOL} again"
                 ) from None
-            tombstone = {"upload_id": upload_id, "name": upload.stem, "path": str(target), "finished_at": time.time()}
-            with contextlib.suppress(OSError):  # the LoRA is in place; the tombstone only improves messages
-                atomic_write_json(self._tombstone(upload_id), tombstone)
-            self._discard(upload_id)
+            self.store.mark_finished(upload_id, upload.stem, target)
+            self.store.discard(upload_id)
             return UploadFinished(
                 upload_id=upload_id,
                 name=upload.stem,
@@ -410,6 +290,39 @@ class UploadService:
                 next_step=f"The LoRA {upload.stem!r} is in loras/ (list-exported-models shows it)"
                 + (f"; prompt with {trigger_words[0]!r} to use it." if trigger_words else "."),
             )
+
+    def _verified(self, upload: UploadRecord, data_file: Path) -> tuple[int, str, dict[str, str]]:
+        """The assembled file's size, sha256 and safetensors metadata, once it is the file announced at
+        start; otherwise the upload is discarded and the ServiceError says to start again."""
+        retry = (
+            f"The upload was discarded: start again with {START_TOOL} (the same upload_id may be used) "
+            "and send every chunk"
+        )
+        try:
+            size = data_file.stat().st_size
+            digest = _sha256(data_file)
+        except OSError as exc:
+            raise ServiceError(
+                f"the uploaded file could not be read ({exc.strerror or exc}): check the server's disk, "
+                f"then call {FINISH_TOOL} again"
+            ) from None
+        if size != upload.total_size:
+            self.store.discard(upload.upload_id)
+            raise ServiceError(f"the assembled file is {size} bytes, not the {upload.total_size} announced. {retry}")
+        if upload.sha256 is not None and digest != upload.sha256:
+            self.store.discard(upload.upload_id)
+            raise ServiceError(
+                f"the assembled file's sha256 is {digest}, not the {upload.sha256} given at start: some chunk "
+                f"was not the file's bytes at its place (or the sha256 given was wrong). {retry}"
+            )
+        try:
+            return size, digest, safetensors_metadata(data_file)
+        except InvalidSafetensors as exc:
+            self.store.discard(upload.upload_id)
+            raise ServiceError(
+                f"the uploaded file is not a valid safetensors file ({exc}): send the .safetensors file's own "
+                f"bytes, unchanged. {retry}"
+            ) from None
 
     def _land(self, source: Path, target: Path) -> bool:
         """Put `source` at `target` without replacing anything there; False when it already is there."""
@@ -429,7 +342,7 @@ class UploadService:
                     raise FileExistsError(target) from None
                 with atomic_output(target) as tmp:
                     shutil.copyfile(source, tmp)
-            _fsync_dir(self.loras)
+            fsync_dir(self.loras)
         except FileExistsError:
             raise ServiceError(
                 f"loras/{target.name} appeared while finishing: delete it and call {FINISH_TOOL} again, "
@@ -448,64 +361,10 @@ class UploadService:
 
         Returns the ids of the unfinished uploads deleted.
         """
-        if not self.folder.is_dir():
-            return []
-        now = time.time()
-        removed = []
-        for entry in sorted(self.folder.iterdir()):
-            name = entry.name
-            if name.startswith(".trash-"):
-                shutil.rmtree(entry, ignore_errors=True)
-            elif name.startswith(".start-"):
-                if now - _mtime(entry) > self.expiry_seconds:
-                    shutil.rmtree(entry, ignore_errors=True)
-            elif not name.startswith(".") and entry.is_dir():
-                with self._locked(name) as upload:
-                    created = upload.created_at if upload is not None else _mtime(entry)
-                    if now - created > self.expiry_seconds:
-                        self._discard(name)
-                        removed.append(name)
-        finished = self.folder / FINISHED_DIR
-        if finished.is_dir():
-            for tombstone in finished.glob("*.json"):
-                if now - _mtime(tombstone) > self.expiry_seconds:
-                    tombstone.unlink(missing_ok=True)
-        return removed
+        return self.store.expire(self.expiry_seconds)
 
     # --- state -----------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _locked(self, upload_id: str) -> Iterator[_Upload | None]:
-        """Hold the upload's lock; yields its state, or None when there is no such upload."""
-        folder = self.folder / upload_id
-        for _ in range(3):
-            try:
-                fd = os.open(folder / LOCK_FILE, os.O_RDWR)
-            except OSError:  # no such upload (or it is being removed)
-                yield None
-                return
-            try:
-                if fcntl is not None:
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-                    try:  # the folder may have been removed (or replaced) while this waited
-                        same = os.path.samestat(os.fstat(fd), os.stat(folder / LOCK_FILE))
-                    except FileNotFoundError:
-                        same = False
-                    if not same:
-                        continue
-                yield self._existing(upload_id)
-                return
-            finally:
-                os.close(fd)
-        yield None
-
-    def _existing(self, upload_id: str) -> _Upload | None:
-        try:
-            state = json.loads((self.folder / upload_id / UPLOAD_JSON).read_text(encoding="utf-8"))
-            return _Upload.model_validate(state)
-        except (OSError, ValueError):
-            return None
-
-    def _live(self, upload_id: str, upload: _Upload | None) -> _Upload:
+    def _live(self, upload_id: str, upload: UploadRecord | None) -> UploadRecord:
         """The upload, or a ServiceError saying why there is none to continue."""
         if upload is None:
             self._refuse_if_finished(upload_id)
@@ -514,27 +373,16 @@ class UploadService:
                 f"deleted {self.expiry_seconds / 3600:g} h after they start)"
             )
         if time.time() > upload.created_at + self.expiry_seconds:
-            self._discard(upload_id)
+            self.store.discard(upload_id)
             raise ServiceError(
                 f"upload {upload_id!r} expired at {_utc(upload.created_at + self.expiry_seconds)} and was deleted: "
                 f"start again with {START_TOOL} and send every chunk"
             )
         return upload
 
-    def _received(self, upload: _Upload) -> set[int]:
-        try:
-            names = os.listdir(self.folder / upload.upload_id / CHUNKS_DIR)
-        except OSError:
-            return set()
-        return {int(n) for n in names if n.isdigit() and int(n) < upload.chunks}
-
-    def _tombstone(self, upload_id: str) -> Path:
-        return self.folder / FINISHED_DIR / f"{upload_id}.json"
-
     def _refuse_if_finished(self, upload_id: str) -> None:
-        try:
-            record = json.loads(self._tombstone(upload_id).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        record = self.store.finished(upload_id)
+        if record is None:
             return
         raise ServiceError(
             f"upload {upload_id!r} is already finished: the LoRA is at {record.get('path')} "
@@ -576,23 +424,8 @@ class UploadService:
             )
         return total_size
 
-    def _discard(self, upload_id: str) -> None:
-        """Remove the upload's folder: renamed away first, so it vanishes at once, then deleted."""
-        folder = self.folder / upload_id
-        trash = self.folder / f".trash-{upload_id}-{os.getpid()}-{time.monotonic_ns()}"
-        try:
-            os.rename(folder, trash)
-        except OSError:
-            trash = folder
-        shutil.rmtree(trash, ignore_errors=True)
 
-
-# --- checks --------------------------------------------------------------------------------------
 # --- small helpers -------------------------------------------------------------------------------
-def _missing(upload: _Upload, received: set[int]) -> list[int]:
-    return [i for i in range(upload.chunks) if i not in received]
-
-
 def _listed(indexes: list[int]) -> str:
     shown = ", ".join(str(i) for i in indexes[:MAX_MISSING_LISTED])
     more = len(indexes) - MAX_MISSING_LISTED
@@ -605,27 +438,6 @@ def _sha256(path: Path) -> str:
         while block := f.read(1024 * 1024):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's new entries durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
 
 
 def _utc(timestamp: float) -> str:
