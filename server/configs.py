@@ -33,7 +33,7 @@ class ConfigSummary(BaseModel):
     name: str = Field(description="The config's name (its file is configs/<name>.yaml).")
     model_name: str = Field(description="Base model as given.")
     dataset_path: str = Field(description="Dataset folder or dataset name as given.")
-    steps: int | None = Field(description="Optimizer steps, or None for the default (100 x images).")
+    steps: int | None = Field(description=f"Optimizer steps, or None for the default ({STEPS_PER_IMAGE} x images).")
     updated_at: float = Field(description="Last change, unix time in seconds.")
     error: str | None = Field(
         None, description="Set when the stored file no longer validates (edited by hand); see validate-training-config."

@@ -12,6 +12,7 @@ from training.config import LoraType
 from training.data.caption_lint import CaptionFinding, lint_captions
 from training.data.dataset import DatasetError, scan_dataset
 from training.data.report import DatasetReport, inspect_dataset
+from training.guide import CAPTION_TOKENS, DEFAULT_LORA_TYPE
 
 SD15_GEOMETRY = (512, 64)  # native resolution and bucket step when no model is named
 
@@ -20,7 +21,7 @@ def dataset_info(
     workspace: Path,
     dataset_name: str,
     *,
-    lora_type: LoraType = "style",
+    lora_type: LoraType = DEFAULT_LORA_TYPE,
     model_name: str | None = None,
     trigger_word: str | None = None,
 ) -> DatasetReport:
@@ -65,7 +66,7 @@ def caption_lint(
     *,
     model_name: str | None = None,
     trigger_word: str | None = None,
-    max_token_length: int = 75,
+    max_token_length: int = CAPTION_TOKENS,
 ) -> CaptionLintResult:
     """lint-captions: the guide's caption rules over a dataset; with model_name, token lengths are
     counted with that model's tokenizer."""

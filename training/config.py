@@ -36,6 +36,7 @@ from training.guide import (
     STEPS_PER_IMAGE,
     LoraType,
     lr_text,
+    span,
 )
 
 DEFAULT_MODEL = "runwayml/stable-diffusion-v1-5"
@@ -53,12 +54,6 @@ TimestepSampling = Literal["uniform", "logit_normal", "shift"]
 SAMPLE_GUIDANCE = {"flux": 3.5}
 DEFAULT_SAMPLE_GUIDANCE = 7.5
 
-
-
-def _band(row: int) -> str:
-    """A band of the guide's rank table as it writes it: '4-8'."""
-    low, high, _, _ = RANK_TABLE[row]
-    return f"{low}-{high}"
 
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -216,7 +211,8 @@ class TrainingConfig(BaseModel):
         STANDARD_RANK,
         ge=1,
         le=1024,
-        description=f"LoRA rank (dim): {_band(0)} simple styles, {_band(1)} standard, {RANK_TABLE[2][0]}+ complex.",
+        description=f"LoRA rank (dim): {span(RANK_TABLE[0][:2])} simple styles, {span(RANK_TABLE[1][:2])} standard, "
+        f"{RANK_TABLE[2][0]}+ complex.",
     )
     alpha: float | None = Field(
         None, gt=0.0, le=4096, description="LoRA alpha; the update is scaled by alpha / rank. Default: equal to rank."

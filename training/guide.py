@@ -41,6 +41,11 @@ def lr_text(value: float) -> str:
     return f"{value:.0e}".replace("e-0", "e-")
 
 
+def span(bounds: tuple[float, float]) -> str:
+    """A (low, high) row as the guide writes it: 10-50, 0.6-1.0, 0.05-0.15."""
+    return f"{bounds[0]}-{bounds[1]}"
+
+
 # --- rank and file size ----------------------------------------------------------------------
 # The guide's "Rank Selection" table: (lowest rank, highest rank, use case, approximate file size in MB).
 RANK_TABLE: tuple[tuple[int, int, str, int], ...] = (

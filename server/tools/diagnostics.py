@@ -9,6 +9,7 @@ from server.diagnostics import AppliedFix, Diagnosis, RunComparison, apply_fix, 
 from server.plans import recommend_training_plan
 from server.tools import READ_ONLY, Services, add_tools, resource, tool
 from training.config import LoraType
+from training.guide import DEFAULT_LEARNING_RATE, STEPS_PER_IMAGE, lr_text
 from training.plans import Goal, TrainingPlan
 
 
@@ -61,7 +62,8 @@ class DiagnosticTools:
 
     @tool(
         "recommend-training-plan",
-        "A full config for a dataset following the guide: steps = 100 x images, learning rate 2e-4 "
+        f"A full config for a dataset following the guide: steps = {STEPS_PER_IMAGE} x images, learning rate "
+        f"{lr_text(DEFAULT_LEARNING_RATE)} "
         "(with its conservative, aggressive and fine-tuning alternatives), rank for the LoRA type with the "
         "expected file size, the memory/speed/quality preset for the goal, the model and CLIP strengths to use "
         "it at in ComfyUI, and an estimated time; each choice with its reason. Pass config to "

@@ -16,6 +16,7 @@ from server.loras import ExportedLora
 from server.tools import Services
 from server.tools.arguments import request_tool
 from training.generation import GenerationRequest, StrengthComparison
+from training.guide import GUIDE_STRENGTHS, span
 
 MAX_IMAGES_IN_RESULT = 4  # thumbnails of at most 384 px: four stay well under the ~1 MB a result may hold
 
@@ -117,7 +118,9 @@ def register_generation_tools(server: MCPServer, s: Services) -> None:
         ),
         name="compare-lora-strengths",
         description="One LoRA at several strengths with one seed, as images and a labelled grid, to choose the "
-        "strength to use (the guide: style 0.6-1.0, character 0.7-0.9, pose 0.4-0.7, details 0.3-0.6).",
+        "strength to use (the guide: "
+        + ", ".join(f"{row} {span(model)}" for row, (model, _) in GUIDE_STRENGTHS.items())
+        + ").",
     )
     server.add_tool(
         files.merge_loras_tool,

@@ -5,6 +5,18 @@ from __future__ import annotations
 from mcp.server import MCPServer
 from pydantic import Field
 
+from training.guide import (
+    DEFAULT_LEARNING_RATE,
+    GUIDE_IMAGE_RANGE,
+    GUIDE_LOSS_TARGET,
+    GUIDE_STRENGTHS,
+    STANDARD_RANK,
+    STEPS_PER_IMAGE,
+    lr_text,
+    span,
+)
+from training.plans import RANK_BY_TYPE
+
 
 def register_prompts(server: MCPServer) -> None:
     server.prompt(
@@ -28,20 +40,25 @@ def troubleshoot_training(job_id: str = Field(description="The job to look at, f
     return TROUBLESHOOT_PROMPT.format(job_id=job_id)
 
 
-TRAIN_LORA_PROMPT = """Help me train a LoRA for: {goal}. Dataset: {dataset}.
+# The guide's numbers, from training/guide.py and the plans' rank per kind of LoRA.
+TRAIN_LORA_PROMPT = f"""Help me train a LoRA for: {{goal}}. Dataset: {{dataset}}.
 Work through these steps with the lora-trainer tools, telling me what you find at each one:
 1. Dataset: list-datasets, or upload-dataset the images I give you (each image with a same-named caption).
-   The guide's sizes: style 10-50 images, character/person 20-100, object/concept 15-50, complex style 50-200.
+   The guide's sizes: style {span(GUIDE_IMAGE_RANGE["style"])} images, character/person \
+{span(GUIDE_IMAGE_RANGE["character"])}, object/concept {span(GUIDE_IMAGE_RANGE["object"])}, complex style \
+{span(GUIDE_IMAGE_RANGE["complex_style"])}.
 2. Captions: each caption starts with a unique trigger word (like xyz_style, never a plain word such as
    'style'), then the subject, details, style, quality and composition.
 3. Config: create-training-config with name, model_name, dataset_path, trigger_word and 3-4 test_prompts that
-   start with the trigger word. Defaults follow the guide: learning_rate 2e-4, rank 32 (16 for simple styles),
-   alpha = rank, steps = 100 x images. Then validate-training-config and fix every error it reports.
+   start with the trigger word. Defaults follow the guide: learning_rate {lr_text(DEFAULT_LEARNING_RATE)}, rank \
+{STANDARD_RANK} ({RANK_BY_TYPE["style"][0]} for simple styles),
+   alpha = rank, steps = {STEPS_PER_IMAGE} x images. Then validate-training-config and fix every error it reports.
 4. Train: start-training, then get-training-status every minute or two (never wait inside a call);
    get-training-samples shows the test prompts as the LoRA learns (step 0 is the untrained baseline).
-   Loss should fall, usually to 0.05-0.15; samples should move towards the dataset without copying it.
+   Loss should fall, usually to {span(GUIDE_LOSS_TARGET)}; samples should move towards the dataset without copying it.
 5. Finish: when the state is completed, export-model and tell me the file, the trigger word and a strength
-   to start from (style 0.6-1.0, character 0.7-0.9) for ComfyUI's LoraLoader or A1111.
+   to start from (style {span(GUIDE_STRENGTHS["style"][0])}, character {span(GUIDE_STRENGTHS["character"][0])}) \
+for ComfyUI's LoraLoader or A1111.
 If a job fails or is interrupted, read get-training-logs, explain the cause, and offer resume-training."""
 
 

@@ -16,6 +16,7 @@ from server.jobs import JobStatus
 from server.tools import READ_ONLY, Deleted, Services, add_tools, resource, tool
 from server.tools.arguments import request_parameters
 from training.config import TrainingConfig
+from training.guide import DEFAULT_LEARNING_RATE, STANDARD_RANK, STEPS_PER_IMAGE, lr_text
 
 
 class ConfigResult(BaseModel):
@@ -58,8 +59,9 @@ class ConfigTools:
         "Create a named training config. Give name, model_name (an SD 1.x/2.x, SDXL or FLUX model, e.g. "
         "runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0, black-forest-labs/FLUX.1-dev, or "
         "builtin:tiny-sd15 to try things out), dataset_path (a dataset name from list-datasets or a folder path), "
-        "trigger_word and test_prompts; every other option has the guide's default (learning_rate 2e-4, rank 32, "
-        "steps 100 x images) or the model family's (resolution, output format).",
+        "trigger_word and test_prompts; every other option has the guide's default (learning_rate "
+        f"{lr_text(DEFAULT_LEARNING_RATE)}, rank {STANDARD_RANK}, steps {STEPS_PER_IMAGE} x images) or the model "
+        "family's (resolution, output format).",
     )
     def create_training_config(self, **values: Any) -> ConfigResult:
         # Every config option is an argument (the guide's flat form); options left out are not stored, so
