@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
 
 from tqdm import tqdm
@@ -31,8 +32,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--options", action="store_true", help="list every config option with its default and exit")
     args = parser.parse_args(argv)
     if args.options:
-        from training.config import options_reference
-
         print(options_reference())
         return 0
     if (args.config is None) == (args.resume is None):
@@ -74,6 +73,34 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(f"done: {result.lora_path}")
     return 0
+
+
+def options_reference() -> str:
+    """Every option with its aliases, default and description, from the config model itself."""
+    from pydantic import AliasChoices
+
+    from training.config import TrainingConfig, allowed_values
+
+    lines = []
+    for name, info in TrainingConfig.model_fields.items():
+        default = (
+            "required"
+            if info.is_required()
+            else (
+                "[]" if info.default_factory is list else "{}" if info.default_factory is dict else repr(info.default)
+            )
+        )
+        aliases = (
+            [a for a in info.validation_alias.choices if a != name]
+            if isinstance(info.validation_alias, AliasChoices)
+            else []
+        )
+        also = f" (also: {', '.join(aliases)})" if aliases else ""
+        choices = typing.get_args(info.annotation) if typing.get_origin(info.annotation) is typing.Literal else ()
+        allowed = "one of " + ", ".join(map(str, choices)) if choices else allowed_values(name)
+        limits = f" [{allowed}]" if allowed else ""
+        lines.append(f"{name}{also} = {default}{limits}\n    {info.description}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ are filled in by `resolve()` once those are known; a run writes the resolved con
 from __future__ import annotations
 
 import re
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -528,30 +527,6 @@ class TrainingConfig(BaseModel):
         return cls.from_yaml(text)
 
 
-def options_reference() -> str:
-    """Every option with its aliases, default and description, from the model itself."""
-    lines = []
-    for name, info in TrainingConfig.model_fields.items():
-        default = (
-            "required"
-            if info.is_required()
-            else (
-                "[]" if info.default_factory is list else "{}" if info.default_factory is dict else repr(info.default)
-            )
-        )
-        aliases = (
-            [a for a in info.validation_alias.choices if a != name]
-            if isinstance(info.validation_alias, AliasChoices)
-            else []
-        )
-        also = f" (also: {', '.join(aliases)})" if aliases else ""
-        choices = typing.get_args(info.annotation) if typing.get_origin(info.annotation) is Literal else ()
-        allowed = "one of " + ", ".join(map(str, choices)) if choices else _allowed(name)
-        limits = f" [{allowed}]" if allowed else ""
-        lines.append(f"{name}{also} = {default}{limits}\n    {info.description}")
-    return "\n".join(lines)
-
-
 def _check_trigger(word: str) -> str:
     """A trigger word stays one caption tag: non-empty and without commas (tag shuffling splits on them)."""
     if not word.strip() or "," in word:
@@ -580,11 +555,12 @@ def _describe(err: dict[str, Any]) -> str:
     if field is None:  # a rule across fields: its message names them
         return message
     text = f"{loc} = {err['input']!r}: {message}"
-    allowed = _allowed(_field_of(field)) if isinstance(field, str) else None
+    allowed = allowed_values(_field_of(field)) if isinstance(field, str) else None
     return f"{text} (allowed: {allowed})" if allowed else text
 
 
-def _allowed(field: str) -> str | None:
+def allowed_values(field: str) -> str | None:
+    """The numeric bounds of an option, as words ('>= 1 and <= 1024'); None for an option without any."""
     info = TrainingConfig.model_fields.get(field)
     if info is None:
         return None
