@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from pydantic import BaseModel
 
 from server.errors import ServiceError
 from server.inspection import model_geometry
-from server.jobs import JobRecord, JobService
+from server.jobs import JobRecord
 from server.lora_tools import lora_path
 from training.config import DEFAULT_MODEL
 from training.guide import SMALLEST_REAL_NATIVE  # smaller: a built-in test model, rendered inline
@@ -57,13 +58,14 @@ def runs_in_background(plan: GenerationPlan, background: bool | None) -> bool:
 
 
 def render_or_queue(
-    workspace: Path, jobs: JobService, request: GenerationRequest, background: bool | None
+    workspace: Path, request: GenerationRequest, background: bool | None, start_job: Callable[[str, str], JobRecord]
 ) -> tuple[GenerationPlan, list[Path] | JobRecord]:
     """Check the request, then render it inside the call (a built-in tiny model) or queue it as a job
-    (a real model, or as `background` says): the plan with the images written or the job started."""
+    (a real model, or as `background` says) with `start_job(label, request_json)`: the plan with the
+    images written or the job started."""
     plan = plan_generation(workspace, request)
     if runs_in_background(plan, background):
-        return plan, jobs.start_generation(plan.label, plan.request.model_dump_json())
+        return plan, start_job(plan.label, plan.request.model_dump_json())
     return plan, render_now(workspace, plan)
 
 

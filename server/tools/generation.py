@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import inspect
+from functools import partial
 from typing import Literal
 
 from mcp.server import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.utilities.types import Image
 from pydantic import BaseModel, Field
 
+from server.errors import ServiceError
 from server.generation import render_or_queue
 from server.images import thumbnail_png
 from server.lora_tools import MergeSource, convert_lora, merge_loras
@@ -49,7 +52,13 @@ class ImageTools:
     def render(self, request: GenerationRequest, background: bool | None, what: str) -> list:
         """Render inside the call, or start a job; as content: a line per image and the images.
         The SDK runs these synchronous tools in a worker thread, so status calls do not wait for a render."""
-        plan, outcome = self.s.call(render_or_queue, self.s.workspace, self.s.jobs, request, background)
+        # Only the job's start runs under the services' lock: a render inside the call takes seconds,
+        # and status calls must not wait for it.
+        start_job = partial(self.s.call, self.s.jobs.start_generation)
+        try:
+            plan, outcome = render_or_queue(self.s.workspace, request, background, start_job)
+        except ServiceError as exc:
+            raise ToolError(str(exc)) from None
         if not isinstance(outcome, list):
             return [
                 f"{what} is rendering in the background as job {outcome.job_id} ({plan.request.model_name}). "
