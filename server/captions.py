@@ -6,15 +6,19 @@ A set a model would take more than ~30 s over runs as a background job in the jo
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field
 
 from server.errors import ServiceError
+from server.jobs import JobRecord
 from server.names import checked_name
 from server.paths import check_user_path
+from training.captioning import CaptionRequest
 from training.data.dataset import image_files
 
 # A BLIP-base-sized model takes up to ~2.1 s an image on this 2-core CPU (bench/caption_time.py, 40 tokens),
@@ -51,46 +55,53 @@ class CaptionRun(BaseModel):
 class CaptionPlan(BaseModel):
     """What a generate-captions call will do, checked before anything is written."""
 
+    request: CaptionRequest
     label: str = Field(description="A name for the job: the dataset name, or the folder's name made safe.")
     images: int
     job: dict = Field(description="training.captioning.CaptionJob, as the background job reads it.")
 
 
-def plan_captions(
-    workspace: Path,
-    *,
-    dataset_name: str | None,
-    dataset_path: str | None,
-    caption_model: str,
-    trigger_word: str | None,
-    overwrite: bool,
-    prefix: str,
-    suffix: str,
-) -> CaptionPlan:
-    """Check the dataset and the model (present, loadable kind) and list the images to caption."""
+def plan_captions(workspace: Path, **request: Any) -> CaptionPlan:
+    """Check the dataset and the model (present, loadable kind) and list the images to caption.
+    `request`: a CaptionRequest's fields, as generate-captions takes them; the model checks them."""
     from training.captioning import CaptionerUnavailable, CaptionJob, find_caption_model
 
-    folder = _dataset_folder(workspace, dataset_name, dataset_path)
+    checked = CaptionRequest.model_validate(request)
+    folder = _dataset_folder(workspace, checked.dataset_name, checked.dataset_path)
     images = image_files(folder, recursive=True)
     if not images:
         raise ServiceError(f"{folder} has no images (jpg, jpeg, png, webp) to caption")
-    todo = [p for p in images if overwrite or not p.with_suffix(".txt").is_file()]
-    model = caption_model
-    if todo and caption_model != "template":
+    todo = [p for p in images if checked.overwrite or not p.with_suffix(".txt").is_file()]
+    model = checked.caption_model
+    if todo and model != "template":
         try:
-            model = str(find_caption_model(caption_model))
+            model = str(find_caption_model(model))
         except CaptionerUnavailable as exc:
             raise ServiceError(str(exc)) from None
     job = CaptionJob(
+        **checked.model_dump(include={"trigger_word", "prefix", "suffix"}),
         folder=str(folder),
         files=[str(p.relative_to(folder)) for p in todo],
         caption_model=model,
-        trigger_word=trigger_word,
-        prefix=prefix,
-        suffix=suffix,
     )
-    label = dataset_name or re.sub(r"[^A-Za-z0-9._-]+", "_", folder.name).strip("._-")[:60] or "dataset"
-    return CaptionPlan(label=label, images=len(images), job=job.model_dump())
+    label = checked.dataset_name or re.sub(r"[^A-Za-z0-9._-]+", "_", folder.name).strip("._-")[:60] or "dataset"
+    return CaptionPlan(request=checked, label=label, images=len(images), job=job.model_dump())
+
+
+def caption_or_queue(
+    workspace: Path,
+    background: bool | None,
+    start_job: Callable[[str, str], JobRecord],
+    on_progress: Callable[[int, int], None] | None = None,
+    **request: Any,
+) -> CaptionRun:
+    """generate-captions: caption inside the call, or start a background job with `start_job(label,
+    job_json)` (see runs_in_background)."""
+    plan = plan_captions(workspace, **request)
+    if runs_in_background(plan, background):
+        record = start_job(plan.label, json.dumps(plan.job))
+        return caption_job_started(plan, plan.request.caption_model, record.job_id)
+    return caption_now(plan, plan.request.caption_model, on_progress=on_progress)
 
 
 def runs_in_background(plan: CaptionPlan, background: bool | None) -> bool:
@@ -125,14 +136,7 @@ def caption_now(
     except CaptionerUnavailable as exc:
         raise ServiceError(str(exc)) from None
     written, skipped = [], []
-    batches = write_captions(
-        folder,
-        [folder / name for name in job.files],
-        describe,
-        trigger_word=job.trigger_word,
-        prefix=job.prefix,
-        suffix=job.suffix,
-    )
+    batches = write_captions(folder, [folder / name for name in job.files], describe, job)
     for batch_written, batch_skipped in batches:
         written += [CaptionedFile(file=name, caption=caption) for name, caption in batch_written]
         skipped += [SkippedFile(file=name, reason=reason) for name, reason in batch_skipped]

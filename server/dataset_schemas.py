@@ -4,11 +4,36 @@ the exception whose message becomes a refused file's or edit's reason.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
+from training.config import MaxTokenLength
+from training.guide import CAPTION_TOKENS, DEFAULT_LORA_TYPE, LoraType
+
 CAPTION_SHOWN_CHARS = 200  # captions in a result are cut to this
+DatasetName = Annotated[str, Field(description="Dataset name, from list-datasets.")]
+RootTriggerWord = Annotated[str | None, Field(description="Trigger word for images at the dataset's root.")]
+
+
+class DatasetQuery(BaseModel):
+    """get-dataset-info: what a dataset holds, judged for a kind of LoRA and a base model."""
+
+    dataset_name: DatasetName
+    lora_type: LoraType = Field(DEFAULT_LORA_TYPE, description="What the LoRA teaches; sets the image-count verdict.")
+    model_name: str | None = Field(
+        None, description="Base model to size-check against (its native resolution); default SD 1.5's 512 px."
+    )
+    trigger_word: RootTriggerWord = None
+
+
+class CaptionLintRequest(BaseModel):
+    """lint-captions: a dataset's captions against the guide and the model's tokenizer."""
+
+    dataset_name: DatasetName
+    model_name: str | None = Field(None, description="Base model: counts tokens with its tokenizer.")
+    trigger_word: RootTriggerWord = None
+    max_token_length: MaxTokenLength = Field(CAPTION_TOKENS, description="Tokens the training config reads.")
 
 
 class UploadImage(BaseModel):

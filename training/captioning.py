@@ -52,15 +52,30 @@ class CaptionerUnavailable(RuntimeError):
     """The captioning model cannot be used here; the message says why and what to do."""
 
 
-class CaptionJob(BaseModel):
-    """A background captioning job, as the server writes it to `request.json` in the job's run directory."""
+class CaptionStyle(BaseModel):
+    """What goes around each description: the trigger word first, then the prefix; the suffix last."""
+
+    trigger_word: str | None = Field(None, description="Put first in every caption, e.g. 'xyz_style'.")
+    prefix: str = Field("", description="Text after the trigger word, before the description.")
+    suffix: str = Field("", description="Text at the end, e.g. ', watercolor painting'.")
+
+
+class CaptionRequest(CaptionStyle):
+    """generate-captions' arguments, as the server checks them (`server/captions.py`)."""
+
+    dataset_name: str | None = Field(None, description="Dataset name, from list-datasets.")
+    dataset_path: str | None = Field(None, description="Or a dataset folder (inside the allowed folders).")
+    caption_model: str = Field("template", description="template, blip, blip2, git, an HF id or a folder.")
+    overwrite: bool = Field(False, description="Replace existing captions too.")
+
+
+class CaptionJob(CaptionStyle):
+    """A request the server has checked: the images to caption and the model's folder. The server writes it
+    to `request.json` in a background job's run directory, or captions it inside the call."""
 
     folder: str = Field(description="The dataset folder (absolute).")
     files: list[str] = Field(description="The images to caption, relative to folder.")
     caption_model: str = Field(description="'template', or the folder of an image-to-text model.")
-    trigger_word: str | None = None
-    prefix: str = ""
-    suffix: str = ""
 
 
 def captioner_for(caption_model: str, folder: Path) -> Captioner:
@@ -71,7 +86,7 @@ def captioner_for(caption_model: str, folder: Path) -> Captioner:
 
 
 def write_captions(
-    folder: Path, paths: list[Path], describe: Captioner, *, trigger_word: str | None, prefix: str, suffix: str
+    folder: Path, paths: list[Path], describe: Captioner, style: CaptionStyle
 ) -> Iterator[tuple[list[tuple[str, str]], list[tuple[str, str]]]]:
     """Caption `paths` batch by batch, writing each caption next to its image (atomically).
     Yields, per batch, the (file, caption) pairs written and the (file, reason) pairs skipped:
@@ -91,7 +106,7 @@ def write_captions(
                 skipped.append((str(path.relative_to(folder)), f"not a readable image: {exc}"))
         written = []
         for path, description in zip(readable, describe(readable) if readable else []):
-            caption = compose(description, trigger_word=trigger_word, prefix=prefix, suffix=suffix)
+            caption = compose(description, trigger_word=style.trigger_word, prefix=style.prefix, suffix=style.suffix)
             atomic_write_text(path.with_suffix(".txt"), caption + "\n")
             written.append((str(path.relative_to(folder)), caption))
         yield written, skipped
@@ -193,9 +208,7 @@ def run_caption_job(run_dir: Path, stop: threading.Event) -> str:
             log.info("captioning %d of %d images in %s with %s", len(todo), len(job.files), folder, job.caption_model)
             describe = captioner_for(job.caption_model, folder)
             started, count = time.time(), 0
-            batches = write_captions(
-                folder, todo, describe, trigger_word=job.trigger_word, prefix=job.prefix, suffix=job.suffix
-            )
+            batches = write_captions(folder, todo, describe, job)
             for written, skipped in batches:
                 for name, caption in written:
                     append_line(done_file, json.dumps({"file": name, "caption": caption}))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from typing import Literal
+import inspect
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Literal
 
 import anyio
 from mcp.server import MCPServer
@@ -12,22 +14,24 @@ from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
-from server.captions import (
-    INLINE_MODEL_IMAGES,
-    CaptionRun,
-    caption_job_started,
-    caption_now,
-    plan_captions,
-    runs_in_background,
+from server.captions import INLINE_MODEL_IMAGES, CaptionRun, caption_or_queue
+from server.dataset_schemas import (
+    CaptionLintRequest,
+    CaptionUpdateResult,
+    DatasetQuery,
+    DatasetSummary,
+    ImportResult,
+    UploadImage,
+    UploadResult,
 )
-from server.datasets import CaptionUpdateResult, DatasetSummary, ImportResult, UploadImage, UploadResult
 from server.errors import ServiceError
 from server.images import thumbnail_png
 from server.inspection import CaptionLintResult, caption_lint, dataset_info
 from server.names import checked_name, plain_filename_problem
 from server.paths import set_client_roots
 from server.tools import READ_ONLY, Deleted, Services
-from training.config import LoraType
+from server.tools.arguments import request_parameters, request_tool
+from training.captioning import CaptionRequest
 from training.data.dataset import IMAGE_SUFFIXES
 from training.data.report import DatasetReport
 
@@ -57,31 +61,22 @@ class DatasetList(BaseModel):
     datasets: list[DatasetSummary]
 
 
-def register_dataset_tools(server: MCPServer, s: Services) -> None:
-    call, resource_call, workspace, datasets, jobs = s.call, s.resource_call, s.workspace, s.datasets, s.jobs
-    read_only = READ_ONLY
+class DatasetTools:
+    """Datasets in the workspace: upload, import, edit captions, delete, list."""
 
-    @server.tool(
-        name="upload-dataset",
-        description="Save images (base64) with their captions into a dataset, creating it if needed. Each file "
-        "is saved or refused on its own, with the reason; the result lists every file. Then create-training-config "
-        "with dataset_path=<dataset_name>.",
-    )
+    def __init__(self, s: Services):
+        self.s = s
+
     def upload_dataset(
+        self,
         dataset_name: str = Field(description="Dataset name: letters, digits, '.', '_' or '-'."),
         images: list[UploadImage] = Field(description="Up to 200 images: {filename, content (base64), caption}."),
         overwrite: bool = Field(False, description="Replace files that already exist."),
     ) -> UploadResult:
-        return call(datasets.upload, dataset_name, images, overwrite)
+        return self.s.call(self.s.datasets.upload, dataset_name, images, overwrite)
 
-    @server.tool(
-        name="import-dataset",
-        description="Bring a local folder into the workspace as a dataset: images with same-named .txt captions, "
-        "kohya 'N_name' repeat folders, concept subfolders and a 'validation' folder. mode 'copy' copies the "
-        "files; 'link' links to them where they are. The folder must be inside the workspace or a folder "
-        "listed in LORA_MCP_ALLOWED_DIRS.",
-    )
     async def import_dataset(
+        self,
         ctx: Context,
         dataset_name: str = Field(description="Name for the dataset: letters, digits, '.', '_' or '-'."),
         source_path: str = Field(description="The folder to import (absolute path)."),
@@ -90,146 +85,49 @@ def register_dataset_tools(server: MCPServer, s: Services) -> None:
     ) -> ImportResult:
         await refresh_client_roots(ctx)
         result = await anyio.to_thread.run_sync(
-            lambda: call(datasets.import_folder, dataset_name, source_path, mode, overwrite)
+            lambda: self.s.call(self.s.datasets.import_folder, dataset_name, source_path, mode, overwrite)
         )
         return _trimmed(result)
 
-    @server.tool(
-        name="update-captions",
-        description="Change captions: edits {image filename: new caption}, and/or find + replace over every "
-        "caption, and/or trigger_word to put it first in every caption that lacks it.",
-    )
     def update_captions(
+        self,
         dataset_name: str = Field(description="Dataset name, from list-datasets."),
         edits: dict[str, str] | None = Field(None, description="New captions by image path, e.g. {'a.png': '...'}."),
         find: str | None = Field(None, description="Text to replace in every caption (with replace)."),
         replace: str | None = Field(None, description="Replacement for find."),
         trigger_word: str | None = Field(None, description="Ensure every caption contains it, first if missing."),
     ) -> CaptionUpdateResult:
-        return call(lambda: datasets.update_captions(dataset_name, edits, find, replace, trigger_word))
+        return self.s.call(self.s.datasets.update_captions, dataset_name, edits, find, replace, trigger_word)
 
-    @server.tool(
-        name="delete-dataset",
-        description="Delete a dataset of the workspace (for a linked import, only the links: the originals stay).",
-        annotations=ToolAnnotations(destructiveHint=True),
-    )
-    def delete_dataset(dataset_name: str = Field(description="Dataset name, from list-datasets.")) -> Deleted:
-        call(datasets.delete, dataset_name)
+    def delete_dataset(self, dataset_name: str = Field(description="Dataset name, from list-datasets.")) -> Deleted:
+        self.s.call(self.s.datasets.delete, dataset_name)
         return Deleted(name=dataset_name)
 
-    @server.tool(
-        name="get-dataset-info",
-        description="Inspect a dataset before training: counts per concept (with repeats), resolutions, "
-        "buckets, formats, missing or orphan captions, captions without their trigger word, near-duplicate, "
-        "blurry, badly exposed or too small images, near-identical captions, and a verdict on the image count "
-        "for the kind of LoRA. 'problems' lists what to fix.",
-        annotations=read_only,
-    )
-    def get_dataset_info(
-        dataset_name: str = Field(description="Dataset name, from list-datasets."),
-        lora_type: LoraType = Field("style", description="What the LoRA teaches; sets the image-count verdict."),
-        model_name: str | None = Field(
-            None, description="Base model to size-check against (its native resolution); default SD 1.5's 512 px."
-        ),
-        trigger_word: str | None = Field(None, description="Trigger word for images at the dataset's root."),
-    ) -> DatasetReport:
-        return call(
-            lambda: dataset_info(
-                workspace, dataset_name, lora_type=lora_type, model_name=model_name, trigger_word=trigger_word
-            )
-        )
+    def list_datasets(self) -> DatasetList:
+        return DatasetList(datasets=self.s.call(self.s.datasets.list))
 
-    @server.tool(
-        name="generate-captions",
-        description="Write captions for a dataset's images: caption_model 'template' (offline: trigger word + "
-        "subject from the file or folder name + the guide's structure) or an image-to-text model (blip, blip2, git, "
-        "a Hugging Face id in the local cache, or a local folder). Images that have a caption are kept unless "
-        "overwrite. A quick set is captioned inside the call, with progress; a model with more than "
-        f"{INLINE_MODEL_IMAGES} images to caption runs as a background job: the result's job_id works with "
-        "get-training-status, get-training-logs and stop-training. Then lint-captions.",
-    )
-    async def generate_captions_tool(
-        ctx: Context,
-        dataset_name: str | None = Field(None, description="Dataset name, from list-datasets."),
-        dataset_path: str | None = Field(None, description="Or a dataset folder (inside the allowed folders)."),
-        caption_model: str = Field("template", description="template, blip, blip2, git, an HF id or a folder."),
-        trigger_word: str | None = Field(None, description="Put first in every caption, e.g. 'xyz_style'."),
-        overwrite: bool = Field(False, description="Replace existing captions too."),
-        prefix: str = Field("", description="Text after the trigger word, before the description."),
-        suffix: str = Field("", description="Text at the end, e.g. ', watercolor painting'."),
-        background: bool | None = Field(
-            None,
-            description="true: always a background job; false: always inside this call; default: a job when a "
-            f"model has more than {INLINE_MODEL_IMAGES} images to caption.",
-        ),
-    ) -> CaptionRun:
-        await refresh_client_roots(ctx)
 
-        def progress(done: int, total: int) -> None:
-            anyio.from_thread.run(ctx.report_progress, done, total, f"{done}/{total} images captioned")
+class DatasetChecks:
+    """What a dataset holds and what its captions get wrong: get-dataset-info, lint-captions, and the
+    dataset resources."""
 
-        def run() -> CaptionRun:
-            # Not under the job lock: listing a large folder or captioning with a model takes a while,
-            # and status calls must not wait for it.
-            try:
-                plan = plan_captions(
-                    workspace,
-                    dataset_name=dataset_name,
-                    dataset_path=dataset_path,
-                    caption_model=caption_model,
-                    trigger_word=trigger_word,
-                    overwrite=overwrite,
-                    prefix=prefix,
-                    suffix=suffix,
-                )
-                if runs_in_background(plan, background):
-                    record = call(jobs.start_captioning, plan.label, json.dumps(plan.job))
-                    return caption_job_started(plan, caption_model, record.job_id)
-                return caption_now(plan, caption_model, on_progress=progress)
-            except ServiceError as exc:
-                raise ToolError(str(exc)) from None
+    def __init__(self, s: Services):
+        self.s = s
 
-        return await anyio.to_thread.run_sync(run)
+    # server/inspection.py takes the requests' fields as keywords; the requests are their only declaration.
+    def get_dataset_info(self, query: DatasetQuery) -> DatasetReport:
+        options = query.model_dump(exclude={"dataset_name"})
+        return self.s.call(lambda: dataset_info(self.s.workspace, query.dataset_name, **options))
 
-    @server.tool(
-        name="lint-captions",
-        description="Check every caption against the guide: trigger word first and not a generic word, the "
-        "structure '[trigger] [subject] [details], [style], [quality], [composition]', the FLUX elements (camera "
-        "angle, environment, lighting) for FLUX-class models, empty or duplicate captions, and captions longer "
-        "than the model reads. Each finding names the file and a fix.",
-        annotations=read_only,
-    )
-    def lint_captions_tool(
-        dataset_name: str = Field(description="Dataset name, from list-datasets."),
-        model_name: str | None = Field(None, description="Base model: counts tokens with its tokenizer."),
-        trigger_word: str | None = Field(None, description="Trigger word for images at the dataset's root."),
-        max_token_length: Literal[75, 150, 225] = Field(75, description="Tokens the training config reads."),
-    ) -> CaptionLintResult:
-        return call(
-            lambda: caption_lint(
-                workspace,
-                dataset_name,
-                model_name=model_name,
-                trigger_word=trigger_word,
-                max_token_length=max_token_length,
-            )
-        )
+    def lint_captions(self, request: CaptionLintRequest) -> CaptionLintResult:
+        options = request.model_dump(exclude={"dataset_name"})
+        return self.s.call(lambda: caption_lint(self.s.workspace, request.dataset_name, **options))
 
-    @server.tool(
-        name="list-datasets", description="Datasets in the workspace with image counts.", annotations=read_only
-    )
-    def list_datasets() -> DatasetList:
-        return DatasetList(datasets=call(datasets.list))
+    def dataset_resource(self, name: str) -> str:
+        return self.s.resource_call(dataset_info, self.s.workspace, name).model_dump_json(indent=2)
 
-    @server.resource("lora://datasets/{name}", mime_type="application/json", description="A dataset's report.")
-    def dataset_resource(name: str) -> str:
-        return resource_call(lambda: dataset_info(workspace, name)).model_dump_json(indent=2)
-
-    @server.resource(
-        "lora://datasets/{name}/images/{filename}", mime_type="image/png", description="A thumbnail of an image."
-    )
-    def dataset_image_resource(name: str, filename: str) -> bytes:
-        folder = workspace / "datasets" / resource_call(checked_name, "dataset", name)
+    def dataset_image_resource(self, name: str, filename: str) -> bytes:
+        folder = self.s.workspace / "datasets" / self.s.resource_call(checked_name, "dataset", name)
         path = folder / filename
         if (
             plain_filename_problem(filename)
@@ -238,6 +136,117 @@ def register_dataset_tools(server: MCPServer, s: Services) -> None:
         ):
             raise ResourceNotFoundError(f"dataset {name!r} has no image {filename!r}; get-dataset-info lists them")
         return thumbnail_png(path)
+
+
+def generate_captions_tool(s: Services) -> Callable[..., Any]:
+    """generate-captions, its arguments CaptionRequest's fields: an async tool, so that it can ask the client
+    for its roots and report progress, which request_tool's plain functions cannot."""
+
+    async def generate_captions_tool(ctx: Context, background: bool | None = None, **request: Any) -> CaptionRun:
+        await refresh_client_roots(ctx)
+
+        def progress(done: int, total: int) -> None:
+            anyio.from_thread.run(ctx.report_progress, done, total, f"{done}/{total} images captioned")
+
+        def run() -> CaptionRun:
+            # In a worker thread, and only the job's start under the services' lock: listing a large folder
+            # or captioning with a model takes a while, and status calls must not wait for it.
+            start_job = partial(s.call, s.jobs.start_captioning)
+            try:
+                return caption_or_queue(s.workspace, background, start_job, progress, **request)
+            except ServiceError as exc:
+                raise ToolError(str(exc)) from None
+
+        return await anyio.to_thread.run_sync(run)
+
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Context)
+    background = inspect.Parameter(
+        "background",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=Field(
+            None,
+            description="true: always a background job; false: always inside this call; default: a job when a "
+            f"model has more than {INLINE_MODEL_IMAGES} images to caption.",
+        ),
+        annotation=bool | None,
+    )
+    generate_captions_tool.__signature__ = inspect.Signature(
+        [context, *request_parameters(CaptionRequest), background], return_annotation=CaptionRun
+    )
+    return generate_captions_tool
+
+
+def register_dataset_tools(server: MCPServer, s: Services) -> None:
+    tools, checks = DatasetTools(s), DatasetChecks(s)
+    server.add_tool(
+        tools.upload_dataset,
+        name="upload-dataset",
+        description="Save images (base64) with their captions into a dataset, creating it if needed. Each file "
+        "is saved or refused on its own, with the reason; the result lists every file. Then create-training-config "
+        "with dataset_path=<dataset_name>.",
+    )
+    server.add_tool(
+        tools.import_dataset,
+        name="import-dataset",
+        description="Bring a local folder into the workspace as a dataset: images with same-named .txt captions, "
+        "kohya 'N_name' repeat folders, concept subfolders and a 'validation' folder. mode 'copy' copies the "
+        "files; 'link' links to them where they are. The folder must be inside the workspace or a folder "
+        "listed in LORA_MCP_ALLOWED_DIRS.",
+    )
+    server.add_tool(
+        tools.update_captions,
+        name="update-captions",
+        description="Change captions: edits {image filename: new caption}, and/or find + replace over every "
+        "caption, and/or trigger_word to put it first in every caption that lacks it.",
+    )
+    server.add_tool(
+        tools.delete_dataset,
+        name="delete-dataset",
+        description="Delete a dataset of the workspace (for a linked import, only the links: the originals stay).",
+        annotations=ToolAnnotations(destructiveHint=True),
+    )
+    server.add_tool(
+        request_tool(DatasetQuery, checks.get_dataset_info, function_name="get_dataset_info", returns=DatasetReport),
+        name="get-dataset-info",
+        description="Inspect a dataset before training: counts per concept (with repeats), resolutions, "
+        "buckets, formats, missing or orphan captions, captions without their trigger word, near-duplicate, "
+        "blurry, badly exposed or too small images, near-identical captions, and a verdict on the image count "
+        "for the kind of LoRA. 'problems' lists what to fix.",
+        annotations=READ_ONLY,
+    )
+    server.add_tool(
+        generate_captions_tool(s),
+        name="generate-captions",
+        description="Write captions for a dataset's images: caption_model 'template' (offline: trigger word + "
+        "subject from the file or folder name + the guide's structure) or an image-to-text model (blip, blip2, git, "
+        "a Hugging Face id in the local cache, or a local folder). Images that have a caption are kept unless "
+        "overwrite. A quick set is captioned inside the call, with progress; a model with more than "
+        f"{INLINE_MODEL_IMAGES} images to caption runs as a background job: the result's job_id works with "
+        "get-training-status, get-training-logs and stop-training. Then lint-captions.",
+    )
+    server.add_tool(
+        request_tool(
+            CaptionLintRequest, checks.lint_captions, function_name="lint_captions_tool", returns=CaptionLintResult
+        ),
+        name="lint-captions",
+        description="Check every caption against the guide: trigger word first and not a generic word, the "
+        "structure '[trigger] [subject] [details], [style], [quality], [composition]', the FLUX elements (camera "
+        "angle, environment, lighting) for FLUX-class models, empty or duplicate captions, and captions longer "
+        "than the model reads. Each finding names the file and a fix.",
+        annotations=READ_ONLY,
+    )
+    server.add_tool(
+        tools.list_datasets,
+        name="list-datasets",
+        description="Datasets in the workspace with image counts.",
+        annotations=READ_ONLY,
+    )
+    server.resource("lora://datasets/{name}", mime_type="application/json", description="A dataset's report.")(
+        checks.dataset_resource
+    )
+    server.resource(
+        "lora://datasets/{name}/images/{filename}", mime_type="image/png", description="A thumbnail of an image."
+    )(checks.dataset_image_resource)
 
 
 def _trimmed(result: ImportResult) -> ImportResult:
