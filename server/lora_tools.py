@@ -67,13 +67,13 @@ def lora_path(workspace: Path, reference: str) -> Path:
 
 
 def merge_loras(
-    workspace: Path, loras: list[MergeSource | dict], output_name: str, output_format: LoraTarget = "comfyui"
+    workspace: Path, loras: list[MergeSource | dict], output_name: str, output_format: LoraTarget
 ) -> ExportedLora:
     """Merge `loras` (each at its weight) into `loras/<output_name>.safetensors`: at strength 1 the
     result equals loading them together at those weights (training/merge.py)."""
     from training.lora import LoraFileError
     from training.merge import merge_lora_files
-    from training.models.loading import ModelNotFoundError
+    from training.models.source import ModelNotFoundError
 
     try:
         sources = [item if isinstance(item, MergeSource) else MergeSource.model_validate(item) for item in loras]
@@ -97,7 +97,7 @@ def convert_lora(workspace: Path, lora: str, to: LoraTarget, output_name: str | 
     FLUX the diffusers layout with alphas."""
     from training.convert import convert_lora_file
     from training.lora import LoraFileError
-    from training.models.loading import ModelNotFoundError
+    from training.models.source import ModelNotFoundError
 
     _checked_target(to)
     source = lora_path(workspace, lora)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, Field
 
 from server.errors import ServiceError
-from server.names import checked_name
+from server.names import checked_name, plain_filename_problem
 from server.safetensors_file import InvalidSafetensors, safetensors_metadata
 from training.workspace import atomic_output, atomic_write_json
 
@@ -163,7 +163,7 @@ class LoraService:
 
     def _downloadable(self, relative: str, run_dirs: dict[str, Path]) -> Path:
         parts = Path(relative).parts
-        if not relative or Path(relative).is_absolute() or ".." in parts or any(p.startswith(".") for p in parts):
+        if not relative or Path(relative).is_absolute() or any(plain_filename_problem(part) for part in parts):
             raise ServiceError(
                 f"path {relative!r} is not allowed: give a file in loras/ (e.g. my-lora.safetensors) or "
                 "<job_id>/<file> of a job's run directory"
@@ -193,7 +193,7 @@ def _convert(source: Path, target: Path, output_format: str) -> None:
     """Rewrite the LoRA in the other layout. Imports torch and diffusers: seconds, only here."""
     from training.convert import convert_lora_file
     from training.lora import LoraFileError
-    from training.models.loading import ModelNotFoundError
+    from training.models.source import ModelNotFoundError
 
     try:
         convert_lora_file(source, target, output_format)
