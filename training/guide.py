@@ -76,6 +76,49 @@ def guide_file_mb(rank: int) -> int:
     return rank_row(rank)[3]
 
 
+# Rank per kind of LoRA, from the Rank Selection table and the guide's "Common Training Scenarios".
+RANK_BY_TYPE: dict[str, tuple[int, str]] = {
+    "style": (
+        16,
+        "the guide's Style LoRA example ('watercolor-style', rank 16), in the 16-32 band 'Standard "
+        "character/style LoRAs'",
+    ),
+    "character": (
+        32,
+        "the guide's Character LoRA example ('game-character', rank 32), in the 16-32 band 'Standard "
+        "character/style LoRAs'",
+    ),
+    "person": (
+        24,
+        "the guide's Photographic Subject example ('Training a person or object', rank 24), in the 16-32 band",
+    ),
+    "object": (
+        24,
+        "the guide's Photographic Subject example ('Training a person or object', rank 24), in the 16-32 band",
+    ),
+    "concept": (
+        32,
+        "the top of the guide's 16-32 'Standard' band: a concept shown across varied subjects needs more "
+        "room than one object (24), but one concept is not the 64-96 band's 'Complex concepts, multiple subjects' "
+        "(use 64 if yours has several subjects)",
+    ),
+    "complex_style": (
+        64,
+        "the guide's 64-96 band 'Complex concepts, multiple subjects': a complex style has many "
+        "elements to learn (its dataset range is 50-200 images), 64 is the band's floor",
+    ),
+    "pose": (
+        8,
+        "the top of the guide's 4-8 band 'Simple style adjustments': a pose is a narrow change, used at the "
+        "low strengths of the guide's Pose row (0.4-0.7), and a small rank keeps it from learning the subjects' looks",
+    ),
+    "details": (
+        8,
+        "the top of the guide's 4-8 band 'Simple style adjustments': added detail is a narrow change, used "
+        "at the guide's Details strengths (0.3-0.6)",
+    ),
+}
+
 # --- dataset size ----------------------------------------------------------------------------
 # The guide's "Dataset Size Guidelines". It gives none for pose and details LoRAs; they are taught
 # like objects and concepts, so they share that range.
@@ -99,6 +142,22 @@ GUIDE_STRENGTHS: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
     "pose": ((0.4, 0.7), (0.3, 0.6)),
     "details": ((0.3, 0.6), (0.3, 0.6)),
 }
+# The row of the guide's "Optimal Strength Settings" (GUIDE_STRENGTHS) each kind uses: kinds without a row of
+# their own use the nearest row, and say why.
+STRENGTH_ROW: dict[str, tuple[str, str]] = {
+    "style": ("style", ""),
+    "character": ("character", ""),
+    "pose": ("pose", ""),
+    "details": ("details", ""),
+    "person": ("character", "a person is, like a character, one subject to reproduce faithfully"),
+    "object": ("character", "an object is, like a character, one subject to reproduce faithfully"),
+    "concept": (
+        "character",
+        "a concept, like a character, should appear when triggered while the rest of the prompt stays in control",
+    ),
+    "complex_style": ("style", "a complex style is a style: it may shape the whole image"),
+}
+assert set(RANK_BY_TYPE) == set(STRENGTH_ROW) == set(get_args(LoraType))
 
 # --- captions --------------------------------------------------------------------------------
 # CLIP reads 77 positions: 75 caption tokens between its start and end tokens. Longer captions are encoded

@@ -10,12 +10,12 @@ from training.guide import (
     GUIDE_IMAGE_RANGE,
     GUIDE_LOSS_TARGET,
     GUIDE_STRENGTHS,
+    RANK_BY_TYPE,
     STANDARD_RANK,
     STEPS_PER_IMAGE,
     lr_text,
     span,
 )
-from training.plans import RANK_BY_TYPE
 
 
 def register_prompts(server: MCPServer) -> None:
@@ -40,7 +40,7 @@ def troubleshoot_training(job_id: str = Field(description="The job to look at, f
     return TROUBLESHOOT_PROMPT.format(job_id=job_id)
 
 
-# The guide's numbers, from training/guide.py and the plans' rank per kind of LoRA.
+# The guide's numbers, from training/guide.py.
 TRAIN_LORA_PROMPT = f"""Help me train a LoRA for: {{goal}}. Dataset: {{dataset}}.
 Work through these steps with the lora-trainer tools, telling me what you find at each one:
 1. Dataset: list-datasets, or upload-dataset the images I give you (each image with a same-named caption).
