@@ -26,6 +26,35 @@ def update_captions(
     trigger_word: str | None,
 ) -> CaptionUpdateResult:
     """`DatasetService.update_captions` for the existing dataset `name` at `folder`."""
+    trigger = _checked_changes(edits, find, replace, trigger_word)
+    images = _dataset_images(folder)
+    if not images:
+        raise ServiceError(
+            f"dataset {name!r} holds no images, so it has no captions to update: add images with "
+            "upload-dataset or import-dataset first"
+        )
+    draft = _CaptionDraft(images)
+    draft.apply_edits(edits or {})
+    if find is not None or trigger is not None:
+        draft.apply_to_every_caption(find, replace, trigger)
+    draft.write()
+    outcomes = draft.outcomes()
+    changed = sum(o.changed for o in outcomes)
+    failures = sum(o.reason is not None for o in outcomes)
+    refused = len(draft.refusals) + failures
+    return CaptionUpdateResult(
+        dataset_name=name,
+        path=str(folder),
+        changed=changed,
+        unchanged=len(outcomes) - changed - failures,
+        refused=refused,
+        files=outcomes + draft.refusals,
+        next_step=_captions_next_step(name, changed, refused, find is not None),
+    )
+
+
+def _checked_changes(edits: Any, find: Any, replace: Any, trigger_word: Any) -> str | None:
+    """Refuse a request that cannot be carried out as a whole; the trigger word with its spaces normalised."""
     if edits is not None and not isinstance(edits, dict):
         raise ServiceError(
             "edits must be an object mapping an image's path in the dataset to its new caption, e.g. "
@@ -44,83 +73,77 @@ def update_captions(
             raise ServiceError("trigger_word is empty: give the word every caption should start with")
     if not edits and find is None and trigger is None:
         raise ServiceError("nothing to do: give edits ({image path: new caption}), find and replace, or trigger_word")
+    return trigger
 
-    images = _dataset_images(folder)
-    if not images:
-        raise ServiceError(
-            f"dataset {name!r} holds no images, so it has no captions to update: add images with "
-            "upload-dataset or import-dataset first"
-        )
-    caption_of = {rel: path.with_suffix(CAPTION_SUFFIX) for rel, path in images.items()}
-    original: dict[Path, str | None] = {}  # caption file -> its text (stripped), None without one
-    current: dict[Path, str | None] = {}  # caption file -> its text after this call
 
-    def text_of(caption_path: Path) -> str | None:
-        if caption_path not in original:
-            original[caption_path] = _read_caption(caption_path)
-        return current.get(caption_path, original[caption_path])
+class _CaptionDraft:
+    """A dataset's captions as one update_captions call changes them: each caption file is read once,
+    changed in memory by the edits, then find/replace, then the trigger word, and written once."""
 
-    looked_at: list[str] = []
-    refusals: list[CaptionOutcome] = []
-    for key, new_caption in (edits or {}).items():
-        try:
-            rel = _edit_target(key, images)
-            if rel in looked_at:
-                raise Refused(f"{rel} is already edited by an earlier key of edits: give each image once")
-            text = _edit_text(new_caption)
-        except Refused as refusal:
-            refusals.append(CaptionOutcome(filename=str(key), changed=False, reason=str(refusal)))
-            continue
-        text_of(caption_of[rel])
-        current[caption_of[rel]] = text
-        looked_at.append(rel)
+    def __init__(self, images: dict[str, Path]):
+        self.images = images
+        self.caption_of = {rel: path.with_suffix(CAPTION_SUFFIX) for rel, path in images.items()}
+        self.original: dict[Path, str | None] = {}  # caption file -> its text (stripped), None without one
+        self.current: dict[Path, str | None] = {}  # caption file -> its text after this call
+        self.looked_at: list[str] = []  # images whose caption this call looked at, in order
+        self.refusals: list[CaptionOutcome] = []
+        self.failed: dict[Path, str] = {}
+        self.written: set[Path] = set()
 
-    if find is not None or trigger is not None:
-        looked_at += [rel for rel in images if rel not in looked_at]
-        for caption_path in dict.fromkeys(caption_of.values()):  # each caption file once
-            text = text_of(caption_path)
+    def text_of(self, caption_path: Path) -> str | None:
+        if caption_path not in self.original:
+            self.original[caption_path] = _read_caption(caption_path)
+        return self.current.get(caption_path, self.original[caption_path])
+
+    def apply_edits(self, edits: dict[Any, Any]) -> None:
+        for key, new_caption in edits.items():
+            try:
+                rel = _edit_target(key, self.images)
+                if rel in self.looked_at:
+                    raise Refused(f"{rel} is already edited by an earlier key of edits: give each image once")
+                text = _edit_text(new_caption)
+            except Refused as refusal:
+                self.refusals.append(CaptionOutcome(filename=str(key), changed=False, reason=str(refusal)))
+                continue
+            self.text_of(self.caption_of[rel])  # keeps the original, to tell a change from a rewrite
+            self.current[self.caption_of[rel]] = text
+            self.looked_at.append(rel)
+
+    def apply_to_every_caption(self, find: str | None, replace: str | None, trigger: str | None) -> None:
+        self.looked_at += [rel for rel in self.images if rel not in self.looked_at]
+        for caption_path in dict.fromkeys(self.caption_of.values()):  # each caption file once
+            text = self.text_of(caption_path)
             if find is not None and text is not None:
                 text = text.replace(find, replace).strip()
             if trigger is not None:
                 text = with_trigger_first(text or "", trigger)
-            current[caption_path] = text
+            self.current[caption_path] = text
 
-    failed: dict[Path, str] = {}
-    written: set[Path] = set()
-    for caption_path, text in current.items():
-        if text is None or text == original[caption_path]:
-            continue
-        try:
-            atomic_write_text(caption_path, text)
-            written.add(caption_path)
-        except OSError as exc:
-            failed[caption_path] = (
-                f"the caption could not be written ({exc.strerror or exc}): check the server's disk and the "
-                f"permissions of {caption_path.parent}, then try again"
+    def write(self) -> None:
+        """Write each changed caption; one that cannot be written keeps its old text and says why."""
+        for caption_path, text in self.current.items():
+            if text is None or text == self.original[caption_path]:
+                continue
+            try:
+                atomic_write_text(caption_path, text)
+                self.written.add(caption_path)
+            except OSError as exc:
+                self.failed[caption_path] = (
+                    f"the caption could not be written ({exc.strerror or exc}): check the server's disk and the "
+                    f"permissions of {caption_path.parent}, then try again"
+                )
+                self.current[caption_path] = self.original[caption_path]
+
+    def outcomes(self) -> list[CaptionOutcome]:
+        return [
+            CaptionOutcome(
+                filename=rel,
+                changed=self.caption_of[rel] in self.written,
+                caption=_shown(self.current.get(self.caption_of[rel], self.original.get(self.caption_of[rel]))),
+                reason=self.failed.get(self.caption_of[rel]),
             )
-            current[caption_path] = original[caption_path]
-
-    outcomes = [
-        CaptionOutcome(
-            filename=rel,
-            changed=caption_of[rel] in written,
-            caption=_shown(current.get(caption_of[rel], original.get(caption_of[rel]))),
-            reason=failed.get(caption_of[rel]),
-        )
-        for rel in looked_at
-    ]
-    changed = sum(o.changed for o in outcomes)
-    failures = sum(o.reason is not None for o in outcomes)
-    refused = len(refusals) + failures
-    return CaptionUpdateResult(
-        dataset_name=name,
-        path=str(folder),
-        changed=changed,
-        unchanged=len(outcomes) - changed - failures,
-        refused=refused,
-        files=outcomes + refusals,
-        next_step=_captions_next_step(name, changed, refused, find is not None),
-    )
+            for rel in self.looked_at
+        ]
 
 
 def _captions_next_step(name: str, changed: int, refused: int, searched: bool) -> str:
