@@ -35,7 +35,8 @@ def bare_loop(dataset: Path, steps: int) -> list[float]:
 
     from training.data.images import load_pixels
     from training.lora import attach_lora
-    from training.models.loading import load_base_model, resolve_model
+    from training.models.loading import load_base_model
+    from training.models.source import resolve_model
 
     base = load_base_model(resolve_model("builtin:tiny-sd15"), torch.device("cpu"))
     images = sorted(dataset.glob("*.png"))[:BATCH]

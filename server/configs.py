@@ -391,14 +391,8 @@ def check_model(
 ) -> ModelCheck:
     """What the model's files say, without loading weights; a missing model, or one of a family this
     trainer cannot train, goes to `errors`."""
-    from training.models.loading import (
-        ModelNotFoundError,
-        detect_family,
-        flux_refusal,
-        read_geometry,
-        resolve_model,
-        unsupported_family_message,
-    )
+    from training.families import check_family, read_geometry
+    from training.models.source import ModelNotFoundError, resolve_model
 
     try:
         source = resolve_model(model_name, base_model_config)
@@ -408,14 +402,8 @@ def check_model(
     except OSError as exc:  # e.g. building a built-in model into an unwritable workspace
         errors.append(f"model {model_name!r} cannot be prepared: {exc}")
         return ModelCheck(None, None if model_family == "auto" else model_family)
-    detected = detect_family(source)
-    family = detected if model_family == "auto" else model_family
-    if (
-        family
-        and (refusal := unsupported_family_message(model_name, family, detected))
-        or family == "flux"
-        and (refusal := flux_refusal(source))
-    ):
+    family, refusal = check_family(source, model_family, model_name=model_name)
+    if refusal:
         errors.append(f"model: {refusal}")
     geometry = read_geometry(source.path) if source.kind in _DIFFUSERS_KINDS else None
     return ModelCheck(geometry[0] if geometry else None, family)

@@ -38,7 +38,8 @@ def dataset_info(
 def model_geometry(model_name: str) -> tuple[int, int]:
     """The model's native size and bucket step, read from its config files (no weights); a model that
     is not here, or whose size cannot be read, is a ServiceError."""
-    from training.models.loading import ModelNotFoundError, read_geometry, resolve_model
+    from training.families import read_geometry
+    from training.models.source import ModelNotFoundError, resolve_model
 
     try:
         source = resolve_model(model_name)
@@ -90,9 +91,13 @@ def caption_lint(
 
 def _is_flux(model_name: str) -> bool:
     """FLUX-class by the model's own files where they can be read, else by its name (FLUX, Flex)."""
-    from server.configs import check_model
+    from training.families import detect_family
+    from training.models.source import ModelNotFoundError, resolve_model
 
-    family = check_model(model_name, None, errors=[]).family
+    try:
+        family = detect_family(resolve_model(model_name))
+    except (ModelNotFoundError, OSError):  # not here (or a built-in that cannot be built): judged by its name
+        family = None
     return family == "flux" if family else any(word in model_name.lower() for word in ("flux", "flex"))
 
 

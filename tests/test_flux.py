@@ -19,12 +19,13 @@ from safetensors import safe_open
 
 from training.config import TrainingConfig
 from training.convert import convert_lora_file
+from training.families.flux import FlowMatchingObjective
 from training.generation import GenerationRequest, generate
 from training.generation import LoraStrength as LoraUse
 from training.lora import LoraFileError, read_lora_file
 from training.merge import merge_lora_files
-from training.models.loading import load_base_model, resolve_model
-from training.objectives import FlowMatchingObjective
+from training.models.loading import load_base_model
+from training.models.source import resolve_model
 from training.prompts import encode_text
 from training.trainer import run_training
 
@@ -322,7 +323,7 @@ def test_8bit_weights_without_a_quantization_library_fail_with_what_to_install(t
 
 
 def test_frozen_weights_load_in_the_mixed_precision_type_on_cuda_only():
-    from training.placement import frozen_dtypes
+    from training.models.loading import frozen_dtypes
 
     assert frozen_dtypes("bf16", "cuda", "flux") == {"default": torch.bfloat16}
     # fp16 overflows in SD/SDXL VAEs and in T5's activations: those two stay fp32
@@ -344,7 +345,8 @@ def test_a_bf16_request_on_the_cpu_still_loads_fp32_weights(flux):
 
 
 def test_low_vram_keeps_static_text_encoders_off_the_gpu(flux):
-    from training.placement import frozen_dtypes, text_encoders_stay_on_cpu
+    from training.models.loading import frozen_dtypes
+    from training.placement import text_encoders_stay_on_cpu
 
     cuda = torch.device("cuda")  # only its type is read: no GPU is needed to decide
     config = TrainingConfig(name="x", dataset_path="/d", low_vram=True)

@@ -10,13 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from training.models.builtin import ensure_builtin
-from training.models.loading import (
-    ModelNotFoundError,
-    detect_family,
-    load_base_model,
-    read_geometry,
-    resolve_model,
-)
+from training.families import detect_family, read_geometry
+from training.models.loading import load_base_model
+from training.models.source import ModelNotFoundError, resolve_model
 
 
 def test_builtins_load_like_any_diffusers_folder(tiny_sd15, tiny_sd2v):

@@ -15,7 +15,8 @@ from safetensors import safe_open
 
 from training.data.loader import TrainingData
 from training.lora import read_lora_file
-from training.models.loading import load_base_model, resolve_model
+from training.models.loading import load_base_model
+from training.models.source import resolve_model
 from training.prompts import encode_text
 from training.trainer import run_training
 

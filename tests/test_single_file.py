@@ -13,7 +13,8 @@ import torch
 from ldm_checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, _config, _weights, diffusers_to_ldm
 from safetensors.torch import save_file
 
-from training.models.loading import ModelNotFoundError, load_base_model, resolve_model
+from training.models.loading import load_base_model
+from training.models.source import ModelNotFoundError, resolve_model
 
 CPU = torch.device("cpu")
 BUILTINS = {"tiny_sd15": "builtin:tiny-sd15", "tiny_sd2v": "builtin:tiny-sd2-v"}

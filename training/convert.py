@@ -20,24 +20,23 @@ from safetensors import safe_open
 
 from training.config import OutputFormat
 from training.export import write_lora_file
+from training.families import ModelFamily, lora_family
 from training.lora import LoraFileError, LoraWeights, read_lora_file
-from training.models.loading import ModelNotFoundError, resolve_model
+from training.models.source import ModelNotFoundError, resolve_model
 
 LoraFormat = Literal["kohya", "diffusers", "comfyui"]
 
 
-def file_layout(output_format: str, *, flux: bool = False) -> OutputFormat:
-    """The layout written for a target: ComfyUI reads kohya files, so "comfyui" is the kohya layout,
-    except for FLUX, where it is the diffusers layout with alphas."""
+def file_layout(output_format: str, family: ModelFamily | None = None) -> OutputFormat:
+    """The layout written for a target and the LoRA's family (None: the target is only checked):
+    ComfyUI reads kohya files, so "comfyui" is the kohya layout, except for a family that has its own
+    (FLUX: the diffusers layout with alphas)."""
     if output_format not in get_args(LoraFormat):
         raise LoraFileError(f"unknown LoRA format {output_format!r}; use one of {', '.join(get_args(LoraFormat))}")
-    if flux and output_format == "kohya":
-        raise LoraFileError(
-            "kohya's FLUX layout (BFL's fused qkv projections) is not written: use diffusers or comfyui, the "
-            "layout ComfyUI, Forge and diffusers load for FLUX"
-        )
+    if output_format == "kohya" and family is not None and family.kohya_layout_refusal:
+        raise LoraFileError(family.kohya_layout_refusal)
     if output_format == "comfyui":
-        return "diffusers" if flux else "kohya"
+        return "kohya" if family is None else family.comfyui_layout
     return output_format
 
 
@@ -50,7 +49,7 @@ def convert_lora_file(
     metadata = lora_metadata(source)
     models = empty_models(base_model_folder(source, metadata, model_folder))
     weights = read_lora_file(source, models)
-    layout = file_layout(output_format, flux="transformer" in models)
+    layout = file_layout(output_format, lora_family(models))
     return write_lora_weights(target, weights, output_format=layout, metadata=metadata, source=source)
 
 

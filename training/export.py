@@ -30,12 +30,12 @@ from training.workspace import atomic_output
 if TYPE_CHECKING:
     from training.config import TrainingConfig
     from training.data.dataset import DatasetIndex
-    from training.models.loading import BaseModel
+    from training.models.loading import LoadedModel
 
 
 def export_lora(
     path: Path,
-    base: BaseModel,
+    base: LoadedModel,
     config: TrainingConfig,
     *,
     dataset: DatasetIndex,
@@ -112,7 +112,7 @@ def write_lora_file(
 
 
 def training_metadata(
-    base: BaseModel,
+    base: LoadedModel,
     config: TrainingConfig,
     *,
     dataset: DatasetIndex,
@@ -123,15 +123,7 @@ def training_metadata(
 ) -> dict[str, str]:
     """kohya's ss_* keys and the SAI model spec, all strings as safetensors requires."""
     resolution = f"{config.resolution}x{config.resolution}"
-    v2 = base.family == "sd2"
-    architecture = {
-        "sd_v1": "stable-diffusion-v1",
-        "sd_v2": "stable-diffusion-v2-512",
-        "sd_v2_v": "stable-diffusion-v2-768-v",
-        "sdxl_base_v1-0": "stable-diffusion-xl-v1-base",
-        # The SAI model spec names FLUX.1 by variant: dev (guidance-distilled) or schnell.
-        "flux1": "flux-1-dev" if base.guidance_embedded else "flux-1-schnell",
-    }[base.base_model_version]
+    family = base.family_rules
     now = datetime.now(UTC)
     meta = {
         "ss_network_module": "networks.lora",
@@ -156,7 +148,7 @@ def training_metadata(
         "ss_mixed_precision": config.mixed_precision,
         "ss_max_grad_norm": f"{config.max_grad_norm:g}",
         "ss_base_model_version": base.base_model_version,
-        "ss_v2": str(v2),
+        "ss_v2": str(family.sd_v2),
         "ss_sd_model_name": config.model_name,
         "ss_resolution": f"({config.resolution}, {config.resolution})",
         "ss_clip_skip": str(config.clip_skip),
@@ -178,7 +170,7 @@ def training_metadata(
         "ss_training_started_at": f"{started_at:.0f}",
         "ss_training_finished_at": f"{now.timestamp():.0f}",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.architecture": f"{family.modelspec_architecture(base)}/lora",
         "modelspec.implementation": "https://github.com/huggingface/diffusers",
         "modelspec.title": config.name,
         "modelspec.resolution": resolution,

@@ -119,7 +119,8 @@ def generate(
     import torch
 
     from training.config import DEFAULT_SAMPLE_GUIDANCE, SAMPLE_GUIDANCE
-    from training.models.loading import load_base_model, pick_device, resolve_model
+    from training.models.loading import load_base_model, pick_device
+    from training.models.source import resolve_model
     from training.run_files import RunFiles
     from training.workspace import atomic_output
 

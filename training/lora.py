@@ -4,7 +4,8 @@ previous LoRA file (also into a larger rank, for the guide's progressive trainin
 Weights are addressed as `<prefix>.<module path>`, where the prefix names the model (`unet`,
 `text_encoder`, `text_encoder_2`, or FLUX's `transformer`) and the module path is the one in the
 loaded model (peft's own naming). The functions take the models as {prefix: model}, as
-BaseModel.lora_models gives them.
+LoadedModel.lora_models gives them. Which denoiser layers are adapted is the family's
+(training/families/: `lora_target_modules`).
 """
 
 from __future__ import annotations
@@ -20,31 +21,9 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
 from training.config import ConfigError
+from training.families import lora_family
 
-UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]  # every attention projection
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
-# FLUX: the attention projections of the image and text streams, the feed-forward layers of the
-# double-stream blocks, and the single-stream blocks' fused MLP input and output (as ai-toolkit and
-# diffusers' FLUX LoRA script adapt them). Names are matched as module-name suffixes by peft.
-FLUX_TARGET_MODULES = [
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-    "proj_mlp",
-    "proj_out",
-]
-# ...but not the transformer's own final projection to latent patches, which is also named proj_out
-# (kohya and ai-toolkit leave that final layer alone too); peft full-matches a string pattern.
-FLUX_EXCLUDED_MODULES = "proj_out"
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 # SDXL's two text encoders are kohya's te1 and te2.
 SDXL_KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
@@ -66,20 +45,19 @@ def attach_lora(
     target_modules: list[str] | None = None,
 ) -> None:
     """Add trainable LoRA adapters (A gaussian, B zero: the model starts unchanged) to the denoiser
-    (`target_modules`, default by architecture) and, with train_text_encoder, to every text encoder
+    (`target_modules`, default: its family's) and, with train_text_encoder, to every text encoder
     in `models` (SDXL has two)."""
     torch.manual_seed(seed)  # the A matrices' initial values
+    family = lora_family(models)
     for prefix, model in models.items():
         if prefix.startswith("text_encoder"):
             if train_text_encoder:
                 model.add_adapter(_lora_config(rank, alpha, dropout, TEXT_ENCODER_TARGET_MODULES))
             continue
-        flux = prefix == "transformer"
-        targets = target_modules or (FLUX_TARGET_MODULES if flux else UNET_TARGET_MODULES)
+        targets = target_modules or list(family.lora_target_modules)
         if target_modules:
             _check_targets(model, prefix, target_modules)
-        excluded = FLUX_EXCLUDED_MODULES if flux else None
-        model.add_adapter(_lora_config(rank, alpha, dropout, targets, excluded))
+        model.add_adapter(_lora_config(rank, alpha, dropout, targets, family.lora_excluded_modules))
 
 
 def _check_targets(model: torch.nn.Module, prefix: str, targets: list[str]) -> None:

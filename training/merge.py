@@ -25,6 +25,7 @@ from training.convert import (
     recorded_training_config,
     write_lora_weights,
 )
+from training.families import lora_family
 from training.lora import LoraFileError, LoraWeights, read_lora_file
 
 MAX_WEIGHT = 2.0  # |weight| of one source; beyond this a LoRA is far outside what it was trained for
@@ -72,7 +73,7 @@ def merge_lora_files(
     described = next((i for i, config in enumerate(configs) if "model_name" in config), 0)
     folder = base_model_folder(sources[described][0], metadatas[described], model_folder)
     models = empty_models(folder)
-    layout = file_layout(output_format, flux="transformer" in models)
+    layout = file_layout(output_format, lora_family(models))
     layers = _linear_layers(models)
     loras = []
     for path, _ in sources:

@@ -1,6 +1,6 @@
-"""Where the base model's parts live and in what precision: mixed precision on CUDA, and the
+"""Where the base model's parts live and in what precision while training: autocast on CUDA, and the
 low_vram memory savers (text encoders on the CPU, the VAE off the GPU between uses, gradient
-checkpointing)."""
+checkpointing). The storage types the frozen weights are loaded in are models/loading.py's frozen_dtypes."""
 
 from __future__ import annotations
 
@@ -13,34 +13,9 @@ import torch
 
 if TYPE_CHECKING:
     from training.config import TrainingConfig
-    from training.models.loading import BaseModel
+    from training.models.loading import LoadedModel
 
 log = logging.getLogger("training")
-
-
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # pipeline component names (FLUX: CLIP and T5)
-
-
-def frozen_dtypes(
-    mixed_precision: str, device_type: str, family: str | None, *, text_on_cpu: bool = False
-) -> dict[str, torch.dtype]:
-    """The storage type of the frozen weights by pipeline component ("default": the rest), as
-    diffusers' from_pretrained takes it: the mixed-precision type on CUDA, fp32 elsewhere. Under fp16
-    the VAE stays fp32 (SD and SDXL VAEs overflow in fp16; SDXL's sets force_upcast), and so does FLUX's
-    T5 (its activations overflow too); both encode once anyway, and so do text encoders kept on the CPU
-    (`text_on_cpu`), which has no fast fp16. Loading FLUX straight in bf16 halves what its fp32 load
-    would put on the GPU (12 B + 4.7 B parameters: ~34 GB instead of ~67 GB)."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision) if device_type == "cuda" else None
-    if dtype is None:
-        return {"default": torch.float32}
-    dtypes = {"default": dtype}
-    if dtype == torch.float16:
-        dtypes["vae"] = torch.float32
-        if family == "flux":
-            dtypes["text_encoder_2"] = torch.float32
-        if text_on_cpu:
-            dtypes.update(dict.fromkeys(TEXT_ENCODERS, torch.float32))
-    return dtypes
 
 
 def text_encoders_stay_on_cpu(config: TrainingConfig, device: torch.device) -> bool:
@@ -54,7 +29,7 @@ class Placement:
     """fp16/bf16 autocast on CUDA with the frozen weights stored in that type; LoRA weights stay fp32.
     On CPU everything runs in fp32 (mixed_precision and low_vram are recorded only)."""
 
-    def __init__(self, base: BaseModel, config: TrainingConfig, device: torch.device):
+    def __init__(self, base: LoadedModel, config: TrainingConfig, device: torch.device):
         self.base, self.config, self.device = base, config, device
         requested = config.mixed_precision
         self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(requested)
@@ -64,7 +39,8 @@ class Placement:
         self.weight_dtype = self.autocast_dtype or torch.float32
         self.label = requested if self.autocast_dtype else "fp32"
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
-        # The frozen weights are already stored in frozen_dtypes' types and places: load_base_model reads them so.
+        # The frozen weights are already stored in their types and places: load_base_model reads them so
+        # (models/loading.py frozen_dtypes).
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:

@@ -14,7 +14,7 @@ from training.workspace import atomic_output
 
 if TYPE_CHECKING:
     from training.config import TrainingConfig
-    from training.models.loading import BaseModel
+    from training.models.loading import LoadedModel
     from training.placement import Placement
 
 log = logging.getLogger("training")
@@ -22,7 +22,7 @@ GENERATION_BATCH = 4
 GENERATION_STEPS = 25  # enough for recognisable class images at SD scale; each is a one-off cost
 
 
-def ensure_class_images(base: BaseModel, placement: Placement, config: TrainingConfig, class_dir: Path) -> list[Path]:
+def ensure_class_images(base: LoadedModel, placement: Placement, config: TrainingConfig, class_dir: Path) -> list[Path]:
     """Return `num_class_images` class images from `class_dir`, generating the missing ones.
 
     Must run before the LoRA is attached: class images show what the base model makes of

@@ -6,12 +6,8 @@ start/end states), so the UNet sees 75 x n + 2 positions; at 75 this is plain CL
 clip_skip n takes the n-th hidden layer from the end, passed through the final layer norm
 (A1111/kohya semantics: 1 = last layer, 2 = penultimate).
 
-SDXL conditions on both of its text encoders: each one's penultimate hidden layer (no final layer
-norm), concatenated feature-wise, plus the second encoder's pooled projection, as diffusers'
-StableDiffusionXLPipeline.encode_prompt computes them (tests compare the two).
-
-FLUX conditions on T5's token states (up to 512 tokens for dev, 256 for schnell, as each was
-trained) and CLIP's pooled vector; FluxPipeline.encode_prompt computes both.
+What each family encodes (SD's CLIP states, SDXL's two encoders and pooled projection, FLUX's T5
+states and CLIP vector) is its module's encode_text, in training/families/.
 """
 
 from __future__ import annotations
@@ -22,11 +18,9 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from training.models.loading import BaseModel
+    from training.models.loading import LoadedModel
 
 CHUNK_TOKENS = 75  # CLIP's 77 positions minus start and end
-# FLUX's T5 sequence length: dev (guidance-distilled) was trained with 512 tokens, schnell with 256.
-FLUX_T5_TOKENS = {True: 512, False: 256}
 
 
 def encode_prompts(
@@ -66,26 +60,8 @@ class TextConditioning:
     pooled: torch.Tensor | None = None
 
 
-def encode_text(base: BaseModel, prompts: list[str], *, max_token_length: int, clip_skip: int) -> TextConditioning:
-    """The conditioning of `prompts` for the base model's family."""
-    if base.family == "flux":
-        states, pooled, _ = base.pipeline.encode_prompt(
-            prompts,
-            device=base.text_encoder_2.device,
-            max_sequence_length=FLUX_T5_TOKENS[base.guidance_embedded],
-        )
-        return TextConditioning(states.float(), pooled.float())
-    if base.text_encoder_2 is None:
-        states = encode_prompts(
-            base.tokenizer, base.text_encoder, prompts, max_token_length=max_token_length, clip_skip=clip_skip
-        )
-        return TextConditioning(states)
-    states, pooled = [], None
-    for tokenizer, encoder in ((base.tokenizer, base.text_encoder), (base.tokenizer_2, base.text_encoder_2)):
-        ids = tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
-        ).input_ids.to(encoder.device)
-        output = encoder(ids, output_hidden_states=True)
-        states.append(output.hidden_states[-2])
-        pooled = output[0]  # the last encoder's projected text embedding
-    return TextConditioning(torch.cat(states, dim=-1), pooled)
+def encode_text(
+    model: LoadedModel, prompts: list[str], *, max_token_length: int, clip_skip: int
+) -> TextConditioning:
+    """The conditioning of `prompts` for the model's family."""
+    return model.family_rules.encode_text(model, prompts, max_token_length=max_token_length, clip_skip=clip_skip)

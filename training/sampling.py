@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
     from training.config import TrainingConfig
-    from training.models.loading import BaseModel
+    from training.models.loading import LoadedModel
     from training.placement import Placement
     from training.run_evidence import SampleStatistics
     from training.run_files import RunFiles
@@ -41,22 +41,21 @@ def control_prompt(config: TrainingConfig) -> str | None:
     return prompt if prompt and prompt != config.test_prompts[0] else None
 
 
-def render(base: BaseModel, placement: Placement, *, height: int, width: int, **arguments) -> list[Image]:
+def render(base: LoadedModel, placement: Placement, *, height: int, width: int, **arguments) -> list[Image]:
     """Images from the base pipeline: the denoising loop under the run's autocast (the frozen weights
     are fp16/bf16 on CUDA, the prompt states fp32), the VAE decode in the VAE's own type, which is
     fp32 under fp16 (SD and SDXL VAEs overflow in fp16; autocast would run it in fp16 anyway)."""
     with placement.autocast():
         latents = base.pipeline(height=height, width=width, output_type="latent", **arguments).images
     vae = base.vae
-    if base.family == "flux":  # FLUX returns its latents packed in 2x2 patches
-        latents = base.pipeline._unpack_latents(latents, height, width, base.vae_scale_factor)
+    latents = base.family_rules.sample_latents(base, latents, height, width)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
     return base.pipeline.image_processor.postprocess(pixels, output_type="pil")
 
 
 def render_samples(
-    base: BaseModel,
+    base: LoadedModel,
     placement: Placement,
     config: TrainingConfig,
     files: RunFiles,
@@ -119,7 +118,7 @@ def render_samples(
     return written
 
 
-def prompt_arguments(base: BaseModel, config: TrainingConfig, prompts: list[str]) -> dict:
+def prompt_arguments(base: LoadedModel, config: TrainingConfig, prompts: list[str]) -> dict:
     """The pipeline's prompt arguments for `prompts`, encoded by this run's text encoders wherever they
     are (low_vram keeps them on the CPU) and outside autocast (T5 overflows in fp16), then moved to the
     denoiser's device: the states, for SDXL and FLUX the pooled embeddings, and for SD and SDXL an empty
@@ -134,7 +133,7 @@ def prompt_arguments(base: BaseModel, config: TrainingConfig, prompts: list[str]
     arguments = {"prompt_embeds": positive.states}
     if positive.pooled is not None:
         arguments["pooled_prompt_embeds"] = positive.pooled
-    if base.family != "flux":
+    if base.family_rules.uses_negative_prompt:
         negative = encoded([""] * len(prompts))
         arguments["negative_prompt_embeds"] = negative.states
         if negative.pooled is not None:

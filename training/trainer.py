@@ -27,14 +27,9 @@ from training.data.dataset import DatasetError, class_image_records, hold_out, l
 from training.data.loader import Batch, TrainingData
 from training.export import export_lora
 from training.lora import LoraFileError, attach_lora, load_lora_weights_into, lora_components, read_lora_file
-from training.models.loading import (
-    ModelNotFoundError,
-    QuantizationUnavailable,
-    load_base_model,
-    pick_device,
-    resolve_model,
-)
-from training.objectives import objective_for
+from training.families.flux import QuantizationUnavailable
+from training.models.loading import load_base_model, pick_device
+from training.models.source import ModelNotFoundError, resolve_model
 from training.optimizers import OptimizerUnavailable, build_lr_scheduler, build_optimizer
 from training.placement import Placement, text_encoders_stay_on_cpu
 from training.prior import ensure_class_images
@@ -75,6 +70,22 @@ class RunResult:
     step: int
     lora_path: Path | None = None
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one optimizer step did, as its metrics row records it."""
+
+    loss: float  # summed over the accumulated micro-batches, each scaled by 1 / accumulation: their mean
+    grad_norm: float  # before clipping; inf when the fp16 gradient scaler skipped the step
+    lr: float  # the learning rate the step used
+    seconds: float
+    files: list[str]  # the step's images
+
+
+def _smoothed(average: float | None, value: float) -> float:
+    """The exponential moving average shown in status.json (weight LOSS_SMOOTHING), or `value` at first."""
+    return value if average is None else LOSS_SMOOTHING * average + (1 - LOSS_SMOOTHING) * value
 
 
 class Trainer:
@@ -176,7 +187,7 @@ class Trainer:
         self.evidence = EvidenceRecorder(
             self.files, config, validation, lambda: lora_components(self.base.lora_models), self.base.family
         )
-        self.objective = objective_for(self.base, config)
+        self.objective = self.base.family_rules.objective(self.base, config)
         self.sample_stats = SampleStatistics([r.path for r in self.dataset.images])
 
         self.params = self._param_groups()
@@ -197,41 +208,61 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def train(self) -> None:
-        config = self.config
-        accumulation = config.gradient_accumulation_steps
-        self.base.denoiser.train()
-        if config.train_text_encoder:
-            for encoder in self.placement.text_encoders:
-                encoder.train()
+        """Optimizer steps until config.steps or a stop; after each, what is due at that step. Validation
+        and samples come before the checkpoint and the stop check: pruning keeps the checkpoint their
+        evidence recommends, and auto_stop_on reads both."""
+        self._train_mode()
         if self.step == 0 and not self.stop_requested:
-            self.evidence.record(0, self.placement, None)  # the baselines, before any training
+            self._validate()  # the baselines, before any training
             if self._sampling_on():
                 self._render_samples()
-        bar = tqdm(total=config.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
-        while self.step < config.steps and not self.stop_requested:
-            started = time.perf_counter()
-            lr = self.lr_scheduler.get_last_lr()[0]
-            loss_sum = torch.zeros((), device=self.device)
-            files: list[str] = []
-            for _ in range(accumulation):
-                batch = self.data.next_batch()
-                files += batch.files
-                with self.placement.autocast():
-                    loss = self._loss(batch) / accumulation  # forward + loss
-                self.placement.scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            loss_value = loss_sum.item()  # one device sync per step
-            if not math.isfinite(loss_value):
-                raise NonFiniteLoss(self._non_finite_message(loss_value, files))
-            self.placement.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm or math.inf)
-            self.placement.scaler.step(self.optimizer)
-            self.placement.scaler.update()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            self._record_step(loss_value, float(grad_norm), lr, time.perf_counter() - started, files, bar)
+        steps = self.config.steps
+        bar = tqdm(total=steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
+        while self.step < steps and not self.stop_requested:
+            record = self._optimizer_step()
+            self._record_step(record, bar)
+            if self.evidence.due(self.step):
+                self._validate()
+            if self._samples_due():
+                self._render_samples()
+            if self._checkpoint_due():
+                self.save_checkpoint()
+            if self.evidence.due(self.step):
+                self._stop_when_asked()
         bar.close()
+
+    def _train_mode(self) -> None:
+        self.base.denoiser.train()
+        if self.config.train_text_encoder:
+            for encoder in self.placement.text_encoders:
+                encoder.train()
+
+    def _optimizer_step(self) -> StepRecord:
+        """One optimizer step over gradient_accumulation_steps micro-batches: forward, scaled backward,
+        unscale, clip, step, zero_grad."""
+        started = time.perf_counter()
+        accumulation = self.config.gradient_accumulation_steps
+        lr = self.lr_scheduler.get_last_lr()[0]
+        loss_sum = torch.zeros((), device=self.device)
+        files: list[str] = []
+        for _ in range(accumulation):
+            batch = self.data.next_batch()
+            files += batch.files
+            with self.placement.autocast():
+                loss = self._loss(batch) / accumulation  # forward + loss
+            self.placement.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        loss_value = loss_sum.item()  # one device sync per step
+        if not math.isfinite(loss_value):
+            raise NonFiniteLoss(self._non_finite_message(loss_value, files))
+        self.placement.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm or math.inf)
+        self.placement.scaler.step(self.optimizer)
+        self.placement.scaler.update()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return StepRecord(loss_value, float(grad_norm), lr, time.perf_counter() - started, files)
 
     def _loss(self, batch: Batch) -> torch.Tensor:
         """The denoising loss of one micro-batch: noise the latents at random noise levels and score
@@ -332,51 +363,52 @@ class Trainer:
         ]
 
     # --- bookkeeping ---------------------------------------------------------------------------
-    def _record_step(
-        self, loss: float, grad_norm: float, lr: float, step_time: float, files: list[str], bar: tqdm
-    ) -> None:
+    def _record_step(self, record: StepRecord, bar: tqdm) -> None:
+        """The step's metrics row, the smoothed loss and speed in the status, the progress bar and log."""
         config = self.config
         self.files.append_metric(
             {
                 "step": self.step,
-                "loss": loss,
-                "lr": lr,
+                "loss": record.loss,
+                "lr": record.lr,
                 # fp16 steps that the gradient scaler skips have an infinite norm; JSON has no inf.
-                "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
-                "step_time": step_time,
+                "grad_norm": record.grad_norm if math.isfinite(record.grad_norm) else None,
+                "step_time": record.seconds,
                 "time": time.time(),
-                "files": [self._dataset_name(f) for f in files],  # a loss spike points at its images
+                "files": [self._dataset_name(f) for f in record.files],  # a loss spike points at its images
             }
         )
-        self._loss_ema = (
-            loss if self._loss_ema is None else LOSS_SMOOTHING * self._loss_ema + (1 - LOSS_SMOOTHING) * loss
-        )
-        self._step_time_ema = (
-            step_time
-            if self._step_time_ema is None
-            else LOSS_SMOOTHING * self._step_time_ema + (1 - LOSS_SMOOTHING) * step_time
-        )
+        self._loss_ema = _smoothed(self._loss_ema, record.loss)
+        self._step_time_ema = _smoothed(self._step_time_ema, record.seconds)
         self.status.update(
             step=self.step,
             epoch=self.data.epoch + 1,
             loss=self._loss_ema,
-            lr=lr,
+            lr=record.lr,
             it_per_s=1.0 / self._step_time_ema if self._step_time_ema > 0 else None,
             eta_s=(config.steps - self.step) * self._step_time_ema,
         )
-        bar.set_postfix(loss=f"{self._loss_ema:.4f}", lr=f"{lr:.2e}", refresh=False)
+        bar.set_postfix(loss=f"{self._loss_ema:.4f}", lr=f"{record.lr:.2e}", refresh=False)
         bar.update(1)
         if self.step % LOG_EVERY == 0 or self.step == config.steps:
-            log.info(
-                "step %d/%d loss %.4f lr %.3g grad_norm %.3g", self.step, config.steps, self._loss_ema, lr, grad_norm
-            )
-        if self.evidence.due(self.step):
-            self.evidence.record(self.step, self.placement, self._loss_ema)
-        if self._sampling_on() and self.step % config.sample_every == 0:
-            self._render_samples()
-        if self.step % config.save_every == 0 and self.step < config.steps:
-            self.save_checkpoint()
-        if self.evidence.due(self.step) and (reason := self.evidence.stop_reason()):
+            progress = (self.step, config.steps, self._loss_ema, record.lr, record.grad_norm)
+            log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g", *progress)
+
+    def _validate(self) -> None:
+        """The held-out images' validation loss (when there are any) and the LoRA's update size, as
+        metrics rows; with the smoothed training loss so far, for the gap between the two."""
+        self.evidence.record(self.step, self.placement, self._loss_ema)
+
+    def _samples_due(self) -> bool:
+        return self._sampling_on() and self.step % self.config.sample_every == 0
+
+    def _checkpoint_due(self) -> bool:
+        """Every save_every steps; the last step writes the final LoRA instead."""
+        return self.step % self.config.save_every == 0 and self.step < self.config.steps
+
+    def _stop_when_asked(self) -> None:
+        """auto_stop_on: the run ends after this step when its evidence meets one of the conditions."""
+        if reason := self.evidence.stop_reason():
             log.warning("%s", reason)
             self.status.update(stop_reason=reason)
             self.stop_requested = True

@@ -21,22 +21,22 @@ import torch.nn.functional as F
 from training.data.buckets import assign_bucket, make_buckets, square_bucket
 from training.data.images import covering_size, crop_top_left, load_pixels
 from training.data.loader import Batch
-from training.objectives import VALIDATION_LEVELS, objective_for
+from training.objectives import VALIDATION_LEVELS
 from training.prompts import encode_text
 
 if TYPE_CHECKING:
     from training.config import TrainingConfig
     from training.data.dataset import ImageRecord
-    from training.models.loading import BaseModel
+    from training.models.loading import LoadedModel
 
 
 class ValidationSet:
-    def __init__(self, records: list[ImageRecord], base: BaseModel, config: TrainingConfig):
+    def __init__(self, records: list[ImageRecord], base: LoadedModel, config: TrainingConfig):
         self.records = records
         self._base = base
         self._config = config
         self._items: list[Batch] = []  # per image: its latent and conditioning, once per noise level
-        self._objective = objective_for(base, config)
+        self._objective = base.family_rules.objective(base, config)
 
     def prepare(self) -> None:
         """Encode every image and caption once (the VAE and text encoder must be on the device); with
@@ -60,7 +60,7 @@ class ValidationSet:
                 )
                 count = len(VALIDATION_LEVELS)
                 time_ids = None
-                if base.family == "sdxl":  # SDXL: the centre crop of the resized image, as training sees it
+                if base.family_rules.conditions_on_image_size:  # SDXL: the centre crop of the resized image, as trained
                     left, top = crop_top_left(covering_size(record.size, bucket), bucket, random_crop=False, rng=None)
                     row = [record.size[1], record.size[0], top, left, bucket[1], bucket[0]]
                     time_ids = torch.tensor([row] * count, dtype=torch.float32)

@@ -27,7 +27,7 @@ from training.workspace import atomic_output
 
 if TYPE_CHECKING:
     from training.config import TrainingConfig
-    from training.models.loading import BaseModel
+    from training.models.loading import LoadedModel
 
 log = logging.getLogger("training")
 ENCODE_BATCH = 8  # images per VAE call while caching; text prompts per text-encoder call is 4x this
@@ -55,7 +55,7 @@ class Batch:
 
 
 class TrainingData:
-    def __init__(self, records: list[ImageRecord], base: BaseModel, config: TrainingConfig, latent_cache_dir: Path):
+    def __init__(self, records: list[ImageRecord], base: LoadedModel, config: TrainingConfig, latent_cache_dir: Path):
         self.records = records
         self._base = base
         self._config = config
@@ -72,7 +72,7 @@ class TrainingData:
         self._epoch_batches = self.batches.epoch(0)
         self._latents: dict[tuple[int, bool], torch.Tensor] = {}
         self._text: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # caption -> (states, pooled)
-        self._sdxl = base.family == "sdxl"
+        self._size_conditioning = base.family_rules.conditions_on_image_size
         self._pooled = base.text_encoder_2 is not None  # SDXL's and FLUX's conditioning has a pooled vector
         self._vae_generator = torch.Generator(base.vae.device).manual_seed(config.seed)
         self._needs_rng = (
@@ -113,7 +113,7 @@ class TrainingData:
             for first in range(0, len(captions), step):
                 chunk = captions[first : first + step]
                 encoded = self._encode_text(chunk)
-                if self._base.family == "flux":  # T5 states are 512 x 4096: 8 MB per caption, kept off the GPU
+                if self._base.family_rules.text_states_on_cpu:  # FLUX's T5 states: 8 MB per caption
                     encoded = TextConditioning(encoded.states.cpu(), encoded.pooled.cpu())
                 for i, caption in enumerate(chunk):
                     self._text[caption] = (encoded.states[i], None if encoded.pooled is None else encoded.pooled[i])
@@ -144,7 +144,8 @@ class TrainingData:
             else self.records[r].caption
             for r, rng in zip(records, rngs)
         ]
-        time_ids = self._time_ids(records, bucket, rngs, flips) if self._sdxl else None  # before crops use the rngs
+        # SDXL's time ids before the crops use the rngs
+        time_ids = self._time_ids(records, bucket, rngs, flips) if self._size_conditioning else None
         if self._config.cache_latents:
             latents = torch.stack([self._cached_latent(r, flip) for r, flip in zip(records, flips)])
         else:

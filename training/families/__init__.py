@@ -1,0 +1,100 @@
+"""The model families this trainer knows, one module each (sd.py: SD 1.x/2.x, sdxl.py, flux.py), behind
+the interface of base.py; and the one resolution of a model's family that the trainer (load_base_model)
+and the server's config checks (server/configs.py check_model) share.
+
+A model's family is read from its own files, not its name: model_index.json names the pipeline and
+its components, the component configs say the rest; a single-file checkpoint without
+base_model_config is judged by its tensor names and shapes. `model_family` in a config overrides
+that only where the files cannot tell (a single file); an override that contradicts them is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+from training.families.base import ModelFamily, read_config
+from training.families.flux import FLUX
+from training.families.sd import SD1, SD2
+from training.families.sdxl import SDXL
+
+if TYPE_CHECKING:
+    from training.models.source import ModelSource
+
+FAMILIES: dict[str, ModelFamily] = {family.id: family for family in (SD1, SD2, SDXL, FLUX)}
+
+
+class FamilyCheck(NamedTuple):
+    family: str | None  # the model_family override, else what the files say; None when neither says
+    refusal: str | None  # why a model of that family cannot be trained, or None
+
+
+def check_family(source: ModelSource, model_family: str = "auto", *, model_name: str) -> FamilyCheck:
+    """The family of `source`, or `model_family` when not auto, and whether it can be trained.
+    `model_name` is how messages name the model."""
+    detected = detect_family(source)
+    family = detected if model_family == "auto" else model_family
+    if family is None:
+        return FamilyCheck(None, None)
+    if family not in FAMILIES:
+        refusal = f"model_family {family!r} of {model_name} is not one of auto, {', '.join(FAMILIES)}"
+    elif detected is not None and detected != family:
+        refusal = (
+            f"model_family is {family}, but the files of {model_name} say it is {FAMILIES[detected].described} "
+            "model: set model_family to auto (the override is for single files whose architecture cannot be read)"
+        )
+    else:
+        refusal = FAMILIES[family].refusal(source)
+    return FamilyCheck(family, refusal)
+
+
+def detect_family(source: ModelSource) -> str | None:
+    """The family id that the model's files say (see the module's docstring); None when they cannot tell."""
+    folder = source.config_folder if source.kind == "single_file" else source.path
+    if folder is None:
+        return checkpoint_family(source.path)
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    # SD3, PixArt, ...: a transformer pipeline of a family this trainer does not know is recognised by none.
+    return next((family.id for family in FAMILIES.values() if family.recognises(index, folder)), None)
+
+
+def checkpoint_family(path: Path) -> str | None:
+    """The family of a .safetensors checkpoint from its header alone: diffusers' own single-file
+    inference runs on tensors of the right shapes on the meta device, so no weight is read."""
+    if path.suffix.lower() != ".safetensors":
+        return None  # a pickled .ckpt would have to be unpickled to be read
+    import torch
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = {key: torch.empty(f.get_slice(key).get_shape(), device="meta") for key in f.keys()}
+    except Exception:  # not a safetensors file: loading it says why
+        return None
+    kind = infer_diffusers_model_type(header)
+    return next((family.id for family in FAMILIES.values() if family.recognises_checkpoint(kind)), None)
+
+
+def read_geometry(folder: Path) -> tuple[int, int] | None:
+    """(native resolution, bucket step) of a diffusers folder from its config.json files, without
+    loading weights: the family whose denoiser the folder holds (unet/ or transformer/) computes them."""
+    try:
+        vae = read_config(folder / "vae" / "config.json")
+        for family in FAMILIES.values():
+            denoiser = folder / family.denoiser_prefix / "config.json"
+            if denoiser.is_file():
+                return family.geometry(vae, read_config(denoiser))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None
+
+
+def lora_family(prefixes) -> ModelFamily:
+    """The family whose LoRA has these model prefixes, for what depends on the denoiser alone (its LoRA
+    targets, the file layouts): a `transformer` is FLUX's; SD 1.x/2.x and SDXL's UNets agree on both."""
+    return next((family for family in FAMILIES.values() if family.denoiser_prefix in prefixes), SD1)

@@ -1,0 +1,148 @@
+"""The interface every model family implements: what the trainer does differently for SD 1.x/2.x,
+SDXL or FLUX, asked of one object instead of `if family == ...` branches through the engine.
+
+A family is asked four kinds of things, in the order a run asks them:
+1. recognising: does a diffusers folder (its model_index.json and component configs) or a single
+   file's checkpoint type belong to it, and can it be trained (FLUX Fill/Control cannot);
+2. loading and placing: the pipeline class and its options, which frozen parts stay fp32 under
+   fp16, the training scheduler, the native resolution and bucket step;
+3. training: encoding captions, the objective (what the denoiser predicts, at which noise levels),
+   the layers a LoRA adapts, how samples are rendered;
+4. writing: kohya's `ss_base_model_version` / `ss_v2` tags, the model spec's architecture, the file
+   layouts it can be written in.
+
+Family modules are imported by the server, which never imports torch: torch and diffusers are
+imported inside the methods that compute, never at module level.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DiffusionPipeline, SchedulerMixin
+
+    from training.config import TrainingConfig
+    from training.models.loading import LoadedModel
+    from training.models.source import ModelSource
+    from training.objectives import Objective
+    from training.prompts import TextConditioning
+
+
+class ModelFamily:
+    """One family of base models. Subclasses set the class attributes and override what differs;
+    an instance is registered in `training.families.FAMILIES` under its `id`."""
+
+    id: str  # sd1, sd2, sdxl, flux: TrainingConfig.model_family's values and LoadedModel.family
+    described: str  # as a sentence names it: "an SDXL" (model)
+    denoiser_prefix: str  # the denoiser's pipeline component and LoRA-file prefix: unet or transformer
+    # diffusers' names for single-file checkpoints of this family (single_file_utils.infer_diffusers_model_type)
+    checkpoint_types: tuple[str, ...] = ()
+    # Components kept fp32 when the frozen weights are stored in fp16: SD and SDXL VAEs overflow in fp16.
+    fp16_overflows: tuple[str, ...] = ("vae",)
+    lora_target_modules: tuple[str, ...]  # the denoiser's layers a LoRA adapts (module-name suffixes)
+    lora_excluded_modules: str | None = None  # a full module name peft must leave alone
+    uses_negative_prompt: bool = True  # classifier-free guidance with an empty negative prompt
+    conditions_on_image_size: bool = False  # SDXL's size and crop ids
+    text_states_on_cpu: bool = False  # cached caption states too large to keep on the GPU
+    sd_v2: bool = False  # kohya's ss_v2 tag
+    # Why this family's LoRAs are not written in the kohya layout (None: they are), and what "comfyui" means.
+    kohya_layout_refusal: str | None = None
+    comfyui_layout: str = "kohya"
+    pipeline_options: ClassVar[Mapping] = {}  # keyword arguments of from_pretrained / from_single_file
+
+    # --- 1. recognising it from its files ---------------------------------------------------------
+    def recognises(self, index: Mapping, folder: Path) -> bool:
+        """Whether the diffusers folder with this model_index.json is of this family (configs only)."""
+        raise NotImplementedError
+
+    def recognises_checkpoint(self, kind: str) -> bool:
+        """Whether a single file of diffusers' checkpoint type `kind` is of this family."""
+        return kind in self.checkpoint_types
+
+    def refusal(self, source: ModelSource) -> str | None:
+        """Why a model of this family cannot be trained, from its files alone (no weights), or None."""
+        return None
+
+    def geometry(self, vae: Mapping, denoiser: Mapping) -> tuple[int, int] | None:
+        """(native resolution, bucket step) from the VAE's and the denoiser's configs (config.json or a
+        loaded component's .config); None when they do not say."""
+        raise NotImplementedError
+
+    # --- 2. loading and placing -------------------------------------------------------------------
+    def pipeline_class(self) -> type[DiffusionPipeline]:
+        raise NotImplementedError
+
+    def load_pipeline(
+        self, source: ModelSource, device: torch.device, dtypes: dict[str, torch.dtype], *, quantize: str
+    ) -> DiffusionPipeline:
+        """The pipeline, its frozen weights read straight into `dtypes` (a single file: all in the main
+        type; load_base_model casts the rest after)."""
+        pipeline_class = self.pipeline_class()
+        if source.kind == "single_file":
+            config = str(source.config_folder) if source.config_folder else None
+            return pipeline_class.from_single_file(
+                str(source.path), config=config, local_files_only=True, dtype=dtypes["default"], **self.pipeline_options
+            )
+        return pipeline_class.from_pretrained(str(source.path), dtype=dtypes, **self.pipeline_options)
+
+    def check_loaded(self, pipeline: DiffusionPipeline, source: ModelSource) -> str | None:
+        """Why the loaded pipeline cannot be trained after all (what only its loaded parts say), or None."""
+        return None
+
+    def loaded_id(self, pipeline: DiffusionPipeline) -> str:
+        """The family the loaded model is: this one, unless the loaded configs tell a sibling apart."""
+        return self.id
+
+    def training_scheduler(self, pipeline: DiffusionPipeline) -> SchedulerMixin:
+        """The scheduler training draws noise levels from, from the model's own scheduler config."""
+        raise NotImplementedError
+
+    # --- 3. training ------------------------------------------------------------------------------
+    def encode_text(
+        self, model: LoadedModel, prompts: list[str], *, max_token_length: int, clip_skip: int
+    ) -> TextConditioning:
+        raise NotImplementedError
+
+    def objective(self, model: LoadedModel, config: TrainingConfig) -> Objective:
+        raise NotImplementedError
+
+    def prediction_type(self, model: LoadedModel) -> str:
+        """epsilon or v_prediction (DDPM), flow_matching (rectified flow: the velocity noise - image)."""
+        raise NotImplementedError
+
+    def guidance_embedded(self, model: LoadedModel) -> bool:
+        """Whether the model takes the guidance scale as an input (guidance distillation)."""
+        return False
+
+    def lora_models(self, model: LoadedModel) -> dict[str, torch.nn.Module]:
+        """The models a LoRA may adapt, by their prefix in LoRA files."""
+        raise NotImplementedError
+
+    def sample_latents(self, model: LoadedModel, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The pipeline's output_type="latent" images as the VAE decodes them."""
+        return latents
+
+    # --- 4. writing -------------------------------------------------------------------------------
+    def base_model_version(self, model: LoadedModel) -> str:
+        """kohya's `ss_base_model_version` tag."""
+        raise NotImplementedError
+
+    def modelspec_architecture(self, model: LoadedModel) -> str:
+        """The SAI model spec's `modelspec.architecture` of the base model (the LoRA's adds `/lora`)."""
+        raise NotImplementedError
+
+
+def read_config(path: Path) -> dict:
+    """A component's config.json; OSError or ValueError when it is missing or not JSON."""
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def vae_factor(vae: Mapping) -> int | None:
+    """Pixels per latent: 2 per VAE downsampling level (8 for SD, SDXL and FLUX); None for an empty config."""
+    levels = vae["block_out_channels"]
+    return 2 ** (len(levels) - 1) if levels else None
