@@ -5,19 +5,18 @@ the file names a tool is given: every service checks them here, so every front e
 from __future__ import annotations
 
 import itertools
-import re
 from collections.abc import Callable
 from typing import Any
 
 from server.errors import ServiceError
+from training.config import NAME_PATTERN
 
-NAME_LENGTH = 100  # TrainingConfig's limit on a config name, and ours on every other name
-_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{NAME_LENGTH - 1}}}$")
+NAME_LENGTH = 100  # the longest name NAME_PATTERN takes
 
 
 def is_safe_name(name: Any) -> bool:
     """Whether `name` is safe as a single path component: letters, digits, '.', '_', '-', no '..'."""
-    return isinstance(name, str) and ".." not in name and bool(_NAME.match(name))
+    return isinstance(name, str) and ".." not in name and bool(NAME_PATTERN.match(name))
 
 
 def checked_name(kind: str, name: str) -> str:

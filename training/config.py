@@ -55,7 +55,8 @@ DEFAULT_SAMPLE_GUIDANCE = 7.5
 
 
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# A name that is safe as one file name: configs, datasets, jobs and uploads (server/names.py) all use it.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 class ConfigError(ValueError):
@@ -320,7 +321,7 @@ class TrainingConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if ".." in value or not _NAME_RE.match(value):
+        if ".." in value or not NAME_PATTERN.match(value):
             raise ValueError(
                 "must be 1-100 letters, digits, '.', '_' or '-', start with a letter or digit, "
                 "and contain no '/' or '..'"
