@@ -112,7 +112,7 @@ def _token_counter(model_name: str):
     """Tokens of a caption in the model's own tokenizer, start and end tokens not counted."""
     from transformers import CLIPTokenizer
 
-    from training.models.loading import ModelNotFoundError, resolve_model
+    from training.models.source import ModelNotFoundError, resolve_model
 
     try:
         source = resolve_model(model_name)
