@@ -22,6 +22,7 @@ from server.loras import ExportedLora
 from server.names import checked_name
 from server.paths import check_user_path, looks_like_path
 from server.safetensors_file import InvalidSafetensors, lora_layout, safetensors_metadata
+from training.generation import MAX_STRENGTH
 from training.workspace import atomic_write_json
 
 # The targets of training.convert.LoraFormat, here without importing torch (a test keeps them equal).
@@ -31,7 +32,9 @@ _NAMES_SHOWN = 20  # exported names listed in a "no such LoRA" message
 
 class MergeSource(BaseModel):
     lora: str = Field(description="An exported LoRA's name (list-exported-models) or a .safetensors path.")
-    weight: float = Field(1.0, ge=-2.0, le=2.0, description="Its strength in the merge (1 = as trained).")
+    weight: float = Field(
+        1.0, ge=-MAX_STRENGTH, le=MAX_STRENGTH, description="Its strength in the merge (1 = as trained)."
+    )
 
 
 def lora_path(workspace: Path, reference: str) -> Path:
