@@ -204,7 +204,8 @@ class JobService:
 
     # --- commands ------------------------------------------------------------------------------
     def start(self, config_name: str, config_yaml: str) -> JobRecord:
-        """Queue a training job for a validated config (its YAML is copied, so later edits do not change it)."""
+        """Queue a training job for a config's YAML, as given (it is copied, so later edits do not change it).
+        Front ends start saved configs through `TrainingService.start`, which validates them first."""
         checked_name("config", config_name)
         return self._queue("training", config_name, config_name, "request.yaml", config_yaml)
 
