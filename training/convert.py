@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from training.config import OutputFormat
 from training.export import write_lora_file
-from training.families import ModelFamily, lora_family
+from training.families import ModelFamily, folder_family, lora_family
 from training.lora import LoraFileError, LoraWeights, read_lora_file
 from training.models.source import ModelNotFoundError, resolve_model
 
@@ -49,8 +49,9 @@ def convert_lora_file(
     metadata = lora_metadata(source)
     models = empty_models(base_model_folder(source, metadata, model_folder))
     weights = read_lora_file(source, models)
-    layout = file_layout(output_format, lora_family(models))
-    return write_lora_weights(target, weights, output_format=layout, metadata=metadata, source=source)
+    family = lora_family(models)
+    layout = file_layout(output_format, family)
+    return write_lora_weights(target, weights, output_format=layout, family=family, metadata=metadata, source=source)
 
 
 def lora_metadata(path: Path) -> dict[str, str]:
@@ -93,12 +94,13 @@ def write_lora_weights(
     weights: dict[str, LoraWeights],
     *,
     output_format: OutputFormat,
+    family: ModelFamily,
     metadata: dict[str, str],
     source: str | Path,
 ) -> Path:
-    """Write {'unet.<module>': LoraWeights} of one rank and alpha as `output_format` at `target`;
-    the training config in `metadata`, if any, is updated to the new format. `source` names the
-    input(s) in errors."""
+    """Write {'unet.<module>': LoraWeights} of one rank and alpha, of a model of `family`, as
+    `output_format` at `target`; the training config in `metadata`, if any, is updated to the new
+    format. `source` names the input(s) in errors."""
     if not weights:
         raise LoraFileError(f"{source} holds no LoRA weights")
     ranks = {w.down.shape[0] for w in weights.values()}
@@ -123,39 +125,22 @@ def write_lora_weights(
     if training:
         metadata["training_config"] = json.dumps({**training, "output_format": output_format}, sort_keys=True)
     return write_lora_file(
-        target, state, alpha=alpha, output_format=output_format, metadata=metadata, adapter_configs=adapter_configs
+        target,
+        state,
+        alpha=alpha,
+        output_format=output_format,
+        metadata=metadata,
+        adapter_configs=adapter_configs,
+        family=family,
     )
 
 
 def empty_models(folder: Path) -> dict:
     """The models a LoRA of a diffusers folder may adapt, by prefix ({unet, text_encoder[, text_encoder_2]}
     or FLUX's {transformer, text_encoder}), as module trees without weights."""
-    import torch
-    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     try:
-        if (folder / "transformer" / "config.json").is_file():
-            # FLUX: this trainer adapts the transformer only, but LoRAs of other tools (diffusers' FLUX script
-            # with --train_text_encoder) also adapt its CLIP encoder; both are read, merged and converted.
-            transformer_config = FluxTransformer2DModel.load_config(str(folder), subfolder="transformer")
-            clip_config = CLIPTextConfig.from_pretrained(str(folder), subfolder="text_encoder")
-            with torch.device("meta"):
-                return {
-                    "transformer": FluxTransformer2DModel.from_config(transformer_config),
-                    "text_encoder": CLIPTextModel(clip_config),
-                }
-        unet_config = UNet2DConditionModel.load_config(str(folder), subfolder="unet")
-        text_config = CLIPTextConfig.from_pretrained(str(folder), subfolder="text_encoder")
-        second_config = None
-        if (folder / "text_encoder_2").is_dir():
-            second_config = CLIPTextConfig.from_pretrained(str(folder), subfolder="text_encoder_2")
+        return folder_family(folder).meta_lora_models(folder)
     except OSError as exc:
         raise ModelNotFoundError(
             f"{folder} is not a diffusers model folder with unet/ and text_encoder/ (or a FLUX transformer/): {exc}"
         ) from None
-    with torch.device("meta"):
-        models = {"unet": UNet2DConditionModel.from_config(unet_config), "text_encoder": CLIPTextModel(text_config)}
-        if second_config:
-            models["text_encoder_2"] = CLIPTextModelWithProjection(second_config)
-    return models

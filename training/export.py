@@ -30,6 +30,7 @@ from training.workspace import atomic_output
 if TYPE_CHECKING:
     from training.config import TrainingConfig
     from training.data.dataset import DatasetIndex
+    from training.families import ModelFamily
     from training.models.loading import LoadedModel
 
 
@@ -59,6 +60,7 @@ def export_lora(
         output_format=config.output_format,
         metadata=metadata,
         adapter_configs=adapter_configs,
+        family=base.family_rules,
     )
 
 
@@ -70,9 +72,11 @@ def write_lora_file(
     output_format: str,
     metadata: dict[str, str],
     adapter_configs: dict[str, dict],
+    family: ModelFamily,
 ) -> Path:
-    """Write peft-named LoRA weights (`unet.<module>.lora_A.weight`, ...) as a kohya or diffusers
-    file, atomically. `adapter_configs` holds each component's peft config (r, lora_alpha, ...)."""
+    """Write peft-named LoRA weights (`unet.<module>.lora_A.weight`, ...) of a model of `family` as a
+    kohya or diffusers file, atomically. `adapter_configs` holds each component's peft config (r,
+    lora_alpha, ...)."""
     canonical = {}
     for key, value in state.items():
         prefix, rest = key.split(".", 1)
@@ -91,9 +95,9 @@ def write_lora_file(
         metadata.pop("lora_adapter_metadata", None)
     else:
         tensors = dict(canonical)
-        if any(key.startswith("transformer.") for key in canonical):
-            # FLUX: the alphas go into the tensors; diffusers refuses a file that has both those and
-            # the adapter config, whose rank the shapes already give.
+        if family.alpha_tensors:
+            # diffusers refuses a file that has both alpha tensors and the adapter config, whose rank the
+            # shapes already give.
             for key in canonical:
                 if key.endswith(".lora_A.weight"):
                     tensors[key.removesuffix(".lora_A.weight") + ".alpha"] = torch.tensor(float(alpha))

@@ -73,7 +73,8 @@ def merge_lora_files(
     described = next((i for i, config in enumerate(configs) if "model_name" in config), 0)
     folder = base_model_folder(sources[described][0], metadatas[described], model_folder)
     models = empty_models(folder)
-    layout = file_layout(output_format, lora_family(models))
+    family = lora_family(models)
+    layout = file_layout(output_format, family)
     layers = _linear_layers(models)
     loras = []
     for path, _ in sources:
@@ -107,7 +108,9 @@ def merge_lora_files(
 
     metadata = _merged_metadata(target, sources, metadatas, loras, blocks, rank, base=metadatas[described])
     names = ", ".join(path.name for path, _ in sources)
-    return write_lora_weights(target, merged, output_format=layout, metadata=metadata, source=f"the merge of {names}")
+    return write_lora_weights(
+        target, merged, output_format=layout, family=family, metadata=metadata, source=f"the merge of {names}"
+    )
 
 
 def _check_same_base_model(paths: list[Path], metadatas: list[dict]) -> None:

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from training.models.source import ModelSource
 
 FAMILIES: dict[str, ModelFamily] = {family.id: family for family in (SD1, SD2, SDXL, FLUX)}
+# What files that do not say their family are taken for: SD 1.x/2.x. A single file whose header does not
+# say (and no model_family) loads so, and the loaded UNet's config tells 1.x from 2.x; a folder or LoRA
+# with neither denoiser is read so, and fails with SD's message, which names unet/.
+UNKNOWN_FAMILY = SD1
 
 
 class FamilyCheck(NamedTuple):
@@ -83,18 +87,22 @@ def checkpoint_family(path: Path) -> str | None:
 def read_geometry(folder: Path) -> tuple[int, int] | None:
     """(native resolution, bucket step) of a diffusers folder from its config.json files, without
     loading weights: the family whose denoiser the folder holds (unet/ or transformer/) computes them."""
+    family = folder_family(folder)
     try:
         vae = read_config(folder / "vae" / "config.json")
-        for family in FAMILIES.values():
-            denoiser = folder / family.denoiser_prefix / "config.json"
-            if denoiser.is_file():
-                return family.geometry(vae, read_config(denoiser))
+        return family.geometry(vae, read_config(folder / family.denoiser_prefix / "config.json"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return None
+
+
+# Where only the denoiser matters (its sizes, the layers a LoRA adapts, the file layouts), SD 1.x/2.x and
+# SDXL's UNets are one: the two functions below judge by the denoiser, and answer SD's family for a UNet.
+def folder_family(folder: Path) -> ModelFamily:
+    """The family whose denoiser's config.json a diffusers folder holds."""
+    holds = (family for family in FAMILIES.values() if (folder / family.denoiser_prefix / "config.json").is_file())
+    return next(holds, UNKNOWN_FAMILY)
 
 
 def lora_family(prefixes) -> ModelFamily:
-    """The family whose LoRA has these model prefixes, for what depends on the denoiser alone (its LoRA
-    targets, the file layouts): a `transformer` is FLUX's; SD 1.x/2.x and SDXL's UNets agree on both."""
-    return next((family for family in FAMILIES.values() if family.denoiser_prefix in prefixes), SD1)
+    """The family whose denoiser is among a LoRA's model prefixes (`unet`, `transformer`)."""
+    return next((family for family in FAMILIES.values() if family.denoiser_prefix in prefixes), UNKNOWN_FAMILY)

@@ -53,6 +53,9 @@ class ModelFamily:
     # Why this family's LoRAs are not written in the kohya layout (None: they are), and what "comfyui" means.
     kohya_layout_refusal: str | None = None
     comfyui_layout: str = "kohya"
+    # The diffusers layout with an `.alpha` tensor per module instead of the adapter config (what ComfyUI
+    # reads for FLUX); the default is the adapter config in `lora_adapter_metadata`, as diffusers writes it.
+    alpha_tensors: bool = False
     pipeline_options: ClassVar[Mapping] = {}  # keyword arguments of from_pretrained / from_single_file
 
     # --- 1. recognising it from its files ---------------------------------------------------------
@@ -121,6 +124,12 @@ class ModelFamily:
 
     def lora_models(self, model: LoadedModel) -> dict[str, torch.nn.Module]:
         """The models a LoRA may adapt, by their prefix in LoRA files."""
+        raise NotImplementedError
+
+    def meta_lora_models(self, folder: Path) -> dict[str, torch.nn.Module]:
+        """`lora_models` of the diffusers `folder` as module trees without weights (on the meta device),
+        from its configs: what converting and merging LoRA files match names against. OSError when a
+        config is missing."""
         raise NotImplementedError
 
     def sample_latents(self, model: LoadedModel, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -78,6 +78,7 @@ class Flux(ModelFamily):
         "layout ComfyUI, Forge and diffusers load for FLUX"
     )
     comfyui_layout = "diffusers"  # with alphas, which ComfyUI maps onto its FLUX model
+    alpha_tensors = True
 
     def recognises(self, index: Mapping, folder: Path) -> bool:
         return str(index.get("_class_name", "")).startswith("Flux") or "FluxTransformer2DModel" in str(
@@ -157,6 +158,22 @@ class Flux(ModelFamily):
 
     def lora_models(self, model: LoadedModel) -> dict[str, torch.nn.Module]:
         return {"transformer": model.denoiser}
+
+    def meta_lora_models(self, folder: Path) -> dict[str, torch.nn.Module]:
+        """The transformer, and the CLIP encoder: this trainer adapts the transformer only, but LoRAs of other
+        tools (diffusers' FLUX script with --train_text_encoder) also adapt CLIP; both are read, merged and
+        converted."""
+        import torch
+        from diffusers import FluxTransformer2DModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        transformer_config = FluxTransformer2DModel.load_config(str(folder), subfolder="transformer")
+        clip_config = CLIPTextConfig.from_pretrained(str(folder), subfolder="text_encoder")
+        with torch.device("meta"):
+            return {
+                "transformer": FluxTransformer2DModel.from_config(transformer_config),
+                "text_encoder": CLIPTextModel(clip_config),
+            }
 
     def sample_latents(self, model: LoadedModel, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """FLUX returns its latents packed in 2x2 patches."""

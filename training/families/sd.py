@@ -104,6 +104,23 @@ class StableDiffusion(ModelFamily):
             models["text_encoder_2"] = model.text_encoder_2
         return models
 
+    def meta_lora_models(self, folder: Path) -> dict[str, torch.nn.Module]:
+        """The UNet and CLIP encoder, and SDXL's second one where the folder has it."""
+        import torch
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        unet_config = UNet2DConditionModel.load_config(str(folder), subfolder="unet")
+        text_config = CLIPTextConfig.from_pretrained(str(folder), subfolder="text_encoder")
+        second_config = None
+        if (folder / "text_encoder_2").is_dir():
+            second_config = CLIPTextConfig.from_pretrained(str(folder), subfolder="text_encoder_2")
+        with torch.device("meta"):
+            models = {"unet": UNet2DConditionModel.from_config(unet_config), "text_encoder": CLIPTextModel(text_config)}
+            if second_config:
+                models["text_encoder_2"] = CLIPTextModelWithProjection(second_config)
+        return models
+
     def base_model_version(self, model: LoadedModel) -> str:
         """sd_v1; sd_v2, or sd_v2_v for v-prediction."""
         if not self.v2:

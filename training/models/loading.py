@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from training.families import FAMILIES, ModelFamily, check_family
+from training.families import FAMILIES, UNKNOWN_FAMILY, ModelFamily, check_family
 from training.families.base import vae_factor
 from training.families.flux import QuantizationUnavailable
 from training.models.source import ModelNotFoundError, ModelSource
@@ -21,9 +21,6 @@ if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTokenizer
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # pipeline component names (FLUX: CLIP and T5)
-# Files that do not say their family (a single file without base_model_config) load as SD 1.x/2.x,
-# whose UNet's config then tells the two apart.
-UNKNOWN_FAMILY_LOADS_AS = "sd1"
 
 
 @dataclass
@@ -124,7 +121,7 @@ def frozen_dtypes(
         return {"default": torch.float32}
     dtypes = {"default": dtype}
     if dtype == torch.float16:
-        dtypes.update(dict.fromkeys(FAMILIES[family or UNKNOWN_FAMILY_LOADS_AS].fp16_overflows, torch.float32))
+        dtypes.update(dict.fromkeys((FAMILIES[family] if family else UNKNOWN_FAMILY).fp16_overflows, torch.float32))
         if text_on_cpu:
             dtypes.update(dict.fromkeys(TEXT_ENCODERS, torch.float32))
     return dtypes
@@ -150,7 +147,7 @@ def load_base_model(
         raise ModelNotFoundError(refusal)
     import torch
 
-    family = FAMILIES[family_id or UNKNOWN_FAMILY_LOADS_AS]
+    family = FAMILIES[family_id] if family_id else UNKNOWN_FAMILY
     dtypes = frozen_dtypes(mixed_precision, device.type, family_id, text_on_cpu=text_on_cpu)
     try:
         pipeline = family.load_pipeline(source, device, dtypes, quantize=quantize)
