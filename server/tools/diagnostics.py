@@ -18,6 +18,8 @@ def register_diagnostic_tools(server: MCPServer, s: Services) -> None:
 
 
 class DiagnosticTools:
+    """What went wrong in a run, the config that fixes it, runs side by side, and a plan for a dataset."""
+
     def __init__(self, s: Services):
         self.call, self.resource_call = s.call, s.resource_call
         self.configs, self.jobs, self.workspace = s.configs, s.jobs, s.workspace

@@ -51,6 +51,8 @@ def register_training_tools(server: MCPServer, s: Services) -> None:
 
 
 class ConfigTools:
+    """Saved configs: create, list, show, change, validate, delete."""
+
     def __init__(self, s: Services):
         self.call, self.configs = s.call, s.configs
 
@@ -121,6 +123,8 @@ class ConfigTools:
 
 
 class JobTools:
+    """Training jobs: start, watch, stop, resume, and the samples they render."""
+
     def __init__(self, s: Services):
         self.call, self.jobs, self.training = s.call, s.jobs, s.training
 
@@ -189,6 +193,8 @@ class JobTools:
 
 
 class TrainingResources:
+    """Configs and jobs as resources a client can read or subscribe to."""
+
     def __init__(self, s: Services):
         self.resource_call, self.configs, self.jobs, self.training = s.resource_call, s.configs, s.jobs, s.training
 
