@@ -13,6 +13,10 @@ A family is asked four kinds of things, in the order a run asks them:
 
 Family modules are imported by the server, which never imports torch: torch and diffusers are
 imported inside the methods that compute, never at module level.
+
+The guide's per-family rows (hardware and time, default optimizer, precision and sample guidance, the
+options and caption rules that do not fit a family) are still kept by family id in training/guide.py and
+training/config.py; they are to become attributes of these classes.
 """
 
 from __future__ import annotations
