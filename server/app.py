@@ -51,15 +51,15 @@ def build_server(workspace: Path) -> MCPServer:
     calls = ServiceCalls()
     configs, jobs = ConfigService(workspace), JobService(workspace)
     services = Services(
-        workspace,
-        configs,
-        jobs,
-        LoraService(workspace),
-        DatasetService(workspace),
-        UploadService(workspace, max_total_size=megabytes("LORA_MCP_MAX_UPLOAD_MB", 4096)),
-        calls.call,
-        calls.resource_call,
-        TrainingService(configs, jobs),
+        workspace=workspace,
+        configs=configs,
+        jobs=jobs,
+        loras=LoraService(workspace),
+        datasets=DatasetService(workspace),
+        uploads=UploadService(workspace, max_total_size=megabytes("LORA_MCP_MAX_UPLOAD_MB", 4096)),
+        call=calls.call,
+        resource_call=calls.resource_call,
+        training=TrainingService(configs, jobs),
     )
     subscriptions = Subscriptions()
     server = MCPServer(
