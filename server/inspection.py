@@ -90,15 +90,15 @@ def caption_lint(
 
 
 def _is_flux(model_name: str) -> bool:
-    """FLUX-class by the model's own files where they can be read, else by its name (FLUX, Flex)."""
-    from training.families import detect_family
+    """FLUX-class by the model's own files where they can be read, else as its name suggests (FLUX, Flex)."""
+    from training.families import FLUX, detect_family, guess_family
     from training.models.source import ModelNotFoundError, resolve_model
 
     try:
         family = detect_family(resolve_model(model_name))
     except (ModelNotFoundError, OSError):  # not here (or a built-in that cannot be built): judged by its name
         family = None
-    return family == "flux" if family else any(word in model_name.lower() for word in ("flux", "flex"))
+    return (family or guess_family(model_name, None).id) == FLUX.id
 
 
 def dataset_folder(workspace: Path, dataset_name: str) -> Path:

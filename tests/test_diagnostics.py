@@ -8,7 +8,8 @@ from training.config import TrainingConfig
 from training.data.report import ConceptCount, DatasetReport
 from training.diagnostics.evidence import RunEvidence
 from training.estimates import estimate_minutes, estimate_vram_gb, model_family
-from training.guide import FLUX, SD2, SD15, SDXL
+from training.families import FLUX, SD2, SDXL
+from training.families import SD1 as SD15
 from training.diagnostics.preflight import (
     PREFLIGHT_RULES,
     alpha_above_rank,
@@ -340,7 +341,7 @@ def test_preflight_collects_every_rule():
 
 def test_the_family_read_from_the_files_or_set_in_the_config_wins_over_guesses():
     from training.estimates import model_family
-    from training.guide import SD2, SDXL
+    from training.families import SD2, SDXL
 
     plain = config(model_name="my-model")  # a name that says nothing, no size known
     assert model_family(plain, None).name == "SD 1.5"  # the guess

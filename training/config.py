@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from training.families import FAMILIES, FLUX, SD1
 from training.guide import (
     CAPTION_TOKENS,
     DEFAULT_LEARNING_RATE,
@@ -49,11 +50,8 @@ CropMode = Literal["center", "random"]
 MaxTokenLength = Literal[75, 150, 225]
 AutoStop = Literal["divergence", "plateau", "no_effect"]
 TimestepSampling = Literal["uniform", "logit_normal", "shift"]
-# The guidance a guidance-distilled FLUX model (dev, Flex.1) renders samples with by default; SD's is 7.5.
-SAMPLE_GUIDANCE = {"flux": 3.5}
-DEFAULT_SAMPLE_GUIDANCE = 7.5
-
-
+# auto (read from the model's files) or a family's id: sd1, sd2, sdxl, flux (training/families/).
+ModelFamilyChoice = Literal[("auto", *FAMILIES)]
 
 # A name that is safe as one file name: configs, datasets, jobs and uploads (server/names.py) all use it.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -93,7 +91,7 @@ class TrainingConfig(BaseModel):
         description="Base model: a local diffusers folder, a .safetensors/.ckpt file, a Hugging Face id "
         "already in the local HF cache, or a built-in id such as 'builtin:tiny-sd15'.",
     )
-    model_family: Literal["auto", "sd1", "sd2", "sdxl", "flux"] = Field(
+    model_family: ModelFamilyChoice = Field(
         "auto",
         description="The model's architecture. auto reads it from the model's files; set it for a single-file "
         "checkpoint without base_model_config, whose file alone does not say.",
@@ -301,7 +299,11 @@ class TrainingConfig(BaseModel):
     sample_every: int = Field(250, ge=1, description="Render test_prompts every N steps.")
     sample_steps: int = Field(20, ge=1, le=200, description="Denoising steps per sample image.")
     sample_guidance_scale: float | None = Field(
-        None, ge=0.0, le=50.0, description="Guidance of sample images; default 7.5 (SD), 3.5 (FLUX)."
+        None,
+        ge=0.0,
+        le=50.0,
+        description=f"Guidance of sample images; default {SD1.sample_guidance:g} (SD), {FLUX.sample_guidance:g} "
+        "(FLUX).",
     )
     disable_sampling: bool = Field(False, description="Skip sample images entirely (faster).")
     save_every: int = Field(250, ge=1, description="Save a resumable checkpoint every N steps.")
@@ -425,53 +427,8 @@ class TrainingConfig(BaseModel):
 
     def family_conflicts(self, family: str | None) -> tuple[list[str], list[str]]:
         """(errors, warnings) of options that do not fit the model family (sd1, sd2, sdxl, flux; None:
-        unknown, nothing to say)."""
-        errors: list[str] = []
-        warnings: list[str] = []
-        if family == "flux":
-            if self.train_text_encoder:
-                errors.append(
-                    "train_text_encoder: FLUX LoRAs train the transformer only (its T5 encoder has 4.7 B parameters "
-                    "and CLIP gives only a pooled vector): set train_text_encoder to false"
-                )
-            if self.min_snr_gamma:
-                errors.append(
-                    "min_snr_gamma weighs DDPM timesteps; FLUX trains by flow matching: remove min_snr_gamma "
-                    "(timestep_sampling chooses how noise levels are drawn)"
-                )
-            if self.output_format == "kohya":
-                errors.append(
-                    "output_format kohya: kohya's FLUX layout (fused qkv of BFL's blocks) is not written; use "
-                    "diffusers, which ComfyUI, Forge and diffusers load for FLUX"
-                )
-            if self.clip_skip != 1:
-                warnings.append(f"clip_skip {self.clip_skip} has no effect on FLUX: its prompt states come from T5")
-            if self.timestep_shift is not None and self.timestep_sampling != "shift":
-                warnings.append(
-                    f"timestep_shift is used by timestep_sampling shift only; {self.timestep_sampling} ignores it"
-                )
-            if self.max_token_length != CAPTION_TOKENS:
-                warnings.append("max_token_length is CLIP's; FLUX reads captions through T5 (up to 512 tokens) anyway")
-        elif family is not None:
-            if family == "sdxl" and self.max_token_length > CAPTION_TOKENS:
-                errors.append(
-                    f"for SDXL, this trainer encodes captions of up to {CAPTION_TOKENS} tokens so far: set "
-                    f"max_token_length to {CAPTION_TOKENS}"
-                )
-            if family == "sdxl" and self.clip_skip != 1:
-                warnings.append(
-                    f"clip_skip {self.clip_skip} has no effect on SDXL: it is conditioned on both encoders' "
-                    "penultimate layers as it was trained"
-                )
-            for option in ("timestep_sampling", "timestep_shift"):
-                if option in self.model_fields_set:
-                    warnings.append(f"{option} is for flow-matching (FLUX) models; this {family} model ignores it")
-            if self.quantize_base != "none":
-                errors.append(
-                    "quantize_base 8bit is for FLUX's 12 B transformer; an SD/SDXL UNet fits without it: set "
-                    "quantize_base to none"
-                )
-        return errors, warnings
+        unknown, nothing to say); each family says which (training/families/ `conflicts`)."""
+        return FAMILIES[family].conflicts(self) if family is not None else ([], [])
 
     def resolve(self, *, native_resolution: int, num_images: int, family: str = "sd1") -> TrainingConfig:
         """The config a run actually uses: model- and dataset-dependent defaults filled in (the family's
@@ -480,11 +437,11 @@ class TrainingConfig(BaseModel):
             update={
                 "resolution": self.resolution or native_resolution,
                 "steps": self.steps or max(1, STEPS_PER_IMAGE * num_images),
-                "output_format": self.output_format or ("diffusers" if family == "flux" else "kohya"),
+                "output_format": self.output_format or FAMILIES[family].comfyui_layout,
                 "sample_guidance_scale": (
                     self.sample_guidance_scale
                     if self.sample_guidance_scale is not None
-                    else SAMPLE_GUIDANCE.get(family, DEFAULT_SAMPLE_GUIDANCE)
+                    else FAMILIES[family].sample_guidance
                 ),
                 "rank": self.effective_rank,
                 "alpha": self.effective_alpha,

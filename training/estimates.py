@@ -1,25 +1,13 @@
-"""What a run needs, from the guide's per-family rows: GPU memory, training time, and the guide's memory
-preset as changes to a config. Pure functions of a config and what is known of the model; the pre-flight
-rules (`training/diagnostics/preflight.py`) and the plans (`training/plans.py`) report them."""
+"""What a run needs, from its model family's rows of the guide (training/families/: `hardware`): GPU
+memory, training time, and the guide's memory preset as changes to a config. Pure functions of a config
+and what is known of the model; the pre-flight rules (`training/diagnostics/preflight.py`) and the plans
+(`training/plans.py`) report them."""
 
 from __future__ import annotations
 
-import re
-
 from training.config import TrainingConfig
-from training.guide import (
-    DEFAULT_LEARNING_RATE,
-    FAMILY_ROWS,
-    FLUX,
-    MEMORY_PRESET,
-    SD2,
-    SD15,
-    SDXL,
-    SMALLEST_REAL_NATIVE,
-    STANDARD_RANK,
-    STEPS_PER_IMAGE,
-    FamilyRow,
-)
+from training.families import FAMILIES, ModelFamily, guess_family
+from training.guide import DEFAULT_LEARNING_RATE, MEMORY_PRESET, SMALLEST_REAL_NATIVE, STANDARD_RANK, STEPS_PER_IMAGE
 
 # LoRA size: the guide's file sizes (~50 MB at rank 16-32, ~300 MB at 128) are ~2.4 MB per rank at 16 bits,
 # i.e. ~1.2M parameters per rank. Training keeps each in fp32 with its fp32 gradient (8 bytes) plus the
@@ -44,26 +32,13 @@ FP32_ACTIVATIONS = 1.5
 CHECKPOINTED_ACTIVATIONS = 0.75
 
 
-def model_family(config: TrainingConfig, native_resolution: int | None, detected: str | None = None) -> FamilyRow:
-    """The guide's row for the config's model_family, else for the family read from the model's files
-    (`detected`: sd1, sd2, sdxl, flux). Without either: FLUX by name (FLUX and its Flex derivatives), else by
-    native size: 512 SD 1.5 (smaller: a tiny test model, counted as SD 1.5), 768 SD 2.x, 1024+ SDXL-class;
-    unknown size: by the name ('xl', 'sd2', 'stable-diffusion-2'), else SD 1.5 (the default model)."""
+def model_family(config: TrainingConfig, native_resolution: int | None, detected: str | None = None) -> ModelFamily:
+    """The config's model_family, else the family read from the model's files (`detected`: sd1, sd2, sdxl,
+    flux), else the one its name and native size suggest (training/families guess_family)."""
     known = config.model_family if config.model_family != "auto" else detected
     if known:
-        return FAMILY_ROWS[known]
-    name = config.model_name.lower()
-    if "flux" in name or "flex" in name:
-        return FLUX
-    if native_resolution is None:
-        if re.search(r"(^|[^a-z])(sd)?xl([^a-z]|$)", name):
-            return SDXL
-        if re.search(r"stable-diffusion-2|(^|[^a-z])sd-?2|2[-.][01]([^0-9]|$)", name) and "base" not in name:
-            return SD2  # the 768 px v-prediction models; the 2.x "base" models are 512 px
-        return SD15
-    if native_resolution <= 640:
-        return SD15
-    return SD2 if native_resolution <= 896 else SDXL
+        return FAMILIES[known]
+    return guess_family(config.model_name, native_resolution)
 
 
 def tiny_model(native_resolution: int | None) -> bool:
@@ -83,17 +58,17 @@ def estimate_vram_gb(config: TrainingConfig, native_resolution: int | None, dete
     AdamW on a rank-32 LoRA, no checkpointing and no low_vram (the guide's examples use fp16; no row of its
     table holds the weights in fp32). What is not weights or LoRA state there is "activations", which scale
     with the micro-batch and the pixels per image."""
-    family = model_family(config, native_resolution, detected)
-    native = native_resolution or family.native
+    row = model_family(config, native_resolution, detected).hardware
+    native = native_resolution or row.native
     fp32 = config.mixed_precision == "no"
-    denoiser, quantized = family.denoiser_gb, family.quantized
+    denoiser, quantized = row.denoiser_gb, row.quantized
     if quantized and config.quantize_base == "none":  # the guide's FLUX row is at 8 bits; 16 bits is twice that
         denoiser, quantized = 2 * denoiser, False
-    weights = denoiser + (0.0 if config.low_vram else family.encoders_gb)
+    weights = denoiser + (0.0 if config.low_vram else row.encoders_gb)
     if fp32 and not quantized:
         weights *= 2
     anchor_lora = _lora_state_gb(STANDARD_RANK, "adamw")
-    activations = family.recommended_gb - family.denoiser_gb - family.encoders_gb - anchor_lora
+    activations = row.recommended_gb - row.denoiser_gb - row.encoders_gb - anchor_lora
     activations *= config.batch_size * pixel_ratio(config, native)
     if fp32:
         activations *= FP32_ACTIVATIONS
@@ -106,16 +81,17 @@ def _lora_state_gb(rank: int, optimizer: str) -> float:
     return rank * LORA_PARAMS_PER_RANK * (8 + 4 * OPTIMIZER_STATES[optimizer]) / 1e9
 
 
-def memory_preset_patch(config: TrainingConfig, family: FamilyRow | None = None) -> dict:
-    """The guide's memory preset as changes to `config`, keeping the effective batch size; for FLUX also
-    8-bit transformer weights, which the guide's FLUX row assumes, and bf16 rather than fp16."""
+def memory_preset_patch(config: TrainingConfig, family: ModelFamily) -> dict:
+    """The guide's memory preset as changes to `config`, keeping the effective batch size, in the family's
+    memory precision (FLUX: bf16 rather than fp16); for a family whose guide row assumes 8-bit weights
+    (FLUX) also those."""
     patch: dict = {key: value for key, value in MEMORY_PRESET.items() if getattr(config, key) != value}
-    if family is FLUX and config.quantize_base == "none":
+    if family.hardware.quantized and config.quantize_base == "none":
         patch["quantize_base"] = "8bit"
     if config.batch_size > 1:
         patch["gradient_accumulation_steps"] = min(256, config.effective_batch_size)
-    if config.mixed_precision == "no":  # FLUX's activations overflow fp16 (SD's and SDXL's UNets run in it)
-        patch["mixed_precision"] = "bf16" if family is FLUX else "fp16"
+    if config.mixed_precision == "no":
+        patch["mixed_precision"] = family.memory_precision
     if "optimizer" in patch and config.optimizer == "prodigy":
         patch["learning_rate"] = DEFAULT_LEARNING_RATE  # Prodigy's 1.0 would be 5000x the guide's default
     return patch
@@ -130,8 +106,8 @@ def estimate_minutes(
     steps = config.steps or (STEPS_PER_IMAGE * images if images else None)
     if steps is None:
         return None
-    family = model_family(config, native_resolution, detected)
-    native = native_resolution or family.native
+    row = model_family(config, native_resolution, detected).hardware
+    native = native_resolution or row.native
     scale = steps / 1000 * config.effective_batch_size * pixel_ratio(config, native)
-    low, high = family.minutes_per_1k
+    low, high = row.minutes_per_1k
     return low * scale, high * scale

@@ -118,7 +118,6 @@ def generate(
     written (for a strength comparison the last one is the grid)."""
     import torch
 
-    from training.config import DEFAULT_SAMPLE_GUIDANCE, SAMPLE_GUIDANCE
     from training.models.loading import load_base_model, pick_device
     from training.models.source import resolve_model
     from training.run_files import RunFiles
@@ -133,9 +132,7 @@ def generate(
     bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
     base = load_base_model(resolve_model(request.model_name), device, mixed_precision="bf16" if bf16 else "no")
     pipe = base.pipeline
-    guidance = (
-        request.guidance if request.guidance is not None else SAMPLE_GUIDANCE.get(base.family, DEFAULT_SAMPLE_GUIDANCE)
-    )
+    guidance = request.guidance if request.guidance is not None else base.family_rules.sample_guidance
     names = [f"lora{i}" for i in range(len(request.loras))]
     for name, lora in zip(names, request.loras):
         pipe.load_lora_weights(lora.lora, adapter_name=name)

@@ -3,13 +3,13 @@
 The guide (`lora-training-guide.md`) is the document the product is built from. The config's defaults
 (`training/config.py`), the diagnostic rules (`training/diagnostics/`), the training plans
 (`training/plans.py`), the dataset report and caption lint (`training/data/`) and the server's tool
-descriptions and prompts read its numbers here. This module imports nothing of the project, so every
-layer may import it without a cycle.
+descriptions and prompts read its numbers here; what it says of one model family is that family's
+(`training/families/`). This module imports nothing of the project, so every layer, the families included,
+may import it without a cycle.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal, get_args
 
 # --- kinds of LoRA ---------------------------------------------------------------------------
@@ -173,33 +173,7 @@ GUIDE_LOSS_TARGET = (0.05, 0.15)  # the guide: "Loss: Should decrease over time 
 MEMORY_PRESET = {"low_vram": True, "gradient_checkpointing": True, "batch_size": 1, "optimizer": "adafactor"}
 
 
-# --- per model family: the guide's "Required Hardware" and "Training Time" rows -------------------
-# These rows belong with their family's module (training/families/); they move there once each family
-# is one module.
-@dataclass(frozen=True)
-class FamilyRow:
-    """A row of the guide's "Required Hardware" table, with the weights the memory estimate splits off
-    (public parameter counts, at 2 bytes per parameter unless `quantized`)."""
-
-    name: str
-    native: int
-    minimum_gb: float
-    recommended_gb: float
-    minutes_per_1k: tuple[float, float]  # the guide's "Training Time (1k steps)"
-    denoiser_gb: float  # the UNet or transformer
-    encoders_gb: float  # text encoder(s) + VAE: what low_vram keeps off the GPU
-    quantized: bool = False  # weights stored in 8 bits, whatever mixed_precision says
-    from_guide: bool = True
-
-
-SD15 = FamilyRow("SD 1.5", 512, 6, 8, (15, 30), denoiser_gb=1.7, encoders_gb=0.4)  # UNet 860M; CLIP-L + VAE 207M
-# The guide has no SD 2.x row: its numbers are interpolated between SD 1.5 and SDXL by pixels (768^2 lies
-# 42% of the way from 512^2 to 1024^2). UNet 865M; OpenCLIP-H + VAE 438M.
-SD2 = FamilyRow("SD 2.x", 768, 8.5, 11.3, (21, 42), denoiser_gb=1.7, encoders_gb=0.9, from_guide=False)
-SDXL = FamilyRow("SDXL", 1024, 12, 16, (30, 60), denoiser_gb=5.1, encoders_gb=1.8)  # UNet 2.6B; CLIP-L + bigG + VAE
-# FLUX's 12B transformer alone is 24 GB at 16 bits, so the guide's 16/24 GB imply 8-bit weights (as ai-toolkit
-# quantizes them): transformer 11.9 GB, T5-XXL 4.8 GB + CLIP-L and VAE 0.4 GB.
-FLUX = FamilyRow("FLUX", 1024, 16, 24, (60, 120), denoiser_gb=11.9, encoders_gb=5.2, quantized=True)
-FAMILY_ROWS = {"sd1": SD15, "sd2": SD2, "sdxl": SDXL, "flux": FLUX}
+# --- model size ------------------------------------------------------------------------------
+# The guide's per-family rows ("Required Hardware", "Training Time") are each family's, in training/families/.
 # A native size under this is a tiny test model (builtin:tiny-*, 64 px), which the guide's table does not describe.
 SMALLEST_REAL_NATIVE = 256

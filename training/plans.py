@@ -18,18 +18,15 @@ from pydantic import BaseModel, Field
 from training.config import TrainingConfig
 from training.data.dataset import DatasetIndex
 from training.estimates import estimate_minutes, model_family
+from training.families import ModelFamily
 from training.guide import (
     CONSERVATIVE_LEARNING_RATE,
-    FLUX,
     GUIDE_IMAGE_RANGE,
     GUIDE_STRENGTHS,
     LEARNING_RATES,
-    SD2,
-    SD15,
+    RANK_BY_TYPE,
     SMALLEST_REAL_NATIVE,
     STEPS_PER_IMAGE,
-    FamilyRow,
-    RANK_BY_TYPE,
     STRENGTH_ROW,
     LoraType,
     lr_text,
@@ -248,19 +245,15 @@ def recommend_plan(
         )
     family = model_family(TrainingConfig.from_dict(config), native_resolution, detected_family)
     if "mixed_precision" not in config:
-        config["mixed_precision"], reasons["mixed_precision"] = _precision_for(family)
-    elif config["mixed_precision"] == "fp16" and family is FLUX:  # the memory preset's fp16 overflows in FLUX
-        config["mixed_precision"], why = _precision_for(family)
+        config["mixed_precision"], reasons["mixed_precision"] = family.default_precision()
+    elif config["mixed_precision"] != family.memory_precision:  # the memory preset's fp16 overflows in FLUX
+        config["mixed_precision"], why = family.default_precision()
         reasons["mixed_precision"] = f"{why}; the guide's Memory Optimization writes fp16, which saves no more"
     if "optimizer" not in config:  # the memory and speed presets set their own
-        config["optimizer"], reasons["optimizer"] = _optimizer_for(family)
-    if family is FLUX and (native_resolution is None or native_resolution >= SMALLEST_REAL_NATIVE):
+        config["optimizer"], reasons["optimizer"] = family.default_optimizer()
+    if family.plan_quantize_reason and (native_resolution is None or native_resolution >= SMALLEST_REAL_NATIVE):
         config["quantize_base"] = "8bit"
-        reasons["quantize_base"] = (
-            "8bit: the guide's FLUX row (16 GB minimum, 24 GB recommended) fits only with the 12 B transformer's "
-            "weights in 8 bits (~12 GB instead of ~24 GB); the LoRA still trains in full precision. It needs "
-            "bitsandbytes (CUDA) or torchao installed; set quantize_base none on a 40+ GB GPU"
-        )
+        reasons["quantize_base"] = family.plan_quantize_reason
     # A config that would be refused is a bug here, not the user's problem; the validated one also
     # supplies the defaults (batch size) the estimates need.
     validated = TrainingConfig.from_dict(config)
@@ -273,10 +266,11 @@ def recommend_plan(
     minutes = (round(low, 1), round(high, 1))
     per_step = validated.effective_batch_size
     batches = f" x {per_step} images per step (batch_size x gradient_accumulation_steps)" if per_step > 1 else ""
-    row = "interpolated between its SD 1.5 and SDXL rows (it has none for SD 2.x)" if not family.from_guide else "row"
+    hardware = family.hardware
+    row = "interpolated between its SD 1.5 and SDXL rows (it has none for SD 2.x)" if not hardware.from_guide else "row"
     reasons["estimated_minutes"] = (
-        f"{minutes[0]:g}-{minutes[1]:g} min: the guide's {family.name} {row}, {family.minutes_per_1k[0]:g}-"
-        f"{family.minutes_per_1k[1]:g} min per 1k steps ('Training Time (1k steps)', on its recommended GPUs) x "
+        f"{minutes[0]:g}-{minutes[1]:g} min: the guide's {family.name} {row}, {hardware.minutes_per_1k[0]:g}-"
+        f"{hardware.minutes_per_1k[1]:g} min per 1k steps ('Training Time (1k steps)', on its recommended GPUs) x "
         f"{steps / 1000:g}k steps{batches}; gradient checkpointing, class-image generation and a CPU make it longer"
     )
     warnings = []
@@ -415,7 +409,7 @@ def _steps(images: int, goal: str) -> tuple[int, str]:
     return steps, why
 
 
-def _family_reason(family: FamilyRow, native: int | None) -> str:
+def _family_reason(family: ModelFamily, native: int | None) -> str:
     if native is None:
         return (
             f"its native resolution was not read (no model named, or a single file without base_model_config); "
@@ -427,26 +421,3 @@ def _family_reason(family: FamilyRow, native: int | None) -> str:
             f"{family.name}'s; it really trains in seconds to minutes)"
         )
     return f"native {native} px: {family.name}-class"
-
-
-def _optimizer_for(family: FamilyRow) -> tuple[str, str]:
-    """The optimizer a model family trains well with, with the reason."""
-    if family is FLUX:
-        return "adafactor", (
-            "adafactor for FLUX: its 12 B transformer leaves little room on the guide's 16-24 GB, and Adafactor "
-            "'uses less memory than AdamW' (the guide's Memory Optimization) with no extra package"
-        )
-    return "adamw", f"adamw, the guide's default and the optimizer of its examples, for {family.name}"
-
-
-def _precision_for(family: FamilyRow) -> tuple[str, str]:
-    """The mixed precision a model family trains well in, with the reason."""
-    if family in (SD15, SD2):
-        return "fp16", (
-            f"fp16, as the guide's examples use: half the memory of fp32 for {family.name} on a CUDA GPU (the VAE "
-            "stays fp32, LoRA weights train in fp32); recorded only when training on a CPU"
-        )
-    return "bf16", (
-        f"bf16 for {family.name}: its activations overflow fp16's range, bf16 keeps fp32's (an Ampere or newer "
-        "GPU; on older ones use fp16, the VAE stays fp32 either way); recorded only when training on a CPU"
-    )

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from training.guide import CAPTION_TOKENS  # a CLIP chunk: its 77 positions minus start and end
+
 if TYPE_CHECKING:
     from training.models.loading import LoadedModel
-
-CHUNK_TOKENS = 75  # CLIP's 77 positions minus start and end
 
 
 def encode_prompts(
@@ -35,8 +35,8 @@ def encode_prompts(
     start = ids[:, :1]
     end = torch.full_like(start, tokenizer.eos_token_id)
     chunks = []
-    for first in range(0, max_token_length, CHUNK_TOKENS):
-        chunk_ids = torch.cat([start, body[:, first : first + CHUNK_TOKENS], end], dim=1)  # (batch, 77)
+    for first in range(0, max_token_length, CAPTION_TOKENS):
+        chunk_ids = torch.cat([start, body[:, first : first + CAPTION_TOKENS], end], dim=1)  # (batch, 77)
         chunks.append(_hidden_states(text_encoder, chunk_ids, clip_skip))
     if len(chunks) == 1:
         return chunks[0]

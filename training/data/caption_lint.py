@@ -2,8 +2,8 @@
 
 The guide: every caption starts with a unique trigger word (xyz_style, not "style"), then
 `[subject] [details], [style], [quality], [composition]`; for FLUX-class models also a camera
-angle, an environment and the lighting. Captions must not be empty, repeat each other, or run
-past the tokens the model reads (max_token_length).
+angle, an environment and the lighting (the FLUX family's `caption_elements`). Captions must not be
+empty, repeat each other, or run past the tokens the model reads (max_token_length).
 """
 
 from __future__ import annotations
@@ -15,16 +15,11 @@ from collections.abc import Callable
 from pydantic import BaseModel, Field
 
 from training.data.dataset import DatasetIndex
+from training.families import FLUX
 from training.guide import CAPTION_TOKENS, GENERIC_TRIGGERS
 
 MIN_TAGS = 3  # trigger + subject, then at least two of style, quality, composition (comma-separated)
 MIN_WORDS = 5
-# Words that show each of the FLUX caption elements the guide lists (beyond trigger and subject).
-FLUX_ELEMENTS = {
-    "camera angle": r"\b(view|shot|angle|close-?up|portrait|full body|aerial|overhead|profile|three-quarter|wide)\b",
-    "environment": r"\b(in an? |on an? |at an? |background|studio|outdoors?|indoors?|forest|city|room|street|beach)",
-    "lighting": r"\b(light(ing)?|lit|sunlight|sunset|golden hour|shadows?|backlit|neon|candle|torch|dramatic)\b",
-}
 
 
 class CaptionFinding(BaseModel):
@@ -102,7 +97,8 @@ def _problems(
             )
         )
     if flux:
-        missing = [element for element, pattern in FLUX_ELEMENTS.items() if not re.search(pattern, text.lower())]
+        elements = FLUX.caption_elements
+        missing = [element for element, pattern in elements.items() if not re.search(pattern, text.lower())]
         if missing:
             problems.append(
                 (

@@ -214,15 +214,16 @@ def vram_estimate(evidence: RunEvidence) -> Finding | None:
     need = estimate_vram_gb(config, evidence.native_resolution, evidence.model_family)
     patch = memory_preset_patch(config, family)
     with_preset = estimate_vram_gb(config.model_copy(update=patch), evidence.native_resolution, evidence.model_family)
-    row = f"{family.name}: the guide's minimum {family.minimum_gb:g} GB, recommended {family.recommended_gb:g} GB"
-    if not family.from_guide:
+    hardware = family.hardware
+    row = f"{family.name}: the guide's minimum {hardware.minimum_gb:g} GB, recommended {hardware.recommended_gb:g} GB"
+    if not hardware.from_guide:
         row = row.replace("the guide's", "interpolated from the guide,")
     facts = {
         "estimate_gb": round(need, 1),
         "with_memory_preset_gb": round(with_preset, 1),
         "family": family.name,
-        "guide_minimum_gb": family.minimum_gb,
-        "guide_recommended_gb": family.recommended_gb,
+        "guide_minimum_gb": hardware.minimum_gb,
+        "guide_recommended_gb": hardware.recommended_gb,
     }
     device = evidence.device_memory_gb
     if device is None:
@@ -273,7 +274,7 @@ def training_time_estimate(evidence: RunEvidence) -> Finding | None:
     config = evidence.config
     family = model_family(config, evidence.native_resolution, evidence.model_family)
     steps = config.steps or STEPS_PER_IMAGE * _images(evidence)
-    low, high = family.minutes_per_1k
+    low, high = family.hardware.minutes_per_1k
     return Finding(
         rule="time-estimate",
         severity="info",

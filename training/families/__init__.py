@@ -6,6 +6,7 @@ A model's family is read from its own files, not its name: model_index.json name
 its components, the component configs say the rest; a single-file checkpoint without
 base_model_config is judged by its tensor names and shapes. `model_family` in a config overrides
 that only where the files cannot tell (a single file); an override that contradicts them is refused.
+Where no file can be read (a model not downloaded yet), `guess_family` judges by its name and size.
 """
 
 from __future__ import annotations
@@ -27,6 +28,23 @@ FAMILIES: dict[str, ModelFamily] = {family.id: family for family in (SD1, SD2, S
 # say (and no model_family) loads so, and the loaded UNet's config tells 1.x from 2.x; a folder or LoRA
 # with neither denoiser is read so, and fails with SD's message, which names unet/.
 UNKNOWN_FAMILY = SD1
+
+
+def guess_family(model_name: str, native_resolution: int | None) -> ModelFamily:
+    """The family a model's name and native size suggest, where its files do not say. A name that says a
+    family that no size tells (FLUX and its Flex derivatives, 1024 px as SDXL) decides; else the native size,
+    the family whose own is nearest (512 SD 1.5, smaller: a tiny test model, counted as SD 1.5; 768 SD 2.x;
+    1024 SDXL; the smaller on a tie); an unknown size: the name ('xl', 'sd2', 'stable-diffusion-2'), else SD 1.5
+    (the default model). Names are read newest family first: a newer family's model names carry the older
+    ones' numbers ('sdxl-2.0')."""
+    name = model_name.lower()
+    named = next((family for family in reversed(FAMILIES.values()) if family.named_by(name)), None)
+    if named is not None and not named.told_by_size:
+        return named
+    if native_resolution is None:
+        return named or UNKNOWN_FAMILY
+    sized = (family for family in FAMILIES.values() if family.told_by_size)
+    return min(sized, key=lambda family: abs(family.hardware.native - native_resolution))
 
 
 class FamilyCheck(NamedTuple):

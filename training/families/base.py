@@ -9,20 +9,21 @@ A family is asked four kinds of things, in the order a run asks them:
 3. training: encoding captions, the objective (what the denoiser predicts, at which noise levels),
    the layers a LoRA adapts, how samples are rendered;
 4. writing: kohya's `ss_base_model_version` / `ss_v2` tags, the model spec's architecture, the file
-   layouts it can be written in.
+   layouts it can be written in;
+and, before any of that, what the guide says of it: its "Required Hardware" and "Training Time" row, the
+optimizer and precision plans choose, its sample guidance, the options it refuses or ignores, its caption
+rules, and the words its models' names carry. The guide's cross-family tables (learning rates, ranks, strengths,
+dataset sizes) are training/guide.py's.
 
 Family modules are imported by the server, which never imports torch: torch and diffusers are
 imported inside the methods that compute, never at module level.
-
-The guide's per-family rows (hardware and time, default optimizer, precision and sample guidance, the
-options and caption rules that do not fit a family) are still kept by family id in training/guide.py and
-training/config.py; they are to become attributes of these classes.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -37,12 +38,37 @@ if TYPE_CHECKING:
     from training.prompts import TextConditioning
 
 
+@dataclass(frozen=True)
+class HardwareRow:
+    """A family's row of the guide's "Required Hardware" table, with the weights the memory estimate
+    (training/estimates.py) splits off (public parameter counts, at 2 bytes per parameter unless `quantized`)."""
+
+    native: int
+    minimum_gb: float
+    recommended_gb: float
+    minutes_per_1k: tuple[float, float]  # the guide's "Training Time (1k steps)"
+    denoiser_gb: float  # the UNet or transformer
+    encoders_gb: float  # text encoder(s) + VAE: what low_vram keeps off the GPU
+    quantized: bool = False  # weights stored in 8 bits, whatever mixed_precision says
+    from_guide: bool = True  # False: interpolated, the guide has no row for the family
+
+
+# Why plans train a family in its precision (ModelFamily.plan_precision), as the plan's reason says it.
+PRECISION_REASONS = {
+    "fp16": "fp16, as the guide's examples use: half the memory of fp32 for {name} on a CUDA GPU (the VAE "
+    "stays fp32, LoRA weights train in fp32); recorded only when training on a CPU",
+    "bf16": "bf16 for {name}: its activations overflow fp16's range, bf16 keeps fp32's (an Ampere or newer "
+    "GPU; on older ones use fp16, the VAE stays fp32 either way); recorded only when training on a CPU",
+}
+
+
 class ModelFamily:
     """One family of base models. Subclasses set the class attributes and override what differs;
     an instance is registered in `training.families.FAMILIES` under its `id`."""
 
     id: str  # sd1, sd2, sdxl, flux: TrainingConfig.model_family's values and LoadedModel.family
     described: str  # as a sentence names it: "an SDXL" (model)
+    name: str  # as the guide's tables name it: SD 1.5, SD 2.x, SDXL, FLUX
     denoiser_prefix: str  # the denoiser's pipeline component and LoRA-file prefix: unet or transformer
     # diffusers' names for single-file checkpoints of this family (single_file_utils.infer_diffusers_model_type)
     checkpoint_types: tuple[str, ...] = ()
@@ -56,11 +82,42 @@ class ModelFamily:
     sd_v2: bool = False  # kohya's ss_v2 tag
     # Why this family's LoRAs are not written in the kohya layout (None: they are), and what "comfyui" means.
     kohya_layout_refusal: str | None = None
-    comfyui_layout: str = "kohya"
+    comfyui_layout: str = "kohya"  # also what a run writes unless output_format says
     # The diffusers layout with an `.alpha` tensor per module instead of the adapter config (what ComfyUI
     # reads for FLUX); the default is the adapter config in `lora_adapter_metadata`, as diffusers writes it.
     alpha_tensors: bool = False
     pipeline_options: ClassVar[Mapping] = {}  # keyword arguments of from_pretrained / from_single_file
+
+    # What the guide says of it:
+    hardware: HardwareRow
+    # Whether a native size alone tells this family (the UNets' 512, 768, 1024 px); FLUX's 1024 is SDXL's too.
+    told_by_size: bool = True
+    sample_guidance: float = 7.5  # the guidance samples are rendered with unless the config says
+    plan_precision: str = "bf16"  # the mixed precision plans train it in (PRECISION_REASONS says why)
+    # The mixed precision of the guide's memory preset for it: fp16, unless its activations overflow fp16.
+    memory_precision: str = "fp16"
+    # Why plans load its frozen weights in 8 bits (its hardware row assumes them), or None: they do not.
+    plan_quantize_reason: str | None = None
+    # The caption elements the guide asks of this family's captions beyond trigger and subject:
+    # element -> a pattern of words that show it (in lower case).
+    caption_elements: ClassVar[Mapping[str, str]] = {}
+
+    # --- 0. what the guide says of it -------------------------------------------------------------
+    def named_by(self, name: str) -> bool:
+        """Whether a model's name (lower case) says it is of this family, where its files cannot tell."""
+        return False
+
+    def default_optimizer(self) -> tuple[str, str]:
+        """The optimizer plans train it with, and why."""
+        return "adamw", f"adamw, the guide's default and the optimizer of its examples, for {self.name}"
+
+    def default_precision(self) -> tuple[str, str]:
+        """The mixed precision plans train it in, and why."""
+        return self.plan_precision, PRECISION_REASONS[self.plan_precision].format(name=self.name)
+
+    def conflicts(self, config: TrainingConfig) -> tuple[list[str], list[str]]:
+        """(errors, warnings) of the config's options that do not fit this family."""
+        return [], []
 
     # --- 1. recognising it from its files ---------------------------------------------------------
     def recognises(self, index: Mapping, folder: Path) -> bool:

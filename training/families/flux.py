@@ -13,6 +13,8 @@ trained with rectified flow, conditioned on T5's token states and CLIP's pooled 
   transformer predicts the velocity noise - x0 from latents packed in 2x2 patches.
 - LoRA: the transformer alone (CLIP gives only the pooled vector, T5 is 4.7 B parameters), written
   in the diffusers layout with `.alpha` tensors.
+- The guide: its FLUX row assumes 8-bit weights; plans train in bf16 with Adafactor; captions also name
+  a camera angle, an environment and the lighting; samples render at guidance 3.5.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from training.families.base import ModelFamily, read_config, vae_factor
+from training.families.base import HardwareRow, ModelFamily, read_config, vae_factor
+from training.guide import CAPTION_TOKENS
 
 if TYPE_CHECKING:
     import torch
@@ -56,6 +59,16 @@ FLUX_T5_TOKENS = {True: 512, False: 256}
 # FLUX.1-dev and Flex.1 are guidance-distilled: LoRAs are trained with the guidance input at 1
 # (kohya's and ai-toolkit's setting), and rendered at 3-4.
 TRAINING_GUIDANCE = 1.0
+# The guide's "Required Hardware" and "Training Time" row. FLUX's 12B transformer alone is 24 GB at 16 bits, so
+# the guide's 16/24 GB imply 8-bit weights (as ai-toolkit quantizes them): transformer 11.9 GB, T5-XXL 4.8 GB +
+# CLIP-L and VAE 0.4 GB.
+FLUX_HARDWARE = HardwareRow(1024, 16, 24, (60, 120), denoiser_gb=11.9, encoders_gb=5.2, quantized=True)
+# Words that show each of the FLUX caption elements the guide lists (beyond trigger and subject).
+FLUX_CAPTION_ELEMENTS = {
+    "camera angle": r"\b(view|shot|angle|close-?up|portrait|full body|aerial|overhead|profile|three-quarter|wide)\b",
+    "environment": r"\b(in an? |on an? |at an? |background|studio|outdoors?|indoors?|forest|city|room|street|beach)",
+    "lighting": r"\b(light(ing)?|lit|sunlight|sunset|golden hour|shadows?|backlit|neon|candle|torch|dramatic)\b",
+}
 
 
 class QuantizationUnavailable(RuntimeError):
@@ -65,6 +78,17 @@ class QuantizationUnavailable(RuntimeError):
 class Flux(ModelFamily):
     id = "flux"
     described = "a FLUX-class"
+    name = "FLUX"
+    hardware = FLUX_HARDWARE
+    told_by_size = False  # 1024 px, as SDXL
+    sample_guidance = 3.5  # the guidance a guidance-distilled model (dev, Flex.1) renders at
+    memory_precision = "bf16"  # its activations overflow fp16
+    plan_quantize_reason = (
+        "8bit: the guide's FLUX row (16 GB minimum, 24 GB recommended) fits only with the 12 B transformer's "
+        "weights in 8 bits (~12 GB instead of ~24 GB); the LoRA still trains in full precision. It needs "
+        "bitsandbytes (CUDA) or torchao installed; set quantize_base none on a 40+ GB GPU"
+    )
+    caption_elements = FLUX_CAPTION_ELEMENTS
     denoiser_prefix = "transformer"
     fp16_overflows = ("vae", "text_encoder_2")  # T5's activations overflow in fp16 too
     lora_target_modules = FLUX_TARGET_MODULES
@@ -79,6 +103,45 @@ class Flux(ModelFamily):
     )
     comfyui_layout = "diffusers"  # with alphas, which ComfyUI maps onto its FLUX model
     alpha_tensors = True
+
+    def named_by(self, name: str) -> bool:
+        return "flux" in name or "flex" in name  # FLUX.1 and its Flex derivatives
+
+    def default_optimizer(self) -> tuple[str, str]:
+        return "adafactor", (
+            "adafactor for FLUX: its 12 B transformer leaves little room on the guide's 16-24 GB, and Adafactor "
+            "'uses less memory than AdamW' (the guide's Memory Optimization) with no extra package"
+        )
+
+    def conflicts(self, config: TrainingConfig) -> tuple[list[str], list[str]]:
+        """Refused: a text-encoder LoRA, Min-SNR weighting, kohya's layout; ignored: CLIP's options and a shift
+        without shift sampling."""
+        errors: list[str] = []
+        warnings: list[str] = []
+        if config.train_text_encoder:
+            errors.append(
+                "train_text_encoder: FLUX LoRAs train the transformer only (its T5 encoder has 4.7 B parameters "
+                "and CLIP gives only a pooled vector): set train_text_encoder to false"
+            )
+        if config.min_snr_gamma:
+            errors.append(
+                "min_snr_gamma weighs DDPM timesteps; FLUX trains by flow matching: remove min_snr_gamma "
+                "(timestep_sampling chooses how noise levels are drawn)"
+            )
+        if config.output_format == "kohya":
+            errors.append(
+                "output_format kohya: kohya's FLUX layout (fused qkv of BFL's blocks) is not written; use "
+                "diffusers, which ComfyUI, Forge and diffusers load for FLUX"
+            )
+        if config.clip_skip != 1:
+            warnings.append(f"clip_skip {config.clip_skip} has no effect on FLUX: its prompt states come from T5")
+        if config.timestep_shift is not None and config.timestep_sampling != "shift":
+            warnings.append(
+                f"timestep_shift is used by timestep_sampling shift only; {config.timestep_sampling} ignores it"
+            )
+        if config.max_token_length != CAPTION_TOKENS:
+            warnings.append("max_token_length is CLIP's; FLUX reads captions through T5 (up to 512 tokens) anyway")
+        return errors, warnings
 
     def recognises(self, index: Mapping, folder: Path) -> bool:
         return str(index.get("_class_name", "")).startswith("Flux") or "FluxTransformer2DModel" in str(

@@ -7,15 +7,17 @@ encoder, and the DDPM objective SDXL shares.
 - Objective: latents noised at a random timestep of the scheduler's 1000 by `add_noise`; the UNet
   predicts the noise (epsilon) or the velocity (v-prediction, SD 2.x 768-v).
 - LoRA: every attention projection of the UNet, and with train_text_encoder the CLIP encoder's.
+- The guide: SD 1.5's hardware row (SD 2.x's interpolated), trained in fp16 as its examples are.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from training.families.base import ModelFamily, read_config, vae_factor
+from training.families.base import HardwareRow, ModelFamily, read_config, vae_factor
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +28,13 @@ if TYPE_CHECKING:
     from training.models.source import ModelSource
 
 UNET_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # every attention projection
+# The guide's "Required Hardware" and "Training Time" rows. SD 1.5: UNet 860M; CLIP-L + VAE 207M.
+SD15_HARDWARE = HardwareRow(512, 6, 8, (15, 30), denoiser_gb=1.7, encoders_gb=0.4)
+# The guide has no SD 2.x row: its numbers are interpolated between SD 1.5 and SDXL by pixels (768^2 lies
+# 42% of the way from 512^2 to 1024^2). UNet 865M; OpenCLIP-H + VAE 438M.
+SD2_HARDWARE = HardwareRow(768, 8.5, 11.3, (21, 42), denoiser_gb=1.7, encoders_gb=0.9, from_guide=False)
+# Names of SD 2.x models: stable-diffusion-2(-1), sd2, sd-2, 2.0, 2-1.
+SD2_NAME = re.compile(r"stable-diffusion-2|(^|[^a-z])sd-?2|2[-.][01]([^0-9]|$)")
 
 
 class StableDiffusion(ModelFamily):
@@ -34,13 +43,36 @@ class StableDiffusion(ModelFamily):
     denoiser_prefix = "unet"
     lora_target_modules = UNET_TARGET_MODULES
     pipeline_options: ClassVar[Mapping] = {"safety_checker": None, "requires_safety_checker": False}
+    plan_precision = "fp16"
 
     def __init__(self, *, v2: bool):
         self.v2 = v2
         self.id = "sd2" if v2 else "sd1"
         self.described = f"a Stable Diffusion {2 if v2 else 1}.x"
+        self.name = "SD 2.x" if v2 else "SD 1.5"
+        self.hardware = SD2_HARDWARE if v2 else SD15_HARDWARE
         self.checkpoint_types = ("v2",) if v2 else ("v1",)
         self.sd_v2 = v2
+
+    def named_by(self, name: str) -> bool:
+        """SD 2.x by name: the 768 px v-prediction models; the 2.x "base" models are 512 px, as SD 1.5 (the
+        default guess)."""
+        return self.v2 and SD2_NAME.search(name) is not None and "base" not in name
+
+    def conflicts(self, config: TrainingConfig) -> tuple[list[str], list[str]]:
+        """A DDPM UNet: FLUX's noise-level options are ignored, and 8-bit weights refused."""
+        errors: list[str] = []
+        warnings = [
+            f"{option} is for flow-matching (FLUX) models; this {self.id} model ignores it"
+            for option in ("timestep_sampling", "timestep_shift")
+            if option in config.model_fields_set
+        ]
+        if config.quantize_base != "none":
+            errors.append(
+                "quantize_base 8bit is for FLUX's 12 B transformer; an SD/SDXL UNet fits without it: set "
+                "quantize_base to none"
+            )
+        return errors, warnings
 
     def recognises(self, index: Mapping, folder: Path) -> bool:
         if "transformer" in index or "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
