@@ -23,6 +23,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator, AliasChoices, BaseModel, Field
 
+from training.families import FLUX, SD1
+
 log = logging.getLogger("training.generation")
 GRID_LABEL_HEIGHT = 20  # px of caption strip under each image of a strength grid
 MAX_STRENGTH = 2.0  # |strength| past 1 exaggerates a LoRA; past 2 it only breaks the image
@@ -75,7 +77,11 @@ class GenerationRequest(BaseModel):
     loras: list[LoraStrength] = Field(default_factory=list, description="LoRAs to apply, in order.")
     steps: Steps = DEFAULT_STEPS
     guidance: float | None = Field(
-        None, ge=0.0, le=30.0, description="Guidance scale; default 7.5 for SD 1.x/2.x/SDXL, 3.5 for FLUX."
+        None,
+        ge=0.0,
+        le=30.0,
+        description=f"Guidance scale; default {SD1.sample_guidance:g} for SD 1.x/2.x/SDXL, {FLUX.sample_guidance:g} "
+        "for FLUX.",
     )
     width: int | None = Field(None, description="Pixels; default: the model's native size.")
     height: int | None = Field(None, description="Pixels; default: the model's native size.")
