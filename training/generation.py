@@ -46,9 +46,11 @@ Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="Seed of the first i
 DEFAULT_STEPS = 20
 
 
+# The tool names a LoRA by an exported name or a path (`lora`); the server resolves that to the file's path
+# before rendering, which the renderer's callers may call `path`. The docstring is what the assistant reads.
 class LoraStrength(BaseModel):
-    """One LoRA of a stack and its weights. The tool names it by an exported name or a path (`lora`); the
-    server resolves that to the file's path before rendering, which the renderer's callers may call `path`."""
+    """One LoRA of the stack: which file, and how strongly it acts on the UNet (or transformer) and the text
+    encoders."""
 
     lora: str = Field(
         validation_alias=AliasChoices("lora", "path"),

@@ -8,7 +8,8 @@ imported and called without a server.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from server.configs import ConfigService
 from server.datasets import DatasetService
 from server.jobs import JobService
 from server.loras import LoraService
+from server.tools.arguments import request_tool
 from server.training_runs import TrainingService
 from server.uploads import UploadService
 
@@ -45,11 +47,23 @@ class Deleted(BaseModel):
     deleted: bool = True
 
 
-def tool(name: str, description: str, annotations: ToolAnnotations | None = None) -> Callable:
-    """Marks a method of a tools class as the MCP tool `name`; `add_tools` registers it."""
+def tool(
+    name: str,
+    description: str,
+    annotations: ToolAnnotations | None = None,
+    *,
+    request: type[BaseModel] | None = None,
+    extra: Sequence[inspect.Parameter] = (),
+    leave_out: tuple[str, ...] = (),
+) -> Callable:
+    """Marks a method of a tools class as the MCP tool `name`; `add_tools` registers it. With `request`,
+    the tool's arguments are that model's fields (less `leave_out`, then `extra`) and the method receives
+    the validated model (see server/tools/arguments.py)."""
 
     def mark(method: Callable) -> Callable:
         method.mcp_tool = {"name": name, "description": description, "annotations": annotations}
+        if request is not None:
+            method.mcp_request = {"model": request, "extra": extra, "leave_out": leave_out}
         return method
 
     return mark
@@ -70,6 +84,17 @@ def add_tools(server: MCPServer, tools: Any) -> None:
     client lists them (recorded in tests/data/tools_list.json)."""
     for attribute, member in vars(type(tools)).items():
         if spec := getattr(member, "mcp_tool", None):
-            server.add_tool(getattr(tools, attribute), **spec)
+            function = getattr(tools, attribute)
+            if request := getattr(member, "mcp_request", None):
+                returns = inspect.signature(function, eval_str=True).return_annotation
+                function = request_tool(
+                    request["model"],
+                    function,
+                    function_name=attribute,
+                    returns=returns,
+                    extra=request["extra"],
+                    leave_out=request["leave_out"],
+                )
+            server.add_tool(function, **spec)
         elif spec := getattr(member, "mcp_resource", None):
             server.resource(**spec)(getattr(tools, attribute))

@@ -10,7 +10,7 @@ validated model.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mcp.server.mcpserver.exceptions import ToolError
@@ -52,36 +52,45 @@ def request_parameters(
 
 def request_tool(
     model: type[BaseModel],
-    handler: Callable[[BaseModel], Any],
+    handler: Callable[..., Any],
     *,
     function_name: str,
     returns: Any,
-    extra: list[inspect.Parameter] = (),
-    omitted_means_default: bool = False,
+    extra: Sequence[inspect.Parameter] = (),
     leave_out: tuple[str, ...] = (),
 ) -> Callable[..., Any]:
-    """A function for `server.add_tool` whose arguments are `model`'s fields (then `extra`): it validates
-    them into the model and returns `handler(request, **extra_values)`. A request the model refuses
-    (a cross-field rule the schema cannot express) becomes the ToolError the assistant reads.
-    `function_name` names the function, and so the schemas' titles, that clients see; fields in
+    """A function for `server.add_tool` whose arguments are `model`'s fields (then `extra`, such as the
+    request `Context` or a knob that is the server's and not the request's): it validates them into the
+    model and returns `handler(request, **extra_values)`, awaited when the handler is async. A request
+    the model refuses (a cross-field rule the schema cannot express) becomes the ToolError the assistant
+    reads. `function_name` names the function, and so the schemas' titles, that clients see; fields in
     `leave_out` are not the tool's arguments (they keep their defaults)."""
     extra_names = {parameter.name for parameter in extra}
 
-    def tool(**values: Any) -> Any:
+    def split(values: dict[str, Any]) -> tuple[BaseModel, dict[str, Any]]:
         extra_values = {name: values.pop(name) for name in list(values) if name in extra_names}
-        given = {key: value for key, value in values.items() if not (omitted_means_default and value is None)}
         try:
-            request = model.model_validate(given)
+            return model.model_validate(values), extra_values
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors())
             raise ToolError(f"invalid arguments: {problems}") from None
-        return handler(request, **extra_values)
 
-    parameters = [
-        *request_parameters(model, omitted_means_default=omitted_means_default, leave_out=leave_out),
-        *extra,
-    ]
+    if inspect.iscoroutinefunction(handler):
+
+        async def tool(**values: Any) -> Any:
+            request, extra_values = split(values)
+            return await handler(request, **extra_values)
+
+    else:
+
+        def tool(**values: Any) -> Any:
+            request, extra_values = split(values)
+            return handler(request, **extra_values)
+
+    parameters = [*request_parameters(model, leave_out=leave_out), *extra]
     # The SDK titles the argument and output schemas after the function ("generate_imageArguments").
     tool.__name__ = tool.__qualname__ = function_name
     tool.__signature__ = inspect.Signature(parameters, return_annotation=returns)
+    # ...and finds the parameter that receives the request Context by its type hint.
+    tool.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters} | {"return": returns}
     return tool

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from functools import partial
-from typing import Any, Literal
+from typing import Literal
 
 import anyio
 from mcp.server import MCPServer
@@ -29,8 +28,7 @@ from server.images import thumbnail_png
 from server.inspection import CaptionLintResult, caption_lint, dataset_info
 from server.names import checked_name, plain_filename_problem
 from server.paths import set_client_roots
-from server.tools import READ_ONLY, Deleted, Services
-from server.tools.arguments import request_parameters, request_tool
+from server.tools import READ_ONLY, Deleted, Services, add_tools, resource, tool
 from training.captioning import CaptionRequest
 from training.data.dataset import IMAGE_SUFFIXES
 from training.data.report import DatasetReport
@@ -61,12 +59,34 @@ class DatasetList(BaseModel):
     datasets: list[DatasetSummary]
 
 
+# generate-captions' knob that is the server's, not the request's; the request Context (for client roots
+# and progress) is passed the same way.
+CAPTION_BACKGROUND = inspect.Parameter(
+    "background",
+    inspect.Parameter.KEYWORD_ONLY,
+    default=Field(
+        None,
+        description="true: always a background job; false: always inside this call; default: a job when a "
+        f"model has more than {INLINE_MODEL_IMAGES} images to caption.",
+    ),
+    annotation=bool | None,
+)
+REQUEST_CONTEXT = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=Context)
+
+
 class DatasetTools:
-    """Datasets in the workspace: upload, import, edit captions, delete, list."""
+    """Datasets in the workspace: upload, import, edit captions, delete, inspect, caption, lint, list; and
+    the dataset resources. Methods stand in the order a client lists the tools."""
 
     def __init__(self, s: Services):
         self.s = s
 
+    @tool(
+        "upload-dataset",
+        "Save images (base64) with their captions into a dataset, creating it if needed. Each file "
+        "is saved or refused on its own, with the reason; the result lists every file. Then create-training-config "
+        "with dataset_path=<dataset_name>.",
+    )
     def upload_dataset(
         self,
         dataset_name: str = Field(description="Dataset name: letters, digits, '.', '_' or '-'."),
@@ -75,6 +95,13 @@ class DatasetTools:
     ) -> UploadResult:
         return self.s.call(self.s.datasets.upload, dataset_name, images, overwrite)
 
+    @tool(
+        "import-dataset",
+        "Bring a local folder into the workspace as a dataset: images with same-named .txt captions, "
+        "kohya 'N_name' repeat folders, concept subfolders and a 'validation' folder. mode 'copy' copies the "
+        "files; 'link' links to them where they are. The folder must be inside the workspace or a folder "
+        "listed in LORA_MCP_ALLOWED_DIRS.",
+    )
     async def import_dataset(
         self,
         ctx: Context,
@@ -89,6 +116,11 @@ class DatasetTools:
         )
         return _trimmed(result)
 
+    @tool(
+        "update-captions",
+        "Change captions: edits {image filename: new caption}, and/or find + replace over every "
+        "caption, and/or trigger_word to put it first in every caption that lacks it.",
+    )
     def update_captions(
         self,
         dataset_name: str = Field(description="Dataset name, from list-datasets."),
@@ -99,33 +131,84 @@ class DatasetTools:
     ) -> CaptionUpdateResult:
         return self.s.call(self.s.datasets.update_captions, dataset_name, edits, find, replace, trigger_word)
 
+    @tool(
+        "delete-dataset",
+        "Delete a dataset of the workspace (for a linked import, only the links: the originals stay).",
+        ToolAnnotations(destructiveHint=True),
+    )
     def delete_dataset(self, dataset_name: str = Field(description="Dataset name, from list-datasets.")) -> Deleted:
         self.s.call(self.s.datasets.delete, dataset_name)
         return Deleted(name=dataset_name)
 
-    def list_datasets(self) -> DatasetList:
-        return DatasetList(datasets=self.s.call(self.s.datasets.list))
-
-
-class DatasetChecks:
-    """What a dataset holds and what its captions get wrong: get-dataset-info, lint-captions, and the
-    dataset resources."""
-
-    def __init__(self, s: Services):
-        self.s = s
-
     # server/inspection.py takes the requests' fields as keywords; the requests are their only declaration.
+    @tool(
+        "get-dataset-info",
+        "Inspect a dataset before training: counts per concept (with repeats), resolutions, "
+        "buckets, formats, missing or orphan captions, captions without their trigger word, near-duplicate, "
+        "blurry, badly exposed or too small images, near-identical captions, and a verdict on the image count "
+        "for the kind of LoRA. 'problems' lists what to fix.",
+        READ_ONLY,
+        request=DatasetQuery,
+    )
     def get_dataset_info(self, query: DatasetQuery) -> DatasetReport:
         options = query.model_dump(exclude={"dataset_name"})
         return self.s.call(lambda: dataset_info(self.s.workspace, query.dataset_name, **options))
 
-    def lint_captions(self, request: CaptionLintRequest) -> CaptionLintResult:
+    @tool(
+        "generate-captions",
+        "Write captions for a dataset's images: caption_model 'template' (offline: trigger word + "
+        "subject from the file or folder name + the guide's structure) or an image-to-text model (blip, blip2, git, "
+        "a Hugging Face id in the local cache, or a local folder). Images that have a caption are kept unless "
+        "overwrite. A quick set is captioned inside the call, with progress; a model with more than "
+        f"{INLINE_MODEL_IMAGES} images to caption runs as a background job: the result's job_id works with "
+        "get-training-status, get-training-logs and stop-training. Then lint-captions.",
+        request=CaptionRequest,
+        extra=[REQUEST_CONTEXT, CAPTION_BACKGROUND],
+    )
+    async def generate_captions_tool(
+        self, request: CaptionRequest, ctx: Context, background: bool | None
+    ) -> CaptionRun:
+        """Async, so that it can ask the client for its roots and report progress."""
+        await refresh_client_roots(ctx)
+
+        def progress(done: int, total: int) -> None:
+            anyio.from_thread.run(ctx.report_progress, done, total, f"{done}/{total} images captioned")
+
+        def run() -> CaptionRun:
+            # In a worker thread, and only the job's start under the services' lock: listing a large folder
+            # or captioning with a model takes a while, and status calls must not wait for it.
+            start_job = partial(self.s.call, self.s.jobs.start_captioning)
+            try:
+                return caption_or_queue(
+                    self.s.workspace, background, start_job, progress, **request.model_dump(exclude_unset=True)
+                )
+            except ServiceError as exc:
+                raise ToolError(str(exc)) from None
+
+        return await anyio.to_thread.run_sync(run)
+
+    @tool(
+        "lint-captions",
+        "Check every caption against the guide: trigger word first and not a generic word, the "
+        "structure '[trigger] [subject] [details], [style], [quality], [composition]', the FLUX elements (camera "
+        "angle, environment, lighting) for FLUX-class models, empty or duplicate captions, and captions longer "
+        "than the model reads. Each finding names the file and a fix.",
+        READ_ONLY,
+        request=CaptionLintRequest,
+    )
+    def lint_captions_tool(self, request: CaptionLintRequest) -> CaptionLintResult:
         options = request.model_dump(exclude={"dataset_name"})
         return self.s.call(lambda: caption_lint(self.s.workspace, request.dataset_name, **options))
 
+    @tool("list-datasets", "Datasets in the workspace with image counts.", READ_ONLY)
+    def list_datasets(self) -> DatasetList:
+        return DatasetList(datasets=self.s.call(self.s.datasets.list))
+
+    @resource("lora://datasets/{name}", "application/json", "A dataset's report.")
     def dataset_resource(self, name: str) -> str:
         return self.s.resource_call(dataset_info, self.s.workspace, name).model_dump_json(indent=2)
 
+    @resource("lora://datasets/{name}/images/{filename}", "image/png", "A thumbnail of an image.")
     def dataset_image_resource(self, name: str, filename: str) -> bytes:
         folder = self.s.workspace / "datasets" / self.s.resource_call(checked_name, "dataset", name)
         path = folder / filename
@@ -138,115 +221,8 @@ class DatasetChecks:
         return thumbnail_png(path)
 
 
-def generate_captions_tool(s: Services) -> Callable[..., Any]:
-    """generate-captions, its arguments CaptionRequest's fields: an async tool, so that it can ask the client
-    for its roots and report progress, which request_tool's plain functions cannot."""
-
-    async def generate_captions_tool(ctx: Context, background: bool | None = None, **request: Any) -> CaptionRun:
-        await refresh_client_roots(ctx)
-
-        def progress(done: int, total: int) -> None:
-            anyio.from_thread.run(ctx.report_progress, done, total, f"{done}/{total} images captioned")
-
-        def run() -> CaptionRun:
-            # In a worker thread, and only the job's start under the services' lock: listing a large folder
-            # or captioning with a model takes a while, and status calls must not wait for it.
-            start_job = partial(s.call, s.jobs.start_captioning)
-            try:
-                return caption_or_queue(s.workspace, background, start_job, progress, **request)
-            except ServiceError as exc:
-                raise ToolError(str(exc)) from None
-
-        return await anyio.to_thread.run_sync(run)
-
-    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Context)
-    background = inspect.Parameter(
-        "background",
-        inspect.Parameter.KEYWORD_ONLY,
-        default=Field(
-            None,
-            description="true: always a background job; false: always inside this call; default: a job when a "
-            f"model has more than {INLINE_MODEL_IMAGES} images to caption.",
-        ),
-        annotation=bool | None,
-    )
-    generate_captions_tool.__signature__ = inspect.Signature(
-        [context, *request_parameters(CaptionRequest), background], return_annotation=CaptionRun
-    )
-    return generate_captions_tool
-
-
 def register_dataset_tools(server: MCPServer, s: Services) -> None:
-    tools, checks = DatasetTools(s), DatasetChecks(s)
-    server.add_tool(
-        tools.upload_dataset,
-        name="upload-dataset",
-        description="Save images (base64) with their captions into a dataset, creating it if needed. Each file "
-        "is saved or refused on its own, with the reason; the result lists every file. Then create-training-config "
-        "with dataset_path=<dataset_name>.",
-    )
-    server.add_tool(
-        tools.import_dataset,
-        name="import-dataset",
-        description="Bring a local folder into the workspace as a dataset: images with same-named .txt captions, "
-        "kohya 'N_name' repeat folders, concept subfolders and a 'validation' folder. mode 'copy' copies the "
-        "files; 'link' links to them where they are. The folder must be inside the workspace or a folder "
-        "listed in LORA_MCP_ALLOWED_DIRS.",
-    )
-    server.add_tool(
-        tools.update_captions,
-        name="update-captions",
-        description="Change captions: edits {image filename: new caption}, and/or find + replace over every "
-        "caption, and/or trigger_word to put it first in every caption that lacks it.",
-    )
-    server.add_tool(
-        tools.delete_dataset,
-        name="delete-dataset",
-        description="Delete a dataset of the workspace (for a linked import, only the links: the originals stay).",
-        annotations=ToolAnnotations(destructiveHint=True),
-    )
-    server.add_tool(
-        request_tool(DatasetQuery, checks.get_dataset_info, function_name="get_dataset_info", returns=DatasetReport),
-        name="get-dataset-info",
-        description="Inspect a dataset before training: counts per concept (with repeats), resolutions, "
-        "buckets, formats, missing or orphan captions, captions without their trigger word, near-duplicate, "
-        "blurry, badly exposed or too small images, near-identical captions, and a verdict on the image count "
-        "for the kind of LoRA. 'problems' lists what to fix.",
-        annotations=READ_ONLY,
-    )
-    server.add_tool(
-        generate_captions_tool(s),
-        name="generate-captions",
-        description="Write captions for a dataset's images: caption_model 'template' (offline: trigger word + "
-        "subject from the file or folder name + the guide's structure) or an image-to-text model (blip, blip2, git, "
-        "a Hugging Face id in the local cache, or a local folder). Images that have a caption are kept unless "
-        "overwrite. A quick set is captioned inside the call, with progress; a model with more than "
-        f"{INLINE_MODEL_IMAGES} images to caption runs as a background job: the result's job_id works with "
-        "get-training-status, get-training-logs and stop-training. Then lint-captions.",
-    )
-    server.add_tool(
-        request_tool(
-            CaptionLintRequest, checks.lint_captions, function_name="lint_captions_tool", returns=CaptionLintResult
-        ),
-        name="lint-captions",
-        description="Check every caption against the guide: trigger word first and not a generic word, the "
-        "structure '[trigger] [subject] [details], [style], [quality], [composition]', the FLUX elements (camera "
-        "angle, environment, lighting) for FLUX-class models, empty or duplicate captions, and captions longer "
-        "than the model reads. Each finding names the file and a fix.",
-        annotations=READ_ONLY,
-    )
-    server.add_tool(
-        tools.list_datasets,
-        name="list-datasets",
-        description="Datasets in the workspace with image counts.",
-        annotations=READ_ONLY,
-    )
-    server.resource("lora://datasets/{name}", mime_type="application/json", description="A dataset's report.")(
-        checks.dataset_resource
-    )
-    server.resource(
-        "lora://datasets/{name}/images/{filename}", mime_type="image/png", description="A thumbnail of an image."
-    )(checks.dataset_image_resource)
+    add_tools(server, DatasetTools(s))
 
 
 def _trimmed(result: ImportResult) -> ImportResult:

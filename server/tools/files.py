@@ -9,8 +9,7 @@ from pydantic import BaseModel, Field
 
 from server.loras import Chunk, ChunkRequest, ExportedLora, ExportRequest
 from server.system import SystemStats, system_stats
-from server.tools import READ_ONLY, Services
-from server.tools.arguments import request_tool
+from server.tools import READ_ONLY, Services, add_tools, tool
 from server.upload_arguments import DEFAULT_CHUNK_SIZE
 from server.uploads import ChunkReceived, UploadFinished, UploadStarted
 
@@ -25,15 +24,35 @@ class FileTools:
     def __init__(self, s: Services):
         self.s = s
 
+    @tool("list-exported-models", "LoRA files in the workspace's loras/ folder.", READ_ONLY)
     def list_exported_models(self) -> LoraList:
         return LoraList(loras=self.s.call(self.s.loras.list))
 
+    @tool(
+        "export-model",
+        "Copy a job's LoRA (the final one, or a checkpoint's with step) into loras/ with a metadata "
+        "sidecar, ready for ComfyUI (models/loras) or A1111 (models/Lora).",
+        request=ExportRequest,
+    )
     def export_model(self, request: ExportRequest) -> ExportedLora:
         return self.s.call(self.s.loras.export, request, self.s.jobs)
 
+    @tool(
+        "download-model",
+        "Read a file in pieces as base64: an exported LoRA ('name.safetensors') or a run file "
+        "('<job_id>/<file>'). Call again with next_offset until eof is true.",
+        READ_ONLY,
+        request=ChunkRequest,
+    )
     def download_model(self, request: ChunkRequest) -> Chunk:
         return self.s.call(self.s.loras.read_chunk, request, self.s.jobs)
 
+    @tool(
+        "upload-lora-chunked-start",
+        "Begin uploading a LoRA file too large for one call: give a new upload_id (e.g. a uuid4), the "
+        "filename (.safetensors), total_size in bytes, optional metadata {trigger_words, base_model} and sha256. "
+        "Then send the file with upload-lora-chunked-append in chunk_size pieces (any order), then finish.",
+    )
     def upload_lora_chunked_start(
         self,
         upload_id: str = Field(description="Your id for this upload, e.g. a uuid4."),
@@ -45,6 +64,11 @@ class FileTools:
     ) -> UploadStarted:
         return self.s.call(self.s.uploads.start, upload_id, filename, total_size, metadata, chunk_size, sha256)
 
+    @tool(
+        "upload-lora-chunked-append",
+        "Send one chunk: its bytes as base64 and its chunk_index (offset = chunk_index x chunk_size). "
+        "Chunks may come in any order and may be re-sent.",
+    )
     def upload_lora_chunked_append(
         self,
         upload_id: str = Field(description="The id given to upload-lora-chunked-start."),
@@ -53,59 +77,25 @@ class FileTools:
     ) -> ChunkReceived:
         return self.s.call(self.s.uploads.append, upload_id, chunk, chunk_index)
 
+    @tool(
+        "upload-lora-chunked-finish",
+        "Check that every chunk arrived (size, sha256, a valid safetensors file) and move the LoRA "
+        "into loras/ with its metadata; list-exported-models then shows it.",
+    )
     def upload_lora_chunked_finish(
         self, upload_id: str = Field(description="The id given to upload-lora-chunked-start.")
     ) -> UploadFinished:
         return self.s.call(self.s.uploads.finish, upload_id)
 
+    @tool(
+        "get-system-stats",
+        "GPU name and memory (when torch sees one), RAM, free disk in the workspace, and how many "
+        "jobs are running and queued.",
+        READ_ONLY,
+    )
     def get_system_stats(self) -> SystemStats:
         return system_stats(self.s.workspace, self.s.call(self.s.jobs.list))
 
 
 def register_file_tools(server: MCPServer, s: Services) -> None:
-    tools = FileTools(s)
-    server.add_tool(
-        tools.list_exported_models,
-        name="list-exported-models",
-        description="LoRA files in the workspace's loras/ folder.",
-        annotations=READ_ONLY,
-    )
-    server.add_tool(
-        request_tool(ExportRequest, tools.export_model, function_name="export_model", returns=ExportedLora),
-        name="export-model",
-        description="Copy a job's LoRA (the final one, or a checkpoint's with step) into loras/ with a metadata "
-        "sidecar, ready for ComfyUI (models/loras) or A1111 (models/Lora).",
-    )
-    server.add_tool(
-        request_tool(ChunkRequest, tools.download_model, function_name="download_model", returns=Chunk),
-        name="download-model",
-        description="Read a file in pieces as base64: an exported LoRA ('name.safetensors') or a run file "
-        "('<job_id>/<file>'). Call again with next_offset until eof is true.",
-        annotations=READ_ONLY,
-    )
-    server.add_tool(
-        tools.upload_lora_chunked_start,
-        name="upload-lora-chunked-start",
-        description="Begin uploading a LoRA file too large for one call: give a new upload_id (e.g. a uuid4), the "
-        "filename (.safetensors), total_size in bytes, optional metadata {trigger_words, base_model} and sha256. "
-        "Then send the file with upload-lora-chunked-append in chunk_size pieces (any order), then finish.",
-    )
-    server.add_tool(
-        tools.upload_lora_chunked_append,
-        name="upload-lora-chunked-append",
-        description="Send one chunk: its bytes as base64 and its chunk_index (offset = chunk_index x chunk_size). "
-        "Chunks may come in any order and may be re-sent.",
-    )
-    server.add_tool(
-        tools.upload_lora_chunked_finish,
-        name="upload-lora-chunked-finish",
-        description="Check that every chunk arrived (size, sha256, a valid safetensors file) and move the LoRA "
-        "into loras/ with its metadata; list-exported-models then shows it.",
-    )
-    server.add_tool(
-        tools.get_system_stats,
-        name="get-system-stats",
-        description="GPU name and memory (when torch sees one), RAM, free disk in the workspace, and how many "
-        "jobs are running and queued.",
-        annotations=READ_ONLY,
-    )
+    add_tools(server, FileTools(s))

@@ -16,8 +16,7 @@ from server.generation import render_or_queue
 from server.images import thumbnail_png
 from server.lora_tools import MergeSource, convert_lora, merge_loras
 from server.loras import ExportedLora
-from server.tools import Services
-from server.tools.arguments import request_tool
+from server.tools import Services, add_tools, tool
 from training.generation import GenerationRequest, StrengthComparison
 from training.guide import GUIDE_STRENGTHS, span
 
@@ -43,9 +42,28 @@ class ImageTools:
     def __init__(self, s: Services):
         self.s = s
 
+    @tool(
+        "generate-image",
+        "Generate images with a base model and any stack of LoRAs at given strengths (ComfyUI's "
+        "strength_model / strength_clip), to show 'before / after' or check that a LoRA does something. "
+        "Built-in tiny models answer at once; a real model renders as a background job (job_id; then "
+        "get-training-status and get-training-samples).",
+        request=GenerationRequest,
+        extra=[BACKGROUND],
+        leave_out=("strengths",),
+    )
     def generate_image(self, request: GenerationRequest, background: bool | None) -> list:
         return self.render(request, background, "generate-image")
 
+    @tool(
+        "compare-lora-strengths",
+        "One LoRA at several strengths with one seed, as images and a labelled grid, to choose the "
+        "strength to use (the guide: "
+        + ", ".join(f"{row} {span(model)}" for row, (model, _) in GUIDE_STRENGTHS.items())
+        + ").",
+        request=StrengthComparison,
+        extra=[BACKGROUND],
+    )
     def compare_lora_strengths(self, comparison: StrengthComparison, background: bool | None) -> list:
         return self.render(comparison.as_generation(), background, "compare-lora-strengths")
 
@@ -78,6 +96,11 @@ class LoraFileTools:
     def __init__(self, s: Services):
         self.s = s
 
+    @tool(
+        "merge-loras",
+        "Merge LoRAs for the same base model into one file, each at a weight: the merge at strength "
+        "1 equals stacking them at those weights. LoRAs for different base models are refused with the reason.",
+    )
     def merge_loras_tool(
         self,
         loras: list[MergeSource] = Field(description="[{lora: name or path, weight}], at least two."),
@@ -91,6 +114,12 @@ class LoraFileTools:
         merged = self.s.call(merge_loras, self.s.workspace, loras, output_name, output_format)
         return MergeResult(lora=merged, next_step=f"generate-image with loras=[{{lora: {merged.name!r}}}]")
 
+    @tool(
+        "convert-lora",
+        "Rewrite a LoRA in another layout, losslessly: kohya (ComfyUI, A1111/Forge; SD and SDXL only), "
+        "diffusers (peft keys), or comfyui (what ComfyUI's LoraLoader reads: the kohya layout for SD/SDXL, the "
+        "diffusers layout with alphas for FLUX).",
+    )
     def convert_lora_tool(
         self,
         lora: str = Field(description="An exported LoRA's name or a .safetensors path."),
@@ -101,47 +130,5 @@ class LoraFileTools:
 
 
 def register_generation_tools(server: MCPServer, s: Services) -> None:
-    images, files = ImageTools(s), LoraFileTools(s)
-    server.add_tool(
-        request_tool(
-            GenerationRequest,
-            images.generate_image,
-            function_name="generate_image",
-            returns=list,
-            extra=[BACKGROUND],
-            leave_out=("strengths",),
-        ),
-        name="generate-image",
-        description="Generate images with a base model and any stack of LoRAs at given strengths (ComfyUI's "
-        "strength_model / strength_clip), to show 'before / after' or check that a LoRA does something. "
-        "Built-in tiny models answer at once; a real model renders as a background job (job_id; then "
-        "get-training-status and get-training-samples).",
-    )
-    server.add_tool(
-        request_tool(
-            StrengthComparison,
-            images.compare_lora_strengths,
-            function_name="compare_lora_strengths",
-            returns=list,
-            extra=[BACKGROUND],
-        ),
-        name="compare-lora-strengths",
-        description="One LoRA at several strengths with one seed, as images and a labelled grid, to choose the "
-        "strength to use (the guide: "
-        + ", ".join(f"{row} {span(model)}" for row, (model, _) in GUIDE_STRENGTHS.items())
-        + ").",
-    )
-    server.add_tool(
-        files.merge_loras_tool,
-        name="merge-loras",
-        description="Merge LoRAs for the same base model into one file, each at a weight: the merge at strength "
-        "1 equals stacking them at those weights. LoRAs for different base models are refused with the reason.",
-    )
-    server.add_tool(
-        files.convert_lora_tool,
-        name="convert-lora",
-        description="Rewrite a LoRA in another layout, losslessly: kohya (ComfyUI, A1111/Forge; SD and SDXL only), "
-        "diffusers (peft keys), or comfyui (what ComfyUI's LoraLoader reads: the kohya layout for SD/SDXL, the "
-        "diffusers layout with alphas for FLUX).",
-    )
-
+    add_tools(server, ImageTools(s))
+    add_tools(server, LoraFileTools(s))
