@@ -98,8 +98,8 @@ class ConfigService:
             summaries.append(
                 ConfigSummary(
                     name=name,
-                    model_name=_str_or(raw.get("model_name"), TrainingConfig.model_fields["model_name"].default),
-                    dataset_path=_str_or(raw.get("dataset_path"), ""),
+                    model_name=_usable_value(raw, "model_name"),
+                    dataset_path=_usable_value(raw, "dataset_path") or "",
                     steps=raw.get("steps") if isinstance(raw.get("steps"), int) else None,
                     updated_at=updated_at,
                     error=error,
@@ -275,7 +275,9 @@ def _usable_value(raw: dict[str, Any], field: str) -> Any:
     if field not in raw:
         return default
     try:
-        return TypeAdapter(Annotated[info.annotation, *info.metadata]).validate_python(raw[field])
+        # Annotated needs at least one annotation besides the type: the field's bounds, where it has any.
+        checked = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+        return TypeAdapter(checked).validate_python(raw[field])
     except ValidationError:
         return default
 
@@ -346,10 +348,6 @@ def _by_field_name(changes: dict[str, Any]) -> dict[str, Any]:
             raise ServiceError(f"{field} is given twice (as {key!r} and another name) with different values")
         result[field] = value
     return result
-
-
-def _str_or(value: Any, default: str) -> str:
-    return value if isinstance(value, str) else default
 
 
 def check_dataset(

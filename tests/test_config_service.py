@@ -200,6 +200,19 @@ def test_a_hand_edited_invalid_file_is_reported_and_can_be_fixed(service):
     assert service.list()[0].error is None
 
 
+def test_an_invalid_file_with_unbounded_options_still_has_its_dataset_and_model_checked(service, shapes, tiny_sd15):
+    """Options without bounds (trigger_word, model_family) are read on their own while another option is
+    invalid, so the dataset's trigger-word check and the model's family still run."""
+    service.create(values(shapes, trigger_word="xyz_shape", model_family="sd1"))
+    path = service.folder / "my-lora.yaml"
+    path.write_text(path.read_text() + "rank: 0\n", encoding="utf-8")
+
+    report = service.validate("my-lora")
+    assert not report.valid and any("rank" in e for e in report.errors)
+    assert report.images == 4 and report.native_resolution == 64
+    assert service.list()[0].model_name == "builtin:tiny-sd15"
+
+
 def test_a_file_that_is_not_yaml_gives_a_service_error(service):
     service.create(values())
     (service.folder / "my-lora.yaml").write_text("name: [unclosed\n", encoding="utf-8")
