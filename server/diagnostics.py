@@ -135,7 +135,13 @@ def apply_fix(
     if not finding.patch:
         raise ServiceError(f"finding {finding_id!r} has no config change to apply; its advice is: {finding.message}")
     # A job's findings read its resolved config: its rank and alpha go back under the names the job was given.
-    patch = TrainingConfig.from_dict(values).in_given_names(finding.patch)
+    try:
+        patch = TrainingConfig.from_dict(values).in_given_names(finding.patch)
+    except ConfigError as exc:  # a job's config from an older version, or a hand edit since
+        raise ServiceError(
+            f"the config of {based_on} no longer validates ({'; '.join(exc.problems)}): fix it with "
+            "update-training-config, or create a new config with the finding's patch"
+        ) from None
     name = free_name(f"{values.get('name', 'config')}-fix-{finding_id}", configs.exists)
     changes = {key: [values.get(key), value] for key, value in patch.items() if values.get(key) != value}
     config = configs.create({**values, **patch, "name": name})

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, model_validator
 
 from training.families import FLUX, SD1
 
@@ -31,26 +31,22 @@ MAX_STRENGTH = 2.0  # |strength| past 1 exaggerates a LoRA; past 2 it only break
 DEFAULT_COMPARED_STRENGTHS = [0.0, 0.4, 0.7, 1.0]
 
 
-def _within_strength_bounds(strength: float) -> float:
-    if not -MAX_STRENGTH <= strength <= MAX_STRENGTH:
-        raise ValueError(f"strength {strength:g} must lie between -2 and 2 (usually 0 to 1)")
-    return strength
+def check_strengths(strengths: list[float] | None) -> None:
+    """A model-level check, not a field bound: the strengths' schema stays a plain number list, and the
+    message names the whole list, as the assistant gave it."""
+    if strengths and any(not -MAX_STRENGTH <= strength <= MAX_STRENGTH for strength in strengths):
+        raise ValueError(f"strengths {strengths} must lie between -2 and 2 (usually 0 to 1)")
 
 
-# The bound is checked by a validator rather than ge/le so that the strengths' schema stays a plain number list.
-Strength = Annotated[float, AfterValidator(_within_strength_bounds)]
-Prompt = Annotated[str, Field(description="What to draw; start with the LoRA's trigger word.")]
-BaseModelName = Annotated[str | None, Field(description="Base model; default: the (first) LoRA's own base model.")]
-Steps = Annotated[int, Field(ge=1, le=150, description="Denoising steps.")]
-Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="Seed of the first image; image i uses seed + i.")]
+Steps = Annotated[int, Field(ge=1, le=150)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 DEFAULT_STEPS = 20
 
 
 # The tool names a LoRA by an exported name or a path (`lora`); the server resolves that to the file's path
-# before rendering, which the renderer's callers may call `path`. The docstring is what the assistant reads.
+# before rendering, which the renderer's callers may call `path`. (No docstring: clients would read it as
+# the schema's description.)
 class LoraStrength(BaseModel):
-    """One LoRA of the stack: which file, and how strongly it acts on the UNet (or transformer) and the text
-    encoders."""
 
     lora: str = Field(
         validation_alias=AliasChoices("lora", "path"),
@@ -71,13 +67,13 @@ class GenerationRequest(BaseModel):
     """generate-image's arguments, the server's generation request, a job's request.json and the renderer's
     input. The server fills in `model_name` and the LoRAs' paths before anything renders."""
 
-    prompt: Prompt
-    model_name: BaseModelName = None
+    prompt: str = Field(description="What to draw; start with the LoRA's trigger word.")
+    model_name: str | None = Field(None, description="Base model; default: the first LoRA's base model.")
     negative_prompt: str = Field(
         "", description="What to avoid (SD 1.x/2.x and SDXL; FLUX is guidance-distilled and ignores it)."
     )
     loras: list[LoraStrength] = Field(default_factory=list, description="LoRAs to apply, in order.")
-    steps: Steps = DEFAULT_STEPS
+    steps: Steps = Field(DEFAULT_STEPS, description="Denoising steps.")
     guidance: float | None = Field(
         None,
         ge=0.0,
@@ -87,22 +83,32 @@ class GenerationRequest(BaseModel):
     )
     width: int | None = Field(None, description="Pixels; default: the model's native size.")
     height: int | None = Field(None, description="Pixels; default: the model's native size.")
-    seed: Seed = 0
+    seed: Seed = Field(0, description="Seed of the first image; image i uses seed + i.")
     count: int = Field(1, ge=1, le=16, description="Images to make.")
-    strengths: list[Strength] | None = Field(
+    strengths: list[float] | None = Field(
         None, description="compare-lora-strengths: one image per strength of loras[0] (same seed), and a grid."
     )
+
+    @model_validator(mode="after")
+    def _strengths_within_bounds(self) -> GenerationRequest:
+        check_strengths(self.strengths)
+        return self
 
 
 class StrengthComparison(BaseModel):
     """compare-lora-strengths' arguments: one LoRA across strengths with one seed."""
 
     lora: str = Field(description="An exported LoRA's name or a .safetensors path.")
-    prompt: Prompt
-    strengths: list[Strength] = Field(DEFAULT_COMPARED_STRENGTHS, min_length=2, max_length=8)
-    model_name: BaseModelName = None
+    prompt: str = Field(description="A prompt with the LoRA's trigger word.")
+    strengths: list[float] = Field(DEFAULT_COMPARED_STRENGTHS, min_length=2, max_length=8)
+    model_name: str | None = Field(None, description="Base model; default: the LoRA's own base model.")
     steps: Steps = DEFAULT_STEPS
     seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _strengths_within_bounds(self) -> StrengthComparison:
+        check_strengths(self.strengths)
+        return self
 
     def as_generation(self) -> GenerationRequest:
         return GenerationRequest(

@@ -72,8 +72,7 @@ def request_tool(
         try:
             return model.model_validate(values), extra_values
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors())
-            raise ToolError(f"invalid arguments: {problems}") from None
+            raise ToolError("; ".join(_problem(error) for error in exc.errors())) from None
 
     if inspect.iscoroutinefunction(handler):
 
@@ -94,3 +93,11 @@ def request_tool(
     # ...and finds the parameter that receives the request Context by its type hint.
     tool.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters} | {"return": returns}
     return tool
+
+
+def _problem(error: dict[str, Any]) -> str:
+    """A model's own check (a ValueError of a validator) already says what is wrong and what to do; a
+    field's type or bound gets its place named."""
+    if error["type"] == "value_error":
+        return str(error["ctx"]["error"])
+    return f"{'.'.join(map(str, error['loc'])) or 'request'}: {error['msg']}"
