@@ -95,7 +95,8 @@ def write_lora_file(
         metadata.pop("lora_adapter_metadata", None)
     else:
         tensors = dict(canonical)
-        if family.alpha_tensors:
+        # Alphas go with the family's denoiser (FLUX's transformer); a text-encoder-only file keeps the config.
+        if family.alpha_tensors and any(key.startswith(f"{family.denoiser_prefix}.") for key in canonical):
             # diffusers refuses a file that has both alpha tensors and the adapter config, whose rank the
             # shapes already give.
             for key in canonical:

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from training.models.source import ModelSource
 
 FAMILIES: dict[str, ModelFamily] = {family.id: family for family in (SD1, SD2, SDXL, FLUX)}
+# Files are judged by a transformer before a UNet: a FLUX pipeline also has a second text encoder, which
+# alone would read as SDXL.
+RECOGNITION_ORDER = sorted(FAMILIES.values(), key=lambda family: family.denoiser_prefix != "transformer")
 # What files that do not say their family are taken for: SD 1.x/2.x. A single file whose header does not
 # say (and no model_family) loads so, and the loaded UNet's config tells 1.x from 2.x; a folder or LoRA
 # with neither denoiser is read so, and fails with SD's message, which names unet/.
@@ -81,7 +84,7 @@ def detect_family(source: ModelSource) -> str | None:
     except (OSError, ValueError):
         return None
     # SD3, PixArt, ...: a transformer pipeline of a family this trainer does not know is recognised by none.
-    return next((family.id for family in FAMILIES.values() if family.recognises(index, folder)), None)
+    return next((family.id for family in RECOGNITION_ORDER if family.recognises(index, folder)), None)
 
 
 def checkpoint_family(path: Path) -> str | None:
@@ -117,7 +120,7 @@ def read_geometry(folder: Path) -> tuple[int, int] | None:
 # SDXL's UNets are one: the two functions below judge by the denoiser, and answer SD's family for a UNet.
 def folder_family(folder: Path) -> ModelFamily:
     """The family whose denoiser's config.json a diffusers folder holds."""
-    holds = (family for family in FAMILIES.values() if (folder / family.denoiser_prefix / "config.json").is_file())
+    holds = (family for family in RECOGNITION_ORDER if (folder / family.denoiser_prefix / "config.json").is_file())
     return next(holds, UNKNOWN_FAMILY)
 
 

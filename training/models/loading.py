@@ -121,7 +121,7 @@ def frozen_dtypes(
         return {"default": torch.float32}
     dtypes = {"default": dtype}
     if dtype == torch.float16:
-        dtypes.update(dict.fromkeys((FAMILIES[family] if family else UNKNOWN_FAMILY).fp16_overflows, torch.float32))
+        dtypes.update(dict.fromkeys(FAMILIES.get(family, UNKNOWN_FAMILY).fp16_overflows, torch.float32))
         if text_on_cpu:
             dtypes.update(dict.fromkeys(TEXT_ENCODERS, torch.float32))
     return dtypes
@@ -182,7 +182,13 @@ def load_base_model(
         if module is not None:
             module.requires_grad_(False)
             module.eval()
-    native_resolution, bucket_step = family.geometry(pipeline.vae.config, denoiser.config)
+    geometry = family.geometry(pipeline.vae.config, denoiser.config)
+    if geometry is None:
+        raise ModelNotFoundError(
+            f"{source.path}: its vae and {family.denoiser_prefix} configs give no native size (sample_size, "
+            "block_out_channels); is it a complete diffusers model?"
+        )
+    native_resolution, bucket_step = geometry
     return LoadedModel(
         source=source,
         pipeline=pipeline,

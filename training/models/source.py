@@ -2,8 +2,8 @@
 
 `model_name` may be a built-in id (`builtin:tiny-sd15`), a local diffusers folder, a single-file
 checkpoint (`.safetensors` / `.ckpt`), or a Hugging Face id that is already in the local HF cache
-(fetched only when the machine is online and HF_HUB_OFFLINE is unset). Nothing here imports torch:
-the server finds models too.
+(fetched only when the machine is online and HF_HUB_OFFLINE is unset). Only a Hugging Face id imports
+diffusers (and with it torch), to look in that cache; built-ins, folders and files are found without them.
 """
 
 from __future__ import annotations
