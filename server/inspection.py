@@ -12,6 +12,7 @@ from training.config import LoraType
 from training.data.caption_lint import CaptionFinding, lint_captions
 from training.data.dataset import DatasetError, scan_dataset
 from training.data.report import DatasetReport, inspect_dataset
+from training.families import ModelFamily
 from training.guide import CAPTION_TOKENS, DEFAULT_LORA_TYPE
 
 SD15_GEOMETRY = (512, 64)  # native resolution and bucket step when no model is named
@@ -77,8 +78,8 @@ def caption_lint(
     except DatasetError as exc:
         raise ServiceError(f"dataset {dataset_name!r} cannot be read: {exc}") from None
     count_tokens = _token_counter(model_name) if model_name else None
-    flux = bool(model_name) and _is_flux(model_name)
-    findings = lint_captions(index, flux=flux, max_tokens=max_token_length, count_tokens=count_tokens)
+    family = _model_family(model_name) if model_name else None
+    findings = lint_captions(index, family=family, max_tokens=max_token_length, count_tokens=count_tokens)
     next_step = (
         "fix the captions with update-captions (edits, find/replace, or trigger_word to put it first), then lint again"
         if findings
@@ -89,16 +90,16 @@ def caption_lint(
     )
 
 
-def _is_flux(model_name: str) -> bool:
-    """FLUX-class by the model's own files where they can be read, else as its name suggests (FLUX, Flex)."""
-    from training.families import FLUX, detect_family, guess_family
+def _model_family(model_name: str) -> ModelFamily:
+    """The model's family by its own files where they can be read, else as its name suggests (FLUX, Flex)."""
+    from training.families import FAMILIES, detect_family, guess_family
     from training.models.source import ModelNotFoundError, resolve_model
 
     try:
         family = detect_family(resolve_model(model_name))
     except (ModelNotFoundError, OSError):  # not here (or a built-in that cannot be built): judged by its name
         family = None
-    return (family or guess_family(model_name, None).id) == FLUX.id
+    return FAMILIES[family] if family else guess_family(model_name, None)
 
 
 def dataset_folder(workspace: Path, dataset_name: str) -> Path:

@@ -1,9 +1,10 @@
 """Checking captions against the guide's captioning rules, one finding per problem and file.
 
 The guide: every caption starts with a unique trigger word (xyz_style, not "style"), then
-`[subject] [details], [style], [quality], [composition]`; for FLUX-class models also a camera
-angle, an environment and the lighting (the FLUX family's `caption_elements`). Captions must not be
-empty, repeat each other, or run past the tokens the model reads (max_token_length).
+`[subject] [details], [style], [quality], [composition]`; and the elements the model's family asks
+for beyond those (its `caption_elements`: for FLUX-class models a camera angle, an environment and the
+lighting). Captions must not be empty, repeat each other, or run past the tokens the model reads
+(max_token_length).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from pydantic import BaseModel, Field
 
 from training.data.dataset import DatasetIndex
-from training.families import FLUX
+from training.families import FLUX, ModelFamily
 from training.guide import CAPTION_TOKENS, GENERIC_TRIGGERS
 
 MIN_TAGS = 3  # trigger + subject, then at least two of style, quality, composition (comma-separated)
@@ -32,12 +33,16 @@ class CaptionFinding(BaseModel):
 def lint_captions(
     index: DatasetIndex,
     *,
+    family: ModelFamily | None = None,
     flux: bool = False,
     max_tokens: int = CAPTION_TOKENS,
     count_tokens: Callable[[str], int] | None = None,
 ) -> list[CaptionFinding]:
-    """Findings for every training image's caption file. `count_tokens` is the model's tokenizer
-    (tokens without start/end); without it, words stand in for tokens."""
+    """Findings for every training image's caption file. `family` is the model's, whose caption elements
+    are checked (none: no model named); `flux=True` is `family=FLUX`. `count_tokens` is the model's
+    tokenizer (tokens without start/end); without it, words stand in for tokens."""
+    if flux:
+        family = FLUX
     findings: list[CaptionFinding] = []
     by_text: dict[str, list[str]] = defaultdict(list)
     triggers = {c.folder: c.trigger_word for c in index.concepts}
@@ -47,7 +52,7 @@ def lint_captions(
         text = caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file.is_file() else ""
         if text:
             by_text[" ".join(text.lower().split())].append(name)
-        problems = _problems(text, triggers.get(record.folder), flux, max_tokens, count_tokens)
+        problems = _problems(text, triggers.get(record.folder), family, max_tokens, count_tokens)
         findings += [CaptionFinding(file=name, rule=r, message=m, suggestion=f) for r, m, f in problems]
     for names in by_text.values():
         for name in names if len(names) > 1 else ():
@@ -63,7 +68,11 @@ def lint_captions(
 
 
 def _problems(
-    text: str, trigger: str | None, flux: bool, max_tokens: int, count_tokens: Callable[[str], int] | None
+    text: str,
+    trigger: str | None,
+    family: ModelFamily | None,
+    max_tokens: int,
+    count_tokens: Callable[[str], int] | None,
 ) -> list[tuple[str, str, str]]:
     """(rule, message, suggestion) for each rule one caption breaks."""
     if not text:
@@ -96,17 +105,16 @@ def _problems(
                 "describe it as '[trigger] [subject] [details], [style], [quality], [composition]'",
             )
         )
-    if flux:
-        elements = FLUX.caption_elements
-        missing = [element for element, pattern in elements.items() if not re.search(pattern, text.lower())]
-        if missing:
-            problems.append(
-                (
-                    "flux-elements",
-                    f"a FLUX caption should name the {', '.join(missing)}",
-                    "add e.g. 'three-quarter view, in a medieval castle, torch lighting'",
-                )
+    elements = family.caption_elements if family else {}
+    missing = [element for element, pattern in elements.items() if not re.search(pattern, text.lower())]
+    if missing:
+        problems.append(
+            (
+                f"{family.id}-elements",
+                f"a {family.name} caption should name the {', '.join(missing)}",
+                f"add e.g. '{family.caption_example}'",
             )
+        )
     tokens = count_tokens(text) if count_tokens else len(text.split())
     if tokens > max_tokens:
         problems.append(

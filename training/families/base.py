@@ -101,6 +101,7 @@ class ModelFamily:
     # The caption elements the guide asks of this family's captions beyond trigger and subject:
     # element -> a pattern of words that show it (in lower case).
     caption_elements: ClassVar[Mapping[str, str]] = {}
+    caption_example: str = ""  # words that show every caption element, as lint-captions suggests them
 
     # --- 0. what the guide says of it -------------------------------------------------------------
     def named_by(self, name: str) -> bool:

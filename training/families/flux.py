@@ -89,6 +89,7 @@ class Flux(ModelFamily):
         "bitsandbytes (CUDA) or torchao installed; set quantize_base none on a 40+ GB GPU"
     )
     caption_elements = FLUX_CAPTION_ELEMENTS
+    caption_example = "three-quarter view, in a medieval castle, torch lighting"
     denoiser_prefix = "transformer"
     fp16_overflows = ("vae", "text_encoder_2")  # T5's activations overflow in fp16 too
     lora_target_modules = FLUX_TARGET_MODULES
