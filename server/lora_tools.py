@@ -6,8 +6,8 @@ with or without `.safetensors`), or a path to a `.safetensors` file inside the w
 this server may use (server/paths.py). Results are written to `loras/<output_name>.safetensors`
 with the same `.json` sidecar as an export; an existing name is refused, never overwritten.
 
-The server imports this module at start-up: torch and diffusers are imported only when a merge or a
-conversion runs.
+The merge and the conversion need torch and diffusers, which the server never imports: each runs as a
+short-lived child process (`python -m training.merge` / `training.convert`, training/request_child.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from server.names import checked_name
 from server.paths import check_user_path, looks_like_path
 from server.safetensors_file import InvalidSafetensors, lora_layout, safetensors_metadata
 from training.generation import MAX_STRENGTH
+from training.request_child import RequestRefused, run_request
 from training.workspace import atomic_write_json
 
 # The targets of training.convert.LoraFormat, here without importing torch (a test keeps them equal).
@@ -74,10 +75,6 @@ def merge_loras(
 ) -> ExportedLora:
     """Merge `loras` (each at its weight) into `loras/<output_name>.safetensors`: at strength 1 the
     result equals loading them together at those weights (training/merge.py)."""
-    from training.lora import LoraFileError
-    from training.merge import merge_lora_files
-    from training.models.source import ModelNotFoundError
-
     try:
         sources = [item if isinstance(item, MergeSource) else MergeSource.model_validate(item) for item in loras]
     except ValidationError as exc:
@@ -87,9 +84,10 @@ def merge_loras(
     _checked_target(output_format)
     target = _new_output(workspace, output_name)
     paths = [lora_path(workspace, source.lora) for source in sources]
+    weighted = [(str(path), source.weight) for path, source in zip(paths, sources)]
     try:
-        merge_lora_files([(path, s.weight) for path, s in zip(paths, sources)], target, output_format=output_format)
-    except (LoraFileError, ModelNotFoundError) as exc:
+        run_request("training.merge", sources=weighted, target=str(target), output_format=output_format)
+    except RequestRefused as exc:
         raise ServiceError(f"cannot merge these LoRAs: {exc}") from None
     return _record(target)
 
@@ -98,16 +96,12 @@ def convert_lora(workspace: Path, lora: str, to: LoraTarget, output_name: str | 
     """Write `lora` again in the layout `to` as `loras/<output_name>.safetensors` (default
     '<lora>-<to>'), losslessly. "comfyui" is what ComfyUI's LoraLoader reads: the kohya layout, or for
     FLUX the diffusers layout with alphas."""
-    from training.convert import convert_lora_file
-    from training.lora import LoraFileError
-    from training.models.source import ModelNotFoundError
-
     _checked_target(to)
     source = lora_path(workspace, lora)
     target = _new_output(workspace, output_name or f"{source.stem}-{to}")
     try:
-        convert_lora_file(source, target, to)
-    except (LoraFileError, ModelNotFoundError) as exc:
+        run_request("training.convert", source=str(source), target=str(target), output_format=to)
+    except RequestRefused as exc:
         raise ServiceError(f"cannot convert {lora!r} to {to}: {exc}") from None
     return _record(target)
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from server.errors import ServiceError
 from server.names import checked_name, plain_filename_problem
 from server.safetensors_file import InvalidSafetensors, safetensors_metadata
+from training.request_child import RequestRefused, run_request
 from training.workspace import atomic_output, atomic_write_json
 
 if TYPE_CHECKING:
@@ -190,12 +191,9 @@ def _steps_of(lora: Path) -> int | None:
 
 
 def _convert(source: Path, target: Path, output_format: str) -> None:
-    """Rewrite the LoRA in the other layout. Imports torch and diffusers: seconds, only here."""
-    from training.convert import convert_lora_file
-    from training.lora import LoraFileError
-    from training.models.source import ModelNotFoundError
-
+    """Rewrite the LoRA in the other layout, in a child process: the conversion imports torch and diffusers,
+    which the server never does (seconds)."""
     try:
-        convert_lora_file(source, target, output_format)
-    except (LoraFileError, ModelNotFoundError) as exc:
+        run_request("training.convert", source=str(source), target=str(target), output_format=output_format)
+    except RequestRefused as exc:
         raise ServiceError(f"cannot convert the LoRA to {output_format}: {exc}") from None

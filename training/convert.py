@@ -13,6 +13,7 @@ model (kohya's FLUX layout, with BFL's fused projections, is not written).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -23,6 +24,7 @@ from training.export import write_lora_file
 from training.families import ModelFamily, folder_family, lora_family
 from training.lora import LoraFileError, LoraWeights, read_lora_file
 from training.models.source import ModelNotFoundError, resolve_model
+from training.request_child import serve_request
 
 LoraFormat = Literal["kohya", "diffusers", "comfyui"]
 
@@ -144,3 +146,17 @@ def empty_models(folder: Path) -> dict:
         raise ModelNotFoundError(
             f"{folder} is not a diffusers model folder with unet/ and text_encoder/ (or a FLUX transformer/): {exc}"
         ) from None
+
+
+def main() -> int:
+    """`python -m training.convert`: convert_lora_file for the server, which does not import torch
+    (training/request_child.py): {source, target, output_format} in, {path} out."""
+
+    def convert(source: str, target: str, output_format: LoraFormat) -> dict:
+        return {"path": str(convert_lora_file(Path(source), Path(target), output_format))}
+
+    return serve_request(convert, (LoraFileError, ModelNotFoundError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

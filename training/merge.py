@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from training.convert import (
 )
 from training.families import lora_family
 from training.lora import LoraFileError, LoraWeights, read_lora_file
+from training.models.source import ModelNotFoundError
+from training.request_child import serve_request
 
 MAX_WEIGHT = 2.0  # |weight| of one source; beyond this a LoRA is far outside what it was trained for
 MAX_MERGED_RANK = 1024
@@ -185,3 +188,18 @@ def _merged_metadata(
     if triggers:
         metadata["modelspec.trigger_phrase"] = ", ".join(triggers)
     return metadata
+
+
+def main() -> int:
+    """`python -m training.merge`: merge_lora_files for the server, which does not import torch
+    (training/request_child.py): {sources: [[path, weight], ...], target, output_format} in, {path} out."""
+
+    def merge(sources: list[tuple[str, float]], target: str, output_format: LoraFormat) -> dict:
+        weighted = [(Path(path), weight) for path, weight in sources]
+        return {"path": str(merge_lora_files(weighted, Path(target), output_format=output_format))}
+
+    return serve_request(merge, (LoraFileError, ModelNotFoundError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
