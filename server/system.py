@@ -6,13 +6,14 @@ import os
 import shutil
 from pathlib import Path
 
+import pynvml
 from pydantic import BaseModel, Field
 
 from server.jobs import JobStatus
 
 
 class SystemStats(BaseModel):
-    gpu_name: str | None = Field(None, description="CUDA device name, or null when torch sees no GPU.")
+    gpu_name: str | None = Field(None, description="NVIDIA GPU name, or null when there is none (or no driver).")
     gpu_memory_total_gb: float | None = None
     gpu_memory_free_gb: float | None = None
     ram_total_gb: float
@@ -24,13 +25,7 @@ class SystemStats(BaseModel):
 
 
 def system_stats(workspace: Path, jobs: list[JobStatus]) -> SystemStats:
-    gpu_name = total = free = None
-    import torch  # imported here, not at server start-up: it costs seconds
-
-    if torch.cuda.is_available():
-        gpu_name = torch.cuda.get_device_name(0)
-        free_bytes, total_bytes = torch.cuda.mem_get_info(0)
-        total, free = round(total_bytes / 2**30, 2), round(free_bytes / 2**30, 2)
+    gpu_name, total, free = _nvidia_gpu() or (None, None, None)
     memory = _meminfo()
     return SystemStats(
         gpu_name=gpu_name,
@@ -54,3 +49,29 @@ def _meminfo() -> dict[str, int]:
     return {
         line.split(":")[0]: int(line.split()[1]) for line in lines if line.split()[1:2] and line.split()[1].isdigit()
     }
+
+
+def _nvidia_gpu() -> tuple[str, float, float] | None:
+    """The name and total and free memory (GiB) of the GPU a training job gets (CUDA's device 0), from
+    NVML, the driver's library that nvidia-smi reads: torch.cuda would create a CUDA context, which holds
+    some 300-500 MB of that GPU for the server's whole life. None without an NVIDIA driver or GPU."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    first = visible.split(",")[0].strip() if visible is not None else "0"
+    if not first or first.startswith("-"):
+        return None  # CUDA_VISIBLE_DEVICES hides every GPU from the jobs
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None
+    try:
+        # CUDA_VISIBLE_DEVICES names a GPU by its index or UUID; NVML itself does not read the variable.
+        if first.isdigit():
+            handle = pynvml.nvmlDeviceGetHandleByIndex(int(first))
+        else:
+            handle = pynvml.nvmlDeviceGetHandleByUUID(first)
+        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        return pynvml.nvmlDeviceGetName(handle), round(memory.total / 2**30, 2), round(memory.free / 2**30, 2)
+    except pynvml.NVMLError:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
