@@ -1,7 +1,7 @@
 """The interface every model family implements: what the trainer does differently for SD 1.x/2.x,
 SDXL or FLUX, asked of one object instead of `if family == ...` branches through the engine.
 
-A family is asked four kinds of things, in the order a run asks them:
+A family is asked five kinds of things, the first four in the order a run asks them:
 1. recognising: does a diffusers folder (its model_index.json and component configs) or a single
    file's checkpoint type belong to it, and can it be trained (FLUX Fill/Control cannot);
 2. loading and placing: the pipeline class and its options, which frozen parts stay fp32 under
@@ -10,6 +10,8 @@ A family is asked four kinds of things, in the order a run asks them:
    the layers a LoRA adapts, how samples are rendered;
 4. writing: kohya's `ss_base_model_version` / `ss_v2` tags, the model spec's architecture, the file
    layouts it can be written in;
+5. testing: a real pipeline of the family at toy size, which training/models/builtin.py saves as a
+   built-in model (`builtin:tiny-*`);
 and, before any of that, what the guide says of it: its "Required Hardware" and "Training Time" row, the
 optimizer and precision plans choose, its sample guidance, the options it refuses or ignores, its caption
 rules, and the words its models' names carry. The guide's cross-family tables (learning rates, ranks, strengths,
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from diffusers import DiffusionPipeline, SchedulerMixin
 
     from training.config import TrainingConfig
+    from training.models.builtin import TinySpec
     from training.models.loading import LoadedModel
     from training.models.source import ModelSource
     from training.objectives import Objective
@@ -49,7 +52,7 @@ class HardwareRow:
     minutes_per_1k: tuple[float, float]  # the guide's "Training Time (1k steps)"
     denoiser_gb: float  # the UNet or transformer
     encoders_gb: float  # text encoder(s) + VAE: what low_vram keeps off the GPU
-    quantized: bool = False  # weights stored in 8 bits, whatever mixed_precision says
+    quantized: bool = False  # the denoiser's weights stored in 8 bits, whatever mixed_precision says
     from_guide: bool = True  # False: interpolated, the guide has no row for the family
 
 
@@ -205,6 +208,12 @@ class ModelFamily:
 
     def modelspec_architecture(self, model: LoadedModel) -> str:
         """The SAI model spec's `modelspec.architecture` of the base model (the LoRA's adds `/lora`)."""
+        raise NotImplementedError
+
+    # --- 5. testing -------------------------------------------------------------------------------
+    def tiny_pipeline(self, spec: TinySpec) -> DiffusionPipeline:
+        """A pipeline of this family at toy size (64 px) with random weights, built deterministically from
+        `spec.seed` out of training/models/builtin.py's shared tiny VAE and text encoder pieces."""
         raise NotImplementedError
 
 

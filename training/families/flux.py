@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
     from training.config import TrainingConfig
     from training.data.loader import Batch
+    from training.models.builtin import TinySpec
     from training.models.loading import LoadedModel
     from training.models.source import ModelSource
 
@@ -60,9 +61,9 @@ FLUX_T5_TOKENS = {True: 512, False: 256}
 # (kohya's and ai-toolkit's setting), and rendered at 3-4.
 TRAINING_GUIDANCE = 1.0
 # The guide's "Required Hardware" and "Training Time" row. FLUX's 12B transformer alone is 24 GB at 16 bits, so
-# the guide's 16/24 GB imply 8-bit weights (as ai-toolkit quantizes them): transformer 11.9 GB, T5-XXL 4.8 GB +
-# CLIP-L and VAE 0.4 GB.
-FLUX_HARDWARE = HardwareRow(1024, 16, 24, (60, 120), denoiser_gb=11.9, encoders_gb=5.2, quantized=True)
+# the guide's 16/24 GB imply 8-bit transformer weights (as ai-toolkit quantizes them): 11.9 GB. quantize_base
+# quantizes the transformer only: T5-XXL's encoder (4.76B) stays at 16 bits, 9.5 GB, + CLIP-L and VAE 0.4 GB.
+FLUX_HARDWARE = HardwareRow(1024, 16, 24, (60, 120), denoiser_gb=11.9, encoders_gb=9.9, quantized=True)
 # Words that show each of the FLUX caption elements the guide lists (beyond trigger and subject).
 FLUX_CAPTION_ELEMENTS = {
     "camera angle": r"\b(view|shot|angle|close-?up|portrait|full body|aerial|overhead|profile|three-quarter|wide)\b",
@@ -249,6 +250,70 @@ class Flux(ModelFamily):
     def modelspec_architecture(self, model: LoadedModel) -> str:
         """The SAI model spec names FLUX.1 by variant: dev (guidance-distilled) or schnell."""
         return "flux-1-dev" if model.guidance_embedded else "flux-1-schnell"
+
+    def tiny_pipeline(self, spec: TinySpec):
+        """A FluxTransformer2DModel with one double- and one single-stream block and the guidance embedding,
+        a CLIP encoder for the pooled prompt and a T5 encoder for the token states, with a T5 tokenizer made
+        from a byte vocabulary, and a 16-channel VAE with FLUX's scaling and shift (its config's sample
+        size, 64, is the native resolution the trainer reads)."""
+        import torch
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+        from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+
+        from training.models.builtin import byte_level_clip_tokenizer, byte_symbols, tiny_clip_config, tiny_vae
+
+        clip_tokenizer = byte_level_clip_tokenizer()
+        # T5's SentencePiece vocabulary, rebuilt offline: the special tokens, then every byte symbol.
+        pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(symbol, -1.0) for symbol in byte_symbols()]
+        t5_tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=64)
+        width = 32
+        torch.manual_seed(spec.seed)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16 * 4,  # 2x2 patches of the 16-channel latents, packed as FLUX packs them
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=width,  # T5 states
+            pooled_projection_dim=width,  # CLIP pooled
+            guidance_embeds=True,  # as FLUX.1-dev and Flex.1
+            axes_dims_rope=(4, 6, 6),  # sums to the head dimension
+        )
+        vae = tiny_vae(  # FLUX's 16 latent channels, scaling and shift, no quant convs
+            spec.seed + 1,
+            latent_channels=16,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+        torch.manual_seed(spec.seed + 2)
+        text_encoder = CLIPTextModel(tiny_clip_config(clip_tokenizer, num_hidden_layers=2))
+        torch.manual_seed(spec.seed + 3)
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5_tokenizer),
+                d_model=width,
+                d_kv=8,
+                d_ff=64,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                relative_attention_max_distance=16,
+                pad_token_id=0,
+                eos_token_id=1,
+            )
+        )
+        return FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=clip_tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=t5_tokenizer,
+            transformer=transformer,
+        )
 
 
 FLUX = Flux()

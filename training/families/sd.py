@@ -24,15 +24,18 @@ if TYPE_CHECKING:
 
     from training.config import TrainingConfig
     from training.data.loader import Batch
+    from training.models.builtin import TinySpec
     from training.models.loading import LoadedModel
     from training.models.source import ModelSource
 
 UNET_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # every attention projection
-# The guide's "Required Hardware" and "Training Time" rows. SD 1.5: UNet 860M; CLIP-L + VAE 207M.
+# The guide's "Required Hardware" and "Training Time" rows. SD 1.5: UNet 860M; CLIP-L 123M + VAE 84M = 207M
+# (tests/test_full_size.py counts them on the meta device).
 SD15_HARDWARE = HardwareRow(512, 6, 8, (15, 30), denoiser_gb=1.7, encoders_gb=0.4)
 # The guide has no SD 2.x row: its numbers are interpolated between SD 1.5 and SDXL by pixels (768^2 lies
-# 42% of the way from 512^2 to 1024^2). UNet 865M; OpenCLIP-H + VAE 438M.
-SD2_HARDWARE = HardwareRow(768, 8.5, 11.3, (21, 42), denoiser_gb=1.7, encoders_gb=0.9, from_guide=False)
+# 42% of the way from 512^2 to 1024^2). UNet 866M; OpenCLIP-H's text tower as SD 2.x ships it (23 of its
+# 24 layers) 340M + VAE 84M = 424M.
+SD2_HARDWARE = HardwareRow(768, 8.5, 11.3, (21, 42), denoiser_gb=1.7, encoders_gb=0.8, from_guide=False)
 # Names of SD 2.x models: stable-diffusion-2(-1), sd2, sd-2, 2.0, 2-1.
 SD2_NAME = re.compile(r"stable-diffusion-2|(^|[^a-z])sd-?2|2[-.][01]([^0-9]|$)")
 
@@ -165,6 +168,51 @@ class StableDiffusion(ModelFamily):
             "sd_v2": "stable-diffusion-v2-512",
             "sd_v2_v": "stable-diffusion-v2-768-v",
         }[model.base_model_version]
+
+    def tiny_pipeline(self, spec: TinySpec):
+        """A two-level UNet with cross-attention at both levels over a 4-layer CLIP encoder; SD 2.x's has
+        linear attention projections, a gelu text encoder and a DDIM scheduler, as the real 2.x models."""
+        import torch
+        from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        from training.models.builtin import byte_level_clip_tokenizer, tiny_clip_config, tiny_vae
+
+        tokenizer = byte_level_clip_tokenizer()
+
+        torch.manual_seed(spec.seed)
+        unet = UNet2DConditionModel(
+            sample_size=8,  # latent side; x8 VAE -> 64 px native resolution
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=(2, 4) if self.v2 else 8,
+            use_linear_projection=self.v2,
+        )
+        vae = tiny_vae(spec.seed + 1)
+        torch.manual_seed(spec.seed + 2)
+        text_encoder = CLIPTextModel(tiny_clip_config(tokenizer, hidden_act="gelu" if self.v2 else "quick_gelu"))
+        betas = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+        if self.v2:
+            scheduler = DDIMScheduler(
+                **betas, prediction_type=spec.prediction_type, clip_sample=False, set_alpha_to_one=False, steps_offset=1
+            )
+        else:
+            scheduler = PNDMScheduler(**betas, skip_prk_steps=True, steps_offset=1, prediction_type=spec.prediction_type)
+        return StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
 
 
 SD1 = StableDiffusion(v2=False)

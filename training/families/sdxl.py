@@ -24,6 +24,7 @@ from training.guide import CAPTION_TOKENS
 
 if TYPE_CHECKING:
     from training.config import TrainingConfig
+    from training.models.builtin import TinySpec
     from training.models.loading import LoadedModel
 
 # The guide's "Required Hardware" and "Training Time" row. UNet 2.6B; CLIP-L + bigG + VAE.
@@ -99,6 +100,61 @@ class StableDiffusionXL(StableDiffusion):
 
     def modelspec_architecture(self, model: LoadedModel) -> str:
         return "stable-diffusion-xl-v1-base"
+
+    def tiny_pipeline(self, spec: TinySpec):
+        """SD's tiny UNet as SDXL builds its own: two text encoders (the second with a projection, whose
+        pooled output and the size/crop time ids feed the UNet's `text_time` embedding), cross-attention
+        over both encoders' states (32 + 32), SDXL's VAE scaling factor and an Euler scheduler."""
+        import torch
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        from training.models.builtin import byte_level_clip_tokenizer, tiny_clip_config, tiny_vae
+
+        tokenizer = byte_level_clip_tokenizer()
+        text_config = tiny_clip_config(tokenizer, hidden_act="gelu")
+        time_embed_dim = 8  # per time id; SDXL has 6 ids (original size, crop top-left, target size)
+        torch.manual_seed(spec.seed)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),  # SDXL: no attention at the first level
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=64,  # both text encoders' states, concatenated
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            transformer_layers_per_block=(1, 2),
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_embed_dim,
+            projection_class_embeddings_input_dim=text_config.projection_dim + 6 * time_embed_dim,
+        )
+        # SDXL's scaling factor; its VAE overflows in fp16, so diffusers decodes it in fp32.
+        vae = tiny_vae(spec.seed + 1, scaling_factor=0.13025, force_upcast=True)
+        torch.manual_seed(spec.seed + 2)
+        text_encoder = CLIPTextModel(text_config)
+        torch.manual_seed(spec.seed + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(text_config)
+        scheduler = EulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+            prediction_type=spec.prediction_type,
+        )
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+        )
 
 
 SDXL = StableDiffusionXL()
