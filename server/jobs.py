@@ -8,8 +8,10 @@ from its run directory (status.json, train.log), which the child writes atomical
 generation share the GPU and run one at a time; a captioning job runs beside them (a dataset can be
 captioned while another trains). Later jobs wait as `queued` and start in order.
 
-Each trainer runs in its own session and process group, with stdin from /dev/null and its output
-in `process.log`, so it survives the server and a crash of either cannot take down the other.
+Each child runs detached in its own process group (`server.processes`, the same on Linux, macOS
+and Windows), with no stdin and its output in `process.log`, so it survives the server and a crash
+of either cannot take down the other. A stop writes the run directory's `stop-request` file (and
+signals the child where signals exist); the child finishes its step, saves and ends `stopped`.
 `refresh()` reconciles the table with the processes: it is called on start-up, by every read,
 and by the server's monitor loop.
 """
@@ -19,21 +21,22 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import sqlite3
 import subprocess
 import sys
 import time
 from collections import deque
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from server import processes
 from server.errors import ServiceError
 from server.names import checked_name
+from training.run_files import RunFiles
 from training.workspace import atomic_write_text
 
 JobState = Literal["queued", "running", "completed", "failed", "stopped", "interrupted"]
@@ -55,7 +58,7 @@ RESUME_FROM = {  # what resume-training does for an interrupted job of each kind
 FINAL_STATES = ("completed", "failed", "stopped", "interrupted")
 RESUMABLE_STATES = ("stopped", "interrupted", "failed")
 STARTUP_GRACE_S = 120.0  # a job marked running may take this long to show its pid (the spawn follows the commit)
-STOP_TIMEOUT_S = 60.0  # after SIGTERM the trainer finishes its step and saves; then it is killed
+STOP_TIMEOUT_S = 60.0  # after a stop request the trainer finishes its step and saves; then it is killed
 HEARTBEAT_STALE_S = 60.0  # the trainer's status heartbeat comes every 2 s; a minute of silence means it is gone
 
 _SCHEMA = """
@@ -66,6 +69,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     state TEXT NOT NULL,
     run_dir TEXT NOT NULL,
     pid INTEGER,
+    pid_created_at REAL,
     resume INTEGER NOT NULL DEFAULT 0,
     stop_requested_at REAL,
     created_at REAL NOT NULL,
@@ -83,6 +87,7 @@ class JobRecord(BaseModel):
     state: JobState
     run_dir: str
     pid: int | None = None
+    pid_created_at: float | None = None  # the child's start time: with the pid, which process it is
     resume: bool = False
     stop_requested_at: float | None = None
     created_at: float
@@ -130,6 +135,8 @@ class JobStore:
             columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
             if "kind" not in columns:  # a table from before captioning jobs: every row is a training job
                 db.execute("ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'training'")
+            if "pid_created_at" not in columns:  # a table from before create times: pids are checked without
+                db.execute("ALTER TABLE jobs ADD COLUMN pid_created_at REAL")
 
     @contextmanager
     def transaction(self, *, write: bool = True):
@@ -187,11 +194,13 @@ class JobStore:
                 return None
             now = time.time()
             db.execute(
-                "UPDATE jobs SET state = 'running', pid = NULL, started_at = ?, finished_at = NULL, error = NULL, "
+                "UPDATE jobs SET state = 'running', pid = NULL, pid_created_at = NULL, started_at = ?, finished_at = NULL, error = NULL, "
                 "stop_requested_at = NULL WHERE job_id = ?",
                 (now, row["job_id"]),
             )
-        return JobRecord(**{**dict(row), "state": "running", "started_at": now, "pid": None, "error": None})
+        return JobRecord(
+            **{**dict(row), "state": "running", "started_at": now, "pid": None, "pid_created_at": None, "error": None}
+        )
 
 
 class JobService:
@@ -247,8 +256,9 @@ class JobService:
         if record.state == "queued":
             self.store.update(job_id, state="stopped", finished_at=time.time())
         elif record.state == "running":
+            RunFiles(Path(record.run_dir)).request_stop()  # read by the child after each step, on every platform
             if record.pid:
-                _signal_group(record.pid, signal.SIGTERM)
+                processes.interrupt_group(record.pid)  # the fast path, where signals exist
             self.store.update(job_id, stop_requested_at=time.time())
         else:
             raise ServiceError(f"job {job_id} is already {record.state}; nothing to stop")
@@ -260,6 +270,7 @@ class JobService:
             raise ServiceError(
                 f"job {job_id} is {record.state}; only a stopped, interrupted or failed job can be resumed"
             )
+        RunFiles(Path(record.run_dir)).clear_stop_request()  # left by a stop the child never read
         self.store.update(job_id, state="queued", resume=1, error=None, finished_at=None, stop_requested_at=None)
         self.refresh()
         return self._record(job_id)
@@ -317,7 +328,7 @@ class JobService:
             self.store.update(record.job_id, state=final, finished_at=time.time(), error=status.get("error"))
         elif alive:
             if record.stop_requested_at and time.time() - record.stop_requested_at > self._stop_timeout:
-                _signal_group(record.pid, signal.SIGKILL)
+                processes.kill_tree(record.pid)
         elif record.pid is None and time.time() - (record.started_at or 0) < STARTUP_GRACE_S:
             pass  # being spawned right now (by this or another server)
         elif record.stop_requested_at:
@@ -349,19 +360,19 @@ class JobService:
                     stderr=subprocess.STDOUT,
                     cwd=self.workspace,
                     env={**os.environ, "LORA_MCP_HOME": str(self.workspace)},
-                    start_new_session=True,  # own session and process group: survives the server, killable as a group
+                    **processes.detached_options(),
                 )
         except OSError as exc:
             self.store.update(record.job_id, state="failed", finished_at=time.time(), error=f"could not start: {exc}")
             return False
         self._children[process.pid] = process
-        self.store.update(record.job_id, pid=process.pid)
+        self.store.update(record.job_id, pid=process.pid, pid_created_at=processes.create_time(process.pid))
         return True
 
     def _alive(self, record: JobRecord, status: dict) -> bool:
         """Our own child: its exit status says. Another server's (or a previous server's) child:
-        the pid must exist, still run the job's module (pids are reused, e.g. after a reboot),
-        and its heartbeat must be recent."""
+        the pid must exist, still run the job's module and have started when the child did (pids are
+        reused, e.g. after a reboot), and its heartbeat must be recent."""
         pid = record.pid
         if pid is None:
             return False
@@ -371,7 +382,7 @@ class JobService:
                 return True
             del self._children[pid]  # reaped
             return False
-        if not _runs_module(pid, CHILD_MODULES[record.kind]):
+        if not processes.runs_module(pid, CHILD_MODULES[record.kind], record.pid_created_at):
             return False
         heartbeat = status.get("heartbeat")
         return heartbeat is None or time.time() - heartbeat < HEARTBEAT_STALE_S
@@ -425,27 +436,3 @@ def _last_line(path: Path) -> str | None:
     except OSError:
         return None
     return lines[-1][:300] if lines else None
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    with suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)  # the trainer leads its own process group (start_new_session)
-
-
-def _runs_module(pid: int, module: str) -> bool:
-    """A live (not zombie) process running `python -m <module>`; where there is no /proc, only
-    whether the pid exists."""
-    if Path("/proc/self").exists():
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-            command = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return False
-        return state != "Z" and module.encode() in command.split(b"\0")
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+import psutil
 import pynvml
 from pydantic import BaseModel, Field
 
@@ -26,29 +27,18 @@ class SystemStats(BaseModel):
 
 def system_stats(workspace: Path, jobs: list[JobStatus]) -> SystemStats:
     gpu_name, total, free = _nvidia_gpu() or (None, None, None)
-    memory = _meminfo()
+    memory = psutil.virtual_memory()  # the RAM on every platform
     return SystemStats(
         gpu_name=gpu_name,
         gpu_memory_total_gb=total,
         gpu_memory_free_gb=free,
-        ram_total_gb=round(memory.get("MemTotal", 0) / 2**20, 2),
-        ram_available_gb=round(memory.get("MemAvailable", 0) / 2**20, 2),
+        ram_total_gb=round(memory.total / 2**30, 2),
+        ram_available_gb=round(memory.available / 2**30, 2),
         disk_free_gb=round(shutil.disk_usage(workspace).free / 2**30, 2),
         cpu_count=os.cpu_count() or 1,
         running_jobs=sum(1 for job in jobs if job.state == "running"),
         queued_jobs=sum(1 for job in jobs if job.state == "queued"),
     )
-
-
-def _meminfo() -> dict[str, int]:
-    """/proc/meminfo in KiB (Linux); empty elsewhere."""
-    try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
-    except OSError:
-        return {}
-    return {
-        line.split(":")[0]: int(line.split()[1]) for line in lines if line.split()[1:2] and line.split()[1].isdigit()
-    }
 
 
 def _nvidia_gpu() -> tuple[str, float, float] | None:

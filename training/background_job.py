@@ -1,6 +1,7 @@
 """What every background job child other than the trainer shares (captioning, generation): the
-command line `python -m <module> RUN_DIR`, SIGINT/SIGTERM as a stop request, and the run
-directory's train.log and status.json while it works."""
+command line `python -m <module> RUN_DIR`, the run directory's stop-request file (and SIGINT/SIGTERM
+where signals exist) as a stop request, and the run directory's train.log and status.json while it
+works."""
 
 from __future__ import annotations
 
@@ -18,9 +19,21 @@ from training.run_files import RunFiles, StatusWriter
 EXIT_CODES = {"completed": 0, "stopped": 130}  # as lora-train's; anything else (failed) is 1
 
 
+class StopRequest(threading.Event):
+    """Set by SIGINT/SIGTERM, or by the run directory's stop-request file (the stop every platform has),
+    which `is_set` looks for each time the job asks: after every batch or image."""
+
+    def __init__(self, files: RunFiles):
+        super().__init__()
+        self._files = files
+
+    def is_set(self) -> bool:
+        return super().is_set() or self._files.stop_requested()
+
+
 def job_main(module: str, argv: list[str] | None, run: Callable[[Path, threading.Event], str]) -> int:
-    """Run `run(run_dir, stop)` for `python -m <module> RUN_DIR`; the first SIGINT/SIGTERM sets `stop`,
-    which the job honours between batches."""
+    """Run `run(run_dir, stop)` for `python -m <module> RUN_DIR`; `stop` (a StopRequest), which the job
+    honours between batches, is set by the first SIGINT/SIGTERM or the stop-request file."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or not (Path(args[0]) / "request.json").is_file():
         print(f"usage: python -m {module} RUN_DIR (a folder holding request.json)", file=sys.stderr)
@@ -29,10 +42,14 @@ def job_main(module: str, argv: list[str] | None, run: Callable[[Path, threading
     for variable in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
         os.environ.setdefault(variable, "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    stop = threading.Event()
+    files = RunFiles(Path(args[0]))
+    stop = StopRequest(files)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
-    return EXIT_CODES.get(run(Path(args[0]), stop), 1)
+    try:
+        return EXIT_CODES.get(run(files.dir, stop), 1)
+    finally:
+        files.clear_stop_request()  # honoured, or too late: a resumed job starts clean
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from training.workspace import append_line, atomic_write_json, runs_dir
+from training.workspace import append_line, atomic_write_json, atomic_write_text, runs_dir
 
 RunState = Literal["running", "completed", "failed", "stopped"]
 HEARTBEAT_SECONDS = 2.0  # status.json is rewritten at least this often while the process lives
@@ -38,6 +38,20 @@ class RunFiles:
         self.samples_index = self.samples / "index.jsonl"
         self.checkpoints = run_dir / "checkpoints"
         self.latent_cache = run_dir / "latent_cache"
+        self.stop_request = run_dir / "stop-request"
+
+    # A stop that works on every platform: whoever wants the run to stop writes this file, and the
+    # process checks it after every step (one stat). Signals (SIGINT/SIGTERM) are the fast path where
+    # they exist; a Windows child started detached gets none.
+    def request_stop(self) -> None:
+        atomic_write_text(self.stop_request, f"{time.time()}\n")
+
+    def stop_requested(self) -> bool:
+        return self.stop_request.exists()
+
+    def clear_stop_request(self) -> None:
+        """Forget a stop request: the run it stopped has ended (or is resumed)."""
+        self.stop_request.unlink(missing_ok=True)
 
     def create(self) -> None:
         for folder in (self.dir, self.samples, self.checkpoints):

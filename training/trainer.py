@@ -211,6 +211,7 @@ class Trainer:
         """Optimizer steps until config.steps or a stop; after each, what is due at that step. Validation
         and samples come before the checkpoint and the stop check: pruning keeps the checkpoint their
         evidence recommends, and auto_stop_on reads both."""
+        self._notice_stop_request()  # one written while the model loaded
         self._train_mode()
         if self.step == 0 and not self.stop_requested:
             self._validate()  # the baselines, before any training
@@ -228,6 +229,7 @@ class Trainer:
             if self._checkpoint_due():
                 self.save_checkpoint()
             if self.evidence.due(self.step):
+            self._notice_stop_request()
                 self._stop_when_asked()
         bar.close()
 
@@ -314,6 +316,7 @@ class Trainer:
         if result.lora_path:
             fields["lora_path"] = str(result.lora_path)
         if result.error:
+        self.files.clear_stop_request()  # it has been honoured, or came too late: a resumed run starts clean
             fields["error"] = result.error
         self.status.finish(result.state, **fields)
         log.info("run %s at step %d: %s", result.state, self.step, result.error or self.files.dir)
@@ -405,6 +408,13 @@ class Trainer:
     def _checkpoint_due(self) -> bool:
         """Every save_every steps; the last step writes the final LoRA instead."""
         return self.step % self.config.save_every == 0 and self.step < self.config.steps
+
+    def _notice_stop_request(self) -> None:
+        """The stop that works on every platform (RunFiles.request_stop), checked after every step: one
+        stat, next to a step of at least tens of milliseconds."""
+        if not self.stop_requested and self.files.stop_requested():
+            log.info("stop requested (%s): stopping after this step", self.files.stop_request.name)
+            self.stop_requested = True
 
     def _stop_when_asked(self) -> None:
         """auto_stop_on: the run ends after this step when its evidence meets one of the conditions."""
@@ -550,7 +560,8 @@ class Trainer:
 def run_training(
     config: TrainingConfig, run_dir: Path | None = None, *, resume: bool = False, progress: bool = False
 ) -> RunResult:
-    """The one entry point: setup, train, save, cleanup; SIGINT/SIGTERM stop with a checkpoint."""
+    """The one entry point: setup, train, save, cleanup; a stop request (the run directory's stop-request
+    file, or SIGINT/SIGTERM) stops with a checkpoint."""
     trainer = Trainer(config, run_dir, resume=resume, progress=progress)
     previous = _install_stop_handlers(trainer)
     try:
@@ -572,8 +583,8 @@ def run_training(
 
 
 def _install_stop_handlers(trainer: Trainer) -> dict:
-    """First SIGINT/SIGTERM: finish the current step, save a checkpoint, end as 'stopped'.
-    A second one interrupts at once."""
+    """First SIGINT/SIGTERM: finish the current step, save a checkpoint, end as 'stopped' (as the
+    stop-request file does, where no signal reaches the process). A second one interrupts at once."""
     if threading.current_thread() is not threading.main_thread():
         return {}
 
