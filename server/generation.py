@@ -2,13 +2,16 @@
 (the built-in tiny models: seconds) or as a background job in the job table (a real model: a
 512 px image takes a minute or more on a CPU, and on a GPU the job waits for a training job to end).
 
-The rendering itself is `training/generation.py`; torch is imported only when an image is made.
+The rendering itself is `training/generation.py`, always in a child process (`python -m
+training.generation`): the server never imports torch.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +25,7 @@ from server.lora_tools import lora_path
 from training.config import DEFAULT_MODEL
 from training.guide import SMALLEST_REAL_NATIVE  # smaller: a built-in test model, rendered inline
 from training.generation import GenerationRequest
+from training.run_files import RunFiles
 
 MAX_SIDE = 2048
 
@@ -70,14 +74,25 @@ def render_or_queue(
 
 
 def render_now(workspace: Path, plan: GenerationPlan) -> list[Path]:
-    """Render inside the call, into <workspace>/generations/<time>-<label>/samples/."""
-    from training.generation import generate
-
+    """Render inside the call, into <workspace>/generations/<time>-<label>/samples/, by the background
+    job's own child (`python -m training.generation`, waited for): rendering imports torch and diffusers,
+    which the server never does."""
     out_dir = workspace / "generations" / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}-{plan.label}"
-    try:
-        return generate(plan.request, out_dir)
-    except Exception as exc:  # e.g. a LoRA file for another architecture, or out of GPU memory
-        raise ServiceError(f"could not generate: {type(exc).__name__}: {exc}") from None
+    files = RunFiles(out_dir)
+    out_dir.mkdir(parents=True)
+    (out_dir / "request.json").write_text(plan.request.model_dump_json(), encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "training.generation", str(out_dir)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
+    status = json.loads(files.status.read_text(encoding="utf-8")) if files.status.is_file() else {}
+    if done.returncode != 0 or status.get("state") != "completed":
+        # e.g. a LoRA file for another architecture, or out of GPU memory: the job's "<Type>: message"
+        crash = done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
+        raise ServiceError(f"could not generate: {status.get('error') or crash[0]}")
+    return [files.samples / name for name in status["latest_samples"]]
 
 
 def _model_of(paths: list[Path]) -> str | None:

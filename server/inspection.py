@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pydantic import BaseModel
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import BPE
 
 from server.errors import ServiceError
 from server.names import checked_name
@@ -16,6 +19,7 @@ from training.families import ModelFamily
 from training.guide import CAPTION_TOKENS, DEFAULT_LORA_TYPE
 
 SD15_GEOMETRY = (512, 64)  # native resolution and bucket step when no model is named
+CLIP_START, CLIP_END = "<|startoftext|>", "<|endoftext|>"
 
 
 def dataset_info(
@@ -111,8 +115,6 @@ def dataset_folder(workspace: Path, dataset_name: str) -> Path:
 
 def _token_counter(model_name: str):
     """Tokens of a caption in the model's own tokenizer, start and end tokens not counted."""
-    from transformers import CLIPTokenizer
-
     from training.models.source import ModelNotFoundError, resolve_model
 
     try:
@@ -122,5 +124,32 @@ def _token_counter(model_name: str):
     tokenizer_folder = source.path / "tokenizer"
     if not tokenizer_folder.is_dir():
         raise ServiceError(f"{model_name!r} has no tokenizer folder to count tokens with; leave model_name out")
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_folder))
-    return lambda text: len(tokenizer(text).input_ids) - 2
+    tokenizer = clip_tokenizer(tokenizer_folder)
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def clip_tokenizer(folder: Path) -> Tokenizer:
+    """A model's CLIP tokenizer, with the `tokenizers` library alone (transformers would pull torch into
+    the server): its tokenizer.json, or the vocab.json and merges.txt of older folders (SD 1.5's) in the
+    pipeline transformers' CLIPTokenizer builds from them: NFC, whitespace runs as one space, lower case,
+    CLIP's word pattern, byte-level BPE with '</w>' ending a word."""
+    if (folder / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    merges = [
+        tuple(line.split())
+        for line in (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        if line and not line.startswith("#version")
+    ]
+    tokenizer = Tokenizer(
+        BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>", unk_token=CLIP_END)
+    )
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    words = Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(words, behavior="removed", invert=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.add_special_tokens([CLIP_START, CLIP_END])
+    return tokenizer

@@ -12,13 +12,16 @@ Where no file can be read (a model not downloaded yet), `guess_family` judges by
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from training.families.base import ModelFamily, read_config
+from training.families.checkpoint import checkpoint_kind
 from training.families.flux import FLUX
 from training.families.sd import SD1, SD2
 from training.families.sdxl import SDXL
+from training.request_child import run_request
 
 if TYPE_CHECKING:
     from training.models.source import ModelSource
@@ -88,20 +91,15 @@ def detect_family(source: ModelSource) -> str | None:
 
 
 def checkpoint_family(path: Path) -> str | None:
-    """The family of a .safetensors checkpoint from its header alone: diffusers' own single-file
-    inference runs on tensors of the right shapes on the meta device, so no weight is read."""
+    """The family of a .safetensors checkpoint from its header alone (training/families/checkpoint.py).
+    That reading needs torch and diffusers: a process that has them (the trainer) reads it itself, any
+    other (the server, which must never import them) asks a short-lived child."""
     if path.suffix.lower() != ".safetensors":
         return None  # a pickled .ckpt would have to be unpickled to be read
-    import torch
-    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = {key: torch.empty(f.get_slice(key).get_shape(), device="meta") for key in f.keys()}
-    except Exception:  # not a safetensors file: loading it says why
-        return None
-    kind = infer_diffusers_model_type(header)
+    if "diffusers" in sys.modules:
+        kind = checkpoint_kind(path)
+    else:
+        kind = run_request("training.families.checkpoint", path=str(path))["kind"]
     return next((family.id for family in FAMILIES.values() if family.recognises_checkpoint(kind)), None)
 
 
