@@ -28,7 +28,8 @@ FP32_ACTIVATIONS = 1.5
 # Gradient checkpointing keeps only block inputs and recomputes the rest in backward. It cannot free the CUDA
 # context, attention workspaces or allocator slack that share the "activations" part of the estimate, and 0.75
 # is what reproduces the guide's minimum from its recommended with the guide's memory preset (checkpointing,
-# low_vram, adafactor): SD 1.5 8 -> 6.0 GB, SDXL 16 -> 11.8, SD 2.x 11.3 -> 8.1, FLUX 24 -> 16.9.
+# low_vram, adafactor): SD 1.5 8 -> 6.0 GB, SDXL 16 -> 11.8, SD 2.x 11.3 -> 8.1, FLUX 24 -> 16.9. (The rows'
+# weights are the real models' parameter counts: tests/test_full_size.py counts them on the meta device.)
 CHECKPOINTED_ACTIVATIONS = 0.75
 
 

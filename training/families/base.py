@@ -52,7 +52,7 @@ class HardwareRow:
     minutes_per_1k: tuple[float, float]  # the guide's "Training Time (1k steps)"
     denoiser_gb: float  # the UNet or transformer
     encoders_gb: float  # text encoder(s) + VAE: what low_vram keeps off the GPU
-    quantized: bool = False  # the denoiser's weights stored in 8 bits, whatever mixed_precision says
+    quantized: bool = False  # weights stored in 8 bits, whatever mixed_precision says
     from_guide: bool = True  # False: interpolated, the guide has no row for the family
 
 

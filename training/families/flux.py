@@ -61,9 +61,10 @@ FLUX_T5_TOKENS = {True: 512, False: 256}
 # (kohya's and ai-toolkit's setting), and rendered at 3-4.
 TRAINING_GUIDANCE = 1.0
 # The guide's "Required Hardware" and "Training Time" row. FLUX's 12B transformer alone is 24 GB at 16 bits, so
-# the guide's 16/24 GB imply 8-bit transformer weights (as ai-toolkit quantizes them): 11.9 GB. quantize_base
-# quantizes the transformer only: T5-XXL's encoder (4.76B) stays at 16 bits, 9.5 GB, + CLIP-L and VAE 0.4 GB.
-FLUX_HARDWARE = HardwareRow(1024, 16, 24, (60, 120), denoiser_gb=11.9, encoders_gb=9.9, quantized=True)
+# the guide's 16/24 GB imply 8-bit weights (as ai-toolkit quantizes them): transformer 11.9 GB, T5-XXL 4.8 GB +
+# CLIP-L and VAE 0.4 GB. (quantize_base quantizes the transformer only; this trainer's T5 is 9.5 GB at 16 bits, and
+# low_vram keeps it off the GPU: the estimate's 4.8 GB of it errs on the safe side there.)
+FLUX_HARDWARE = HardwareRow(1024, 16, 24, (60, 120), denoiser_gb=11.9, encoders_gb=5.2, quantized=True)
 # Words that show each of the FLUX caption elements the guide lists (beyond trigger and subject).
 FLUX_CAPTION_ELEMENTS = {
     "camera angle": r"\b(view|shot|angle|close-?up|portrait|full body|aerial|overhead|profile|three-quarter|wide)\b",
