@@ -3,13 +3,15 @@
     <workspace>/uploads/<upload_id>/upload.json   filename, sizes, sha256, metadata, created_at
     <workspace>/uploads/<upload_id>/data.part     the file, total_size bytes long from the start
     <workspace>/uploads/<upload_id>/chunks/<i>    an empty marker per chunk that arrived
-    <workspace>/uploads/<upload_id>/lock          the upload's advisory lock
     <workspace>/uploads/.finished/<upload_id>.json  a tombstone: where a finished upload went
+    <workspace>/.upload-locks/<upload_id>.lock    the upload's lock (filelock: flock, or Windows' locking)
 
 An upload folder appears whole (it is built under a hidden name and renamed into place) and
 disappears whole (renamed away, then deleted). Chunk i is written at offset i * chunk_size and
-fsynced before its marker is created, so a marker always means the bytes are on disk. What the
-upload tools say about this state is `server.uploads`'s.
+fsynced before its marker is created, so a marker always means the bytes are on disk. The lock
+lives outside the upload's folder: Windows renames no folder with an open file inside, and taking
+a lock would make its folder again. A holder reads the upload's state once it has the lock, so an
+upload removed while it waited reads as gone. What the upload tools say about this state is `server.uploads`'s.
 """
 
 from __future__ import annotations
@@ -25,20 +27,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from pydantic import BaseModel
 
 from server.upload_arguments import SUFFIX
 from training.workspace import DIR_MODE, atomic_write_json
 
-try:  # advisory locks between processes (and threads) touching one upload; absent on Windows
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
-
 UPLOAD_JSON = "upload.json"
 DATA_FILE = "data.part"
 CHUNKS_DIR = "chunks"
-LOCK_FILE = "lock"
+LOCKS_DIR = ".upload-locks"  # beside the uploads folder
 FINISHED_DIR = ".finished"
 
 
@@ -74,6 +72,7 @@ class UploadRecord(BaseModel):
 class UploadStore:
     def __init__(self, folder: Path):
         self.folder = folder
+        self.locks = folder.with_name(LOCKS_DIR)
 
     def data_file(self, upload_id: str) -> Path:
         return self.folder / upload_id / DATA_FILE
@@ -84,11 +83,12 @@ class UploadStore:
         if (self.folder / upload.upload_id).exists():  # a folder left half-removed by a crash
             self.discard(upload.upload_id)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.locks.mkdir(exist_ok=True)
+        self._lock_file(upload.upload_id).touch()  # made with the upload, so taking the lock writes nothing
         staging = Path(tempfile.mkdtemp(prefix=".start-", dir=self.folder))
         try:
             os.chmod(staging, DIR_MODE)
             (staging / CHUNKS_DIR).mkdir()
-            (staging / LOCK_FILE).touch()
             with (staging / DATA_FILE).open("wb") as f:
                 f.truncate(upload.total_size)
                 os.fsync(f.fileno())
@@ -113,43 +113,29 @@ class UploadStore:
         offset = index * upload.chunk_size
         if marker.exists():
             with (folder / DATA_FILE).open("rb") as f:
-                return os.pread(f.fileno(), len(data), offset) == data
-        fd = os.open(folder / DATA_FILE, os.O_WRONLY)
-        try:
-            written = os.pwrite(fd, data, offset)
-            if written != len(data):
-                raise OSError(f"short write ({written} of {len(data)} bytes)")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+                f.seek(offset)
+                return f.read(len(data)) == data
+        with (folder / DATA_FILE).open("r+b") as f:  # the file has its full size: chunks overwrite in place
+            f.seek(offset)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         marker.touch()
         fsync_dir(marker.parent)
         return True
 
     @contextlib.contextmanager
     def locked(self, upload_id: str) -> Iterator[UploadRecord | None]:
-        """Hold the upload's lock; yields its state, or None when there is no such upload."""
-        folder = self.folder / upload_id
-        for _ in range(3):
-            try:
-                fd = os.open(folder / LOCK_FILE, os.O_RDWR)
-            except OSError:  # no such upload (or it is being removed)
-                yield None
-                return
-            try:
-                if fcntl is not None:
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-                    try:  # the folder may have been removed (or replaced) while this waited
-                        same = os.path.samestat(os.fstat(fd), os.stat(folder / LOCK_FILE))
-                    except FileNotFoundError:
-                        same = False
-                    if not same:
-                        continue
-                yield self.read(upload_id)
-                return
-            finally:
-                os.close(fd)
-        yield None
+        """Hold the upload's lock (between processes and threads); yields its state, read once the lock
+        is held, or None when there is no such upload."""
+        if not (self.folder / upload_id).is_dir():
+            yield None  # no lock file is made for an upload that does not exist
+            return
+        with FileLock(self._lock_file(upload_id)):
+            yield self.read(upload_id)
+
+    def _lock_file(self, upload_id: str) -> Path:
+        return self.locks / f"{upload_id}.lock"
 
     def read(self, upload_id: str) -> UploadRecord | None:
         try:
@@ -193,8 +179,9 @@ class UploadStore:
         shutil.rmtree(trash, ignore_errors=True)
 
     def expire(self, expiry_seconds: float) -> list[str]:
-        """Delete unfinished uploads (and tombstones of finished ones) older than `expiry_seconds`, and
-        what a crash left behind; returns the ids of the unfinished uploads deleted."""
+        """Delete unfinished uploads (and tombstones of finished ones, and the locks of uploads gone) older
+        than `expiry_seconds`, and what a crash left behind; returns the ids of the unfinished uploads
+        deleted."""
         if not self.folder.is_dir():
             return []
         now = time.time()
@@ -217,6 +204,11 @@ class UploadStore:
             for tombstone in finished.glob("*.json"):
                 if now - _mtime(tombstone) > expiry_seconds:
                     tombstone.unlink(missing_ok=True)
+        # A lock outlives its upload (a holder may still wait on it) until it is as old as an expired one.
+        for lock in self.locks.glob("*.lock"):
+            if now - _mtime(lock) > expiry_seconds and not (self.folder / lock.stem).is_dir():
+                with contextlib.suppress(OSError):  # Windows deletes no file another process holds open
+                    lock.unlink(missing_ok=True)
         return removed
 
 
