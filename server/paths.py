@@ -1,40 +1,74 @@
 """Which folders outside the workspace the server may read and write: those listed in
-LORA_MCP_ALLOWED_DIRS (os.pathsep-separated) and the roots the MCP client offers (file:// roots,
-read when a tool that takes a folder runs). Model paths are exempt: they are only read."""
+LORA_MCP_ALLOWED_DIRS (os.pathsep-separated: ':' here, ';' on Windows) and the roots the MCP client
+offers (file:// roots, read when a tool that takes a folder runs). Model paths are exempt: they are
+only read.
+
+Paths are read by the rules of the platform the server runs on; the functions that depend on them
+take that platform's path module (`flavour`: `posixpath` or `ntpath`, default `os.path`), so the
+Windows rules (drive letters, backslashes, UNC shares, case-insensitive names) are tested anywhere.
+"""
 
 from __future__ import annotations
 
+import ntpath
+import nturl2path
 import os
-from pathlib import Path
+import posixpath
+from collections.abc import Iterable
+from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
+from types import ModuleType
+from urllib.parse import unquote, urlparse
 
 from server.errors import ServiceError
 
 ALLOWED_DIRS_ENV = "LORA_MCP_ALLOWED_DIRS"
 # The stdio server has one client: the roots it offered last (resolved folders).
 _client_roots: list[Path] = []
+_PURE_PATHS: dict[ModuleType, type[PurePath]] = {posixpath: PurePosixPath, ntpath: PureWindowsPath}
 
 
 def set_client_roots(uris: list[str]) -> None:
     """Remember the client's file:// roots (other schemes are not folders here)."""
-    from urllib.parse import unquote, urlparse
+    _client_roots[:] = [Path(folder).resolve() for uri in uris if (folder := path_from_file_uri(uri))]
 
-    folders = []
-    for uri in uris:
-        parsed = urlparse(uri)
-        if parsed.scheme == "file" and parsed.path:
-            folders.append(Path(unquote(parsed.path)).resolve())
-    _client_roots[:] = folders
+
+def path_from_file_uri(uri: str, flavour: ModuleType = os.path) -> str | None:
+    """The local path of a file:// URI (file:///C:/Users/me on Windows, file://server/share for a UNC
+    share), or None for another scheme."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "file" or not parsed.path:
+        return None
+    if flavour is not ntpath:
+        return unquote(parsed.path)
+    share = f"//{parsed.netloc}" if parsed.netloc not in ("", "localhost") else ""
+    return nturl2path.url2pathname(share + parsed.path)
 
 
 def allowed_roots(workspace: Path) -> list[Path]:
-    extra = [Path(p).expanduser().resolve() for p in os.environ.get(ALLOWED_DIRS_ENV, "").split(os.pathsep) if p]
+    extra = [Path(p).expanduser().resolve() for p in allowed_dirs(os.environ.get(ALLOWED_DIRS_ENV, ""))]
     return [Path(workspace).resolve(), *extra, *_client_roots]
 
 
-def looks_like_path(value: str) -> bool:
-    """A bare name (a dataset or run name) is not a path; anything with a separator or a leading
-    '~' or '.' is."""
-    return "/" in value or os.sep in value or value.startswith(("~", "."))
+def allowed_dirs(value: str, flavour: ModuleType = os.path) -> list[str]:
+    """The folders of an LORA_MCP_ALLOWED_DIRS value, split at the platform's path separator (';' on
+    Windows, where ':' follows every drive letter)."""
+    return [folder for folder in value.split(flavour.pathsep) if folder]
+
+
+def looks_like_path(value: str, flavour: ModuleType = os.path) -> bool:
+    """A bare name (a dataset or run name) is not a path; anything with a separator, a drive
+    ('C:', '\\\\server\\share') or a leading '~' or '.' is."""
+    separators = {"/", flavour.sep, flavour.altsep} - {None}
+    has_drive = bool(flavour.splitdrive(value)[0])
+    return any(sep in value for sep in separators) or has_drive or value.startswith(("~", "."))
+
+
+def is_within(path: str | PurePath, roots: Iterable[str | PurePath], flavour: ModuleType = os.path) -> bool:
+    """Whether `path` is one of `roots` or inside one, compared as the platform compares paths (on
+    Windows without regard to case, and a drive or share never inside another); `path` and `roots` are
+    resolved already."""
+    pure = _PURE_PATHS[flavour]
+    return any(pure(path).is_relative_to(pure(root)) for root in roots)
 
 
 def check_user_path(field: str, value: str, workspace: Path) -> None:
@@ -45,7 +79,7 @@ def check_user_path(field: str, value: str, workspace: Path) -> None:
     given = Path(value).expanduser()
     resolved = (given if given.is_absolute() else Path(workspace) / given).resolve()
     roots = allowed_roots(workspace)
-    if not any(resolved.is_relative_to(root) for root in roots):
+    if not is_within(resolved, roots):
         raise ServiceError(
             f"{field} {value!r} is outside the folders this server may use ({', '.join(map(str, roots))}): "
             f"move the files into the workspace, add their folder to {ALLOWED_DIRS_ENV} in the server's "
