@@ -135,7 +135,7 @@ class JobStore:
             columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
             if "kind" not in columns:  # a table from before captioning jobs: every row is a training job
                 db.execute("ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'training'")
-            if "pid_created_at" not in columns:  # a table from before create times: pids are checked without
+            if "pid_created_at" not in columns:  # a table from before create times: its pids are checked without
                 db.execute("ALTER TABLE jobs ADD COLUMN pid_created_at REAL")
 
     @contextmanager
@@ -194,8 +194,8 @@ class JobStore:
                 return None
             now = time.time()
             db.execute(
-                "UPDATE jobs SET state = 'running', pid = NULL, pid_created_at = NULL, started_at = ?, finished_at = NULL, error = NULL, "
-                "stop_requested_at = NULL WHERE job_id = ?",
+                "UPDATE jobs SET state = 'running', pid = NULL, pid_created_at = NULL, started_at = ?, "
+                "finished_at = NULL, error = NULL, stop_requested_at = NULL WHERE job_id = ?",
                 (now, row["job_id"]),
             )
         return JobRecord(

@@ -410,8 +410,7 @@ class Trainer:
         return self.step % self.config.save_every == 0 and self.step < self.config.steps
 
     def _notice_stop_request(self) -> None:
-        """The stop that works on every platform (RunFiles.request_stop), checked after every step: one
-        stat, next to a step of at least tens of milliseconds."""
+        """The stop every platform has (RunFiles.request_stop): one stat per step of tens of milliseconds or more."""
         if not self.stop_requested and self.files.stop_requested():
             log.info("stop requested (%s): stopping after this step", self.files.stop_request.name)
             self.stop_requested = True
@@ -560,8 +559,7 @@ class Trainer:
 def run_training(
     config: TrainingConfig, run_dir: Path | None = None, *, resume: bool = False, progress: bool = False
 ) -> RunResult:
-    """The one entry point: setup, train, save, cleanup; a stop request (the run directory's stop-request
-    file, or SIGINT/SIGTERM) stops with a checkpoint."""
+    """The one entry point: setup, train, save, cleanup; a stop request (file or signal) stops with a checkpoint."""
     trainer = Trainer(config, run_dir, resume=resume, progress=progress)
     previous = _install_stop_handlers(trainer)
     try:
