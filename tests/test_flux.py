@@ -322,7 +322,7 @@ def test_8bit_weights_without_a_quantization_library_fail_with_what_to_install(t
     assert "needs bitsandbytes (CUDA: pip install bitsandbytes) or torchao" in result.error
 
 
-def test_frozen_weights_load_in_the_mixed_precision_type_on_cuda_only():
+def test_frozen_weights_load_in_the_mixed_precision_type_where_the_device_runs_it():
     from training.models.loading import frozen_dtypes
 
     assert frozen_dtypes("bf16", "cuda", "flux") == {"default": torch.bfloat16}
@@ -333,15 +333,16 @@ def test_frozen_weights_load_in_the_mixed_precision_type_on_cuda_only():
         "text_encoder_2": torch.float32,
     }
     assert frozen_dtypes("fp16", "cuda", "sdxl") == {"default": torch.float16, "vae": torch.float32}
-    assert frozen_dtypes("bf16", "cpu", "flux") == frozen_dtypes("no", "cuda", "sd1") == {"default": torch.float32}
+    assert frozen_dtypes("bf16", "cpu", "flux") == {"default": torch.bfloat16}  # CPU autocast runs bf16 too
+    assert frozen_dtypes("bf16", "xpu", "flux") == frozen_dtypes("no", "cuda", "sd1") == {"default": torch.float32}
 
 
-def test_a_bf16_request_on_the_cpu_still_loads_fp32_weights(flux):
+def test_a_bf16_request_on_the_cpu_loads_bf16_weights(flux):
     base = load_base_model(resolve_model("builtin:tiny-flux"), torch.device("cpu"), mixed_precision="bf16")
     dtypes = {
         name: next(m.parameters()).dtype for name, m in base.pipeline.components.items() if hasattr(m, "parameters")
     }
-    assert set(dtypes.values()) == {torch.float32} and len(dtypes) == 4  # transformer, VAE, CLIP, T5
+    assert set(dtypes.values()) == {torch.bfloat16} and len(dtypes) == 4  # transformer, VAE, CLIP, T5
 
 
 def test_low_vram_keeps_static_text_encoders_off_the_gpu(flux):

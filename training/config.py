@@ -166,14 +166,16 @@ class TrainingConfig(BaseModel):
     )
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping.")
     mixed_precision: MixedPrecision = Field(
-        "no", description="fp16/bf16 autocast on CUDA; on CPU training runs in fp32 and this is recorded only."
+        "no",
+        description="fp16/bf16 autocast with the frozen weights in that type, on CUDA, Apple GPUs (MPS) and the CPU "
+        "(slower than fp32 on most CPUs); LoRA weights stay fp32.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     low_vram: bool = Field(
         False,
         description="Keep the text encoders on the CPU (they encode each caption and prompt there; trained or "
         "shuffled-caption encoders stay on the GPU) and the VAE off the GPU except while it encodes or decodes "
-        "(CUDA only; recorded only on CPU).",
+        "(CUDA only; recorded only elsewhere: an Apple GPU shares the machine's memory).",
     )
     noise_offset: float = Field(
         0.0, ge=0.0, le=1.0, description="Per-channel noise offset (0.05-0.1 helps dark/bright images)."

@@ -64,8 +64,7 @@ GOAL_PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
         ),
         "mixed_precision": (
             "fp16",
-            "the guide's Memory Optimization: fp16 autocast on CUDA (on CPU the run stays "
-            "fp32 and this is only recorded)",
+            "the guide's Memory Optimization: fp16 autocast (on a CPU slower than fp32: use 'no' there)",
         ),
         "optimizer": ("adafactor", "the guide's Memory Optimization: 'Uses less memory than AdamW'"),
     },

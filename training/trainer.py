@@ -28,7 +28,7 @@ from training.data.loader import Batch, TrainingData
 from training.export import export_lora
 from training.lora import LoraFileError, attach_lora, load_lora_weights_into, lora_components, read_lora_file
 from training.families.flux import QuantizationUnavailable
-from training.models.loading import load_base_model, pick_device
+from training.models.loading import device_memory_gb, load_base_model, pick_device
 from training.models.source import ModelNotFoundError, resolve_model
 from training.optimizers import OptimizerUnavailable, build_lr_scheduler, build_optimizer
 from training.placement import Placement, text_encoders_stay_on_cpu
@@ -115,9 +115,8 @@ class Trainer:
         """
         self._open_run_directory()
         self.device = pick_device()
-        if self.device.type == "cuda":  # for the diagnostics' VRAM check
-            memory = torch.cuda.get_device_properties(self.device).total_memory
-            self.status.update(device_memory_gb=round(memory / 2**30, 1))
+        self.device_memory_gb = device_memory_gb(self.device)  # also for the diagnostics' VRAM check
+        self.status.update(device=self.device.type, device_memory_gb=self.device_memory_gb)
         config = self.config
         source = resolve_model(config.model_name, config.base_model_config)
         self.base = load_base_model(
@@ -349,7 +348,8 @@ class Trainer:
         extra = len(data.records) - len(dataset.images)
         return [
             f"model: {config.model_name} ({self.base.family}, {self.base.prediction_type}, "
-            f"native {self.base.native_resolution}px) on {self.device}",
+            f"native {self.base.native_resolution}px) on {self.device}"
+            + (f" ({self.device_memory_gb:g} GB)" if self.device_memory_gb else ""),
             f"images: {dataset.num_images} ({dataset.num_samples} per epoch with repeats), "
             f"{len(dataset.validation)} held out for validation" + (f", {extra} class images" if extra else ""),
             f"concepts: {concepts}",

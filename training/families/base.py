@@ -59,9 +59,9 @@ class HardwareRow:
 # Why plans train a family in its precision (ModelFamily.plan_precision), as the plan's reason says it.
 PRECISION_REASONS = {
     "fp16": "fp16, as the guide's examples use: half the memory of fp32 for {name} on a CUDA GPU (the VAE "
-    "stays fp32, LoRA weights train in fp32); recorded only when training on a CPU",
+    "stays fp32, LoRA weights train in fp32); on a CPU it runs too, slower than fp32",
     "bf16": "bf16 for {name}: its activations overflow fp16's range, bf16 keeps fp32's (an Ampere or newer "
-    "GPU; on older ones use fp16, the VAE stays fp32 either way); recorded only when training on a CPU",
+    "GPU; on older ones use fp16, the VAE stays fp32 either way); on a CPU it runs too, slower than fp32",
 }
 
 

@@ -7,6 +7,7 @@ transformer), the family's geometry and training scheduler, frozen, in the stora
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -109,14 +110,17 @@ def frozen_dtypes(
     mixed_precision: str, device_type: str, family: str | None, *, text_on_cpu: bool = False
 ) -> dict[str, torch.dtype]:
     """The storage type of the frozen weights by pipeline component ("default": the rest), as
-    diffusers' from_pretrained takes it: the mixed-precision type on CUDA, fp32 elsewhere. Under fp16
-    the components of the family's `fp16_overflows` stay fp32 (SD and SDXL VAEs overflow in fp16;
-    SDXL's sets force_upcast; FLUX's T5 too); they encode once anyway, and so do text encoders kept on
-    the CPU (`text_on_cpu`), which has no fast fp16. Loading FLUX straight in bf16 halves what its fp32
-    load would put on the GPU (12 B + 4.7 B parameters: ~34 GB instead of ~67 GB)."""
+    diffusers' from_pretrained takes it: the mixed-precision type where the device runs it (placement.py
+    PRECISIONS: CUDA, MPS and the CPU), fp32 elsewhere. Under fp16 the components of the family's
+    `fp16_overflows` stay fp32 (SD and SDXL VAEs overflow in fp16; SDXL's sets force_upcast; FLUX's T5
+    too); they encode once anyway, and so do text encoders kept on the CPU (`text_on_cpu`), which has no
+    fast fp16. Loading FLUX straight in bf16 halves what its fp32 load would put on the GPU (12 B + 4.7 B
+    parameters: ~34 GB instead of ~67 GB)."""
     import torch
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision) if device_type == "cuda" else None
+    from training.placement import half_dtype
+
+    dtype = half_dtype(mixed_precision, device_type)
     if dtype is None:
         return {"default": torch.float32}
     dtypes = {"default": dtype}
@@ -136,9 +140,9 @@ def load_base_model(
     mixed_precision: str = "no",
     text_on_cpu: bool = False,
 ) -> LoadedModel:
-    """Load every component of the pipeline, frozen and in eval mode: in fp32, or on CUDA with
-    `mixed_precision` in the types frozen_dtypes gives (a diffusers folder is read straight into them;
-    a single file in the main type, its VAE and T5 cast after). LoRA weights train in fp32 either way.
+    """Load every component of the pipeline, frozen and in eval mode: in fp32, or with `mixed_precision`
+    in the types frozen_dtypes gives for the device (a diffusers folder is read straight into them; a
+    single file in the main type, its VAE and T5 cast after). LoRA weights train in fp32 either way.
     The family (read from the model's files, or `model_family` when not auto) loads the pipeline.
     `quantize` "8bit" loads a FLUX transformer with 8-bit weights (see families/flux.py flux_transformer);
     `text_on_cpu` leaves the text encoders on the CPU (low_vram: they never occupy the GPU)."""
@@ -205,9 +209,38 @@ def _bitsandbytes_8bit(module) -> bool:
     return bool(getattr(module, "is_loaded_in_8bit", False))
 
 
-def pick_device() -> torch.device:
+@dataclass(frozen=True)
+class DeviceProbe:
+    """The questions pick_device asks of the machine (torch's answers unless a test gives its own)."""
+
+    cuda: Callable[[], bool]
+    mps: Callable[[], bool]
+
+
+def pick_device(probe: DeviceProbe | None = None) -> torch.device:
+    """LORA_TRAIN_DEVICE when set (e.g. `cpu` on a CUDA machine), else the first present of an NVIDIA GPU
+    (CUDA), an Apple GPU (MPS) and the CPU."""
     import torch
 
     if os.environ.get("LORA_TRAIN_DEVICE"):
         return torch.device(os.environ["LORA_TRAIN_DEVICE"])
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    probe = probe or DeviceProbe(cuda=torch.cuda.is_available, mps=torch.backends.mps.is_available)
+    if probe.cuda():
+        return torch.device("cuda")
+    if probe.mps():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def device_memory_gb(device: torch.device) -> float | None:
+    """The memory the device may fill, in GiB: a CUDA card's total; on an Apple GPU the share of the
+    machine's unified memory Metal recommends for it (torch 2.5 and newer); None on the CPU."""
+    import torch
+
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    elif device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
+        memory = torch.mps.recommended_max_memory()
+    else:
+        return None
+    return round(memory / 2**30, 1)
