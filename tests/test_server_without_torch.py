@@ -4,14 +4,20 @@ them), and every tool called over stdio leaves them out of the server's modules.
 
 from __future__ import annotations
 
+import base64
 import json
+import sys
+import time
 from pathlib import Path
 
+import anyio
 import pytest
 from transformers import CLIPTokenizer
 
 from server.inspection import clip_tokenizer
 from training.models.builtin import byte_symbols
+
+REPO = Path(__file__).resolve().parent.parent
 
 CAPTIONS = [
     "wc_style, a watercolor painting of a red fox in the snow",
@@ -53,3 +59,161 @@ def test_token_counts_equal_transformers_clip_tokenizer(layout, tiny_sd15, tmp_p
         assert len(ours.encode(caption, add_special_tokens=False).ids) == expected, caption
     if layout != "tokenizer.json":  # the merges are used: fewer tokens than bytes
         assert len(ours.encode("the thing", add_special_tokens=False).ids) < len("thething")
+
+
+HEAVY = ("torch", "diffusers", "transformers", "peft")
+HUB_ID = "lora-test/tiny-sd15"  # a Hugging Face id, found in a local cache made for the test
+
+
+def hf_cache_with(folder: Path, root: Path) -> Path:
+    """A Hugging Face cache (hub layout: refs/main names the snapshot) holding `folder` as HUB_ID."""
+    repo = root / f"models--{HUB_ID.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots").mkdir()
+    (repo / "snapshots" / commit).symlink_to(folder, target_is_directory=True)
+    return root
+
+
+def imported_modules(importtime_log: Path) -> set[str]:
+    """Every module a process started with `-X importtime` imported, from the lines it wrote to stderr
+    ('import time: self | cumulative | name'), whether or not it is still in sys.modules."""
+    lines = importtime_log.read_text(encoding="utf-8", errors="replace").splitlines()
+    return {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:") and "|" in line}
+
+
+class ToolCalls:
+    """The session, remembering which tools were called; `ok` results are checked."""
+
+    def __init__(self, session):
+        self.session, self.called = session, set()
+
+    async def __call__(self, name: str, arguments: dict, *, ok: bool = True):
+        self.called.add(name)
+        result = await self.session.call_tool(name, arguments)
+        assert result.is_error != ok, (name, result.content)
+        return result
+
+    async def until_done(self, job_id: str) -> dict:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            status = (await self("get-training-status", {"job_id": job_id})).structured_content
+            if status["state"] in ("completed", "failed", "interrupted", "stopped"):
+                return status
+            await anyio.sleep(0.25)
+        raise AssertionError(f"job {job_id} did not end")
+
+
+async def dataset_tools(call: ToolCalls, shapes: Path) -> None:
+    image = base64.b64encode((shapes / "shape_000.png").read_bytes()).decode()
+    await call("upload-dataset", {"dataset_name": "up", "images": [{"filename": "a.png", "content": image}]})
+    await call("import-dataset", {"dataset_name": "shapes", "source_path": str(shapes), "mode": "copy"})
+    await call("generate-captions", {"dataset_name": "up", "caption_model": "template", "trigger_word": "xyz_shape"})
+    await call("update-captions", {"dataset_name": "up", "find": "a", "replace": "one"})
+    await call("get-dataset-info", {"dataset_name": "shapes", "lora_type": "style", "model_name": HUB_ID})
+    for model in ("builtin:tiny-sd15", HUB_ID):  # token counts with the model's tokenizer
+        await call("lint-captions", {"dataset_name": "shapes", "model_name": model})
+    await call("list-datasets", {})
+    await call("recommend-training-plan", {"dataset_name": "shapes", "lora_type": "style", "model_name": HUB_ID})
+    await call("delete-dataset", {"dataset_name": "up"})
+
+
+async def config_tools(call: ToolCalls, shapes: Path, checkpoint: Path) -> str:
+    """Configs of a built-in, a Hugging Face id and a single-file checkpoint; returns a finding's config."""
+    base = {"dataset_path": str(shapes), "rank": 4, "resolution": 64, "test_prompts": ["xyz_shape a red circle"]}
+    base |= {"sample_every": 2, "sample_steps": 2}
+    for name, model in (("tiny", "builtin:tiny-sd15"), ("hub", HUB_ID), ("single", str(checkpoint))):
+        await call("create-training-config", {**base, "name": name, "model_name": model, "steps": 2})
+        report = await call("validate-training-config", {"name": name})
+        assert report.structured_content["valid"], (name, report.structured_content)
+    await call("create-training-config", {**base, "name": "long", "model_name": "builtin:tiny-sd15", "steps": 5000})
+    findings = (await call("validate-training-config", {"name": "long"})).structured_content["findings"]
+    assert "steps-vs-images" in [finding["rule"] for finding in findings]
+    await call("apply-fix", {"config_name": "long", "finding_id": "steps-vs-images"})
+    await call("update-training-config", {"name": "hub", "changes": {"steps": 3}})
+    await call("get-config", {"name": "hub"})
+    await call("list-configs", {})
+    await call("delete-config", {"name": "long"})
+    return "tiny"
+
+
+async def job_tools(call: ToolCalls) -> list[str]:
+    """Two runs (the second stopped as it starts), and what the job tools say of them."""
+    first = (await call("start-training", {"config_name": "tiny"})).structured_content["job_id"]
+    second = (await call("start-training", {"config_name": "single"})).structured_content["job_id"]
+    await call("stop-training", {"job_id": second})
+    assert (await call.until_done(first))["state"] == "completed"
+    assert (await call.until_done(second))["state"] == "stopped"
+    refused = await call("resume-training", {"job_id": first}, ok=False)
+    assert "only a stopped, interrupted or failed job" in refused.content[0].text
+    await call("get-training-logs", {"job_id": first, "lines": 5})
+    await call("list-training-jobs", {})
+    await call("get-training-samples", {"job_id": first})
+    await call("diagnose-training", {"job_id": first})
+    await call("compare-training-runs", {"job_ids": [first, second]})
+    return [first, second]
+
+
+async def lora_tools(call: ToolCalls, job_id: str) -> None:
+    exported = (await call("export-model", {"job_id": job_id, "output_format": "diffusers"})).structured_content
+    await call("export-model", {"job_id": job_id})
+    await call("list-exported-models", {})
+    data = (await call("download-model", {"path": f"{exported['name']}.safetensors"})).structured_content
+    upload = {"upload_id": "0b4f3c1e-5a2d-4f61-9c7e-2d8a1f6b9e30"}
+    size = len(base64.b64decode(data["data"]))
+    await call("upload-lora-chunked-start", {**upload, "filename": "uploaded.safetensors", "total_size": size})
+    await call("upload-lora-chunked-append", {**upload, "chunk": data["data"], "chunk_index": 0})
+    await call("upload-lora-chunked-finish", upload)
+    await call("convert-lora", {"lora": "tiny", "to": "diffusers"})
+    await call("merge-loras", {"loras": [{"lora": "tiny"}, {"lora": "uploaded", "weight": 0.5}], "output_name": "m"})
+    image = await call("generate-image", {"prompt": "xyz_shape", "loras": [{"lora": "m"}], "steps": 2})
+    assert image.content[-1].type == "image"
+    await call("compare-lora-strengths", {"lora": "tiny", "prompt": "xyz_shape", "strengths": [0, 1], "steps": 2})
+    await call("get-system-stats", {})
+
+
+def test_every_tool_leaves_torch_diffusers_and_transformers_out_of_the_server(tmp_path, tiny_sd15, shapes):
+    """Every tool, on the paths that used to import them (a Hugging Face id, a single-file checkpoint, a
+    conversion, a merge, images inside the call, system stats), through the SDK's client over stdio. The
+    server runs with `-X importtime`, which writes every module it ever imports to its stderr."""
+    from ldm_checkpoint import diffusers_to_ldm
+    from mcp.client.session import ClientSession
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+    from safetensors.torch import save_file
+
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "models").symlink_to(tiny_sd15.parent)  # share the session's built-in models
+    checkpoint = tmp_path / "tiny-sd15.safetensors"
+    save_file(diffusers_to_ldm(tiny_sd15), str(checkpoint))
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(hf_cache_with(tiny_sd15, tmp_path / "hf")),
+        "LORA_MCP_ALLOWED_DIRS": str(tmp_path),
+    }
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-X", "importtime", "-m", "server.main", "--workspace", str(workspace)],
+        cwd=str(REPO),
+        env=env,
+    )
+    stderr = tmp_path / "server.err"
+
+    async def main():
+        with open(stderr, "w") as errlog:
+            async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as session:
+                await session.initialize()
+                call = ToolCalls(session)
+                await dataset_tools(call, shapes)
+                await config_tools(call, shapes, checkpoint)
+                first, _ = await job_tools(call)
+                await lora_tools(call, first)
+                listed = {tool.name for tool in (await session.list_tools()).tools}
+                return listed, call.called
+
+    listed, called = anyio.run(main)
+    assert called == listed  # a new tool must be called here too
+    modules = imported_modules(stderr)
+    assert {"server.app", "tokenizers", "pynvml"} <= modules, "the import log is read"
+    assert sorted(m for m in modules if m.split(".")[0] in HEAVY) == []
