@@ -113,7 +113,7 @@ def test_an_fp16_run_resumes_with_its_gradient_scale(tmp_path, shapes):
 
     from training.trainer import run_training
 
-    config = fast_config(shapes, steps=5, mixed_precision="fp16", batch_size=1)
+    config = fast_config(shapes, steps=4, mixed_precision="fp16", batch_size=1)
     straight = run_training(config, tmp_path / "straight")
     stopped = _StopAfter(config, tmp_path / "resumed")
     stopped.setup()
