@@ -1,14 +1,19 @@
 """generate-captions: captions for a dataset's images, by template or by an image-to-text model.
 
 A set a model would take more than ~30 s over runs as a background job in the job table (see
-`JobService.start_captioning`); a quick one is captioned inside the call.
+`JobService.start_captioning`); a quick one is captioned inside the call, by the same child process
+when a model writes the captions (it needs torch, which the server never imports).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +23,16 @@ from server.errors import ServiceError
 from server.jobs import JobRecord
 from server.names import checked_name
 from server.paths import check_user_path
-from training.captioning import CaptionRequest
+from training.captioning import CaptionJob, CaptionRequest, captioner_for, write_captions
 from training.data.dataset import image_files
+from training.run_files import RunFiles
+from training.workspace import read_jsonl
 
 # A BLIP-base-sized model takes up to ~2.1 s an image on this 2-core CPU (bench/caption_time.py, 40 tokens),
 # so more than 14 images is past the ~30 s an assistant should wait inside one call.
 INLINE_MODEL_IMAGES = 14
 LISTED_CAPTIONS = 100  # captions listed in one result; the files hold them all
+CAPTION_POLL_S = 0.25  # how often a model's captions are read while its child works: ~1/8 of one image's time
 
 
 class CaptionedFile(BaseModel):
@@ -64,7 +72,7 @@ class CaptionPlan(BaseModel):
 def plan_captions(workspace: Path, **request: Any) -> CaptionPlan:
     """Check the dataset and the model (present, loadable kind) and list the images to caption.
     `request`: a CaptionRequest's fields, as generate-captions takes them; the model checks them."""
-    from training.captioning import CaptionerUnavailable, CaptionJob, find_caption_model
+    from training.captioning import CaptionerUnavailable, find_caption_model
 
     checked = CaptionRequest.model_validate(request)
     folder = _dataset_folder(workspace, checked.dataset_name, checked.dataset_path)
@@ -117,9 +125,8 @@ def runs_in_background(plan: CaptionPlan, background: bool | None) -> bool:
 def caption_now(
     plan: CaptionPlan, caption_model: str, on_progress: Callable[[int, int], None] | None = None
 ) -> CaptionRun:
-    """Caption the plan's images inside this call, reporting progress after each batch."""
-    from training.captioning import CaptionerUnavailable, CaptionJob, captioner_for, write_captions
-
+    """Caption the plan's images inside this call, reporting progress after each batch: by template here,
+    by a model in the background job's own child (the model needs torch, which the server never imports)."""
     job = CaptionJob(**plan.job)
     folder = Path(job.folder)
     if not job.files:
@@ -131,12 +138,12 @@ def caption_now(
             files=[],
             next_step="every image already has a caption: pass overwrite=true to replace them, or lint-captions",
         )
-    try:
-        describe = captioner_for(job.caption_model, folder)
-    except CaptionerUnavailable as exc:
-        raise ServiceError(str(exc)) from None
+    if job.caption_model == "template":
+        describe = captioner_for("template", folder)  # reads the images with PIL alone
+        batches = write_captions(folder, [folder / name for name in job.files], describe, job)
+    else:
+        batches = _captions_by_child(job)
     written, skipped = [], []
-    batches = write_captions(folder, [folder / name for name in job.files], describe, job)
     for batch_written, batch_skipped in batches:
         written += [CaptionedFile(file=name, caption=caption) for name, caption in batch_written]
         skipped += [SkippedFile(file=name, reason=reason) for name, reason in batch_skipped]
@@ -151,6 +158,38 @@ def caption_now(
         skipped=skipped,
         next_step="read a few captions, refine them with update-captions, then lint-captions",
     )
+
+
+def _captions_by_child(job: CaptionJob) -> Iterator[tuple[list[tuple[str, str]], list[tuple[str, str]]]]:
+    """The captions of `job`, as write_captions yields them, from the captioning job's child (`python -m
+    training.captioning`) in a temporary run directory: its captions.jsonl is read as it grows."""
+    with tempfile.TemporaryDirectory(prefix="captions-") as tmp:
+        run_dir = Path(tmp)
+        (run_dir / "request.json").write_text(job.model_dump_json(), encoding="utf-8")
+        with open(run_dir / "process.log", "wb") as log:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "training.captioning", str(run_dir)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        seen, ended = 0, False
+        while not ended:
+            ended = child.poll() is not None  # rows written before the end are read once more below
+            rows = read_jsonl(run_dir / "captions.jsonl")[seen:]
+            seen += len(rows)
+            if rows:
+                yield (
+                    [(row["file"], row["caption"]) for row in rows if "caption" in row],
+                    [(row["file"], row["skipped"]) for row in rows if "skipped" in row],
+                )
+            if not ended:
+                time.sleep(CAPTION_POLL_S)
+        status = RunFiles(run_dir).status
+        state = json.loads(status.read_text(encoding="utf-8")) if status.is_file() else {}
+        if state.get("state") != "completed":
+            # the model's own refusal (CaptionerUnavailable), or "<Type>: message" of a crash
+            raise ServiceError(state.get("error") or f"captioning failed (exit code {child.returncode})")
 
 
 def caption_job_started(plan: CaptionPlan, caption_model: str, job_id: str) -> CaptionRun:

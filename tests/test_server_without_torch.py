@@ -105,11 +105,14 @@ class ToolCalls:
         raise AssertionError(f"job {job_id} did not end")
 
 
-async def dataset_tools(call: ToolCalls, shapes: Path) -> None:
+async def dataset_tools(call: ToolCalls, shapes: Path, caption_model: Path) -> None:
     image = base64.b64encode((shapes / "shape_000.png").read_bytes()).decode()
     await call("upload-dataset", {"dataset_name": "up", "images": [{"filename": "a.png", "content": image}]})
     await call("import-dataset", {"dataset_name": "shapes", "source_path": str(shapes), "mode": "copy"})
     await call("generate-captions", {"dataset_name": "up", "caption_model": "template", "trigger_word": "xyz_shape"})
+    by_model = {"dataset_name": "up", "caption_model": str(caption_model), "overwrite": True}
+    captioned = await call("generate-captions", {**by_model, "background": False})  # inside the call
+    assert captioned.structured_content["captioned"] == 1
     await call("update-captions", {"dataset_name": "up", "find": "a", "replace": "one"})
     await call("get-dataset-info", {"dataset_name": "shapes", "lora_type": "style", "model_name": HUB_ID})
     for model in ("builtin:tiny-sd15", HUB_ID):  # token counts with the model's tokenizer
@@ -173,9 +176,11 @@ async def lora_tools(call: ToolCalls, job_id: str) -> None:
     await call("get-system-stats", {})
 
 
-def test_every_tool_leaves_torch_diffusers_and_transformers_out_of_the_server(tmp_path, tiny_sd15, shapes):
+def test_every_tool_leaves_torch_diffusers_and_transformers_out_of_the_server(
+    tmp_path, tiny_sd15, shapes, tiny_git
+):
     """Every tool, on the paths that used to import them (a Hugging Face id, a single-file checkpoint, a
-    conversion, a merge, images inside the call, system stats), through the SDK's client over stdio. The
+    conversion, a merge, images and model captions inside the call, system stats), through the SDK's client over stdio. The
     server runs with `-X importtime`, which writes every module it ever imports to its stderr."""
     from ldm_checkpoint import diffusers_to_ldm
     from mcp.client.session import ClientSession
@@ -205,7 +210,7 @@ def test_every_tool_leaves_torch_diffusers_and_transformers_out_of_the_server(tm
             async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as session:
                 await session.initialize()
                 call = ToolCalls(session)
-                await dataset_tools(call, shapes)
+                await dataset_tools(call, shapes, tiny_git)
                 await config_tools(call, shapes, checkpoint)
                 first, _ = await job_tools(call)
                 await lora_tools(call, first)
