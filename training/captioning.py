@@ -8,7 +8,8 @@ and folder names; the trigger word goes first, then the given prefix and suffix.
 A long set runs as a background job: `python -m training.captioning RUN_DIR` reads the job from
 `RUN_DIR/request.json` and keeps the run-directory contract of training (status.json with its
 heartbeat, train.log), with `step` counting captioned images and one `captions.jsonl` row per
-caption written. SIGTERM stops it after the current batch; run again, it continues where it stopped.
+caption written. A stop request (the stop-request file, or SIGTERM) stops it after the current batch;
+run again, it continues where it stopped.
 """
 
 from __future__ import annotations
