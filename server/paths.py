@@ -11,7 +11,6 @@ Windows rules (drive letters, backslashes, UNC shares, case-insensitive names) a
 from __future__ import annotations
 
 import ntpath
-import nturl2path
 import os
 import posixpath
 from collections.abc import Iterable
@@ -38,10 +37,14 @@ def path_from_file_uri(uri: str, flavour: ModuleType = os.path) -> str | None:
     parsed = urlparse(uri)
     if parsed.scheme != "file" or not parsed.path:
         return None
+    path = unquote(parsed.path)
     if flavour is not ntpath:
-        return unquote(parsed.path)
-    share = f"//{parsed.netloc}" if parsed.netloc not in ("", "localhost") else ""
-    return nturl2path.url2pathname(share + parsed.path)
+        return path
+    if parsed.netloc not in ("", "localhost"):  # file://server/share/sets is \\server\share\sets
+        path = f"//{parsed.netloc}{path}"
+    elif ntpath.splitdrive(path[1:])[0]:  # file:///C:/Users is C:\Users
+        path = path[1:]
+    return path.replace("/", "\\")
 
 
 def allowed_roots(workspace: Path) -> list[Path]:

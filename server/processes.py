@@ -1,11 +1,11 @@
 """Child processes the same way on Linux, macOS and Windows: started detached, recognised, stopped.
 
 psutil answers the portable questions (does this pid still run our module, since when; its process
-tree). What differs between platforms is only how a child is detached from
-the server and whether a signal can ask it to stop; those two are the named branches below, and the
-only platform branches of the server (tests/test_portability.py keeps it that way). A graceful stop
-does not need a signal anywhere: the server writes the run directory's `stop-request` file, which
-every child checks after each step; the signal is the fast path where one exists.
+tree). What differs between platforms is only how a child is detached from the server and whether a
+signal can ask it to stop: those two are the named branches below, and the only platform branches of
+the server (tests/test_portability.py keeps it that way). A graceful stop needs no signal anywhere:
+the server writes the run directory's `stop-request` file, which every child checks after each step;
+the signal is the fast path where one exists.
 """
 
 from __future__ import annotations
@@ -28,20 +28,19 @@ CREATE_TIME_SLACK_S = 1.0
 def detached_options() -> dict:
     """Popen options that give a child its own process group: it survives the server (and a Ctrl-C in
     the server's console), and its group can be signalled as a whole."""
-    if WINDOWS:
-        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    if WINDOWS:  # no console window either: a server started by Claude Desktop has none to share
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
     return {"start_new_session": True}  # own session and process group
 
 
-def interrupt_group(pid: int) -> bool:
+def interrupt_group(pid: int) -> None:
     """The fast path of a graceful stop: SIGTERM to the child's process group (it finishes its step
-    and saves). False where no signal reaches a detached child (Windows: CTRL_BREAK needs a shared
-    console, which a server started by Claude Desktop has not); the stop-request file does it there."""
+    and saves). Nothing on Windows, where no signal reaches a detached child (CTRL_BREAK needs a shared
+    console): the stop-request file alone stops it there."""
     if WINDOWS:
-        return False
+        return
     with suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGTERM)  # the child leads its own group (detached_options)
-    return True
 
 
 def create_time(pid: int) -> float | None:

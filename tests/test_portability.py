@@ -90,7 +90,7 @@ def test_a_job_stops_through_the_stop_request_file_with_no_signal(tmp_path, tiny
     """What Windows does: no signal reaches the detached trainer; the file stops it after its step, with
     a checkpoint, and the trainer removes the file as it ends."""
     signalled = []
-    monkeypatch.setattr(processes, "interrupt_group", lambda pid: signalled.append(pid) or False)
+    monkeypatch.setattr(processes, "interrupt_group", signalled.append)
     (tmp_path / "models").symlink_to(tiny_sd15.parent)
     service = JobService(tmp_path, stop_timeout=120)
     job = service.start("filestop", fast_config(shapes, steps=100000, batch_size=1).to_yaml())
