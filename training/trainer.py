@@ -210,8 +210,8 @@ class Trainer:
         """Optimizer steps until config.steps or a stop; after each, what is due at that step. Validation
         and samples come before the checkpoint and the stop check: pruning keeps the checkpoint their
         evidence recommends, and auto_stop_on reads both."""
-        self._notice_stop_request()  # one written while the model loaded
         self._train_mode()
+        self._notice_stop_request()  # one written while the model loaded
         if self.step == 0 and not self.stop_requested:
             self._validate()  # the baselines, before any training
             if self._sampling_on():
@@ -228,8 +228,8 @@ class Trainer:
             if self._checkpoint_due():
                 self.save_checkpoint()
             if self.evidence.due(self.step):
-            self._notice_stop_request()
                 self._stop_when_asked()
+            self._notice_stop_request()
         bar.close()
 
     def _train_mode(self) -> None:
@@ -315,8 +315,8 @@ class Trainer:
         if result.lora_path:
             fields["lora_path"] = str(result.lora_path)
         if result.error:
-        self.files.clear_stop_request()  # it has been honoured, or came too late: a resumed run starts clean
             fields["error"] = result.error
+        self.files.clear_stop_request()  # it has been honoured, or came too late: a resumed run starts clean
         self.status.finish(result.state, **fields)
         log.info("run %s at step %d: %s", result.state, self.step, result.error or self.files.dir)
         log.removeHandler(self._log_handler)
