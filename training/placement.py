@@ -34,9 +34,9 @@ class PrecisionSupport:
 # The one decision of what runs where; "no", and a device type not listed (LORA_TRAIN_DEVICE=xpu, say),
 # run in fp32 with the request recorded only. Every row needs torch's autocast for the device (MPS: torch
 # 2.5); LoRA weights train in fp32 everywhere.
-# Step times, tiny SD 1.5, 64 px, batch 4, rank 4, on this project's 2-core CPU without native bf16
-# (torch 2.13): fp32 84 ms, fp16 autocast 212 ms, bf16 autocast 1364 ms. mixed_precision defaults to "no",
-# so a CPU run that asks for nothing stays fp32 and as fast as before.
+# Step times, tiny SD 1.5 UNet, 64 px, batch 4, rank 4, on this project's 2-core AVX2 CPU (no bf16 units;
+# torch 2.13; three runs, medians of 20 steps): fp32 84-112 ms, fp16 autocast 212-230 ms, bf16 autocast
+# 1.4-2.0 s. mixed_precision defaults to "no", so a CPU run that asks for nothing stays fp32, as fast as before.
 PRECISIONS: dict[tuple[str, str], PrecisionSupport] = {
     ("cuda", "fp16"): PrecisionSupport(
         True, "fp16's 5-bit exponent flushes small gradients to zero, so the loss is scaled (GradScaler)"
@@ -53,12 +53,12 @@ PRECISIONS: dict[tuple[str, str], PrecisionSupport] = {
     ("cpu", "fp16"): PrecisionSupport(
         True,
         "the same fp16 gradients as on CUDA, so the loss is scaled (torch's GradScaler runs on the CPU); "
-        "slower than fp32 on most CPUs (2.5x on a CPU without fp16 units): use 'no' for speed",
+        "slower than fp32 on most CPUs (2-2.5x on an AVX2 CPU): use 'no' for speed",
     ),
     ("cpu", "bf16"): PrecisionSupport(
         False,
         "bf16 keeps fp32's exponent: no loss scaling; fast only on CPUs with bf16 units (AMX, AVX512-BF16), "
-        "up to 16x slower than fp32 elsewhere: use 'no' for speed",
+        "15-20x slower than fp32 elsewhere: use 'no' for speed",
     ),
 }
 
