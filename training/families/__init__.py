@@ -100,6 +100,8 @@ def checkpoint_family(path: Path) -> str | None:
         kind = checkpoint_kind(path)
     else:
         kind = run_request("training.families.checkpoint", path=str(path))["kind"]
+    if kind is None:  # not a safetensors file: loading it says why
+        return None
     return next((family.id for family in FAMILIES.values() if family.recognises_checkpoint(kind)), None)
 
 
