@@ -424,10 +424,11 @@ def test_expire_removes_old_uploads_only(service, workspace, lora_bytes):
 
 
 def test_an_expired_upload_is_refused_when_used(workspace, lora_bytes):
-    service = UploadService(workspace, expiry_seconds=0.05)
+    # Long enough for start and the chunks on a loaded 2-core machine (50 ms was not), short enough to wait out.
+    service = UploadService(workspace, expiry_seconds=1.0)
     start(service, lora_bytes)
     send_all(service, lora_bytes)
-    time.sleep(0.1)
+    time.sleep(1.1)
     with pytest.raises(ServiceError, match="expired at .* start again with upload-lora-chunked-start"):
         service.finish("u1")
     assert not (workspace / "loras").exists() and not (workspace / "uploads" / "u1").exists()
