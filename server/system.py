@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 from pathlib import Path
 
@@ -14,8 +15,14 @@ from server.jobs import JobStatus
 
 
 class SystemStats(BaseModel):
-    gpu_name: str | None = Field(None, description="NVIDIA GPU name, or null when there is none (or no driver).")
-    gpu_memory_total_gb: float | None = None
+    gpu_name: str | None = Field(
+        None,
+        description="The GPU training uses: an NVIDIA GPU's name, 'Apple GPU (MPS)' on Apple silicon, or null "
+        "when training runs on the CPU.",
+    )
+    gpu_memory_total_gb: float | None = Field(
+        None, description="Its memory; on Apple silicon the unified memory it shares with the CPU."
+    )
     gpu_memory_free_gb: float | None = None
     ram_total_gb: float
     ram_available_gb: float
@@ -26,8 +33,8 @@ class SystemStats(BaseModel):
 
 
 def system_stats(workspace: Path, jobs: list[JobStatus]) -> SystemStats:
-    gpu_name, total, free = _nvidia_gpu() or (None, None, None)
     memory = psutil.virtual_memory()  # the RAM on every platform
+    gpu_name, total, free = _nvidia_gpu() or _apple_gpu(memory.total) or (None, None, None)
     return SystemStats(
         gpu_name=gpu_name,
         gpu_memory_total_gb=total,
@@ -65,3 +72,11 @@ def _nvidia_gpu() -> tuple[str, float, float] | None:
         return None
     finally:
         pynvml.nvmlShutdown()
+
+
+def _apple_gpu(unified_bytes: int) -> tuple[str, float, None] | None:
+    """Apple silicon (macOS on arm64): training runs on its GPU through MPS, in the memory it shares with
+    the CPU; what is free of it is the RAM's figure. None elsewhere."""
+    if platform.system() != "Darwin" or platform.machine() != "arm64":
+        return None
+    return "Apple GPU (MPS)", round(unified_bytes / 2**30, 2), None

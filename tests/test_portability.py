@@ -263,3 +263,20 @@ def test_names_that_only_resemble_devices_are_kept(name):
 def test_a_file_name_with_a_drive_or_stream_is_refused():
     assert "':'" in plain_filename_problem("C:evil.png")
     assert "':'" in plain_filename_problem("image.png:hidden")
+
+
+def test_system_stats_name_an_apple_gpu_only_on_apple_silicon(monkeypatch, tmp_path):
+    """get-system-stats on a Mac with Apple silicon names its GPU and unified memory (no NVIDIA driver
+    there); on other machines without NVML it names none. platform is what the server reads to tell."""
+    import platform
+
+    from server.system import system_stats
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no NVIDIA GPU, whatever this machine has
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    stats = system_stats(tmp_path, [])
+    assert stats.gpu_name == "Apple GPU (MPS)"
+    assert stats.gpu_memory_total_gb == stats.ram_total_gb and stats.gpu_memory_free_gb is None
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    assert system_stats(tmp_path, []).gpu_name is None
