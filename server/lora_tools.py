@@ -38,6 +38,22 @@ class MergeSource(BaseModel):
     )
 
 
+class MergeRequest(BaseModel):
+    loras: list[MergeSource] = Field(description="[{lora: name or path, weight}], at least two.")
+    output_name: str = Field(description="Name of the merged LoRA in loras/.")
+    output_format: LoraTarget = Field(
+        "comfyui",
+        description="comfyui (default): what ComfyUI loads, the kohya layout for SD 1.x/2.x/SDXL and the "
+        "diffusers layout with alphas for FLUX; kohya for A1111/Forge (not for FLUX); diffusers (peft keys).",
+    )
+
+
+class ConvertRequest(BaseModel):
+    lora: str = Field(description="An exported LoRA's name or a .safetensors path.")
+    to: LoraTarget = Field(description="The layout to write.")
+    output_name: str | None = Field(None, description="Name in loras/; default '<lora>-<to>'.")
+
+
 def lora_path(workspace: Path, reference: str) -> Path:
     """The file a `lora` argument names: an exported LoRA's name, or a .safetensors path inside the
     allowed folders (relative paths are taken from the workspace). Anything else is a ServiceError

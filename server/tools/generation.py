@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 from functools import partial
-from typing import Literal
 
 from mcp.server import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -14,7 +13,7 @@ from pydantic import BaseModel, Field
 from server.errors import ServiceError
 from server.generation import render_or_queue
 from server.images import thumbnail_png
-from server.lora_tools import MergeSource, convert_lora, merge_loras
+from server.lora_tools import ConvertRequest, MergeRequest, convert_lora, merge_loras
 from server.loras import ExportedLora
 from server.tools import Services, add_tools, tool
 from training.generation import GenerationRequest, StrengthComparison
@@ -100,18 +99,12 @@ class LoraFileTools:
         "merge-loras",
         "Merge LoRAs for the same base model into one file, each at a weight: the merge at strength "
         "1 equals stacking them at those weights. LoRAs for different base models are refused with the reason.",
+        request=MergeRequest,
     )
-    def merge_loras_tool(
-        self,
-        loras: list[MergeSource] = Field(description="[{lora: name or path, weight}], at least two."),
-        output_name: str = Field(description="Name of the merged LoRA in loras/."),
-        output_format: Literal["kohya", "diffusers", "comfyui"] = Field(
-            "comfyui",
-            description="comfyui (default): what ComfyUI loads, the kohya layout for SD 1.x/2.x/SDXL and the "
-            "diffusers layout with alphas for FLUX; kohya for A1111/Forge (not for FLUX); diffusers (peft keys).",
-        ),
-    ) -> MergeResult:
-        merged = self.s.call(merge_loras, self.s.workspace, loras, output_name, output_format)
+    def merge_loras_tool(self, request: MergeRequest) -> MergeResult:
+        merged = self.s.call(
+            merge_loras, self.s.workspace, request.loras, request.output_name, request.output_format
+        )
         return MergeResult(lora=merged, next_step=f"generate-image with loras=[{{lora: {merged.name!r}}}]")
 
     @tool(
@@ -119,14 +112,10 @@ class LoraFileTools:
         "Rewrite a LoRA in another layout, losslessly: kohya (ComfyUI, A1111/Forge; SD and SDXL only), "
         "diffusers (peft keys), or comfyui (what ComfyUI's LoraLoader reads: the kohya layout for SD/SDXL, the "
         "diffusers layout with alphas for FLUX).",
+        request=ConvertRequest,
     )
-    def convert_lora_tool(
-        self,
-        lora: str = Field(description="An exported LoRA's name or a .safetensors path."),
-        to: Literal["kohya", "diffusers", "comfyui"] = Field(description="The layout to write."),
-        output_name: str | None = Field(None, description="Name in loras/; default '<lora>-<to>'."),
-    ) -> ExportedLora:
-        return self.s.call(convert_lora, self.s.workspace, lora, to, output_name)
+    def convert_lora_tool(self, request: ConvertRequest) -> ExportedLora:
+        return self.s.call(convert_lora, self.s.workspace, request.lora, request.to, request.output_name)
 
 
 def register_generation_tools(server: MCPServer, s: Services) -> None:
