@@ -135,3 +135,21 @@ class Placement:
             yield
         finally:
             self.offload_encoders()
+
+
+def device_rng_state(device: torch.device) -> dict:
+    """An accelerator's random state, for a checkpoint (the CPU's is torch_rng): LoRA dropout and the
+    data order on it draw from it, so a resume is exact only with it. Keyed as checkpoints before MPS
+    support stored CUDA's."""
+    if device.type == "cuda":
+        return {"cuda_rng": torch.cuda.get_rng_state_all()}
+    if device.type == "mps":
+        return {"mps_rng": torch.mps.get_rng_state()}
+    return {}
+
+
+def restore_device_rng(device: torch.device, state: dict) -> None:
+    if device.type == "cuda" and state.get("cuda_rng"):
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    elif device.type == "mps" and state.get("mps_rng") is not None:
+        torch.mps.set_rng_state(state["mps_rng"])

@@ -67,14 +67,14 @@ def render_samples(
     Runs under fork_rng: sampling draws no numbers from the training RNG streams, so a run
     with sampling trains exactly like one without (and resume stays exact).
     """
-    devices = [base.device] if base.device.type == "cuda" else []
+    devices = [base.device] if base.device.type in ("cuda", "mps") else []
     written = []
     models = list(base.lora_models.values())  # eval: no LoRA dropout in samples; modes restored after
     was_training = [model.training for model in models]
     for model in models:
         model.eval()
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with torch.random.fork_rng(devices=devices, device_type=base.device.type if devices else None), torch.no_grad():
             control = control_prompt(config)
             prompts = config.test_prompts + ([control] if control else [])
             previous = _previous_samples(files, step)

@@ -31,7 +31,7 @@ from training.families.flux import QuantizationUnavailable
 from training.models.loading import device_memory_gb, load_base_model, pick_device
 from training.models.source import ModelNotFoundError, resolve_model
 from training.optimizers import OptimizerUnavailable, build_lr_scheduler, build_optimizer
-from training.placement import Placement, text_encoders_stay_on_cpu
+from training.placement import Placement, device_rng_state, restore_device_rng, text_encoders_stay_on_cpu
 from training.prior import ensure_class_images
 from training.resume import find_resume_lora, read_checkpoint_state, truncate_after
 from training.run_evidence import EvidenceRecorder, SampleStatistics
@@ -474,7 +474,7 @@ class Trainer:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": self.placement.scaler.state_dict(),
             "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            **device_rng_state(self.device),
             "noise_rng": self.noise_generator.get_state(),
             "loss_ema": self._loss_ema,
         }
@@ -492,8 +492,7 @@ class Trainer:
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.placement.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        restore_device_rng(self.device, state)
         self.noise_generator.set_state(state["noise_rng"])
         self.data.restore(state["data"])
         self.step = state["step"]
