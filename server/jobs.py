@@ -19,6 +19,7 @@ and by the server's monitor loop.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import sqlite3
@@ -78,6 +79,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT
 )
 """
+
+log = logging.getLogger("server")
 
 
 class JobRecord(BaseModel):
@@ -256,7 +259,10 @@ class JobService:
         if record.state == "queued":
             self.store.update(job_id, state="stopped", finished_at=time.time())
         elif record.state == "running":
-            RunFiles(Path(record.run_dir)).request_stop()  # read by the child after each step, on every platform
+            try:
+                RunFiles(Path(record.run_dir)).request_stop()  # read by the child after each step, on every platform
+            except OSError as exc:  # a full disk, a removed run directory: the signal and the kill still stop it
+                log.warning("could not write the stop request of %s: %s", job_id, exc)
             if record.pid:
                 processes.interrupt_group(record.pid)  # the fast path, where signals exist
             self.store.update(job_id, stop_requested_at=time.time())

@@ -19,10 +19,11 @@ from contextlib import suppress
 import psutil
 
 WINDOWS = sys.platform == "win32"
-# psutil's create time is computed from the boot time and the process's start in clock ticks (1/100 s
-# on Linux), the same on every read: a second of slack still tells a reused pid, which would have to
-# be taken by the same module within that second to pass.
-CREATE_TIME_SLACK_S = 1.0
+# psutil's create time on Linux is the boot time plus the process's start in clock ticks, and the boot
+# time is re-read from the wall clock, whole seconds, at every read: an NTP step moves it by a second or
+# more. A minute of slack still tells a reused pid, which would have to be taken by the same module
+# within that minute; a live trainer must never read as dead (a resume would start a second one).
+CREATE_TIME_SLACK_S = 60.0
 
 
 def detached_options() -> dict:

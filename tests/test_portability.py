@@ -64,7 +64,7 @@ def test_liveness_needs_the_module_and_the_create_time(tmp_path):
         assert started is not None and abs(started - time.time()) < 30
         assert processes.runs_module(child.pid, "sleeper", started)
         assert processes.runs_module(child.pid, "sleeper")  # a record from before create times
-        assert not processes.runs_module(child.pid, "sleeper", started - 5.0)  # a reused pid
+        assert not processes.runs_module(child.pid, "sleeper", started - 3600.0)  # a reused pid: started an hour apart
         assert not processes.runs_module(child.pid, "training.cli", started)
     finally:
         processes.kill_tree(child.pid)
@@ -280,3 +280,26 @@ def test_system_stats_name_an_apple_gpu_only_on_apple_silicon(monkeypatch, tmp_p
     assert stats.gpu_memory_total_gb == stats.ram_total_gb and stats.gpu_memory_free_gb is None
     monkeypatch.setattr(platform, "system", lambda: "Linux")
     assert system_stats(tmp_path, []).gpu_name is None
+
+
+def test_the_signal_after_a_stop_file_is_a_first_stop_not_a_second(tmp_path):
+    """stop-training writes the stop-request file and then sends SIGTERM: a trainer that already read the
+    file must still finish its step and save, not take the signal for a second stop (interrupt at once).
+    Only a second signal interrupts."""
+    import os
+    import signal
+    from types import SimpleNamespace
+
+    import pytest
+
+    from training.trainer import _install_stop_handlers, _restore_handlers
+
+    trainer = SimpleNamespace(stop_requested=True)  # as _notice_stop_request leaves it after reading the file
+    previous = _install_stop_handlers(trainer)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # the server's fast path, right after the file
+        assert trainer.stop_requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)  # a second signal: interrupt at once
+    finally:
+        _restore_handlers(previous)

@@ -20,6 +20,9 @@ from typing import Any
 
 REFUSED = 2
 _STDERR_LINES = 5  # of a crashed child's traceback, in the parent's error: the exception and its context
+# A conversion, merge or checkpoint read takes seconds; a child silent for this long is stuck, and tool
+# calls wait for it.
+CHILD_TIMEOUT_S = 600.0
 
 
 class RequestRefused(Exception):
@@ -30,23 +33,34 @@ class RequestChildFailed(RuntimeError):
     """The child crashed (a bug or no memory, not the request): its exit code and last lines say why."""
 
 
-def run_request(module: str, **request: Any) -> dict:
-    """Run `python -m <module>` on `request` and return its result (blocks until the child ends)."""
+def run_request(module: str, *, timeout_s: float = CHILD_TIMEOUT_S, **request: Any) -> dict:
+    """Run `python -m <module>` on `request` and return its result (blocks until the child ends, at most
+    `timeout_s`: the caller may be holding up others)."""
     # Library chatter (loading bars, optional-backend notices) is noise in a crashed child's stderr.
     env = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", module],
-        input=json.dumps(request),
-        capture_output=True,
-        text=True,
-        env={**env, **os.environ},
-    )
-    if done.returncode == REFUSED:
-        raise RequestRefused(json.loads(done.stdout)["refusal"])
-    if done.returncode != 0:
-        tail = "\n".join(done.stderr.strip().splitlines()[-_STDERR_LINES:])
-        raise RequestChildFailed(f"python -m {module} failed (exit code {done.returncode}): {tail or 'no output'}")
-    return json.loads(done.stdout)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", module],
+            input=json.dumps(request),
+            capture_output=True,
+            text=True,
+            env={**env, **os.environ},
+            timeout=timeout_s,
+            # No console window on Windows (the server has none to share); 0 elsewhere.
+            creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
+        )
+    except subprocess.TimeoutExpired:  # subprocess.run kills the child before raising
+        raise RequestChildFailed(f"python -m {module} gave no answer within {timeout_s:g} s: stopped") from None
+    tail = "\n".join(done.stderr.strip().splitlines()[-_STDERR_LINES:]) or "no output"
+    try:
+        reply = json.loads(done.stdout) if done.returncode in (0, REFUSED) else None
+    except ValueError:  # something else wrote to stdout
+        reply = None
+    if done.returncode == REFUSED and isinstance(reply, dict) and "refusal" in reply:
+        raise RequestRefused(reply["refusal"])
+    if not isinstance(reply, dict):
+        raise RequestChildFailed(f"python -m {module} failed (exit code {done.returncode}): {tail}")
+    return reply
 
 
 def serve_request(handle: Callable[..., dict], refusals: tuple[type[Exception], ...]) -> int:

@@ -6,6 +6,7 @@ config, checkpoints, LoRA, sample images) or appended one whole line per write (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -51,7 +52,8 @@ class RunFiles:
 
     def clear_stop_request(self) -> None:
         """Forget a stop request: the run it stopped has ended (or is resumed)."""
-        self.stop_request.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. Windows, while a scanner holds it: a resume clears it again
+            self.stop_request.unlink(missing_ok=True)
 
     def create(self) -> None:
         for folder in (self.dir, self.samples, self.checkpoints):

@@ -68,13 +68,14 @@ def render_samples(
     with sampling trains exactly like one without (and resume stays exact).
     """
     devices = [base.device] if base.device.type in ("cuda", "mps") else []
+    device_type = devices[0].type if devices else "cuda"  # torch's default: unused without devices
     written = []
     models = list(base.lora_models.values())  # eval: no LoRA dropout in samples; modes restored after
     was_training = [model.training for model in models]
     for model in models:
         model.eval()
     try:
-        with torch.random.fork_rng(devices=devices, device_type=base.device.type if devices else None), torch.no_grad():
+        with torch.random.fork_rng(devices=devices, device_type=device_type), torch.no_grad():
             control = control_prompt(config)
             prompts = config.test_prompts + ([control] if control else [])
             previous = _previous_samples(files, step)

@@ -103,7 +103,6 @@ class Trainer:
         self._loss_ema: float | None = None
         self._step_time_ema: float | None = None
 
-    # ------------------------------------------------------------------------------------------
     def setup(self) -> None:
         """Load and prepare everything. The order matters:
         1. run directory, log and status first, so a watcher sees the run (and a setup error) at once;
@@ -316,8 +315,8 @@ class Trainer:
             fields["lora_path"] = str(result.lora_path)
         if result.error:
             fields["error"] = result.error
-        self.files.clear_stop_request()  # it has been honoured, or came too late: a resumed run starts clean
         self.status.finish(result.state, **fields)
+        self.files.clear_stop_request()  # it has been honoured, or came too late: a resumed run starts clean
         log.info("run %s at step %d: %s", result.state, self.step, result.error or self.files.dir)
         log.removeHandler(self._log_handler)
         self._log_handler.close()
@@ -580,14 +579,16 @@ def run_training(
 
 
 def _install_stop_handlers(trainer: Trainer) -> dict:
-    """First SIGINT/SIGTERM: finish the current step, save a checkpoint, end as 'stopped' (as the
-    stop-request file does, where no signal reaches the process). A second one interrupts at once."""
+    """First SIGINT/SIGTERM: finish the step, save a checkpoint, end 'stopped' (as the stop-request file does). A
+    second signal interrupts at once."""
     if threading.current_thread() is not threading.main_thread():
         return {}
+    signals = []  # only a second signal interrupts: the server writes the stop file just before its SIGTERM
 
     def request_stop(signum, frame):
-        if trainer.stop_requested:
+        if signals:
             raise KeyboardInterrupt
+        signals.append(signum)
         trainer.stop_requested = True
         log.info("%s received: stopping after this step", signal.Signals(signum).name)
 
