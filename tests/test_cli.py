@@ -184,3 +184,21 @@ def test_a_used_run_directory_is_refused(tmp_path, shapes, tiny_sd15):
         timeout=300,
     )
     assert second.returncode == 2 and "already holds a run" in second.stderr
+
+
+def test_resume_ignores_a_stop_request_left_behind(shapes, tmp_path):
+    """A stop request the run never read (it was killed first) must not stop `lora-train --resume` at once."""
+    from training.cli import main
+    from training.run_files import RunFiles
+    from training.trainer import run_training
+
+    run_dir = tmp_path / "run"
+    files = RunFiles(run_dir)
+    files.create()
+    files.request_stop()  # read before step 1: the run stops at step 0 with a checkpoint
+    first = run_training(fast_config(shapes, steps=3), run_dir)
+    assert first.state == "stopped" and first.step == 0
+    files.request_stop()  # left behind, as by a run killed after the server wrote it
+    assert main(["--resume", str(run_dir), "--quiet"]) == 0
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
+    assert [row["step"] for row in step_rows(run_dir)] == [1, 2, 3]

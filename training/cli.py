@@ -43,12 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # Imported here so that `lora-train --help` answers without loading torch.
     from training.config import ConfigError, TrainingConfig
+    from training.run_files import RunFiles
     from training.trainer import RunAlreadyExists, run_training
 
     try:
         if args.resume:
             config = TrainingConfig.load(args.resume / "config.yaml")
             run_dir = args.resume
+            # A stop request left by a run that was killed before it read it would stop this one at once.
+            RunFiles(run_dir).clear_stop_request()
         else:
             config = TrainingConfig.load(args.config)
             run_dir = args.run_dir
