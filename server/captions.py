@@ -25,6 +25,7 @@ from server.names import checked_name
 from server.paths import check_user_path
 from training.captioning import CaptionJob, CaptionRequest, captioner_for, write_captions
 from training.data.dataset import image_files
+from training.request_child import NO_CONSOLE_WINDOW
 from training.run_files import RunFiles
 from training.workspace import read_jsonl
 
@@ -172,19 +173,25 @@ def _captions_by_child(job: CaptionJob) -> Iterator[tuple[list[tuple[str, str]],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                creationflags=NO_CONSOLE_WINDOW,
             )
-        seen, ended = 0, False
-        while not ended:
-            ended = child.poll() is not None  # rows written before the end are read once more below
-            rows = read_jsonl(run_dir / "captions.jsonl")[seen:]
-            seen += len(rows)
-            if rows:
-                yield (
-                    [(row["file"], row["caption"]) for row in rows if "caption" in row],
-                    [(row["file"], row["skipped"]) for row in rows if "skipped" in row],
-                )
-            if not ended:
-                time.sleep(CAPTION_POLL_S)
+        try:
+            seen, ended = 0, False
+            while not ended:
+                ended = child.poll() is not None  # rows written before the end are read once more below
+                rows = read_jsonl(run_dir / "captions.jsonl")[seen:]
+                seen += len(rows)
+                if rows:
+                    yield (
+                        [(row["file"], row["caption"]) for row in rows if "caption" in row],
+                        [(row["file"], row["skipped"]) for row in rows if "skipped" in row],
+                    )
+                if not ended:
+                    time.sleep(CAPTION_POLL_S)
+        finally:  # the call was abandoned (the client went away): no child goes on writing captions
+            if child.poll() is None:
+                child.kill()
+                child.wait()
         status = RunFiles(run_dir).status
         state = json.loads(status.read_text(encoding="utf-8")) if status.is_file() else {}
         if state.get("state") != "completed":

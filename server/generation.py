@@ -25,6 +25,7 @@ from server.lora_tools import lora_path
 from training.config import DEFAULT_MODEL
 from training.guide import SMALLEST_REAL_NATIVE  # smaller: a built-in test model, rendered inline
 from training.generation import GenerationRequest
+from training.request_child import NO_CONSOLE_WINDOW
 from training.run_files import RunFiles
 
 MAX_SIDE = 2048
@@ -86,6 +87,7 @@ def render_now(workspace: Path, plan: GenerationPlan) -> list[Path]:
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
+        creationflags=NO_CONSOLE_WINDOW,
     )
     status = json.loads(files.status.read_text(encoding="utf-8")) if files.status.is_file() else {}
     if done.returncode != 0 or status.get("state") != "completed":

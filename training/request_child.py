@@ -19,6 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 REFUSED = 2
+# Popen's creationflags for a short-lived child: no console window on Windows, where the server (started by
+# a chat app) has none to share and each child would open its own; 0 (nothing) elsewhere.
+NO_CONSOLE_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0)
 _STDERR_LINES = 5  # of a crashed child's traceback, in the parent's error: the exception and its context
 # A conversion, merge or checkpoint read takes seconds; a child silent for this long is stuck, and tool
 # calls wait for it.
@@ -46,8 +49,7 @@ def run_request(module: str, *, timeout_s: float = CHILD_TIMEOUT_S, **request: A
             text=True,
             env={**env, **os.environ},
             timeout=timeout_s,
-            # No console window on Windows (the server has none to share); 0 elsewhere.
-            creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
+            creationflags=NO_CONSOLE_WINDOW,
         )
     except subprocess.TimeoutExpired:  # subprocess.run kills the child before raising
         raise RequestChildFailed(f"python -m {module} gave no answer within {timeout_s:g} s: stopped") from None
