@@ -9,7 +9,6 @@ torch or diffusers: the training runs in `lora-train` child processes.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,7 +21,6 @@ from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
 
 from server.configs import ConfigService
 from server.datasets import DatasetService
-from server.errors import ServiceError
 from server.jobs import JobService, JobStatus
 from server.limits import megabytes
 from server.loras import LoraService
@@ -31,6 +29,7 @@ from server.tools.datasets import register_dataset_tools
 from server.tools.diagnostics import register_diagnostic_tools
 from server.tools.files import register_file_tools
 from server.tools.generation import register_generation_tools
+from server.service_calls import ServiceCalls
 from server.tools.prompts import register_prompts
 from server.tools.training import register_training_tools
 from server.training_runs import TrainingService
@@ -76,26 +75,6 @@ def build_server(workspace: Path) -> MCPServer:
     register_generation_tools(server, services)
     register_prompts(server)
     return server
-
-
-class ServiceCalls:
-    """Service calls made from the tools, one at a time: tools run in worker threads, and the job
-    service is not re-entrant."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-
-    def call(self, fn: Callable, *args, error: type[Exception] = ToolError):
-        """Run a service call; its ServiceError becomes the ToolError the assistant reads (or, for a
-        resource, the not-found error its reader gets)."""
-        try:
-            with self._lock:
-                return fn(*args)
-        except ServiceError as exc:
-            raise error(str(exc)) from None
-
-    def resource_call(self, fn: Callable, *args):
-        return self.call(fn, *args, error=ResourceNotFoundError)
 
 
 def job_monitor(list_jobs: Callable[[], list[JobStatus]], notify_updated: Callable[[str], Awaitable[None]]):
