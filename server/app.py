@@ -45,11 +45,13 @@ minute or so -> get-training-samples to look at progress -> the LoRA path is in 
 Training takes minutes to hours: never wait inside a tool call, poll get-training-status."""
 
 
-def build_server(workspace: Path) -> MCPServer:
+def open_services(workspace: Path, *, client_roots: bool = True) -> Services:
+    """The services every front end calls. `client_roots`: whether folders the MCP client offers as roots
+    widen the folders the server may use; true for stdio, where client and server share one machine."""
     workspace = Path(workspace)
     calls = ServiceCalls()
     configs, jobs = ConfigService(workspace), JobService(workspace)
-    services = Services(
+    return Services(
         workspace=workspace,
         configs=configs,
         jobs=jobs,
@@ -59,12 +61,17 @@ def build_server(workspace: Path) -> MCPServer:
         call=calls.call,
         resource_call=calls.resource_call,
         training=TrainingService(configs, jobs),
+        client_roots=client_roots,
     )
+
+
+def build_server(workspace: Path, services: Services | None = None) -> MCPServer:
+    services = services or open_services(workspace)
     subscriptions = Subscriptions()
     server = MCPServer(
         "lora-trainer",
         instructions=INSTRUCTIONS,
-        lifespan=job_monitor(lambda: calls.call(jobs.list), subscriptions.notify_updated),
+        lifespan=job_monitor(lambda: services.call(services.jobs.list), subscriptions.notify_updated),
         subscriptions=subscriptions.bus,
     )
     subscriptions.register(server)

@@ -1,9 +1,12 @@
-"""`lora-mcp`: the MCP server over stdio, or a demo of it.
+"""`lora-mcp`: the MCP server over stdio or HTTP, its HTTP token, or a demo of it.
 
-    lora-mcp [--workspace DIR]            serve MCP over stdio (what an MCP client starts)
+    lora-mcp [serve] [--workspace DIR]    serve MCP over stdio (what an MCP client starts)
+    lora-mcp http [--host H] [--port P]   serve MCP Streamable HTTP at /mcp, the guide's JSON API at /mcp/tool
+                                          and the file routes, behind a bearer token
+    lora-mcp token [--rotate]             print the HTTP token (creating it when missing), or replace it
     lora-mcp demo [--workspace DIR]       drive the whole flow against a fresh server, printing each step
 
-Only protocol goes to stdout; logs go to stderr and to <workspace>/logs/server.log.
+Only protocol goes to stdout while serving stdio; logs go to stderr and to <workspace>/logs/server.log.
 """
 
 from __future__ import annotations
@@ -16,15 +19,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lora-mcp", description="MCP server that trains LoRAs (stdio).")
-    parser.add_argument("command", nargs="?", choices=["serve", "demo"], default="serve")
-    parser.add_argument(
-        "--workspace",
-        type=Path,
-        help="workspace folder (default: $LORA_MCP_HOME, else the user data dir; for demo: a new temporary one)",
-    )
-    parser.add_argument("--steps", type=int, default=60, help="demo only: training steps")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     if args.command == "demo":
         from server.demo import main as demo
 
@@ -35,15 +30,90 @@ def main(argv: list[str] | None = None) -> int:
     from training.workspace import workspace_dir
 
     workspace = workspace_dir()
+    if args.command == "token":
+        return show_token(workspace, rotate=args.rotate)
     (workspace / "logs").mkdir(parents=True, exist_ok=True)
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         handlers=[logging.StreamHandler(sys.stderr), logging.FileHandler(workspace / "logs" / "server.log")],
     )
+    if args.command == "http":
+        return serve_http(workspace, args)
     from server.app import build_server
 
     build_server(workspace).run("stdio")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lora-mcp", description="MCP server that trains LoRAs (stdio or HTTP).")
+    p.add_argument("command", nargs="?", choices=["serve", "http", "token", "demo"], default="serve")
+    p.add_argument(
+        "--workspace",
+        type=Path,
+        help="workspace folder (default: $LORA_MCP_HOME, else the user data dir; for demo: a new temporary one)",
+    )
+    http = p.add_argument_group("http")
+    http.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
+    http.add_argument("--port", type=int, default=8190, help="port (default 8190, the guide's; 0: any free port)")
+    http.add_argument("--no-auth", action="store_true", help="no token (loopback only; how the guide's samples run)")
+    http.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name or address clients use to reach this server (repeatable); other Host/Origin headers get 421/403",
+    )
+    http.add_argument("--ssl-certfile", type=Path, help="TLS certificate (PEM): serve https")
+    http.add_argument("--ssl-keyfile", type=Path, help="TLS private key (PEM) of --ssl-certfile")
+    p.add_argument("--rotate", action="store_true", help="token only: replace the token with a new one")
+    p.add_argument("--steps", type=int, default=60, help="demo only: training steps")
+    return p
+
+
+def serve_http(workspace: Path, args: argparse.Namespace) -> int:
+    from server.http.access import Exposure, ExposureRefused
+    from server.http.app import HttpOptions, serve
+
+    for flag, path in (("--ssl-certfile", args.ssl_certfile), ("--ssl-keyfile", args.ssl_keyfile)):
+        if path is not None and not path.is_file():
+            print(f"lora-mcp http: {flag} {path} is not a file", file=sys.stderr)
+            return 2
+    if args.ssl_keyfile and not args.ssl_certfile:
+        print("lora-mcp http: --ssl-keyfile needs --ssl-certfile", file=sys.stderr)
+        return 2
+    exposure = Exposure(
+        host=args.host,
+        port=args.port,
+        auth=not args.no_auth,
+        allowed_hosts=tuple(args.allowed_host),
+        tls=args.ssl_certfile is not None,
+    )
+    try:
+        return serve(workspace, HttpOptions(exposure, args.ssl_certfile, args.ssl_keyfile))
+    except ExposureRefused as exc:
+        print(f"lora-mcp http: refused: {exc}", file=sys.stderr)
+        return 2
+
+
+def show_token(workspace: Path, *, rotate: bool) -> int:
+    """Print the HTTP token on stdout (where it comes from on stderr), creating it when missing."""
+    from server.http.access import TOKEN_ENV, existing_token, write_new_token
+
+    found = existing_token(workspace)
+    if found and found[1] != str(workspace / "http-token") and rotate:
+        print(f"lora-mcp token: the token comes from {TOKEN_ENV}; change it there", file=sys.stderr)
+        return 2
+    if rotate or found is None:
+        workspace.mkdir(parents=True, exist_ok=True)
+        token = write_new_token(workspace)
+        print(f"lora-mcp token: new token written to {workspace / 'http-token'} (owner-only); running "
+              "servers require it from their next request on", file=sys.stderr)
+    else:
+        token, where = found
+        print(f"lora-mcp token: from {where}", file=sys.stderr)
+    print(token)
     return 0
 
 

@@ -91,6 +91,27 @@ def tiny_git(tmp_path_factory) -> Path:
     return model_folder
 
 
+@pytest.fixture(scope="session")
+def http_server(tmp_path_factory, tiny_sd15):
+    """One `lora-mcp http` process (token auth, loopback, free port) shared by the HTTP tests: see
+    tests/http_server.py for what it offers (url, token, headers, workspace)."""
+    from http_server import start_http_server
+
+    server = start_http_server(tmp_path_factory.mktemp("http-workspace"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def open_http_server(tmp_path_factory, tiny_sd15):
+    """`lora-mcp http --no-auth` on loopback: how the guide's HTTP samples run."""
+    from http_server import start_http_server
+
+    server = start_http_server(tmp_path_factory.mktemp("open-http-workspace"), "--no-auth")
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def shapes(tmp_path) -> Path:
     """Four 64 px images with captions that start with the trigger word xyz_shape."""

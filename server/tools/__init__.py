@@ -40,6 +40,7 @@ class Services:
     call: Callable  # call(fn, *args): the service call, its ServiceError raised as ToolError
     resource_call: Callable  # the same for resources: ResourceNotFoundError
     training: TrainingService
+    client_roots: bool = True  # the client's roots widen the allowed folders (stdio: one machine, one user)
 
 
 class Deleted(BaseModel):

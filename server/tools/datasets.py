@@ -9,7 +9,7 @@ from typing import Literal
 import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
-from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
@@ -28,18 +28,23 @@ from server.images import thumbnail_png
 from server.inspection import CaptionLintResult, caption_lint, dataset_info
 from server.names import checked_name, plain_filename_problem
 from server.paths import set_client_roots
+from server.service_calls import tool_error
 from server.tools import READ_ONLY, Deleted, Services, add_tools, resource, tool
 from training.captioning import CaptionRequest
 from training.data.dataset import IMAGE_SUFFIXES
 from training.data.report import DatasetReport
 
 
-async def refresh_client_roots(ctx: Context) -> None:
-    """Ask the client for its roots, where it offers them (clients before the 2026-07-28 protocol)."""
+async def refresh_client_roots(ctx: Context, services: Services) -> None:
+    """Ask the client for its roots, where it offers them (clients before the 2026-07-28 protocol) and the
+    server takes them: over HTTP a client's roots are folders of another machine, and a remote client must
+    not widen what the server may read."""
     import warnings
 
     from mcp import types
 
+    if not services.client_roots or not in_request(ctx):
+        return
     session = ctx.session
     if not session.check_client_capability(types.ClientCapabilities(roots=types.RootsCapability())):
         return
@@ -50,6 +55,16 @@ async def refresh_client_roots(ctx: Context) -> None:
     except Exception:  # a client that declared roots but cannot answer: the configured folders still apply
         return
     set_client_roots([str(root.uri) for root in result.roots])
+
+
+def in_request(ctx: Context) -> bool:
+    """Whether the call came with an MCP request (a session to report progress to): a call through the
+    HTTP JSON API has none."""
+    try:
+        ctx.request_context
+    except ValueError:
+        return False
+    return True
 
 
 MAX_LISTED_FILES = 300  # per-file outcomes in one result: thousands would pass the ~1 MB result cap
@@ -110,7 +125,7 @@ class DatasetTools:
         mode: Literal["copy", "link"] = Field("copy", description="copy the files, or link to them."),
         overwrite: bool = Field(False, description="Import into an existing dataset, replacing same-named files."),
     ) -> ImportResult:
-        await refresh_client_roots(ctx)
+        await refresh_client_roots(ctx, self.s)
         result = await anyio.to_thread.run_sync(
             lambda: self.s.call(self.s.datasets.import_folder, dataset_name, source_path, mode, overwrite)
         )
@@ -169,10 +184,11 @@ class DatasetTools:
         self, request: CaptionRequest, ctx: Context, background: bool | None
     ) -> CaptionRun:
         """Async, so that it can ask the client for its roots and report progress."""
-        await refresh_client_roots(ctx)
+        await refresh_client_roots(ctx, self.s)
 
         def progress(done: int, total: int) -> None:
-            anyio.from_thread.run(ctx.report_progress, done, total, f"{done}/{total} images captioned")
+            if in_request(ctx):
+                anyio.from_thread.run(ctx.report_progress, done, total, f"{done}/{total} images captioned")
 
         def run() -> CaptionRun:
             # In a worker thread, and only the job's start under the services' lock: listing a large folder
@@ -183,7 +199,7 @@ class DatasetTools:
                     self.s.workspace, background, start_job, progress, **request.model_dump(exclude_unset=True)
                 )
             except ServiceError as exc:
-                raise ToolError(str(exc)) from None
+                raise tool_error(exc) from None
 
         return await anyio.to_thread.run_sync(run)
 

@@ -1,0 +1,269 @@
+"""Who may use the HTTP server: the bearer token, the Host/Origin checks and the bad-token limit.
+
+The token is one static secret per workspace: `LORA_MCP_TOKEN` when set, else the file
+`<workspace>/http-token` (owner-only), which a loopback start creates when it is missing and
+`lora-mcp token [--rotate]` shows or replaces. Every route needs `Authorization: Bearer <token>`;
+a token in the query string is never read (URLs end up in logs, proxies and browser history).
+Host/Origin checks (the SDK's transport security settings) stop DNS rebinding: a web page the user
+opens must not reach a server on their loopback interface through a name it controls.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import os
+import secrets
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+log = logging.getLogger("server.http")
+
+TOKEN_ENV = "LORA_MCP_TOKEN"
+TOKEN_FILE = "http-token"
+TOKEN_BYTES = 32  # 256 bits, URL-safe base64: 43 characters
+# Ten wrong tokens in a minute from one address is not a typo: that address is refused (429) for a minute.
+BAD_TOKEN_LIMIT = 10
+BAD_TOKEN_WINDOW_S = 60.0
+LOCKOUT_S = 60.0
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+class ExposureRefused(RuntimeError):
+    """A start that would expose the server unsafely; the message says what to do instead."""
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """Every refusal of the HTTP server has the JSON API's error shape."""
+    return JSONResponse({"error": {"message": message}}, status_code=status, headers=headers)
+
+
+# --- the token -------------------------------------------------------------------------------------
+def token_path(workspace: Path) -> Path:
+    return Path(workspace) / TOKEN_FILE
+
+
+def existing_token(workspace: Path) -> tuple[str, str] | None:
+    """The token and where it comes from (the environment variable or the file), or None."""
+    if token := os.environ.get(TOKEN_ENV, "").strip():
+        return token, f"the {TOKEN_ENV} environment variable"
+    path = token_path(workspace)
+    if path.is_file() and (token := path.read_text(encoding="utf-8").strip()):
+        return token, str(path)
+    return None
+
+
+def write_new_token(workspace: Path) -> str:
+    """A new random token in `<workspace>/http-token`, created owner-only (mkstemp's 0600) and
+    renamed into place, so no reader ever sees it half-written or readable by others."""
+    path = token_path(workspace)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    fd, name = tempfile.mkstemp(prefix=f".{TOKEN_FILE}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(token + "\n")
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return token
+
+
+class TokenSource:
+    """The token a running server requires: the environment variable's, else the file's as it is now, so
+    that `lora-mcp token --rotate` takes effect at once (re-read when the file changes; one stat a request)."""
+
+    def __init__(self, workspace: Path):
+        self._path = token_path(workspace)
+        self._env = os.environ.get(TOKEN_ENV, "").strip() or None
+        self._seen: tuple[int, int] | None = None
+        self._token: str | None = None
+
+    def current(self) -> str | None:
+        if self._env:
+            return self._env
+        try:
+            stat = self._path.stat()
+        except OSError:  # removed while serving: nobody gets in until a token exists again
+            return None
+        if (stat.st_mtime_ns, stat.st_size) != self._seen:
+            self._token = self._path.read_text(encoding="utf-8").strip() or None
+            self._seen = (stat.st_mtime_ns, stat.st_size)
+        return self._token
+
+
+# --- exposure --------------------------------------------------------------------------------------
+def is_loopback(host: str) -> bool:
+    if host.strip("[]") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it could resolve to anything
+        return False
+
+
+def is_wildcard(host: str) -> bool:
+    return host.strip("[]") in ("0.0.0.0", "::", "")
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """What a start of `lora-mcp http` exposes: where it listens, whether it checks a token, and the
+    names clients may use for it (Host and Origin headers)."""
+
+    host: str
+    port: int
+    auth: bool
+    allowed_hosts: tuple[str, ...] = ()
+    tls: bool = False
+
+    def check(self, workspace: Path) -> TokenSource | None:
+        """Refuse an unsafe start before anything binds; return the token to require (None with --no-auth).
+        A loopback start creates the token file when there is none; any other start needs a token that
+        already exists, so that nobody exposes a server whose secret they have never seen."""
+        loopback = is_loopback(self.host)
+        if not self.auth:
+            if not loopback:
+                raise ExposureRefused(
+                    f"--no-auth is only for loopback addresses (127.0.0.1, ::1, localhost), not {self.host}: anyone "
+                    "who can reach that address could train, read and delete. Drop --no-auth (clients then send "
+                    "'Authorization: Bearer <token>'; `lora-mcp token` shows it), or keep --host 127.0.0.1 and "
+                    "reach the server through an SSH tunnel (ssh -L 8190:127.0.0.1:8190 host)."
+                )
+            return None
+        if existing_token(workspace):
+            return TokenSource(workspace)
+        if not loopback:
+            raise ExposureRefused(
+                f"listening on {self.host} needs a token that already exists, and there is none: run "
+                f"`lora-mcp token --workspace {workspace}` on this machine (it creates {token_path(workspace)}, "
+                f"owner-only) or set {TOKEN_ENV}, give that token to your clients, then start again."
+            )
+        write_new_token(workspace)
+        return TokenSource(workspace)
+
+    def security_settings(self) -> TransportSecuritySettings:
+        """The Host and Origin values clients may send: loopback names, the address listened on when it is a
+        specific one, and every --allowed-host."""
+        names = list(LOOPBACK_NAMES)
+        if not is_wildcard(self.host) and not is_loopback(self.host):
+            names.append(f"[{self.host}]" if ":" in self.host else self.host)
+        names += list(self.allowed_hosts)
+        hosts = [pattern for name in names for pattern in (name, f"{name}:*")]
+        origins = [f"{scheme}://{pattern}" for scheme in ("http", "https") for pattern in hosts]
+        return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
+
+    def check_names(self) -> None:
+        if is_wildcard(self.host) and not self.allowed_hosts:
+            raise ExposureRefused(
+                f"listening on every address ({self.host or 'all'}) needs --allowed-host NAME for each name or "
+                "address clients use to reach this machine (e.g. --allowed-host gpu-box.lan --allowed-host "
+                "10.0.0.5): requests naming any other host are refused, which is what stops DNS rebinding."
+            )
+
+
+# --- the guard -------------------------------------------------------------------------------------
+@dataclass
+class BadTokenLimit:
+    """Counts wrong or missing tokens per client address; BAD_TOKEN_LIMIT of them within
+    BAD_TOKEN_WINDOW_S lock that address out for LOCKOUT_S."""
+
+    clock: Callable[[], float] = time.monotonic
+    _failures: dict[str, deque] = field(default_factory=dict)
+    _locked_until: dict[str, float] = field(default_factory=dict)
+
+    def locked_for(self, address: str) -> float:
+        """Seconds this address stays locked out (0 when it is not)."""
+        until = self._locked_until.get(address)
+        if until is None:
+            return 0.0
+        left = until - self.clock()
+        if left <= 0:
+            del self._locked_until[address]
+            return 0.0
+        return left
+
+    def failed(self, address: str) -> None:
+        now = self.clock()
+        if len(self._failures) > 10_000:  # many addresses failing once: forget those whose window has passed
+            self._failures = {a: r for a, r in self._failures.items() if now - r[-1] <= BAD_TOKEN_WINDOW_S}
+        recent = self._failures.setdefault(address, deque())
+        recent.append(now)
+        while recent and now - recent[0] > BAD_TOKEN_WINDOW_S:
+            recent.popleft()
+        if len(recent) >= BAD_TOKEN_LIMIT:
+            self._locked_until[address] = now + LOCKOUT_S
+            del self._failures[address]
+            log.warning("%d bad tokens from %s within %.0f s: refusing it for %.0f s", BAD_TOKEN_LIMIT, address,
+                        BAD_TOKEN_WINDOW_S, LOCKOUT_S)
+
+
+class AccessGuard:
+    """ASGI middleware in front of every route: Host/Origin first (421/403), then the address's lockout
+    (429), then the bearer token (401). With `token=None` (--no-auth, loopback only) only Host/Origin apply."""
+
+    def __init__(self, app: ASGIApp, *, token: TokenSource | None, security: TransportSecuritySettings):
+        self.app = app
+        self.token = token
+        self.names = TransportSecurityMiddleware(security)
+        self.limit = BadTokenLimit()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        if refused := await self.names.validate_request(request, is_post=False):
+            reason = "Host" if refused.status_code == 421 else "Origin"
+            response = error_response(
+                refused.status_code,
+                f"this server does not answer to the {reason} {request.headers.get(reason.lower())!r}: use the "
+                "name it was started for, or start it with --allowed-host NAME",
+            )
+        elif self.token is not None:
+            response = self._check_token(request)
+        else:
+            response = None
+        if response is not None:
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _check_token(self, request: Request) -> JSONResponse | None:
+        address = request.client.host if request.client else "unknown"
+        if waited := self.limit.locked_for(address):
+            return error_response(
+                429,
+                f"too many wrong tokens from {address}: try again in {waited:.0f} s with the token "
+                "`lora-mcp token` shows on the server",
+                {"Retry-After": str(int(waited) + 1)},
+            )
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        expected = self.token.current()
+        # compare_digest: the time taken does not reveal how much of a guess was right.
+        if expected and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected.encode()):
+            return None
+        self.limit.failed(address)
+        if given:
+            what = "a wrong token"
+        elif any(key.lower() in ("token", "access_token") for key in request.query_params):
+            what = "its token in the URL, where it is never read"
+        else:
+            what = "no 'Authorization: Bearer <token>' header"
+        return error_response(
+            401,
+            f"this server needs a token and the request had {what}. Send the header 'Authorization: Bearer "
+            "<token>' (never in the URL); `lora-mcp token` on the server shows the token.",
+            {"WWW-Authenticate": "Bearer"},
+        )

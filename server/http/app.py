@@ -1,0 +1,97 @@
+"""`lora-mcp http`: the same tools and services as stdio, served over HTTP by one process.
+
+Routes, all behind `AccessGuard` (Host/Origin, then the bearer token):
+    /mcp                         MCP Streamable HTTP (the SDK's transport): chat clients, bridges, the Inspector
+    POST /mcp/tool, GET /mcp/tools   the guide's JSON API (server/http/tool_api.py)
+    GET /loras/{name}.safetensors    an exported LoRA, with Range (server/http/files.py)
+    POST /datasets/{name}            a zip of images and captions, checked like upload-dataset
+
+The job monitor (the MCP server's lifespan) runs once for the process, whatever the number of sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import uvicorn
+from starlette.types import ASGIApp
+
+from server.app import build_server, open_services
+from server.datasets import MAX_IMAGES_PER_CALL
+from server.http.access import AccessGuard, Exposure, TokenSource, existing_token, is_loopback
+from server.http.files import file_routes
+from server.http.tool_api import tool_routes
+from server.image_checks import MAX_IMAGE_BYTES
+from server.limits import MB, megabytes
+
+log = logging.getLogger("server.http")
+
+DEFAULT_PORT = 8190  # the guide's examples call http://localhost:8190/mcp/tool
+# An upload-dataset call at its own limits (200 images of up to 50 MB, base64: 4/3 the bytes) must fit, as it
+# does over stdio; the body is read only after the token has been checked.
+DEFAULT_MAX_REQUEST_MB = MAX_IMAGES_PER_CALL * MAX_IMAGE_BYTES * 4 / 3 / MB + 1
+
+
+@dataclass(frozen=True)
+class HttpOptions:
+    """The options of `lora-mcp http`."""
+
+    exposure: Exposure
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+
+def build_http_app(workspace: Path, *, token: TokenSource | None, exposure: Exposure) -> ASGIApp:
+    """The whole HTTP server as one ASGI app; `token` None only with --no-auth on loopback."""
+    max_body = megabytes("LORA_MCP_MAX_REQUEST_MB", DEFAULT_MAX_REQUEST_MB)
+    services = open_services(workspace, client_roots=False)
+    server = build_server(workspace, services)
+    for route in tool_routes(server, max_body) + file_routes(services):
+        server.custom_route(route.path, methods=sorted(route.methods or ()))(route.endpoint)
+    security = exposure.security_settings()
+    app = server.streamable_http_app(
+        streamable_http_path="/mcp",
+        max_request_body_size=max_body,
+        transport_security=security,
+        host=exposure.host,
+    )
+    return AccessGuard(app, token=token, security=security)
+
+
+def serve(workspace: Path, options: HttpOptions) -> int:
+    """Check the exposure, bind, say where the token is, and serve until interrupted."""
+    exposure = options.exposure
+    exposure.check_names()
+    token = exposure.check(workspace)  # refuses an unsafe start before anything binds
+    app = build_http_app(workspace, token=token, exposure=exposure)
+    family = socket.AF_INET6 if ":" in exposure.host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((exposure.host.strip("[]"), exposure.port))
+    port = listener.getsockname()[1]
+    scheme = "https" if options.ssl_certfile else "http"
+    shown_host = f"[{exposure.host.strip('[]')}]" if family == socket.AF_INET6 else exposure.host
+    url = f"{scheme}://{shown_host}:{port}"
+    where = existing_token(workspace)[1] if token else None
+    print(
+        f"lora-mcp http: serving {url} (MCP Streamable HTTP at {url}/mcp, JSON API at {url}/mcp/tool); "
+        + (f"token in {where}" if where else "no token (--no-auth, loopback only)"),
+        file=sys.stderr,
+        flush=True,
+    )
+    if not is_loopback(exposure.host) and not options.ssl_certfile:
+        log.warning("serving %s without TLS: the token crosses the network in clear unless a proxy adds TLS", url)
+    config = uvicorn.Config(
+        app,
+        ssl_certfile=str(options.ssl_certfile) if options.ssl_certfile else None,
+        ssl_keyfile=str(options.ssl_keyfile) if options.ssl_keyfile else None,
+        log_config=None,  # our logging: stderr and <workspace>/logs/server.log
+        timeout_graceful_shutdown=5,
+    )
+    anyio.run(uvicorn.Server(config).serve, [listener])
+    return 0

@@ -1,0 +1,74 @@
+"""`lora-mcp http` as a real child process on a free loopback port, for the HTTP tests and benches."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SERVING = re.compile(r"lora-mcp http: serving (https?://\S+) ")
+
+
+@dataclass
+class HttpServer:
+    url: str  # e.g. http://127.0.0.1:40123 (no trailing slash)
+    token: str | None  # None for a --no-auth server
+    workspace: Path
+    process: subprocess.Popen
+    log: Path  # the server's stderr
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=15)
+
+
+def start_http_server(workspace: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> HttpServer:
+    """Start `lora-mcp http --port 0` on `workspace` (extra `args` appended) and wait until it says where
+    it serves. Built-in models are read from the test session's workspace through a `models` link."""
+    workspace.mkdir(parents=True, exist_ok=True)
+    shared_models = Path(os.environ["LORA_MCP_HOME"]) / "models"
+    if not (workspace / "models").exists() and shared_models.is_dir() and workspace / "models" != shared_models:
+        (workspace / "models").symlink_to(shared_models, target_is_directory=True)
+    log = workspace / "http-server.stderr"
+    environment = {**os.environ, "LORA_MCP_HOME": str(workspace)}
+    environment.pop("LORA_MCP_TOKEN", None)  # the token comes from the workspace's file unless `env` gives one
+    environment.update(env or {})
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server.main", "http", "--port", "0", "--workspace", str(workspace), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=environment,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        if match := SERVING.search(text):
+            token_file = workspace / "http-token"
+            token = None
+            if "--no-auth" not in args:
+                token = environment.get("LORA_MCP_TOKEN") or token_file.read_text().strip()
+            return HttpServer(match.group(1), token, workspace, process, log)
+        if process.poll() is not None:
+            raise RuntimeError(f"lora-mcp http exited with {process.returncode}:\n{text}")
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"lora-mcp http did not start within {timeout} s:\n{log.read_text(errors='replace')}")
