@@ -6,9 +6,9 @@ VENV := .venv
 TORCH_SPEC ?= torch==2.13.0
 DEMO := $(CURDIR)/.demo
 
-.PHONY: setup demo train-demo test clean
+.PHONY: setup node-tools demo train-demo test clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed node-tools
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,25 @@ $(VENV)/.installed: pyproject.toml
 	# PYTHONPATH of a trainer process.
 	$(VENV)/bin/pip install --quiet --upgrade --target $(VENV)/extras/torchao "torchao>=0.12,<1"
 	touch $@
+
+# The MCP Inspector's CLI and the mcp-remote bridge, for tests/test_http_clients.py, in $(NODE_DIR) beside the
+# environment. Inspector 2.12.0 runs on Node 20 although its package asks for 22 (npm's EBADENGINE warnings,
+# silenced by --loglevel=error); Node 18 lacks the CustomEvent global it uses. No npm, an older Node or no
+# network does not fail the set-up: those tests skip and say why. Install scripts are not needed (the
+# Inspector's own one is a no-op outside its source tree), so none run. Re-run while the pins differ.
+NODE_TOOLS := @modelcontextprotocol/inspector@2.12.0 mcp-remote@0.15.1
+NODE_DIR := $(VENV)/node
+node-tools:
+	@skipped="the MCP Inspector and mcp-remote tests will be skipped"; \
+	if [ "$$(cat $(NODE_DIR)/.installed 2>/dev/null)" = "$(NODE_TOOLS)" ]; then :; \
+	elif ! command -v npm >/dev/null || ! command -v node >/dev/null; then \
+	  echo "make setup: no npm/node here: $$skipped"; \
+	elif [ "$$(node -p 'process.versions.node.split(".")[0]')" -lt 20 ]; then \
+	  echo "make setup: node $$(node --version) is older than 20: $$skipped"; \
+	elif npm install --prefix $(NODE_DIR) --save-exact --no-audit --no-fund --ignore-scripts --fetch-retries=1 \
+	    --loglevel=error $(NODE_TOOLS); then \
+	  echo "$(NODE_TOOLS)" > $(NODE_DIR)/.installed && echo "make setup: $(NODE_TOOLS) in $(NODE_DIR)"; \
+	else echo "make setup: npm could not install $(NODE_TOOLS) (offline?): $$skipped"; fi
 
 demo: setup
 	rm -rf $(DEMO)/workspace
