@@ -10,7 +10,7 @@ from typing import Any
 
 from server.dataset_contents import CAPTION_SUFFIX
 from server.dataset_schemas import CAPTION_SHOWN_CHARS, CaptionOutcome, CaptionUpdateResult, Refused
-from server.errors import ServiceError
+from server.errors import ServiceError, WorkspaceStateError
 from training.data.dataset import IMAGE_SUFFIXES, with_trigger_first
 from training.workspace import atomic_write_text
 
@@ -29,7 +29,7 @@ def update_captions(
     trigger = _checked_changes(edits, find, replace, trigger_word)
     images = _dataset_images(folder)
     if not images:
-        raise ServiceError(
+        raise WorkspaceStateError(
             f"dataset {name!r} holds no images, so it has no captions to update: add images with "
             "upload-dataset or import-dataset first"
         )

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from server.errors import ServiceError
+from server.errors import ServiceError, WorkspaceStateError
 from server.jobs import JobRecord
 from server.names import checked_name
 from server.paths import check_user_path
@@ -79,7 +79,7 @@ def plan_captions(workspace: Path, **request: Any) -> CaptionPlan:
     folder = _dataset_folder(workspace, checked.dataset_name, checked.dataset_path)
     images = image_files(folder, recursive=True)
     if not images:
-        raise ServiceError(f"{folder} has no images (jpg, jpeg, png, webp) to caption")
+        raise WorkspaceStateError(f"{folder} has no images (jpg, jpeg, png, webp) to caption")
     todo = [p for p in images if checked.overwrite or not p.with_suffix(".txt").is_file()]
     model = checked.caption_model
     if todo and model != "template":
@@ -223,5 +223,5 @@ def _dataset_folder(workspace: Path, dataset_name: str | None, dataset_path: str
         given = Path(dataset_path).expanduser()
         folder = given if given.is_absolute() else Path(workspace) / given
     if not folder.is_dir():
-        raise ServiceError(f"no dataset folder {folder}; list-datasets shows the datasets there are")
+        raise WorkspaceStateError(f"no dataset folder {folder}; list-datasets shows the datasets there are")
     return folder.resolve()

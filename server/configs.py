@@ -16,7 +16,7 @@ from typing import Annotated, Any, NamedTuple
 
 from pydantic import AliasChoices, BaseModel, Field, TypeAdapter, ValidationError
 
-from server.errors import ServiceError
+from server.errors import ServiceError, WorkspaceStateError
 from server.names import checked_name, is_safe_name
 from server.paths import check_user_path
 from training.config import STEPS_PER_IMAGE, ConfigError, TrainingConfig
@@ -69,7 +69,7 @@ class ConfigService:
         name = checked_name("config", values["name"])
         path = self._path(name)
         if path.exists():
-            raise ServiceError(
+            raise WorkspaceStateError(
                 f"config {name!r} already exists: change it with update-training-config, "
                 "or remove it with delete-config first"
             )
@@ -113,7 +113,7 @@ class ConfigService:
         try:
             return TrainingConfig.from_dict(raw)
         except ConfigError as exc:
-            raise ServiceError(
+            raise WorkspaceStateError(
                 f"config {name!r} on disk no longer validates (edited by hand?): {'; '.join(exc.problems)}. "
                 "Fix it with update-training-config."
             ) from None
@@ -127,7 +127,7 @@ class ConfigService:
         try:
             return path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise ServiceError(f"cannot read config {name!r}: {exc.strerror}") from None
+            raise WorkspaceStateError(f"cannot read config {name!r}: {exc.strerror}") from None
 
     # --- change ----------------------------------------------------------------------------------
     def update(self, name: str, changes: dict[str, Any]) -> TrainingConfig:
@@ -160,7 +160,7 @@ class ConfigService:
         except FileNotFoundError:
             raise self._unknown(name) from None
         except OSError as exc:
-            raise ServiceError(f"cannot delete config {name!r}: {exc.strerror}") from None
+            raise WorkspaceStateError(f"cannot delete config {name!r}: {exc.strerror}") from None
 
     # --- validate ------------------------------------------------------------------------------
     def validate(self, name: str) -> ValidationReport:
@@ -243,11 +243,11 @@ class ConfigService:
             raise self._unknown(name)
         return name, path
 
-    def _unknown(self, name: str) -> ServiceError:
+    def _unknown(self, name: str) -> WorkspaceStateError:
         known = [p.name.removesuffix(CONFIG_SUFFIX) for p in sorted(self.folder.glob("*" + CONFIG_SUFFIX))]
         known = [n for n in known if is_safe_name(n)]
         hint = f" (saved configs: {', '.join(known[:20])})" if known else " (there are no saved configs yet)"
-        return ServiceError(f"no config named {name!r}{hint}: call list-configs to see the saved configs")
+        return WorkspaceStateError(f"no config named {name!r}{hint}: call list-configs to see the saved configs")
 
     def _read(self, name: str, path: Path) -> dict[str, Any]:
         try:
@@ -255,7 +255,7 @@ class ConfigService:
         except FileNotFoundError:
             raise self._unknown(name) from None
         except OSError as exc:
-            raise ServiceError(f"cannot read config {name!r}: {exc.strerror}") from None
+            raise WorkspaceStateError(f"cannot read config {name!r}: {exc.strerror}") from None
         raw["name"] = name  # the file name is the config's name, whatever a hand edit put inside
         return raw
 
@@ -298,14 +298,14 @@ def _read_raw(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ServiceError(
+        raise WorkspaceStateError(
             f"config file {path.name} is not valid YAML (edited by hand?): {exc}. "
             "Fix the file or delete it with delete-config."
         ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ServiceError(
+        raise WorkspaceStateError(
             f"config file {path.name} must hold a mapping of option: value. "
             "Fix the file or delete it with delete-config."
         )

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from server.dataset_contents import CAPTION_SUFFIX, count_dataset, remove_empty_folder
 from server.dataset_schemas import FileOutcome, ImportedConcept, ImportResult, Refused
-from server.errors import ServiceError
+from server.errors import ServiceError, WorkspaceStateError
 from server.image_checks import check_room, checked_image, read_image_file, read_regular_file, write_image_with_caption
 from server.paths import ALLOWED_DIRS_ENV, allowed_roots, check_user_path
 from training.data.dataset import IMAGE_SUFFIXES, VALIDATION_FOLDER
@@ -62,10 +62,10 @@ def import_folder(
         )
     if folder.exists() or folder.is_symlink():
         if not folder.is_dir():
-            raise ServiceError(f"{folder} exists but is not a folder: remove it or choose another dataset_name")
+            raise WorkspaceStateError(f"{folder} exists but is not a folder: remove it or choose another dataset_name")
         if not overwrite:
             images, _, _ = count_dataset(folder)
-            raise ServiceError(
+            raise WorkspaceStateError(
                 f"dataset {name!r} already exists ({images} image(s)): choose another dataset_name, or import "
                 "again with overwrite=true to add these files to it (files with the same path are replaced, "
                 "the others kept)"

@@ -47,7 +47,7 @@ from server.dataset_schemas import (
     UploadImage,
     UploadResult,
 )
-from server.errors import ServiceError
+from server.errors import ServiceError, WorkspaceStateError
 from server.image_checks import (
     MAX_DATASET_BYTES,
     MAX_IMAGE_BYTES,
@@ -104,7 +104,7 @@ class DatasetService:
             )
         folder = self.folder / name
         if folder.exists() and not folder.is_dir():
-            raise ServiceError(f"{folder} exists but is not a folder: remove it or choose another dataset_name")
+            raise WorkspaceStateError(f"{folder} exists but is not a folder: remove it or choose another dataset_name")
         folder_existed = folder.is_dir()
 
         outcomes: list[FileOutcome] = []
@@ -245,7 +245,7 @@ class DatasetService:
             self._existing_dataset(name)
             shutil.rmtree(folder)  # does not follow links: linked files and folders are left alone
         except OSError as exc:
-            raise ServiceError(
+            raise WorkspaceStateError(
                 f"dataset {name!r} could not be deleted completely ({exc.strerror or exc}): check the permissions "
                 f"of {folder}, then delete it again"
             ) from None
@@ -271,7 +271,7 @@ class DatasetService:
         folder = self.folder / name
         if not folder.is_dir():
             known = [s.name for s in self.list()]
-            raise ServiceError(
+            raise WorkspaceStateError(
                 f"there is no dataset named {name!r}"
                 + (f" (datasets: {', '.join(known[:20])}{', ...' if len(known) > 20 else ''})" if known else "")
                 + ": call list-datasets to see them, and use one of those names"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field
 
 from server.configs import ConfigService, check_dataset, check_model
-from server.errors import ServiceError
+from server.errors import ServiceError, WorkspaceStateError
 from server.jobs import JobService, JobStatus, read_status
 from server.names import free_name
 from training.config import ConfigError, TrainingConfig
@@ -131,14 +131,16 @@ def apply_fix(
     finding = next((f for f in findings if f.rule == finding_id), None)
     if finding is None:
         listed = ", ".join(f"{f.rule} ({f.severity})" for f in findings) or "none"
-        raise ServiceError(f"{based_on} has no finding {finding_id!r}; its findings now: {listed}")
+        raise WorkspaceStateError(f"{based_on} has no finding {finding_id!r}; its findings now: {listed}")
     if not finding.patch:
-        raise ServiceError(f"finding {finding_id!r} has no config change to apply; its advice is: {finding.message}")
+        raise WorkspaceStateError(
+            f"finding {finding_id!r} has no config change to apply; its advice is: {finding.message}"
+        )
     # A job's findings read its resolved config: its rank and alpha go back under the names the job was given.
     try:
         patch = TrainingConfig.from_dict(values).in_given_names(finding.patch)
     except ConfigError as exc:  # a job's config from an older version, or a hand edit since
-        raise ServiceError(
+        raise WorkspaceStateError(
             f"the config of {based_on} no longer validates ({'; '.join(exc.problems)}): fix it with "
             "update-training-config, or create a new config with the finding's patch"
         ) from None
@@ -274,9 +276,9 @@ def _request_values(run_dir: Path) -> dict[str, Any]:
     try:
         values = yaml.safe_load((run_dir / "request.yaml").read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
-        raise ServiceError(f"the job's config {run_dir / 'request.yaml'} cannot be read: {exc}") from None
+        raise WorkspaceStateError(f"the job's config {run_dir / 'request.yaml'} cannot be read: {exc}") from None
     if not isinstance(values, dict):
-        raise ServiceError(f"the job's config {run_dir / 'request.yaml'} is not a mapping of options")
+        raise WorkspaceStateError(f"the job's config {run_dir / 'request.yaml'} is not a mapping of options")
     return values
 
 
@@ -284,5 +286,5 @@ def _request_config(run_dir: Path) -> TrainingConfig:
     try:
         return TrainingConfig.from_dict(_request_values(run_dir))
     except ConfigError as exc:
-        raise ServiceError(f"the job's config no longer validates: {exc}") from None
+        raise WorkspaceStateError(f"the job's config no longer validates: {exc}") from None
 

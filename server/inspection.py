@@ -9,7 +9,7 @@ from pydantic import BaseModel
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from server.errors import ServiceError
+from server.errors import ServiceError, WorkspaceStateError
 from server.names import checked_name
 from training.config import LoraType
 from training.data.caption_lint import CaptionFinding, lint_captions
@@ -37,7 +37,7 @@ def dataset_info(
             folder, lora_type=lora_type, trigger_word=trigger_word, native_resolution=native, bucket_step=step
         )
     except DatasetError as exc:
-        raise ServiceError(f"dataset {dataset_name!r} cannot be inspected: {exc}") from None
+        raise WorkspaceStateError(f"dataset {dataset_name!r} cannot be inspected: {exc}") from None
 
 
 def model_geometry(model_name: str) -> tuple[int, int]:
@@ -80,7 +80,7 @@ def caption_lint(
     try:
         index = scan_dataset(folder, trigger_word=trigger_word, trigger_words={})
     except DatasetError as exc:
-        raise ServiceError(f"dataset {dataset_name!r} cannot be read: {exc}") from None
+        raise WorkspaceStateError(f"dataset {dataset_name!r} cannot be read: {exc}") from None
     count_tokens = _token_counter(model_name) if model_name else None
     family = _model_family(model_name) if model_name else None
     findings = lint_captions(index, family=family, max_tokens=max_token_length, count_tokens=count_tokens)
@@ -109,7 +109,7 @@ def _model_family(model_name: str) -> ModelFamily:
 def dataset_folder(workspace: Path, dataset_name: str) -> Path:
     folder = Path(workspace) / "datasets" / checked_name("dataset", dataset_name)
     if not folder.is_dir():
-        raise ServiceError(f"no dataset {dataset_name!r}; list-datasets shows the datasets there are")
+        raise WorkspaceStateError(f"no dataset {dataset_name!r}; list-datasets shows the datasets there are")
     return folder
 
 

@@ -35,7 +35,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from server import processes
-from server.errors import ServiceError
+from server.errors import WorkspaceStateError
 from server.names import checked_name
 from training.run_files import RunFiles
 from training.workspace import atomic_write_text
@@ -239,7 +239,7 @@ class JobService:
         ]
         if active:
             what = "config" if kind == "training" else "dataset"
-            raise ServiceError(
+            raise WorkspaceStateError(
                 f"{what} {subject!r} already has {kind} job {active[0].job_id} ({active[0].state}); watch it with "
                 "get-training-status, or stop-training it first"
             )
@@ -267,13 +267,13 @@ class JobService:
                 processes.interrupt_group(record.pid)  # the fast path, where signals exist
             self.store.update(job_id, stop_requested_at=time.time())
         else:
-            raise ServiceError(f"job {job_id} is already {record.state}; nothing to stop")
+            raise WorkspaceStateError(f"job {job_id} is already {record.state}; nothing to stop")
         return self._record(job_id)
 
     def resume(self, job_id: str) -> JobRecord:
         record = self._record(job_id)
         if record.state not in RESUMABLE_STATES:
-            raise ServiceError(
+            raise WorkspaceStateError(
                 f"job {job_id} is {record.state}; only a stopped, interrupted or failed job can be resumed"
             )
         RunFiles(Path(record.run_dir)).clear_stop_request()  # left by a stop the child never read
@@ -292,7 +292,7 @@ class JobService:
         status = self.status(job_id)
         if status.kind != "training" and status.kind not in also:
             made = {"captioning": "captions", "generation": "images"}[status.kind]
-            raise ServiceError(
+            raise WorkspaceStateError(
                 f"job {job_id} is a {status.kind} job: it makes {made}, not a LoRA; get-training-status and "
                 "get-training-logs show it"
                 + (", get-training-samples its images" if status.kind == "generation" else "")
@@ -398,7 +398,7 @@ class JobService:
         checked_name("job", job_id)
         record = self.store.get(job_id)
         if record is None:
-            raise ServiceError(f"no job {job_id!r}; list-training-jobs shows the jobs there are")
+            raise WorkspaceStateError(f"no job {job_id!r}; list-training-jobs shows the jobs there are")
         return record
 
     def _status(self, record: JobRecord) -> JobStatus:

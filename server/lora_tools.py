@@ -17,7 +17,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, Field, ValidationError
 
-from server.errors import ServiceError
+from server.errors import ServiceError, WorkspaceStateError
 from server.loras import ExportedLora
 from server.names import checked_name
 from server.paths import check_user_path, looks_like_path
@@ -65,7 +65,7 @@ def lora_path(workspace: Path, reference: str) -> Path:
         if not name or ".." in name or not path.is_file():
             exported = sorted(p.stem for p in (workspace / "loras").glob("*.safetensors"))
             shown = ", ".join(exported[:_NAMES_SHOWN]) + (", ..." if len(exported) > _NAMES_SHOWN else "")
-            raise ServiceError(
+            raise WorkspaceStateError(
                 f"no exported LoRA named {reference!r} (exported: {shown or 'none yet'}; list-exported-models lists "
                 "them). Give an exported LoRA's name, or the path of a .safetensors file in the workspace or a "
                 "folder this server may use."
@@ -82,7 +82,7 @@ def lora_path(workspace: Path, reference: str) -> Path:
     try:
         safetensors_metadata(path)
     except InvalidSafetensors as exc:
-        raise ServiceError(f"lora {reference!r} ({path}) is not a valid .safetensors file: {exc}") from None
+        raise WorkspaceStateError(f"lora {reference!r} ({path}) is not a valid .safetensors file: {exc}") from None
     return path
 
 
@@ -104,7 +104,7 @@ def merge_loras(
     try:
         run_request("training.merge", sources=weighted, target=str(target), output_format=output_format)
     except RequestRefused as exc:
-        raise ServiceError(f"cannot merge these LoRAs: {exc}") from None
+        raise WorkspaceStateError(f"cannot merge these LoRAs: {exc}") from None
     return _record(target)
 
 
@@ -118,7 +118,7 @@ def convert_lora(workspace: Path, lora: str, to: LoraTarget, output_name: str | 
     try:
         run_request("training.convert", source=str(source), target=str(target), output_format=to)
     except RequestRefused as exc:
-        raise ServiceError(f"cannot convert {lora!r} to {to}: {exc}") from None
+        raise WorkspaceStateError(f"cannot convert {lora!r} to {to}: {exc}") from None
     return _record(target)
 
 
@@ -131,7 +131,7 @@ def _new_output(workspace: Path, output_name: str) -> Path:
     name = checked_name("output", output_name.removesuffix(".safetensors"))
     target = Path(workspace) / "loras" / f"{name}.safetensors"
     if target.exists() or target.with_suffix(".json").exists():
-        raise ServiceError(
+        raise WorkspaceStateError(
             f"a LoRA named {name!r} exists already in loras/; choose another output_name (list-exported-models "
             "lists the names taken)"
         )

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
-from server.errors import ServiceError
+from server.errors import ServiceError, WorkspaceStateError
 from server.names import checked_name, plain_filename_problem
 from server.safetensors_file import InvalidSafetensors, safetensors_metadata
 from training.request_child import RequestRefused, run_request
@@ -82,7 +82,9 @@ class LoraService:
         try:
             metadata = safetensors_metadata(source)
         except InvalidSafetensors as exc:
-            raise ServiceError(f"job {job_id}'s LoRA {source.name} is damaged ({exc}); train or resume again") from None
+            raise WorkspaceStateError(
+                f"job {job_id}'s LoRA {source.name} is damaged ({exc}); train or resume again"
+            ) from None
         config = json.loads(metadata.get("training_config", "{}"))
         trained_format = config.get("output_format") or "kohya"
         output_format = request.output_format or trained_format
@@ -144,7 +146,7 @@ class LoraService:
         if step is None:
             finals = [p for p in run_dir.glob("*.safetensors") if not p.name.startswith(".")]
             if not finals:
-                raise ServiceError(
+                raise WorkspaceStateError(
                     f"job {job_id} has no final LoRA yet; wait for it to complete, or export a checkpoint with step"
                 )
             return finals[0], ""
@@ -159,7 +161,9 @@ class LoraService:
                 if (run_dir / "checkpoints").is_dir()
                 else []
             )
-            raise ServiceError(f"job {job_id} has no checkpoint at step {step}; checkpoints kept: {kept or 'none'}")
+            raise WorkspaceStateError(
+                f"job {job_id} has no checkpoint at step {step}; checkpoints kept: {kept or 'none'}"
+            )
         return files[0], f"-step{step:06d}"
 
     def _downloadable(self, relative: str, run_dirs: dict[str, Path]) -> Path:
@@ -174,10 +178,10 @@ class LoraService:
         else:
             job_id = checked_name("job", parts[0])
             if job_id not in run_dirs:
-                raise ServiceError(f"no job {job_id!r}; list-training-jobs shows the jobs there are")
+                raise WorkspaceStateError(f"no job {job_id!r}; list-training-jobs shows the jobs there are")
             path = run_dirs[job_id].joinpath(*parts[1:])
         if not path.is_file():
-            raise ServiceError(f"no file {relative!r}; list-exported-models lists the exported LoRAs")
+            raise WorkspaceStateError(f"no file {relative!r}; list-exported-models lists the exported LoRAs")
         return path
 
 
@@ -196,4 +200,4 @@ def _convert(source: Path, target: Path, output_format: str) -> None:
     try:
         run_request("training.convert", source=str(source), target=str(target), output_format=output_format)
     except RequestRefused as exc:
-        raise ServiceError(f"cannot convert the LoRA to {output_format}: {exc}") from None
+        raise WorkspaceStateError(f"cannot convert the LoRA to {output_format}: {exc}") from None

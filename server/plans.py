@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import get_args
 
 from server.configs import ConfigService, check_model
-from server.errors import ServiceError
+from server.errors import ServiceError, WorkspaceStateError
 from server.inspection import dataset_folder
 from server.names import free_name
 from training.config import LoraType, TrainingConfig
@@ -56,9 +56,9 @@ def recommend_training_plan(
     try:
         index = scan_dataset(folder, trigger_word=None, trigger_words={})
     except DatasetError as exc:
-        raise ServiceError(f"dataset {dataset_name!r} cannot be planned for: {exc}") from None
+        raise WorkspaceStateError(f"dataset {dataset_name!r} cannot be planned for: {exc}") from None
     except OSError as exc:
-        raise ServiceError(f"dataset {dataset_name!r} cannot be read: {exc}") from None
+        raise WorkspaceStateError(f"dataset {dataset_name!r} cannot be read: {exc}") from None
 
     if model_name is None:
         model_name, native, family = TrainingConfig.model_fields["model_name"].default, None, None

@@ -7,7 +7,20 @@ from collections.abc import Callable
 
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 
-from server.errors import ServiceError
+from server.errors import ServiceError, WorkspaceStateError
+
+
+class WorkspaceStateToolError(ToolError):
+    """The ToolError of a WorkspaceStateError: the workspace's state refused the call, not its arguments.
+    The HTTP API answers it 409, any other ToolError 422."""
+
+
+def tool_error(exc: ServiceError, error: type[Exception] = ToolError) -> Exception:
+    """The error the MCP client reads for a service's ServiceError, same message: `error`, or for a
+    WorkspaceStateError the WorkspaceStateToolError when `error` is ToolError."""
+    if error is ToolError and isinstance(exc, WorkspaceStateError):
+        return WorkspaceStateToolError(str(exc))
+    return error(str(exc))
 
 
 class ServiceCalls:
@@ -24,7 +37,7 @@ class ServiceCalls:
             with self._lock:
                 return fn(*args)
         except ServiceError as exc:
-            raise error(str(exc)) from None
+            raise tool_error(exc, error) from None
 
     def resource_call(self, fn: Callable, *args):
         return self.call(fn, *args, error=ResourceNotFoundError)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from server.configs import ConfigService
-from server.errors import ServiceError
+from server.errors import WorkspaceStateError
 from server.jobs import JobService, JobStatus
 from server.names import plain_filename_problem
 from training.workspace import read_jsonl
@@ -36,7 +36,7 @@ class TrainingService:
         """Queue a training job for a saved config, if validate-training-config finds no error in it."""
         report = self.configs.validate(config_name)
         if not report.valid:
-            raise ServiceError(
+            raise WorkspaceStateError(
                 f"config {config_name!r} cannot train: {'; '.join(report.errors)}. "
                 "Fix it with update-training-config, then start again."
             )
@@ -67,11 +67,13 @@ class TrainingService:
         run_dir = Path(self.jobs.training_status(job_id, also=("generation",)).run_dir)
         rows = read_jsonl(run_dir / "samples" / "index.jsonl")
         if not rows:
-            raise ServiceError(f"job {job_id} has no samples yet (samples need test_prompts and sampling enabled)")
+            raise WorkspaceStateError(
+                f"job {job_id} has no samples yet (samples need test_prompts and sampling enabled)"
+            )
         steps = sorted({row["step"] for row in rows})
         chosen = steps[-1] if step is None else step
         if chosen not in steps:
-            raise ServiceError(f"job {job_id} has samples at steps {steps}; ask for one of them")
+            raise WorkspaceStateError(f"job {job_id} has samples at steps {steps}; ask for one of them")
         samples = []
         for row in (r for r in rows if r["step"] == chosen):
             control = " (control prompt, no trigger word: it should stay like step 0)" if row.get("control") else ""
@@ -83,7 +85,7 @@ class TrainingService:
         """The PNG `filename` among a job's samples (as get-training-status lists them)."""
         path = self._run_dir(job_id) / "samples" / filename
         if plain_filename_problem(filename) or path.suffix != ".png" or not path.is_file():
-            raise ServiceError(f"job {job_id} has no sample {filename!r}; get-training-status lists them")
+            raise WorkspaceStateError(f"job {job_id} has no sample {filename!r}; get-training-status lists them")
         return path
 
     def _run_dir(self, job_id: str) -> Path:

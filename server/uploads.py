@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from server.errors import ServiceError
+from server.errors import ServiceError, WorkspaceStateError
 from server.safetensors_file import InvalidSafetensors, safetensors_metadata
 from server.upload_arguments import (
     DEFAULT_CHUNK_SIZE,
@@ -128,7 +128,7 @@ class UploadService:
         try:
             created = self.store.create(wanted)
         except OSError as exc:
-            raise ServiceError(
+            raise WorkspaceStateError(
                 f"the upload could not be created on the server ({exc.strerror or exc}): check the server's disk, "
                 f"then call {START_TOOL} again"
             ) from None
@@ -142,7 +142,7 @@ class UploadService:
             differences = ", ".join(
                 f"{key} {given[key]!r} (the upload has {stored[key]!r})" for key in given if given[key] != stored[key]
             )
-            raise ServiceError(
+            raise WorkspaceStateError(
                 f"upload_id {existing.upload_id!r} is already in use with other arguments: {differences}. "
                 f"Continue that upload with {APPEND_TOOL}, or start this file under a new upload_id "
                 "(e.g. a fresh uuid4)"
@@ -150,7 +150,7 @@ class UploadService:
         with self.store.locked(existing.upload_id) as upload:
             if upload is None:  # finished or expired meanwhile
                 self._refuse_if_finished(existing.upload_id)
-                raise ServiceError(f"upload {existing.upload_id!r} expired just now: call {START_TOOL} again")
+                raise WorkspaceStateError(f"upload {existing.upload_id!r} expired just now: call {START_TOOL} again")
             return self._started(upload, received=self.store.received(upload), again=True)
 
     def _started(self, upload: UploadRecord, received: set[int], again: bool) -> UploadStarted:
@@ -206,12 +206,12 @@ class UploadService:
             try:
                 kept = self.store.write_chunk(upload, chunk_index, data)
             except OSError as exc:
-                raise ServiceError(
+                raise WorkspaceStateError(
                     f"chunk {chunk_index} could not be stored ({exc.strerror or exc}): check the server's disk, "
                     "then send the chunk again"
                 ) from None
             if not kept:
-                raise ServiceError(
+                raise WorkspaceStateError(
                     f"chunk {chunk_index} already arrived with different bytes, and the first ones are kept: "
                     "check that you slice the file the same way each time. If the file itself changed, "
                     f"upload it anew under a new upload_id with {START_TOOL}"
@@ -234,7 +234,7 @@ class UploadService:
             upload = self._live(upload_id, upload)
             missing = upload.missing(self.store.received(upload))
             if missing:
-                raise ServiceError(
+                raise WorkspaceStateError(
                     f"{len(missing)} of {upload.chunks} chunk(s) have not arrived yet: {_listed(missing)}. "
                     f"Send them with {APPEND_TOOL}, then call {FINISH_TOOL} again"
                 )
@@ -273,7 +273,7 @@ class UploadService:
             except OSError as exc:
                 if created:
                     target.unlink(missing_ok=True)
-                raise ServiceError(
+                raise WorkspaceStateError(
                     f"the LoRA's sidecar could not be written ({exc.strerror or exc}): check the server's disk, "
                     f"then call {FINISH_TOOL} again"
                 ) from None
@@ -302,7 +302,7 @@ class UploadService:
             size = data_file.stat().st_size
             digest = _sha256(data_file)
         except OSError as exc:
-            raise ServiceError(
+            raise WorkspaceStateError(
                 f"the uploaded file could not be read ({exc.strerror or exc}): check the server's disk, "
                 f"then call {FINISH_TOOL} again"
             ) from None
@@ -344,12 +344,12 @@ class UploadService:
                     shutil.copyfile(source, tmp)
             fsync_dir(self.loras)
         except FileExistsError:
-            raise ServiceError(
+            raise WorkspaceStateError(
                 f"loras/{target.name} appeared while finishing: delete it and call {FINISH_TOOL} again, "
                 "or upload the file under another filename"
             ) from None
         except OSError as exc:
-            raise ServiceError(
+            raise WorkspaceStateError(
                 f"the LoRA could not be written to loras/ ({exc.strerror or exc}): check the server's disk, "
                 f"then call {FINISH_TOOL} again"
             ) from None
@@ -368,13 +368,13 @@ class UploadService:
         """The upload, or a ServiceError saying why there is none to continue."""
         if upload is None:
             self._refuse_if_finished(upload_id)
-            raise ServiceError(
+            raise WorkspaceStateError(
                 f"there is no upload {upload_id!r}: start it with {START_TOOL} first (unfinished uploads are "
                 f"deleted {self.expiry_seconds / 3600:g} h after they start)"
             )
         if time.time() > upload.created_at + self.expiry_seconds:
             self.store.discard(upload_id)
-            raise ServiceError(
+            raise WorkspaceStateError(
                 f"upload {upload_id!r} expired at {_utc(upload.created_at + self.expiry_seconds)} and was deleted: "
                 f"start again with {START_TOOL} and send every chunk"
             )
@@ -384,7 +384,7 @@ class UploadService:
         record = self.store.finished(upload_id)
         if record is None:
             return
-        raise ServiceError(
+        raise WorkspaceStateError(
             f"upload {upload_id!r} is already finished: the LoRA is at {record.get('path')} "
             f"(name {record.get('name')!r}). To upload another file, use a new upload_id with {START_TOOL}"
         )
@@ -397,7 +397,7 @@ class UploadService:
             with contextlib.suppress(OSError):
                 if os.path.samefile(target, unless_same_as):
                     return
-        raise ServiceError(f"loras/{target.name} already exists: {advice}")
+        raise WorkspaceStateError(f"loras/{target.name} already exists: {advice}")
 
     def _check_free_space(self, size: int) -> None:
         probe = self.workspace
@@ -408,7 +408,7 @@ class UploadService:
         except OSError:
             return
         if free < size:
-            raise ServiceError(
+            raise WorkspaceStateError(
                 f"the server has {free / 2**20:.1f} MiB of free disk but the file is {size / 2**20:.1f} MiB: "
                 "free some space on the server (e.g. delete old runs or LoRAs), then start again"
             )

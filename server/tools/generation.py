@@ -6,7 +6,6 @@ import inspect
 from functools import partial
 
 from mcp.server import MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.utilities.types import Image
 from pydantic import BaseModel, Field
 
@@ -15,6 +14,7 @@ from server.generation import render_or_queue
 from server.images import thumbnail_png
 from server.lora_tools import ConvertRequest, MergeRequest, convert_lora, merge_loras
 from server.loras import ExportedLora
+from server.service_calls import tool_error
 from server.tools import Services, add_tools, tool
 from training.generation import GenerationRequest, StrengthComparison
 from training.guide import GUIDE_STRENGTHS, span
@@ -75,7 +75,7 @@ class ImageTools:
         try:
             plan, outcome = render_or_queue(self.s.workspace, request, background, start_job)
         except ServiceError as exc:
-            raise ToolError(str(exc)) from None
+            raise tool_error(exc) from None
         if not isinstance(outcome, list):
             return [
                 f"{what} is rendering in the background as job {outcome.job_id} ({plan.request.model_name}). "
