@@ -112,6 +112,27 @@ def open_http_server(tmp_path_factory, tiny_sd15):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def lora_bytes(tmp_path_factory) -> bytes:
+    """A real safetensors LoRA of about 300 KB: 5 chunks of 64 KiB (the last one short), or 2 of the guide's
+    256 KiB. Its own metadata names a trigger phrase (file_phrase) and a base model (sd15)."""
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "lora_unet_mid.lora_down.weight": torch.randn(64, 512, generator=generator),
+        "lora_unet_mid.lora_up.weight": torch.randn(512, 64, generator=generator),
+        "lora_unet_mid.alpha": torch.tensor(8.0),
+        "lora_te_extra.lora_down.weight": torch.randn(64, 150, generator=generator).half(),
+    }
+    path = tmp_path_factory.mktemp("lora") / "made.safetensors"
+    save_file(tensors, str(path), metadata={"modelspec.trigger_phrase": "file_phrase", "ss_sd_model_name": "sd15"})
+    data = path.read_bytes()
+    assert 4 * 65536 < len(data) < 5 * 65536
+    return data
+
+
 @pytest.fixture
 def shapes(tmp_path) -> Path:
     """Four 64 px images with captions that start with the trigger word xyz_shape."""

@@ -12,8 +12,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from server.errors import ServiceError
 from server.loras import LoraService
@@ -42,23 +40,6 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
 
 def pieces(data: bytes, size: int = CHUNK) -> list[bytes]:
     return [data[i : i + size] for i in range(0, len(data), size)]
-
-
-@pytest.fixture(scope="module")
-def lora_bytes(tmp_path_factory) -> bytes:
-    """A real safetensors LoRA of about 300 KB (5 chunks of 64 KiB, the last one short)."""
-    generator = torch.Generator().manual_seed(0)
-    tensors = {
-        "lora_unet_mid.lora_down.weight": torch.randn(64, 512, generator=generator),
-        "lora_unet_mid.lora_up.weight": torch.randn(512, 64, generator=generator),
-        "lora_unet_mid.alpha": torch.tensor(8.0),
-        "lora_te_extra.lora_down.weight": torch.randn(64, 150, generator=generator).half(),
-    }
-    path = tmp_path_factory.mktemp("lora") / "made.safetensors"
-    save_file(tensors, str(path), metadata={"modelspec.trigger_phrase": "file_phrase", "ss_sd_model_name": "sd15"})
-    data = path.read_bytes()
-    assert 4 * CHUNK < len(data) < 5 * CHUNK
-    return data
 
 
 @pytest.fixture
