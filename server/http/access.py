@@ -14,6 +14,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import re
 import secrets
 import tempfile
 import time
@@ -87,7 +88,7 @@ class TokenSource:
     def __init__(self, workspace: Path):
         self._path = token_path(workspace)
         self._env = os.environ.get(TOKEN_ENV, "").strip() or None
-        self._seen: tuple[int, int] | None = None
+        self._seen: tuple[int, int, int] | None = None
         self._token: str | None = None
 
     def current(self) -> str | None:
@@ -97,9 +98,11 @@ class TokenSource:
             stat = self._path.stat()
         except OSError:  # removed while serving: nobody gets in until a token exists again
             return None
-        if (stat.st_mtime_ns, stat.st_size) != self._seen:
+        # The inode too: two rotations within one mtime tick write files of the same size, but each is a new file.
+        seen = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if seen != self._seen:
             self._token = self._path.read_text(encoding="utf-8").strip() or None
-            self._seen = (stat.st_mtime_ns, stat.st_size)
+            self._seen = seen
         return self._token
 
 
@@ -142,6 +145,8 @@ class Exposure:
                     "reach the server through an SSH tunnel (ssh -L 8190:127.0.0.1:8190 host)."
                 )
             return None
+        # Names before the token: telling someone to create a token for a start that is refused anyway wastes a trip.
+        self.check_names()
         if existing_token(workspace):
             return TokenSource(workspace)
         if not loopback:
@@ -157,8 +162,10 @@ class Exposure:
         """The Host and Origin values clients may send: loopback names, the address listened on when it is a
         specific one, and every --allowed-host."""
         names = list(LOOPBACK_NAMES)
-        if not is_wildcard(self.host) and not is_loopback(self.host):
-            names.append(f"[{self.host}]" if ":" in self.host else self.host)
+        host = self.host.strip("[]")
+        listened = f"[{host}]" if ":" in host else host
+        if not is_wildcard(host) and listened not in names:  # e.g. 10.0.0.5, or 127.0.0.2 (loopback too)
+            names.append(listened)
         names += list(self.allowed_hosts)
         hosts = [pattern for name in names for pattern in (name, f"{name}:*")]
         origins = [f"{scheme}://{pattern}" for scheme in ("http", "https") for pattern in hosts]
@@ -174,9 +181,21 @@ class Exposure:
 
 
 # --- the guard -------------------------------------------------------------------------------------
+class QueryTokenRedaction(logging.Filter):
+    """For uvicorn's access log, which writes each request's URL: a token a client put in the query string
+    (refused, never read) must not land in logs/server.log."""
+
+    PATTERN = re.compile(r"([?&](?:access_)?token=)[^&\s]*", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.PATTERN.sub(r"\1<redacted>", a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
 @dataclass
 class BadTokenLimit:
-    """Counts wrong or missing tokens per client address; BAD_TOKEN_LIMIT of them within
+    """Counts wrong tokens per client address; BAD_TOKEN_LIMIT of them within
     BAD_TOKEN_WINDOW_S lock that address out for LOCKOUT_S."""
 
     clock: Callable[[], float] = time.monotonic
@@ -254,8 +273,10 @@ class AccessGuard:
         # compare_digest: the time taken does not reveal how much of a guess was right.
         if expected and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected.encode()):
             return None
-        self.limit.failed(address)
         if given:
+            # Only guesses count: a client that sends no token cannot find the right one, and counting it would
+            # let one misconfigured local client lock every other client of 127.0.0.1 out.
+            self.limit.failed(address)
             what = "a wrong token"
         elif any(key.lower() in ("token", "access_token") for key in request.query_params):
             what = "its token in the URL, where it is never read"

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp
 
 from server.app import build_server, open_services
 from server.datasets import MAX_IMAGES_PER_CALL
-from server.http.access import AccessGuard, Exposure, TokenSource, existing_token, is_loopback
+from server.http.access import AccessGuard, Exposure, QueryTokenRedaction, TokenSource, existing_token, is_loopback
 from server.http.files import file_routes
 from server.http.tool_api import tool_routes
 from server.image_checks import MAX_IMAGE_BYTES
@@ -66,13 +66,15 @@ def build_http_app(workspace: Path, *, token: TokenSource | None, exposure: Expo
 def serve(workspace: Path, options: HttpOptions) -> int:
     """Check the exposure, bind, say where the token is, and serve until interrupted."""
     exposure = options.exposure
-    exposure.check_names()
     token = exposure.check(workspace)  # refuses an unsafe start before anything binds
     app = build_http_app(workspace, token=token, exposure=exposure)
     family = socket.AF_INET6 if ":" in exposure.host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((exposure.host.strip("[]"), exposure.port))
+    # Listen before saying where we serve: a client that reads the line below and connects while uvicorn
+    # still runs the lifespan waits in the backlog instead of being refused (uvicorn listens only after it).
+    listener.listen()
     port = listener.getsockname()[1]
     scheme = "https" if options.ssl_certfile else "http"
     shown_host = f"[{exposure.host.strip('[]')}]" if family == socket.AF_INET6 else exposure.host
@@ -86,6 +88,7 @@ def serve(workspace: Path, options: HttpOptions) -> int:
     )
     if not is_loopback(exposure.host) and not options.ssl_certfile:
         log.warning("serving %s without TLS: the token crosses the network in clear unless a proxy adds TLS", url)
+    logging.getLogger("uvicorn.access").addFilter(QueryTokenRedaction())
     config = uvicorn.Config(
         app,
         ssl_certfile=str(options.ssl_certfile) if options.ssl_certfile else None,

@@ -3,7 +3,8 @@
 A call runs the very tool an MCP client calls (`MCPServer.call_tool`), so its arguments, checks and
 messages are the same. The answer is `{"result": <the tool's structured content>}`, or for a tool
 that answers with images `{"result": {"text": ..., "images": [{"mime_type", "data"}]}}`; a failure
-is `{"error": {"message": <what the assistant would read>}}` with a status that says why.
+is `{"error": {"message": <what the assistant would read>}}` with a status that says why (arguments the
+tool's schema refuses are worded field by field, with where to find the schema).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def tool_routes(server: MCPServer, max_body_bytes: int) -> list[Route]:
             return error_response(400, "the client went away before sending the whole body")
         except ValidationError as exc:
             return error_response(400, f"the body must be a JSON object {{\"tool\": NAME, \"arguments\": {{...}}}}: "
-                                  f"{_first_problem(exc)}")
+                                  f"{_problems(exc)}")
         if call.tool not in {t.name for t in await server.list_tools()}:
             return error_response(404, f"there is no tool {call.tool!r}: GET /mcp/tools lists the tools")
         try:
@@ -101,6 +102,10 @@ def tool_routes(server: MCPServer, max_body_bytes: int) -> list[Route]:
             status = failure_status(exc)
             if status == 500:
                 log.error("tool %s failed over HTTP", call.tool, exc_info=exc.__cause__)
+            # The schema refused them: name each field and what it needs, without pydantic's URLs and reprs.
+            if isinstance(exc.__cause__, ValidationError):
+                return error_response(status, f"{call.tool} refused its arguments: {_problems(exc.__cause__)}. "
+                                      f"GET /mcp/tools gives each tool's input_schema")
             return error_response(status, str(exc))
         if isinstance(result, CallToolResult) and result.is_error:  # a tool that answers its error as content
             return error_response(422, tool_result(result)["text"])
@@ -111,9 +116,12 @@ def tool_routes(server: MCPServer, max_body_bytes: int) -> list[Route]:
     return [Route("/mcp/tools", list_tools, methods=["GET"]), Route("/mcp/tool", call_tool, methods=["POST"])]
 
 
-def _first_problem(exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    if error["type"] == "json_invalid":
-        return f"it is not valid JSON ({error['ctx']['error']})" if "ctx" in error else "it is not valid JSON"
-    where = ".".join(str(part) for part in error["loc"]) or "the body"
-    return f"{where}: {error['msg']}"
+def _problems(exc: ValidationError) -> str:
+    """Each refused field as `where: what`."""
+    problems = []
+    for error in exc.errors():
+        if error["type"] == "json_invalid":
+            return f"it is not valid JSON ({error['ctx']['error']})" if "ctx" in error else "it is not valid JSON"
+        where = ".".join(str(part) for part in error["loc"]) or "the body"
+        problems.append(f"{where}: {error['msg']}")
+    return "; ".join(problems)
