@@ -8,6 +8,10 @@ folder never holds a torn image or an image whose caption is missing half-way; a
 leaves nothing behind. The folder layout is the one `training.data.dataset.scan_dataset` reads,
 so a config can name the dataset by its name (dataset_path=<name>).
 
+`upload_zip` takes the same images as a zip file (POST /datasets/<name> over HTTP), in the folder layout
+import_folder takes; server.dataset_zip judges the zip's entries before any is read, and each image then
+gets the judgement and the atomic write of an upload.
+
 `import_folder` brings in a kohya-style folder from the server's disk (root images, `N_name`
 repeat folders, concept folders, `validation/`), copying or linking each image that passes the
 same checks as an upload, with its caption; a file or link whose target lies outside the
@@ -32,7 +36,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from server import caption_edits, dataset_import
+from server import caption_edits, dataset_import, dataset_zip
 from server.dataset_contents import CAPTION_SUFFIX, count_dataset, remove_empty_folder
 from server.dataset_import import MAX_CAPTION_BYTES, MAX_IMPORT_ENTRIES
 from server.dataset_schemas import (
@@ -118,6 +122,11 @@ class DatasetService:
                 outcome = FileOutcome(filename=filename, saved=False, reason=str(refusal))
             outcomes.append(outcome)
 
+        return self._upload_result(name, folder, folder_existed, outcomes)
+
+    def _upload_result(
+        self, name: str, folder: Path, folder_existed: bool, outcomes: list[FileOutcome]
+    ) -> UploadResult:
         saved = sum(o.saved for o in outcomes)
         refused = len(outcomes) - saved
         if not saved:
@@ -161,12 +170,23 @@ class DatasetService:
             )
         seen_stems[stem] = image.filename
 
-        data = decoded_bytes(image)
-        check_room(folder, len(data))
-        width, height = checked_image(image.filename, data)
+        return self._save_image(folder, image.filename, decoded_bytes(image), image.caption, overwrite)
 
-        path = folder / image.filename
-        twin = _existing_twin(folder, image.filename)
+    def _save_image(self, folder: Path, rel: str, data: bytes, caption: str | None, overwrite: bool) -> FileOutcome:
+        """The judgement of an image whose bytes are in hand (from base64 or a zip), saved at `rel` in the
+        dataset `folder` ('a.png', or '10_xyz_cat/a.png' from a zip) with its caption."""
+        check_room(folder, len(data))
+        width, height = checked_image(rel, data)
+
+        path = folder / rel
+        stem = path.stem
+        for parent in list(Path(rel).parents)[:-1]:  # the subfolders it goes in: never through a link or a file
+            if (folder / parent).is_symlink() or (folder / parent).is_file():
+                raise Refused(
+                    f"{parent.as_posix()} in the dataset is a link or a file, not a folder: put the image in "
+                    "another folder"
+                )
+        twin = _existing_twin(path.parent, path.name)
         if twin is not None:
             raise Refused(
                 f"{twin} is already in the dataset and would share the caption file {stem}{CAPTION_SUFFIX}: "
@@ -181,10 +201,10 @@ class DatasetService:
             if not path.is_file():
                 raise Refused("something that is not an image file is in the way with this name: use another name")
 
-        caption = image.caption.strip() if image.caption is not None else ""
+        caption = caption.strip() if caption is not None else ""
         write_image_with_caption(path, data, caption or None)
         return FileOutcome(
-            filename=image.filename,
+            filename=rel,
             saved=True,
             width=width,
             height=height,
@@ -206,6 +226,33 @@ class DatasetService:
                 "to the same dataset_name; saved files stay."
             )
         return text
+
+    # --- upload a zip (POST /datasets/<name> over HTTP) -------------------------------------------------
+    def upload_zip(self, dataset_name: str, archive: Path, overwrite: bool = False) -> UploadResult:
+        """Save the images of the zip file `archive` with their same-named .txt captions, in the zip's folders
+        (the root, kohya `N_name` concept folders, `validation/`), each judged and written as an uploaded image
+        is; the zip's entries are judged before any is read (server.dataset_zip). As with import-dataset, an
+        existing dataset takes a zip only with overwrite, which also replaces files of the same path."""
+        name = checked_name("dataset", dataset_name)
+        with dataset_zip.opened(archive) as zipped:
+            planned, outcomes = dataset_zip.plan(zipped)
+            folder = self.folder / name
+            folder_existed = folder.is_dir()
+            if (folder.exists() or folder.is_symlink()) and not folder_existed:
+                raise WorkspaceStateError(f"{folder} exists but is not a folder: remove it or choose another name")
+            if folder_existed and not overwrite:
+                images, _, _ = count_dataset(folder)
+                raise WorkspaceStateError(
+                    f"dataset {name!r} already exists ({images} image(s)): send the zip to another dataset name, "
+                    "or again with overwrite=true to add its files (files of the same path are replaced)"
+                )
+            for item in planned:
+                try:
+                    data, caption = dataset_zip.read_image(zipped, item)
+                    outcomes.append(self._save_image(folder, item.rel, data, caption, overwrite))
+                except Refused as refusal:
+                    outcomes.append(FileOutcome(filename=item.rel, saved=False, reason=str(refusal)))
+        return self._upload_result(name, folder, folder_existed, outcomes)
 
     # --- list ------------------------------------------------------------------------------------
     def list(self) -> list[DatasetSummary]:
