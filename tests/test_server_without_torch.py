@@ -222,3 +222,29 @@ def test_every_tool_leaves_torch_diffusers_and_transformers_out_of_the_server(
     modules = imported_modules(stderr)
     assert {"server.app", "tokenizers", "pynvml"} <= modules, "the import log is read"
     assert sorted(m for m in modules if m.split(".")[0] in HEAVY) == []
+
+
+def test_validating_a_config_on_a_built_in_not_yet_built_builds_it_in_a_child(tmp_path):
+    """The first config naming a built-in model builds it (torch, diffusers) in a child process: the
+    server that validates the config keeps its ~80 MB instead of holding torch for its lifetime."""
+    import os
+    import subprocess
+
+    probe = (
+        "import sys\n"
+        "from server.configs import check_model\n"
+        "errors = []\n"
+        "check = check_model('builtin:tiny-sd15', None, errors=errors)\n"
+        "print(errors, check.family, sorted(m for m in sys.modules if m.split('.')[0] in %r))\n" % (HEAVY,)
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "LORA_MCP_HOME": str(tmp_path)},
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[] sd1 []"
+    assert (tmp_path / "models" / "builtin-tiny-sd15-v1" / "model_index.json").is_file()

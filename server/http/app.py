@@ -12,6 +12,7 @@ The job monitor (the MCP server's lifespan) runs once for the process, whatever 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
 from dataclasses import dataclass
@@ -69,8 +70,11 @@ def serve(workspace: Path, options: HttpOptions) -> int:
     token = exposure.check(workspace)  # refuses an unsafe start before anything binds
     app = build_http_app(workspace, token=token, exposure=exposure)
     family = socket.AF_INET6 if ":" in exposure.host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY on accepted connections only then, and without it
+    # every response waits on a delayed ACK (measured: 44 ms per call instead of 0.4 ms).
+    listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    if os.name != "nt":  # on Windows SO_REUSEADDR would let a second process take the same port
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((exposure.host.strip("[]"), exposure.port))
     # Listen before saying where we serve: a client that reads the line below and connects while uvicorn
     # still runs the lifespan waits in the backlog instead of being refused (uvicorn listens only after it).

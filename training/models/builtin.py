@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from training.families import FAMILIES
+from training.request_child import RequestChildFailed, RequestRefused, run_request, serve_request
 from training.workspace import DIR_MODE
 
 if TYPE_CHECKING:
@@ -59,7 +61,9 @@ def builtin_names() -> list[str]:
 
 
 def ensure_builtin(model_name: str, models_root: Path) -> Path:
-    """Return the folder of a built-in model, building it on first use.
+    """Return the folder of a built-in model, building it on first use in a child process
+    (training/request_child.py): the builders need torch, diffusers and transformers, which the MCP
+    server, validating a config that names a built-in, must not import.
 
     The folder appears in one rename, so concurrent first uses never see a half-built model:
     each builds into its own temporary folder and the loser of the rename discards its copy.
@@ -67,7 +71,23 @@ def ensure_builtin(model_name: str, models_root: Path) -> Path:
     key = model_name.removeprefix(BUILTIN_PREFIX)
     if key not in BUILTINS:
         raise KeyError(f"unknown built-in model {model_name!r}; built-ins are: {', '.join(builtin_names())}")
-    target = models_root / f"builtin-{key}-v{BUILDER_VERSION}"
+    target = builtin_folder(key, models_root)
+    if not (target / "model_index.json").is_file():
+        try:
+            run_request("training.models.builtin", model_name=model_name, models_root=str(models_root))
+        except (RequestRefused, RequestChildFailed) as exc:
+            raise OSError(f"building {model_name} in {models_root} failed: {exc}") from None
+    return target
+
+
+def builtin_folder(key: str, models_root: Path) -> Path:
+    return models_root / f"builtin-{key}-v{BUILDER_VERSION}"
+
+
+def build_builtin(model_name: str, models_root: Path) -> Path:
+    """Build a built-in model's folder (in this process: it imports torch) unless it is there already."""
+    key = model_name.removeprefix(BUILTIN_PREFIX)
+    target = builtin_folder(key, models_root)
     if (target / "model_index.json").is_file():
         return target
     models_root.mkdir(parents=True, exist_ok=True)
@@ -146,3 +166,13 @@ def byte_symbols() -> list[str]:
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+
+
+def main() -> int:
+    """`python -m training.models.builtin`: build_builtin for a torch-free parent (training/request_child.py):
+    {model_name, models_root} in, {path} out."""
+    return serve_request(lambda model_name, models_root: {"path": str(build_builtin(model_name, Path(models_root)))}, ())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
