@@ -39,9 +39,15 @@ class HttpServer:
                 self.process.wait(timeout=15)
 
 
-def start_http_server(workspace: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> HttpServer:
-    """Start `lora-mcp http --port 0` on `workspace` (extra `args` appended) and wait until it says where
-    it serves. Built-in models are read from the test session's workspace through a `models` link."""
+def start_http_server(
+    workspace: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    python_flags: tuple[str, ...] = (),
+    timeout: float = 60,
+) -> HttpServer:
+    """Start `lora-mcp http --port 0` on `workspace` (extra `args` appended; `python_flags` such as
+    ("-X", "importtime") go to the interpreter) and wait until it says where it serves. Built-in models are read from the test session's workspace through a `models` link."""
     workspace.mkdir(parents=True, exist_ok=True)
     shared_models = Path(os.environ["LORA_MCP_HOME"]) / "models"
     if not (workspace / "models").exists() and shared_models.is_dir() and workspace / "models" != shared_models:
@@ -52,7 +58,7 @@ def start_http_server(workspace: Path, *args: str, env: dict[str, str] | None = 
     environment.update(env or {})
     with open(log, "wb") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "server.main", "http", "--port", "0", "--workspace", str(workspace), *args],
+            [sys.executable, *python_flags, "-m", "server.main", "http", "--port", "0", "--workspace", str(workspace), *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr,

@@ -248,3 +248,46 @@ def test_validating_a_config_on_a_built_in_not_yet_built_builds_it_in_a_child(tm
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[] sd1 []"
     assert (tmp_path / "models" / "builtin-tiny-sd15-v1" / "model_index.json").is_file()
+
+
+def test_the_http_front_end_leaves_them_out_too(tmp_path, tiny_sd15, shapes):
+    """What only HTTP has (the JSON API, a zip of images, a LoRA download, Streamable HTTP start-up) imports
+    none of them either: `lora-mcp http` under `-X importtime`."""
+    import io
+    import zipfile
+
+    import requests
+    from http_server import start_http_server
+
+    server = start_http_server(tmp_path / "ws", python_flags=("-X", "importtime"))
+    try:
+
+        def call(tool: str, **arguments):
+            response = requests.post(
+                f"{server.url}/mcp/tool", json={"tool": tool, "arguments": arguments}, headers=server.headers, timeout=120
+            )
+            assert response.status_code == 200, response.text
+            return response.json()["result"]
+
+        archive = io.BytesIO()
+        with zipfile.ZipFile(archive, "w") as zipped:
+            for image in sorted(shapes.glob("*.png")):
+                zipped.write(image, image.name)
+                zipped.write(image.with_suffix(".txt"), image.with_suffix(".txt").name)
+        sent = requests.post(
+            f"{server.url}/datasets/zipped",
+            data=archive.getvalue(),
+            headers={**server.headers, "Content-Type": "application/zip"},
+            timeout=120,
+        )
+        assert sent.status_code == 200, sent.text
+        call("get-dataset-info", dataset_name="zipped")
+        call("create-training-config", name="c", model_name="builtin:tiny-sd15", dataset_path="zipped", trigger_word="xyz_shape")
+        call("validate-training-config", name="c")
+        missing = requests.get(f"{server.url}/loras/none.safetensors", headers=server.headers, timeout=30)
+        assert missing.status_code == 404
+    finally:
+        server.stop()
+    modules = imported_modules(server.log)
+    assert {"server.http.app", "uvicorn", "tokenizers"} <= modules, "the import log is read"
+    assert sorted(m for m in modules if m.split(".")[0] in HEAVY) == []
