@@ -119,6 +119,26 @@ async def timed_calls(session: ClientSession, job_id: str, calls: int) -> tuple[
     return times, first, last
 
 
+def stdio_workspace(prefix: str, models: Path | None) -> tuple[Path, Path, StdioServerParameters]:
+    """A fresh temporary folder holding a workspace (with `models` linked in, when given), and the
+    parameters that start `python -m server.main` on that workspace."""
+    scratch = Path(tempfile.mkdtemp(prefix=prefix))
+    workspace = scratch / "ws"
+    workspace.mkdir()
+    if models:
+        (workspace / "models").symlink_to(models.resolve())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORA_MCP_HOME": str(workspace)}
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "server.main", "--workspace", str(workspace)], cwd=str(REPO), env=env
+    )
+    return scratch, workspace, params
+
+
+def print_verdict(what: str, row: dict[str, float]) -> None:
+    verdict = "met" if row["p95"] < BOUND_P95_MS else "NOT met"
+    print(f"p95 {what} {row['p95']:.2f} ms (bound < {BOUND_P95_MS:.0f} ms: {verdict})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=200, help="back-to-back get-training-status calls")
@@ -130,17 +150,9 @@ def main() -> None:
 
     from training.data.synthetic import make_shape_dataset
 
-    scratch = Path(tempfile.mkdtemp(prefix="bench-status-"))
-    workspace = scratch / "ws"
-    workspace.mkdir()
-    if args.models:
-        (workspace / "models").symlink_to(args.models.resolve())
+    scratch, workspace, params = stdio_workspace("bench-status-", args.models)
     dataset = workspace / "datasets" / "shapes"  # inside the workspace: the server only reads folders it may use
     make_shape_dataset(dataset, 8, trigger_word="xyz_shape")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORA_MCP_HOME": str(workspace)}
-    params = StdioServerParameters(
-        command=sys.executable, args=["-m", "server.main", "--workspace", str(workspace)], cwd=str(REPO), env=env
-    )
     results: dict[str, list[float]] = {}
 
     async def run() -> None:
@@ -219,8 +231,7 @@ def main() -> None:
     print()
     training = summary("get-training-status while training", results["training"])
     summary("get-training-status idle (job stopped)", results["idle"])
-    verdict = "met" if training["p95"] < BOUND_P95_MS else "NOT met"
-    print(f"p95 while training {training['p95']:.2f} ms (bound < {BOUND_P95_MS:.0f} ms: {verdict})")
+    print_verdict("while training", training)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Annotated, Any, NamedTuple
 from pydantic import AliasChoices, BaseModel, Field, TypeAdapter, ValidationError
 
 from server.errors import ServiceError, WorkspaceStateError
+from server.name_locks import name_lock
 from server.names import checked_name, is_safe_name
 from server.paths import check_user_path
 from training.config import STEPS_PER_IMAGE, ConfigError, TrainingConfig
@@ -67,16 +68,17 @@ class ConfigService:
         if "name" not in values:
             raise ServiceError("name is required: give the config a name (letters, digits, '.', '_' or '-')")
         name = checked_name("config", values["name"])
-        path = self._path(name)
-        if path.exists():
-            raise WorkspaceStateError(
-                f"config {name!r} already exists: change it with update-training-config, "
-                "or remove it with delete-config first"
-            )
-        config = _validated(name, values, doing="created")
-        self._check_paths(config)
-        atomic_write_text(path, _stored_yaml(config))
-        return config
+        with name_lock(self.workspace, "config", name):  # the exists check and the write, as one
+            path = self._path(name)
+            if path.exists():
+                raise WorkspaceStateError(
+                    f"config {name!r} already exists: change it with update-training-config, "
+                    "or remove it with delete-config first"
+                )
+            config = _validated(name, values, doing="created")
+            self._check_paths(config)
+            atomic_write_text(path, _stored_yaml(config))
+            return config
 
     def list(self) -> list[ConfigSummary]:
         if not self.folder.is_dir():
@@ -132,6 +134,10 @@ class ConfigService:
     # --- change ----------------------------------------------------------------------------------
     def update(self, name: str, changes: dict[str, Any]) -> TrainingConfig:
         """Merge `changes` into the stored values. A change to None resets that option to its default."""
+        with name_lock(self.workspace, "config", checked_name("config", name)):  # read, merge, write: as one
+            return self._update(name, changes)
+
+    def _update(self, name: str, changes: dict[str, Any]) -> TrainingConfig:
         name, path = self._existing(name)
         changes = _mapping(changes, "changes")
         if "name" in changes and changes["name"] != name:
@@ -154,6 +160,10 @@ class ConfigService:
         return config
 
     def delete(self, name: str) -> None:
+        with name_lock(self.workspace, "config", checked_name("config", name)):
+            self._delete(name)
+
+    def _delete(self, name: str) -> None:
         name, path = self._existing(name)
         try:
             path.unlink()

@@ -61,6 +61,7 @@ from server.image_checks import (
     decoded_bytes,
     write_image_with_caption,
 )
+from server.name_locks import name_lock
 from server.names import checked_name
 from training.data.dataset import IMAGE_SUFFIXES
 
@@ -106,6 +107,12 @@ class DatasetService:
                 f"Upload them in batches of at most {MAX_IMAGES_PER_CALL} to the same dataset_name; "
                 "each batch adds to the dataset."
             )
+        # One writer per dataset (upload, import, caption edits, delete): the existence checks and the
+        # same-stem checks below read the folder that the writes change. Readers take no lock.
+        with name_lock(self.workspace, "dataset", name):
+            return self._upload(name, images, overwrite)
+
+    def _upload(self, name: str, images: list[UploadImage | dict], overwrite: bool) -> UploadResult:
         folder = self.folder / name
         if folder.exists() and not folder.is_dir():
             raise WorkspaceStateError(f"{folder} exists but is not a folder: remove it or choose another dataset_name")
@@ -234,25 +241,26 @@ class DatasetService:
         is; the zip's entries are judged before any is read (server.dataset_zip). As with import-dataset, an
         existing dataset takes a zip only with overwrite, which also replaces files of the same path."""
         name = checked_name("dataset", dataset_name)
-        with dataset_zip.opened(archive) as zipped:
-            planned, outcomes = dataset_zip.plan(zipped)
-            folder = self.folder / name
-            folder_existed = folder.is_dir()
-            if (folder.exists() or folder.is_symlink()) and not folder_existed:
-                raise WorkspaceStateError(f"{folder} exists but is not a folder: remove it or choose another name")
-            if folder_existed and not overwrite:
-                images, _, _ = count_dataset(folder)
-                raise WorkspaceStateError(
-                    f"dataset {name!r} already exists ({images} image(s)): send the zip to another dataset name, "
-                    "or again with overwrite=true to add its files (files of the same path are replaced)"
-                )
-            for item in planned:
-                try:
-                    data, caption = dataset_zip.read_image(zipped, item)
-                    outcomes.append(self._save_image(folder, item.rel, data, caption, overwrite))
-                except Refused as refusal:
-                    outcomes.append(FileOutcome(filename=item.rel, saved=False, reason=str(refusal)))
-        return self._upload_result(name, folder, folder_existed, outcomes)
+        with name_lock(self.workspace, "dataset", name):
+            with dataset_zip.opened(archive) as zipped:
+                planned, outcomes = dataset_zip.plan(zipped)
+                folder = self.folder / name
+                folder_existed = folder.is_dir()
+                if (folder.exists() or folder.is_symlink()) and not folder_existed:
+                    raise WorkspaceStateError(f"{folder} exists but is not a folder: remove it or choose another name")
+                if folder_existed and not overwrite:
+                    images, _, _ = count_dataset(folder)
+                    raise WorkspaceStateError(
+                        f"dataset {name!r} already exists ({images} image(s)): send the zip to another dataset name, "
+                        "or again with overwrite=true to add its files (files of the same path are replaced)"
+                    )
+                for item in planned:
+                    try:
+                        data, caption = dataset_zip.read_image(zipped, item)
+                        outcomes.append(self._save_image(folder, item.rel, data, caption, overwrite))
+                    except Refused as refusal:
+                        outcomes.append(FileOutcome(filename=item.rel, saved=False, reason=str(refusal)))
+            return self._upload_result(name, folder, folder_existed, outcomes)
 
     # --- list ------------------------------------------------------------------------------------
     def list(self) -> list[DatasetSummary]:
@@ -278,24 +286,26 @@ class DatasetService:
     ) -> ImportResult:
         """Bring a kohya-style folder on the server's disk into the dataset `dataset_name`, file by file."""
         name = checked_name("dataset", dataset_name)
-        return dataset_import.import_folder(self.workspace, name, self.folder / name, source_path, mode, overwrite)
+        with name_lock(self.workspace, "dataset", name):
+            return dataset_import.import_folder(self.workspace, name, self.folder / name, source_path, mode, overwrite)
 
     # --- delete ----------------------------------------------------------------------------------
     def delete(self, dataset_name: str) -> None:
         """Remove the dataset's folder. Links (from a link-mode import) are removed, never what they lead to."""
         name = checked_name("dataset", dataset_name)
-        folder = self.folder / name
-        try:
-            if folder.is_symlink():  # a dataset folder that is itself a link: remove the link only
-                folder.unlink()
-                return
-            self._existing_dataset(name)
-            shutil.rmtree(folder)  # does not follow links: linked files and folders are left alone
-        except OSError as exc:
-            raise WorkspaceStateError(
-                f"dataset {name!r} could not be deleted completely ({exc.strerror or exc}): check the permissions "
-                f"of {folder}, then delete it again"
-            ) from None
+        with name_lock(self.workspace, "dataset", name):
+            folder = self.folder / name
+            try:
+                if folder.is_symlink():  # a dataset folder that is itself a link: remove the link only
+                    folder.unlink()
+                    return
+                self._existing_dataset(name)
+                shutil.rmtree(folder)  # does not follow links: linked files and folders are left alone
+            except OSError as exc:
+                raise WorkspaceStateError(
+                    f"dataset {name!r} could not be deleted completely ({exc.strerror or exc}): check the "
+                    f"permissions of {folder}, then delete it again"
+                ) from None
 
     # --- captions --------------------------------------------------------------------------------
     def update_captions(
@@ -311,8 +321,9 @@ class DatasetService:
         Each changed `.txt` is written once, atomically (a linked caption is replaced by a file of the
         dataset's own; its source stays as it was)."""
         name = checked_name("dataset", dataset_name)
-        folder = self._existing_dataset(name)
-        return caption_edits.update_captions(name, folder, edits, find, replace, trigger_word)
+        with name_lock(self.workspace, "dataset", name):  # read every caption, then write the changed ones
+            folder = self._existing_dataset(name)
+            return caption_edits.update_captions(name, folder, edits, find, replace, trigger_word)
 
     def _existing_dataset(self, name: str) -> Path:
         folder = self.folder / name

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -175,12 +176,34 @@ class JobStore:
             rows = db.execute("SELECT * FROM jobs ORDER BY created_at, job_id").fetchall()
         return [JobRecord(**dict(row)) for row in rows]
 
-    def update(self, job_id: str, **fields) -> None:
+    def insert_unless_active(self, record: JobRecord) -> JobRecord | None:
+        """Insert `record` unless a queued or running job of its kind has its subject (config or
+        dataset): then that job is returned and nothing is inserted. The check and the insert are one
+        transaction, so two calls (or two servers) starting one config never both insert."""
+        fields = record.model_dump()
         with self.transaction() as db:
-            db.execute(
-                f"UPDATE jobs SET {', '.join(f'{key} = ?' for key in fields)} WHERE job_id = ?",
-                [*fields.values(), job_id],
+            row = db.execute(
+                "SELECT * FROM jobs WHERE kind = ? AND config_name = ? AND state IN ('queued', 'running') "
+                "ORDER BY created_at, job_id LIMIT 1",
+                (record.kind, record.config_name),
+            ).fetchone()
+            if row is not None:
+                return JobRecord(**dict(row))
+            columns, marks = ", ".join(fields), ", ".join("?" for _ in fields)
+            db.execute(f"INSERT INTO jobs ({columns}) VALUES ({marks})", list(fields.values()))
+        return None
+
+    def update(self, job_id: str, *, only_if: dict | None = None, **fields) -> bool:
+        """Set `fields`; with `only_if` ({column: value}), only while the row still has those values,
+        so a change decided on an older read cannot overwrite a newer one. Whether the row changed."""
+        expected = only_if or {}
+        condition = "".join(f" AND {key} IS ?" for key in expected)
+        with self.transaction() as db:
+            cursor = db.execute(
+                f"UPDATE jobs SET {', '.join(f'{key} = ?' for key in fields)} WHERE job_id = ?{condition}",
+                [*fields.values(), job_id, *expected.values()],
             )
+            return cursor.rowcount > 0
 
     def claim_next(self, kind: str) -> JobRecord | None:
         """Mark the oldest queued job of `kind` running, if no job of its slot (SLOTS) is running: one
@@ -232,32 +255,29 @@ class JobService:
         return self._queue("generation", label, f"images-{label}", "request.json", request_json)
 
     def _queue(self, kind: JobKind, subject: str, prefix: str, request_name: str, request: str) -> JobRecord:
-        active = [
-            j
-            for j in self.store.all()
-            if j.kind == kind and j.config_name == subject and j.state in ("queued", "running")
-        ]
-        if active:
-            what = "config" if kind == "training" else "dataset"
-            raise WorkspaceStateError(
-                f"{what} {subject!r} already has {kind} job {active[0].job_id} ({active[0].state}); watch it with "
-                "get-training-status, or stop-training it first"
-            )
         job_id = f"{prefix}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
         run_dir = self.workspace / "runs" / job_id
         run_dir.mkdir(parents=True)
-        atomic_write_text(run_dir / request_name, request)
+        atomic_write_text(run_dir / request_name, request)  # before the row: a job claimed at once finds it
         record = JobRecord(
             job_id=job_id, kind=kind, config_name=subject, state="queued", run_dir=str(run_dir), created_at=time.time()
         )
-        self.store.insert(record)
+        active = self.store.insert_unless_active(record)
+        if active is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            what = "config" if kind == "training" else "dataset"
+            raise WorkspaceStateError(
+                f"{what} {subject!r} already has {kind} job {active.job_id} ({active.state}); watch it with "
+                "get-training-status, or stop-training it first"
+            )
         self.refresh()
         return self._record(job_id)
 
     def stop(self, job_id: str) -> JobRecord:
         record = self._record(job_id)
         if record.state == "queued":
-            self.store.update(job_id, state="stopped", finished_at=time.time())
+            if not self.store.update(job_id, only_if={"state": "queued"}, state="stopped", finished_at=time.time()):
+                return self.stop(job_id)  # started (or stopped) since it was read: stop it as it is now
         elif record.state == "running":
             try:
                 RunFiles(Path(record.run_dir)).request_stop()  # read by the child after each step, on every platform
@@ -277,7 +297,9 @@ class JobService:
                 f"job {job_id} is {record.state}; only a stopped, interrupted or failed job can be resumed"
             )
         RunFiles(Path(record.run_dir)).clear_stop_request()  # left by a stop the child never read
-        self.store.update(job_id, state="queued", resume=1, error=None, finished_at=None, stop_requested_at=None)
+        fields = {"state": "queued", "resume": 1, "error": None, "finished_at": None, "stop_requested_at": None}
+        if not self.store.update(job_id, only_if={"state": record.state}, **fields):
+            return self.resume(job_id)  # resumed by another call meanwhile: say what it is now
         self.refresh()
         return self._record(job_id)
 
@@ -327,22 +349,29 @@ class JobService:
                     break
 
     def _reconcile(self, record: JobRecord) -> None:
+        # Several calls (threads, servers) reconcile at once, each from its own read of the row: a
+        # final state is written only while the row is still that run (running, same start time), so
+        # a reconcile from an older read never ends a job that was resumed and started again since.
+        this_run = {"state": "running", "started_at": record.started_at}
         status = read_status(Path(record.run_dir))
         alive = self._alive(record, status)
         final = status.get("state") if status.get("state") in ("completed", "failed", "stopped") else None
         if final and not alive:
-            self.store.update(record.job_id, state=final, finished_at=time.time(), error=status.get("error"))
+            self.store.update(
+                record.job_id, only_if=this_run, state=final, finished_at=time.time(), error=status.get("error")
+            )
         elif alive:
             if record.stop_requested_at and time.time() - record.stop_requested_at > self._stop_timeout:
                 processes.kill_tree(record.pid)
         elif record.pid is None and time.time() - (record.started_at or 0) < STARTUP_GRACE_S:
             pass  # being spawned right now (by this or another server)
         elif record.stop_requested_at:
-            self.store.update(record.job_id, state="stopped", finished_at=time.time())
+            self.store.update(record.job_id, only_if=this_run, state="stopped", finished_at=time.time())
         else:
             reason = status.get("error") or _last_line(Path(record.run_dir) / "process.log")
             self.store.update(
                 record.job_id,
+                only_if=this_run,
                 state="interrupted",
                 finished_at=time.time(),
                 error=f"the {record.kind} process ended without a final state ({reason or 'no output'}); "
@@ -386,7 +415,7 @@ class JobService:
         if child is not None:
             if child.poll() is None:
                 return True
-            del self._children[pid]  # reaped
+            self._children.pop(pid, None)  # reaped (another thread's refresh may have been first)
             return False
         if not processes.runs_module(pid, CHILD_MODULES[record.kind], record.pid_created_at):
             return False

@@ -12,6 +12,8 @@ short-lived child process (`python -m training.merge` / `training.convert`, trai
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -19,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from server.errors import ServiceError, WorkspaceStateError
 from server.loras import ExportedLora
+from server.name_locks import name_lock
 from server.names import checked_name
 from server.paths import check_user_path, looks_like_path
 from server.safetensors_file import InvalidSafetensors, lora_layout, safetensors_metadata
@@ -98,14 +101,14 @@ def merge_loras(
     if len(sources) < 2:
         raise ServiceError(f"merging needs at least 2 LoRAs, got {len(sources)}; list-exported-models lists them")
     _checked_target(output_format)
-    target = _new_output(workspace, output_name)
-    paths = [lora_path(workspace, source.lora) for source in sources]
-    weighted = [(str(path), source.weight) for path, source in zip(paths, sources)]
-    try:
-        run_request("training.merge", sources=weighted, target=str(target), output_format=output_format)
-    except RequestRefused as exc:
-        raise WorkspaceStateError(f"cannot merge these LoRAs: {exc}") from None
-    return _record(target)
+    with _new_output(workspace, output_name) as target:
+        paths = [lora_path(workspace, source.lora) for source in sources]
+        weighted = [(str(path), source.weight) for path, source in zip(paths, sources)]
+        try:
+            run_request("training.merge", sources=weighted, target=str(target), output_format=output_format)
+        except RequestRefused as exc:
+            raise WorkspaceStateError(f"cannot merge these LoRAs: {exc}") from None
+        return _record(target)
 
 
 def convert_lora(workspace: Path, lora: str, to: LoraTarget, output_name: str | None = None) -> ExportedLora:
@@ -114,12 +117,12 @@ def convert_lora(workspace: Path, lora: str, to: LoraTarget, output_name: str | 
     FLUX the diffusers layout with alphas."""
     _checked_target(to)
     source = lora_path(workspace, lora)
-    target = _new_output(workspace, output_name or f"{source.stem}-{to}")
-    try:
-        run_request("training.convert", source=str(source), target=str(target), output_format=to)
-    except RequestRefused as exc:
-        raise WorkspaceStateError(f"cannot convert {lora!r} to {to}: {exc}") from None
-    return _record(target)
+    with _new_output(workspace, output_name or f"{source.stem}-{to}") as target:
+        try:
+            run_request("training.convert", source=str(source), target=str(target), output_format=to)
+        except RequestRefused as exc:
+            raise WorkspaceStateError(f"cannot convert {lora!r} to {to}: {exc}") from None
+        return _record(target)
 
 
 def _checked_target(output_format: str) -> None:
@@ -127,15 +130,19 @@ def _checked_target(output_format: str) -> None:
         raise ServiceError(f"unknown LoRA format {output_format!r}; use one of {', '.join(get_args(LoraTarget))}")
 
 
-def _new_output(workspace: Path, output_name: str) -> Path:
+@contextmanager
+def _new_output(workspace: Path, output_name: str) -> Iterator[Path]:
+    """The free path loras/<output_name>.safetensors, its name locked until the LoRA and its sidecar are
+    written: two merges (or a merge and an upload) naming one file cannot both find it free."""
     name = checked_name("output", output_name.removesuffix(".safetensors"))
-    target = Path(workspace) / "loras" / f"{name}.safetensors"
-    if target.exists() or target.with_suffix(".json").exists():
-        raise WorkspaceStateError(
-            f"a LoRA named {name!r} exists already in loras/; choose another output_name (list-exported-models "
-            "lists the names taken)"
-        )
-    return target
+    with name_lock(workspace, "lora", name):
+        target = Path(workspace) / "loras" / f"{name}.safetensors"
+        if target.exists() or target.with_suffix(".json").exists():
+            raise WorkspaceStateError(
+                f"a LoRA named {name!r} exists already in loras/; choose another output_name "
+                "(list-exported-models lists the names taken)"
+            )
+        yield target
 
 
 def _record(target: Path) -> ExportedLora:

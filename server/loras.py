@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, Field
 
 from server.errors import ServiceError, WorkspaceStateError
+from server.name_locks import name_lock
 from server.names import checked_name, plain_filename_problem
 from server.safetensors_file import InvalidSafetensors, safetensors_metadata
 from training.request_child import RequestRefused, run_request
@@ -89,24 +90,25 @@ class LoraService:
         trained_format = config.get("output_format") or "kohya"
         output_format = request.output_format or trained_format
         name = f"{job.config_name}{label}"
-        target = self.folder / f"{name}.safetensors"
-        if output_format == trained_format:
-            with atomic_output(target) as tmp:
-                shutil.copyfile(source, tmp)
-        else:
-            _convert(source, target, output_format)
-        record = ExportedLora(
-            name=name,
-            path=str(target),
-            size_bytes=target.stat().st_size,
-            job_id=job_id,
-            step=int(metadata["ss_steps"]) if "ss_steps" in metadata else step,
-            trigger_word=metadata.get("modelspec.trigger_phrase"),
-            base_model=metadata.get("ss_sd_model_name"),
-            output_format=output_format,
-        )
-        atomic_write_json(target.with_suffix(".json"), record.model_dump(mode="json"))
-        return record
+        with name_lock(self.workspace, "lora", name):  # the file and its sidecar from one export
+            target = self.folder / f"{name}.safetensors"
+            if output_format == trained_format:
+                with atomic_output(target) as tmp:
+                    shutil.copyfile(source, tmp)
+            else:
+                _convert(source, target, output_format)
+            record = ExportedLora(
+                name=name,
+                path=str(target),
+                size_bytes=target.stat().st_size,
+                job_id=job_id,
+                step=int(metadata["ss_steps"]) if "ss_steps" in metadata else step,
+                trigger_word=metadata.get("modelspec.trigger_phrase"),
+                base_model=metadata.get("ss_sd_model_name"),
+                output_format=output_format,
+            )
+            atomic_write_json(target.with_suffix(".json"), record.model_dump(mode="json"))
+            return record
 
     def list(self) -> list[ExportedLora]:
         if not self.folder.is_dir():

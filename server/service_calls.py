@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
@@ -24,18 +23,16 @@ def tool_error(exc: ServiceError, error: type[Exception] = ToolError) -> Excepti
 
 
 class ServiceCalls:
-    """Service calls made from the tools, one at a time: tools run in worker threads, and the job
-    service is not re-entrant."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
+    """Service calls made from the tools. They run side by side, in the SDK's worker threads: there is
+    no lock here. Each service guards what it changes (server/name_locks.py for configs, datasets and
+    LoRA files; SQLite transactions for the job table; upload_store's lock per upload), so a slow call
+    (get-dataset-info on hundreds of images) holds up no one else."""
 
     def call(self, fn: Callable, *args, error: type[Exception] = ToolError):
         """Run a service call; its ServiceError becomes the ToolError the assistant reads (or, for a
         resource, the not-found error its reader gets)."""
         try:
-            with self._lock:
-                return fn(*args)
+            return fn(*args)
         except ServiceError as exc:
             raise tool_error(exc, error) from None
 

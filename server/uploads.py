@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from server.errors import ServiceError, WorkspaceStateError
+from server.name_locks import name_lock
 from server.safetensors_file import InvalidSafetensors, safetensors_metadata
 from server.upload_arguments import (
     DEFAULT_CHUNK_SIZE,
@@ -241,13 +242,6 @@ class UploadService:
             data_file = self.store.data_file(upload_id)
             size, digest, file_metadata = self._verified(upload, data_file)
             target = self.loras / upload.filename
-            self._refuse_if_target_exists(
-                upload.stem,
-                f"delete it and call {FINISH_TOOL} again, or upload the file under another filename",
-                unless_same_as=data_file,
-            )
-            created = self._land(data_file, target)
-
             given_words = upload.metadata.get("trigger_words") or []
             phrase = file_metadata.get("modelspec.trigger_phrase")
             trigger_words = list(given_words) or ([phrase] if isinstance(phrase, str) and phrase.strip() else [])
@@ -268,15 +262,22 @@ class UploadService:
                 "step": None,
                 "output_format": None,
             }
-            try:
-                atomic_write_json(target.with_suffix(".json"), sidecar)
-            except OSError as exc:
-                if created:
-                    target.unlink(missing_ok=True)
-                raise WorkspaceStateError(
-                    f"the LoRA's sidecar could not be written ({exc.strerror or exc}): check the server's disk, "
-                    f"then call {FINISH_TOOL} again"
-                ) from None
+            with name_lock(self.workspace, "lora", upload.stem):  # merge/convert/export name loras/ files too
+                self._refuse_if_target_exists(
+                    upload.stem,
+                    f"delete it and call {FINISH_TOOL} again, or upload the file under another filename",
+                    unless_same_as=data_file,
+                )
+                created = self._land(data_file, target)
+                try:
+                    atomic_write_json(target.with_suffix(".json"), sidecar)
+                except OSError as exc:
+                    if created:
+                        target.unlink(missing_ok=True)
+                    raise WorkspaceStateError(
+                        f"the LoRA's sidecar could not be written ({exc.strerror or exc}): check the server's "
+                        f"disk, then call {FINISH_TOOL} again"
+                    ) from None
             self.store.mark_finished(upload_id, upload.stem, target)
             self.store.discard(upload_id)
             return UploadFinished(

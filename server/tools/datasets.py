@@ -191,8 +191,8 @@ class DatasetTools:
                 anyio.from_thread.run(ctx.report_progress, done, total, f"{done}/{total} images captioned")
 
         def run() -> CaptionRun:
-            # In a worker thread, and only the job's start under the services' lock: listing a large folder
-            # or captioning with a model takes a while, and status calls must not wait for it.
+            # In a worker thread: listing a large folder or captioning with a model takes a while, and
+            # other calls (status polls) must not wait for it.
             start_job = partial(self.s.call, self.s.jobs.start_captioning)
             try:
                 return caption_or_queue(

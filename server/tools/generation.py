@@ -69,8 +69,6 @@ class ImageTools:
     def render(self, request: GenerationRequest, background: bool | None, what: str) -> list:
         """Render inside the call, or start a job; as content: a line per image and the images.
         The SDK runs these synchronous tools in a worker thread, so status calls do not wait for a render."""
-        # Only the job's start runs under the services' lock: a render inside the call takes seconds,
-        # and status calls must not wait for it.
         start_job = partial(self.s.call, self.s.jobs.start_generation)
         try:
             plan, outcome = render_or_queue(self.s.workspace, request, background, start_job)
