@@ -7,8 +7,9 @@ wait for each other, and readers take no lock: every file is written atomically 
 renamed into place), so a reader sees the old or the new file, never half of one.
 
 The lock is a `filelock.FileLock` (flock, or Windows' locking), so it excludes other threads and other
-server processes alike. Its files live in the temporary folder, one folder per workspace (by the hash
-of its resolved path) and per user, not in the workspace: a refused call leaves the workspace exactly
+server processes alike. Its files live in the user's cache folder (not the shared, world-writable
+temporary folder, where another user could create or remove them), one folder per workspace (by the
+hash of its resolved path), not in the workspace: a refused call leaves the workspace exactly
 as it was, and the files must stay (deleting one while a call waits on it would let a third call take
 a different lock for the same name). Servers on other machines are not excluded; SQLite's WAL, which
 holds the job table, does not work across machines either.
@@ -17,16 +18,16 @@ holds the job table, does not work across machines either.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
+import platformdirs
 from filelock import FileLock, Timeout
 
-from server.errors import ServiceError
+from server.errors import WorkspaceStateError
+from training.workspace import APP_NAME
 
 # The longest call that holds a name lock writes one upload-dataset batch (200 images) or merges two
 # full-size LoRAs in a child (about a minute for FLUX); a call waiting longer than this says so.
@@ -43,7 +44,7 @@ def name_lock(workspace: Path, kind: NameKind, name: str, *, wait_s: float = WAI
     try:
         lock.acquire(timeout=wait_s)
     except Timeout:
-        raise ServiceError(
+        raise WorkspaceStateError(
             f"{kind} {name!r} is being changed by another call that has run for over {wait_s:.0f} s; "
             "try again once it has finished"
         ) from None
@@ -56,5 +57,4 @@ def name_lock(workspace: Path, kind: NameKind, name: str, *, wait_s: float = WAI
 def lock_folder(workspace: Path) -> Path:
     """Where the workspace's name locks are: the same folder for every server of this user on it."""
     key = hashlib.sha256(str(Path(workspace).resolve()).encode("utf-8")).hexdigest()[:16]
-    user = f"-{os.getuid()}" if hasattr(os, "getuid") else ""  # Windows' temporary folder is the user's own
-    return Path(tempfile.gettempdir()) / f"lora-mcp-locks{user}" / key
+    return platformdirs.user_cache_path(APP_NAME) / "locks" / key
