@@ -6,7 +6,8 @@
     lora-mcp token [--rotate]             print the HTTP token (creating it when missing), or replace it
     lora-mcp demo [--workspace DIR]       drive the whole flow against a fresh server, printing each step
 
-Only protocol goes to stdout while serving stdio; logs go to stderr and to <workspace>/logs/server.log.
+Only protocol goes to stdout while serving stdio; logs go to stderr and to <workspace>/logs/server.log
+(rotated at 10 MB, three old ones kept).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import argparse
 import logging
 import os
 import sys
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
+
+LOG_FILE_BYTES = 10 * 2**20
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,11 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     workspace = workspace_dir()
     if args.command == "token":
         return show_token(workspace, rotate=args.rotate)
-    (workspace / "logs").mkdir(parents=True, exist_ok=True)
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        handlers=[logging.StreamHandler(sys.stderr), logging.FileHandler(workspace / "logs" / "server.log")],
+        handlers=[logging.StreamHandler(sys.stderr), log_file(workspace)],
     )
     if args.command == "http":
         return serve_http(workspace, args)
@@ -44,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
 
     build_server(workspace).run("stdio")
     return 0
+
+
+def log_file(workspace: Path) -> logging.Handler:
+    """<workspace>/logs/server.log, rotated at LOG_FILE_BYTES into server.log.1 .. .3, so a server that runs for
+    months keeps at most 40 MB of log."""
+    (workspace / "logs").mkdir(parents=True, exist_ok=True)
+    return RotatingFileHandler(workspace / "logs" / "server.log", maxBytes=LOG_FILE_BYTES, backupCount=3,
+                               encoding="utf-8")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -99,9 +110,15 @@ def serve_http(workspace: Path, args: argparse.Namespace) -> int:
 
 def show_token(workspace: Path, *, rotate: bool) -> int:
     """Print the HTTP token on stdout (where it comes from on stderr), creating it when missing."""
-    from server.http.access import TOKEN_ENV, existing_token, write_new_token
+    from server.http.access import TOKEN_ENV, ExposureRefused, existing_token, write_new_token
 
-    found = existing_token(workspace)
+    try:
+        found = existing_token(workspace)
+    except ExposureRefused as exc:  # a token file others may read: --rotate replaces it with an owner-only one
+        if not rotate:
+            print(f"lora-mcp token: refused: {exc}", file=sys.stderr)
+            return 2
+        found = None
     if found and found[1] != str(workspace / "http-token") and rotate:
         print(f"lora-mcp token: the token comes from {TOKEN_ENV}; change it there", file=sys.stderr)
         return 2

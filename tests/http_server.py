@@ -77,4 +77,5 @@ def start_http_server(
             raise RuntimeError(f"lora-mcp http exited with {process.returncode}:\n{text}")
         time.sleep(0.1)
     process.kill()
+    process.wait(timeout=15)  # reaped: no zombie, and the stderr file is complete for the message below
     raise RuntimeError(f"lora-mcp http did not start within {timeout} s:\n{log.read_text(errors='replace')}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import pytest
 import requests
 from http_server import HttpServer, start_http_server
@@ -25,11 +27,14 @@ from server.http.access import (
     BAD_TOKEN_LIMIT,
     BAD_TOKEN_WINDOW_S,
     LOCKOUT_S,
+    MAX_TRACKED,
     TOKEN_ENV,
+    AccessGuard,
     BadTokenLimit,
     Exposure,
     is_loopback,
 )
+from server.main import LOG_FILE_BYTES, log_file
 
 REPO = Path(__file__).resolve().parent.parent
 TAKEN_CONFIG = "battery-taken"
@@ -193,6 +198,15 @@ BATTERY = {
         409,
         (f"config '{TAKEN_CONFIG}' already exists", "update-training-config", "delete-config"),
     ),
+    "unknown path": Case(
+        lambda s: _get(s, "/api/v1/tools", s.headers),
+        404,
+        ("there is no /api/v1/tools here", "GET /mcp/tools, POST /mcp/tool", "/mcp (MCP Streamable HTTP)",
+         "GET /loras/{name}.safetensors", "POST /datasets/{name}"),
+    ),
+    "wrong method": Case(
+        lambda s: _get(s, "/mcp/tool", s.headers), 405, ("/mcp/tool does not take GET", "POST /mcp/tool")
+    ),
     "/mcp without a token": Case(
         lambda s: Answer.of(requests.post(f"{s.url}/mcp", json=INITIALIZE, headers=MCP_ACCEPT, timeout=60)),
         401,
@@ -232,15 +246,61 @@ def test_security_battery(battery_server, case):
     still_answers(battery_server)
 
 
-def test_a_token_in_the_url_never_reaches_the_logs(battery_server):
+def test_only_refusals_are_logged_and_never_a_token_in_the_url(battery_server):
     assert call(battery_server, {"tool": "list-configs"}).status == 200
     refused = _get(battery_server, f"/mcp/tools?x=1&token={battery_server.token}", {})
     assert refused.status == 401
-    still_answers(battery_server)  # a request after the refused one: its access-log line is written by now
     for log in (battery_server.log, battery_server.workspace / "logs" / "server.log"):
         text = log.read_text(errors="replace")
-        assert "/mcp/tools?x=1&token=<redacted>" in text
-        assert battery_server.token not in text
+        assert "refused GET /mcp/tools from 127.0.0.1: 401" in text  # the address, the path without its query
+        assert battery_server.token not in text and "x=1" not in text
+        assert "POST /mcp/tool HTTP/1.1" not in text  # no line per request served
+
+
+def test_the_server_log_rotates_at_its_size(tmp_path):
+    handler = log_file(tmp_path)
+    line = logging.LogRecord("server", logging.INFO, __file__, 1, "x" * 2**20, None, None)  # 1 MB a record
+    try:
+        for _ in range(LOG_FILE_BYTES // 2**20 * 5):  # five files' worth
+            handler.emit(line)
+    finally:
+        handler.close()
+    logs = tmp_path / "logs"
+    assert {path.name for path in logs.iterdir()} == {"server.log", "server.log.1", "server.log.2", "server.log.3"}
+    assert all(path.stat().st_size <= LOG_FILE_BYTES for path in logs.iterdir())
+
+
+def test_host_and_origin_names_are_case_insensitive(http_server):
+    name = f"LocalHost:{http_server.port}"
+    headers = {**http_server.headers, "Host": name, "Origin": f"HTTP://{name}"}
+    assert _get(http_server, "/mcp/tools", headers).status == 200
+    initialize = {**INITIALIZE, "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                                           "clientInfo": {"name": "test", "version": "1"}}}
+    # /mcp: the SDK's transport checks Host and Origin again, on what AccessGuard passes on.
+    opened = requests.post(f"{http_server.url}/mcp", json=initialize, headers={**headers, **MCP_ACCEPT}, timeout=60)
+    assert opened.status_code == 200, opened.text
+    session = {"mcp-session-id": opened.headers["mcp-session-id"]}
+    assert requests.delete(f"{http_server.url}/mcp", headers={**headers, **session}, timeout=60).status_code == 200
+
+
+def test_websocket_requests_are_refused_before_any_route():
+    """No route takes a websocket; uvicorn turns the close before an accept into 403 (where it has a websocket
+    library: this environment has none, hence the guard alone)."""
+    reached, sent = [], []
+
+    async def app(scope, receive, send):
+        reached.append(scope)
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    async def send(message):
+        sent.append(message)
+
+    guard = AccessGuard(app, token=None, security=Exposure("127.0.0.1", 8190, auth=False).security_settings())
+    scope = {"type": "websocket", "path": "/mcp", "headers": [(b"host", b"127.0.0.1:8190")], "client": ("127.0.0.1", 1)}
+    anyio.run(guard, scope, receive, send)
+    assert sent == [{"type": "websocket.close", "code": 1008}] and reached == []
 
 
 def test_a_loopback_start_creates_an_owner_only_token_and_says_where(http_server):
@@ -296,6 +356,26 @@ def test_ten_wrong_tokens_lock_the_address_out(own_server):
     assert _get(own_server, "/mcp/tools", own_server.headers).status == 200
 
 
+@pytest.fixture
+def lockout_server(tmp_path, tiny_sd15):
+    """A server whose 127.0.0.1 this test locks out."""
+    server = start_http_server(tmp_path / "ws")
+    yield server
+    server.stop()
+
+
+def test_x_forwarded_for_neither_dodges_nor_aims_the_lockout(lockout_server):
+    """From 127.0.0.1, whose X-Forwarded-For uvicorn would trust by default: the guesses count against the
+    connection's address, not the one the header names."""
+    aimed = {"X-Forwarded-For": "127.0.0.7"}
+    for _ in range(BAD_TOKEN_LIMIT):
+        assert _get(lockout_server, "/mcp/tools", {"Authorization": "Bearer guess", **aimed}).status == 401
+    for headers in (lockout_server.headers, {**lockout_server.headers, **aimed}):
+        locked = _get(lockout_server, "/mcp/tools", headers)
+        assert locked.status == 429 and "too many wrong tokens from 127.0.0.1" in locked.message, locked
+    assert _get(lockout_server, "/mcp/tools", lockout_server.headers, client_from("127.0.0.7")).status == 200
+
+
 def test_missing_tokens_do_not_lock_the_address_out(own_server):
     client = client_from("127.0.0.4")
     for _ in range(BAD_TOKEN_LIMIT + 2):
@@ -347,6 +427,21 @@ def test_token_prints_and_creates_it_once(tmp_path):
     again = lora_mcp_token(workspace)
     assert again.returncode == 0 and again.stdout.strip() == token
     assert f"from {workspace / 'http-token'}" in again.stderr
+
+
+@pytest.mark.skipif(os.name != "posix", reason="owner-only permissions are POSIX modes")
+def test_a_token_file_others_may_read_is_refused_until_chmod_600(tmp_path):
+    workspace = tmp_path / "ws"
+    assert lora_mcp_token(workspace).returncode == 0
+    path = workspace / "http-token"
+    path.chmod(0o644)
+    stderr = refused_start(workspace)
+    assert f"the token file {path} may be read by other users" in stderr and f"`chmod 600 {path}`" in stderr
+    shown = lora_mcp_token(workspace)
+    assert shown.returncode == 2 and shown.stdout == "" and f"`chmod 600 {path}`" in shown.stderr
+    rotated = lora_mcp_token(workspace, "--rotate")  # what the message suggests when it may have been read
+    assert rotated.returncode == 0 and path.stat().st_mode & 0o777 == 0o600
+    assert rotated.stdout.strip() == path.read_text().strip()
 
 
 # --- LORA_MCP_TOKEN ------------------------------------------------------------------------------------
@@ -494,6 +589,32 @@ def test_bad_token_lockout_expires_and_counting_starts_again():
     assert limit.locked_for("10.0.0.9") == 0
     limit.failed("10.0.0.9")  # one more guess after the lockout does not lock again
     assert limit.locked_for("10.0.0.9") == 0
+
+
+def test_bad_token_limit_forgets_expired_failures_and_lockouts():
+    clock = Clock()
+    limit = BadTokenLimit(clock=clock)
+    for address in ("10.0.0.1", "10.0.0.2"):
+        for _ in range(BAD_TOKEN_LIMIT):
+            limit.failed(address)
+    limit.failed("10.0.0.3")
+    clock.now += max(LOCKOUT_S, BAD_TOKEN_WINDOW_S) + 1
+    limit.failed("10.0.0.4")
+    assert list(limit._failures) == ["10.0.0.4"] and limit._locked_until == {}
+
+
+def test_bad_token_limit_tracks_at_most_max_tracked_addresses():
+    limit = BadTokenLimit(clock=Clock())  # a clock that stands still: nothing ever expires
+    guessed_once = [f"fd00::a:{n:x}" for n in range(MAX_TRACKED + 100)]
+    locked_out = [f"fd00::b:{n:x}" for n in range(MAX_TRACKED + 100)]
+    for address in guessed_once:
+        limit.failed(address)
+    for address in locked_out:
+        for _ in range(BAD_TOKEN_LIMIT):
+            limit.failed(address)
+    assert len(limit._failures) <= MAX_TRACKED and len(limit._locked_until) <= MAX_TRACKED
+    assert limit.locked_for(locked_out[-1]) == LOCKOUT_S  # the newest are kept, the oldest forgotten
+    assert limit.locked_for(locked_out[0]) == 0
 
 
 @pytest.mark.parametrize(

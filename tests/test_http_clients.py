@@ -2,8 +2,9 @@
 Inspector's CLI, Claude Desktop's entry through the mcp-remote bridge (claude_desktop_config.remote.example.json,
 driven here by the SDK's stdio client as a chat client drives it), and TLS with --ssl-certfile/--ssl-keyfile.
 
-The Node tools are the versions `make setup` pins in .venv/node (Makefile, NODE_TOOLS); where it could not
-install them (no npm, Node older than 20, offline) their tests skip and say so.
+The Node tools are the versions the Makefile pins (NODE_TOOLS), installed into .venv/node by its `node-tools`
+target, which the tests run themselves when those are not installed yet: only where npm or node is missing do
+their tests skip, saying so; an install that fails fails them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import shlex
 import shutil
 import subprocess
+from functools import cache
 from pathlib import Path
 
 import anyio
@@ -29,15 +31,24 @@ NODE_DIR = REPO / ".venv" / "node"
 REMOTE_EXAMPLE = REPO / "claude_desktop_config.remote.example.json"
 
 
+@cache
+def install_node_tools() -> str:
+    """`make node-tools`, the set-up's own pinned install (a no-op when .venv/node has the pins); what it said."""
+    done = subprocess.run(["make", "--no-print-directory", "node-tools"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    return f"{done.stdout}{done.stderr}".strip()
+
+
 def node_tool(package: str, command: str) -> tuple[Path, str]:
-    """The script behind `command` of the npm `package` in .venv/node, and the package's version; skips
-    the test, saying why, where the set-up did not install it."""
-    if shutil.which("node") is None:
-        pytest.skip("node is not installed: install Node 20+ with npm, then `make setup` installs the Node tools")
+    """The script behind `command` of the npm `package` in .venv/node, and the package's version. Skips the
+    test, saying why, where npm or node is missing; fails it where the install did not bring the package."""
+    missing = [tool for tool in ("npm", "node") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed: install Node 20+ with npm, then `make setup` installs "
+                    "the Node tools")
+    said = install_node_tools()
     manifest = NODE_DIR / "node_modules" / package / "package.json"
-    if not manifest.is_file():
-        pytest.skip(f"{package} is not in {NODE_DIR}: `make setup` installs it where npm can reach the registry "
-                    "(it printed why it did not)")
+    assert manifest.is_file(), f"`make node-tools` did not install {package} into {NODE_DIR}: {said}"
     meta = json.loads(manifest.read_text())
     return manifest.parent / meta["bin"][command], meta["version"]
 

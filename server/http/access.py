@@ -14,7 +14,6 @@ import hmac
 import ipaddress
 import logging
 import os
-import re
 import secrets
 import tempfile
 import time
@@ -37,6 +36,8 @@ TOKEN_BYTES = 32  # 256 bits, URL-safe base64: 43 characters
 BAD_TOKEN_LIMIT = 10
 BAD_TOKEN_WINDOW_S = 60.0
 LOCKOUT_S = 60.0
+# Addresses remembered by the bad-token limit, in each of its two tables (~300 bytes each: a few MB at most).
+MAX_TRACKED = 10_000
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 
 
@@ -55,11 +56,20 @@ def token_path(workspace: Path) -> Path:
 
 
 def existing_token(workspace: Path) -> tuple[str, str] | None:
-    """The token and where it comes from (the environment variable or the file), or None."""
+    """The token and where it comes from (the environment variable or the file), or None. A token file that
+    other users may read is refused (ExposureRefused), as ssh refuses a readable private key: the token is
+    no secret any more, and serving with it would pretend otherwise."""
     if token := os.environ.get(TOKEN_ENV, "").strip():
         return token, f"the {TOKEN_ENV} environment variable"
     path = token_path(workspace)
-    if path.is_file() and (token := path.read_text(encoding="utf-8").strip()):
+    if not path.is_file():
+        return None
+    if os.name == "posix" and (mode := path.stat().st_mode & 0o777) & 0o077:
+        raise ExposureRefused(
+            f"the token file {path} may be read by other users of this machine (permissions {mode:o}): run "
+            f"`chmod 600 {path}`, and `lora-mcp token --rotate` if someone may have read it, then start again"
+        )
+    if token := path.read_text(encoding="utf-8").strip():
         return token, str(path)
     return None
 
@@ -181,22 +191,15 @@ class Exposure:
 
 
 # --- the guard -------------------------------------------------------------------------------------
-class QueryTokenRedaction(logging.Filter):
-    """For uvicorn's access log, which writes each request's URL: a token a client put in the query string
-    (refused, never read) must not land in logs/server.log."""
-
-    PATTERN = re.compile(r"([?&](?:access_)?token=)[^&\s]*", re.IGNORECASE)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(self.PATTERN.sub(r"\1<redacted>", a) if isinstance(a, str) else a for a in record.args)
-        return True
-
-
 @dataclass
 class BadTokenLimit:
     """Counts wrong tokens per client address; BAD_TOKEN_LIMIT of them within
-    BAD_TOKEN_WINDOW_S lock that address out for LOCKOUT_S."""
+    BAD_TOKEN_WINDOW_S lock that address out for LOCKOUT_S.
+
+    Both tables are kept in the order of their last change (an address that fails again moves to the end), so
+    the expired entries are always at the front and each call drops just those. Neither holds more than
+    MAX_TRACKED addresses: past that (guesses from thousands of addresses, e.g. an IPv6 block) the oldest
+    are forgotten rather than memory growing without bound."""
 
     clock: Callable[[], float] = time.monotonic
     _failures: dict[str, deque] = field(default_factory=dict)
@@ -204,33 +207,54 @@ class BadTokenLimit:
 
     def locked_for(self, address: str) -> float:
         """Seconds this address stays locked out (0 when it is not)."""
+        now = self.clock()
+        self._forget_expired(now)
         until = self._locked_until.get(address)
-        if until is None:
-            return 0.0
-        left = until - self.clock()
-        if left <= 0:
-            del self._locked_until[address]
-            return 0.0
-        return left
+        return 0.0 if until is None else until - now
 
     def failed(self, address: str) -> None:
         now = self.clock()
-        if len(self._failures) > 10_000:  # many addresses failing once: forget those whose window has passed
-            self._failures = {a: r for a, r in self._failures.items() if now - r[-1] <= BAD_TOKEN_WINDOW_S}
-        recent = self._failures.setdefault(address, deque())
+        self._forget_expired(now)
+        recent = self._failures.pop(address, None) or deque(maxlen=BAD_TOKEN_LIMIT)
+        self._failures[address] = recent  # to the end: the most recently failed
         recent.append(now)
-        while recent and now - recent[0] > BAD_TOKEN_WINDOW_S:
+        while now - recent[0] > BAD_TOKEN_WINDOW_S:
             recent.popleft()
         if len(recent) >= BAD_TOKEN_LIMIT:
-            self._locked_until[address] = now + LOCKOUT_S
             del self._failures[address]
+            self._locked_until.pop(address, None)
+            self._locked_until[address] = now + LOCKOUT_S
             log.warning("%d bad tokens from %s within %.0f s: refusing it for %.0f s", BAD_TOKEN_LIMIT, address,
                         BAD_TOKEN_WINDOW_S, LOCKOUT_S)
+        for tracked in (self._failures, self._locked_until):
+            while len(tracked) > MAX_TRACKED:
+                del tracked[next(iter(tracked))]
+
+    def _forget_expired(self, now: float) -> None:
+        failures, locked = self._failures, self._locked_until
+        while failures and now - failures[oldest := next(iter(failures))][-1] > BAD_TOKEN_WINDOW_S:
+            del failures[oldest]
+        while locked and locked[oldest := next(iter(locked))] <= now:
+            del locked[oldest]
+
+
+def client_address(request: Request) -> str:
+    """The TCP peer's address: uvicorn runs without proxy_headers, so X-Forwarded-For (which anyone may send)
+    never picks the address a bad token is counted against."""
+    return request.client.host if request.client else "unknown"
+
+
+def lower_case_names(scope: Scope) -> Scope:
+    """The scope with its Host and Origin headers in lower case, for our check and the SDK's on /mcp: host
+    names are case-insensitive (RFC 9110), and both checks compare strings."""
+    headers = [(key, value.lower() if key in (b"host", b"origin") else value) for key, value in scope["headers"]]
+    return {**scope, "headers": headers}
 
 
 class AccessGuard:
     """ASGI middleware in front of every route: Host/Origin first (421/403), then the address's lockout
-    (429), then the bearer token (401). With `token=None` (--no-auth, loopback only) only Host/Origin apply."""
+    (429), then the bearer token (401). With `token=None` (--no-auth, loopback only) only Host/Origin apply.
+    Websockets are refused outright (no route takes one), and each refusal is logged."""
 
     def __init__(self, app: ASGIApp, *, token: TokenSource | None, security: TransportSecuritySettings):
         self.app = app
@@ -239,9 +263,13 @@ class AccessGuard:
         self.limit = BadTokenLimit()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "websocket":  # no route takes one: refused before any check (uvicorn answers 403)
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] != "http":  # the lifespan
             await self.app(scope, receive, send)
             return
+        scope = lower_case_names(scope)
         request = Request(scope)
         if refused := await self.names.validate_request(request, is_post=False):
             reason = "Host" if refused.status_code == 421 else "Origin"
@@ -255,12 +283,16 @@ class AccessGuard:
         else:
             response = None
         if response is not None:
+            # Only refusals are logged (uvicorn's line per request is off): the path without its query string,
+            # which may hold a token, and never the token itself.
+            log.log(logging.INFO if response.status_code == 401 else logging.WARNING, "refused %s %s from %s: %d",
+                    request.method, request.url.path, client_address(request), response.status_code)
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
     def _check_token(self, request: Request) -> JSONResponse | None:
-        address = request.client.host if request.client else "unknown"
+        address = client_address(request)
         if waited := self.limit.locked_for(address):
             return error_response(
                 429,

@@ -20,11 +20,14 @@ from pathlib import Path
 
 import anyio
 import uvicorn
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp
 
 from server.app import build_server, open_services
 from server.datasets import MAX_IMAGES_PER_CALL
-from server.http.access import AccessGuard, Exposure, QueryTokenRedaction, TokenSource, existing_token, is_loopback
+from server.http.access import AccessGuard, Exposure, TokenSource, error_response, existing_token, is_loopback
 from server.http.files import file_routes
 from server.http.tool_api import tool_routes
 from server.image_checks import MAX_IMAGE_BYTES
@@ -61,7 +64,27 @@ def build_http_app(workspace: Path, *, token: TokenSource | None, exposure: Expo
         transport_security=security,
         host=exposure.host,
     )
+    for status in (404, 405, 500):
+        app.add_exception_handler(status, refusal)
     return AccessGuard(app, token=token, security=security)
+
+
+ROUTES = (
+    "GET /mcp/tools, POST /mcp/tool (the JSON API), /mcp (MCP Streamable HTTP), GET /loras/{name}.safetensors "
+    "and POST /datasets/{name}"
+)
+
+
+async def refusal(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own refusals in the JSON API's error shape: a path no route matches (404), a method the
+    route does not take (405), and a fault of ours (500; uvicorn logs its traceback)."""
+    if isinstance(exc, HTTPException) and exc.status_code == 404:
+        return error_response(404, f"there is no {request.url.path} here: this server has {ROUTES}")
+    if isinstance(exc, HTTPException) and exc.status_code == 405:
+        return error_response(405, f"{request.url.path} does not take {request.method}: this server has {ROUTES}",
+                              dict(exc.headers or {}))
+    return error_response(500, "the server failed on this request (its log says why): try again, and report it if "
+                          "it keeps failing")
 
 
 def serve(workspace: Path, options: HttpOptions) -> int:
@@ -92,12 +115,17 @@ def serve(workspace: Path, options: HttpOptions) -> int:
     )
     if not is_loopback(exposure.host) and not options.ssl_certfile:
         log.warning("serving %s without TLS: the token crosses the network in clear unless a proxy adds TLS", url)
-    logging.getLogger("uvicorn.access").addFilter(QueryTokenRedaction())
     config = uvicorn.Config(
         app,
         ssl_certfile=str(options.ssl_certfile) if options.ssl_certfile else None,
         ssl_keyfile=str(options.ssl_keyfile) if options.ssl_keyfile else None,
         log_config=None,  # our logging: stderr and <workspace>/logs/server.log
+        # No line per request (10 pollers at 1 call/s would write 860,000 a day); AccessGuard logs its refusals.
+        access_log=False,
+        # The client's address is the TCP peer's. uvicorn would otherwise take X-Forwarded-For from 127.0.0.1, so
+        # anyone on this machine (or a proxy passing the header on) could aim the bad-token lockout at another
+        # address and never be locked out themselves. Behind a proxy every client has the proxy's address.
+        proxy_headers=False,
         timeout_graceful_shutdown=5,
     )
     anyio.run(uvicorn.Server(config).serve, [listener])
