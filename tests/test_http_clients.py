@@ -46,6 +46,9 @@ def node_tool(package: str, command: str) -> tuple[Path, str]:
     if missing:
         pytest.skip(f"{' and '.join(missing)} not installed: install Node 20+ with npm, then `make setup` installs "
                     "the Node tools")
+    major = subprocess.run(["node", "-p", "process.versions.node.split('.')[0]"], capture_output=True, text=True)
+    if int(major.stdout.strip() or 0) < 20:  # the Inspector needs Node 20's globals (Debian 12's nodejs is 18)
+        pytest.skip(f"node {major.stdout.strip()} is older than 20, which the pinned Inspector needs")
     said = install_node_tools()
     manifest = NODE_DIR / "node_modules" / package / "package.json"
     assert manifest.is_file(), f"`make node-tools` did not install {package} into {NODE_DIR}: {said}"
