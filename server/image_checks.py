@@ -94,13 +94,18 @@ def _bad_base64(detail: str) -> str:
     )
 
 
-def check_room(folder: Path, size: int) -> None:
-    """Refuse a file that would take the dataset past MAX_DATASET_BYTES (links count as nothing)."""
-    used = (
-        sum(p.lstat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
-        if folder.is_dir()
-        else 0
-    )
+def dataset_bytes(folder: Path) -> int:
+    """The bytes of the dataset's files, as its size limit counts them: links count as nothing."""
+    if not folder.is_dir():
+        return 0
+    return sum(p.lstat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def check_room(folder: Path, size: int, used: int | None = None) -> None:
+    """Refuse a file that would take the dataset past MAX_DATASET_BYTES; `used`: the dataset's bytes where
+    the caller keeps count of them (a zip of 20,000 images), else they are counted here."""
+    if used is None:
+        used = dataset_bytes(folder)
     if used + size > MAX_DATASET_BYTES:
         raise Refused(
             f"the dataset would pass its size limit of {MAX_DATASET_BYTES // 2**20} MB "

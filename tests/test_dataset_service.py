@@ -347,3 +347,24 @@ def test_limits_come_from_the_environment(monkeypatch):
         monkeypatch.setenv("LORA_MCP_TEST_LIMIT", bad)
         with pytest.raises(ValueError, match="positive number of megabytes"):
             megabytes("LORA_MCP_TEST_LIMIT", 50)
+
+
+def test_a_zip_entry_the_file_system_refuses_is_refused_alone(tmp_path):
+    """A workspace deep enough that one entry's full path passes Linux's 4096-byte limit: the OSError of that
+    entry refuses it, the others are saved, and the new dataset takes its name."""
+    import zipfile
+
+    workspace = tmp_path
+    while len(str(workspace)) < 3900:
+        workspace = workspace / ("w" * 100)
+    workspace.mkdir(parents=True)
+    archive = tmp_path / "d.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("ok.png", noisy_png())
+        zipped.writestr("n" * 200 + ".png", noisy_png())
+    result = DatasetService(workspace).upload_zip("deep", archive)
+    files = {f.filename: f for f in result.files}
+    assert files["ok.png"].saved
+    assert not files["n" * 200 + ".png"].saved and "could not be saved" in files["n" * 200 + ".png"].reason
+    assert sorted(p.name for p in (workspace / "datasets").iterdir()) == ["deep"]
+    assert sorted(p.name for p in (workspace / "datasets" / "deep").iterdir()) == ["ok.png"]

@@ -9,16 +9,17 @@
 The body of a zip upload goes to a hidden temporary file in <workspace>/datasets/ (never into memory),
 refused with 413 once it passes a dataset's size limit (LORA_MCP_MAX_DATASET_MB); the dataset service
 then judges the zip's entries (server/dataset_zip.py) and the images, in a worker thread. A failure
-has the JSON API's error shape: 400 for a body or a name that cannot be taken, 404 for an unknown LoRA,
-409 when the workspace's state refuses the call (the dataset exists and overwrite is not set), 422 when
-every file of the zip was refused.
+has the JSON API's error shape: 400 for a body that cannot be taken (not a zip, a form upload, a bad
+query), 404 for an unknown LoRA, 409 when the workspace's state refuses the call (the dataset exists and
+overwrite is not set: answered before the body is received), 422 for a dataset name that cannot be taken
+and when every file of the zip was refused, 500 (logged with its traceback) for a fault of the server.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
@@ -40,6 +41,7 @@ LORA_SUFFIX = ".safetensors"
 # gathers the network's chunks (about 64 KB each) and keeps answering other clients.
 WRITE_BYTES = 4 * MB
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no", "")
+log = logging.getLogger(__name__)
 
 
 def file_routes(services: Services) -> list[Route]:
@@ -76,31 +78,47 @@ def file_routes(services: Services) -> list[Route]:
             checked_name("dataset", name)  # before the body: a name that cannot be taken wastes no upload
         except ServiceError as exc:
             return error_response(422, str(exc))
-        folder = services.datasets.folder
-        await anyio.to_thread.run_sync(lambda: folder.mkdir(parents=True, exist_ok=True))
-        fd, name_of_tmp = tempfile.mkstemp(prefix=".upload-", suffix=".zip", dir=folder)
-        body = Path(name_of_tmp)
         try:
-            with os.fdopen(fd, "wb") as file:
-                refusal = await _receive(request, file)
-            if refusal is not None:
-                return refusal
-            result = await anyio.to_thread.run_sync(services.datasets.upload_zip, name, body, overwrite in _TRUE)
-        except NotAZip as exc:
-            return error_response(400, str(exc))
-        except WorkspaceStateError as exc:
-            return error_response(409, str(exc))
-        except ServiceError as exc:
-            return error_response(422, str(exc))
-        finally:
-            with contextlib.suppress(OSError):
-                body.unlink()
-        return JSONResponse({"result": result.model_dump(mode="json")})
+            return await _upload_zip(services, request, name, overwrite in _TRUE)
+        except Exception as exc:  # a fault of the server's: the client gets the JSON API's shape, the log the cause
+            log.exception("POST /datasets/%s failed", name)
+            return error_response(
+                500,
+                f"the server failed while taking the zip ({type(exc).__name__}: {exc}); a new dataset was not "
+                "created, an existing one keeps the files saved before the fault (list-datasets shows it). The "
+                "server's log has the details: send the zip again, and report the error if it happens again",
+            )
 
     return [
         Route("/loras/{name}" + LORA_SUFFIX, download_lora, methods=["GET", "HEAD"]),
         Route("/datasets/{name}", upload_dataset_zip, methods=["POST"]),
     ]
+
+
+async def _upload_zip(services: Services, request: Request, name: str, overwrite: bool) -> Response:
+    """Receive the zip into a temporary file and hand it to the dataset service; the response either way."""
+    try:
+        # Before the body: a dataset that cannot take the zip wastes no upload (checked again under its lock).
+        await anyio.to_thread.run_sync(services.datasets.zip_target, name, overwrite)
+    except WorkspaceStateError as exc:
+        return error_response(409, str(exc))
+    fd, body = await anyio.to_thread.run_sync(services.datasets.new_upload_file)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            refusal = await _receive(request, file)
+        if refusal is not None:
+            return refusal
+        result = await anyio.to_thread.run_sync(services.datasets.upload_zip, name, body, overwrite)
+    except NotAZip as exc:
+        return error_response(400, str(exc))
+    except WorkspaceStateError as exc:
+        return error_response(409, str(exc))
+    except ServiceError as exc:
+        return error_response(422, str(exc))
+    finally:
+        with contextlib.suppress(OSError):
+            body.unlink()
+    return JSONResponse({"result": result.model_dump(mode="json")})
 
 
 async def _receive(request: Request, file: BinaryIO) -> Response | None:
