@@ -340,11 +340,15 @@ class JobService:
     def refresh(self) -> None:
         """Bring running jobs' states up to date with their processes, then start the next
         queued job if none is running."""
-        for record in self.store.all():
+        records = self.store.all()
+        for record in records:
             if record.state == "running":
                 self._reconcile(record)
+        # Claiming is a write transaction per kind (1.3 ms of a 2.2 ms status call): only when a job waits. One
+        # queued after this read is claimed by the refresh of the call that queued it.
+        queued = {record.kind for record in records if record.state == "queued"}
         for kind in CHILD_MODULES:
-            while (claimed := self.store.claim_next(kind)) is not None:
+            while kind in queued and (claimed := self.store.claim_next(kind)) is not None:
                 if self._spawn(claimed):
                     break
 
