@@ -116,6 +116,11 @@ class JobStatus(BaseModel):
     lr: float | None = None
     it_per_s: float | None = None
     eta_s: float | None = Field(None, description="estimated seconds to completion")
+    phase: str | None = Field(
+        None,
+        description="While running, what the trainer is doing: 'setting up', 'caching latents 640/2000', "
+        "'caching text 300/2000' (the encoding before step 1, slow on a large dataset) or 'training'.",
+    )
     last_checkpoint: str | None = None
     latest_samples: list[str] = Field(default_factory=list)
     lora_path: str | None = None
@@ -450,6 +455,7 @@ class JobService:
             lr=status.get("lr"),
             it_per_s=status.get("it_per_s"),
             eta_s=status.get("eta_s") if record.state == "running" else None,
+            phase=status.get("phase") if record.state == "running" else None,
             last_checkpoint=status.get("last_checkpoint"),
             latest_samples=status.get("latest_samples") or [],
             lora_path=status.get("lora_path"),

@@ -39,6 +39,7 @@ class RunFiles:
         self.samples_index = self.samples / "index.jsonl"
         self.checkpoints = run_dir / "checkpoints"
         self.latent_cache = run_dir / "latent_cache"
+        self.text_cache = run_dir / "text_cache"
         self.stop_request = run_dir / "stop-request"
 
     # A stop that works on every platform: whoever wants the run to stop writes this file, and the
@@ -63,7 +64,7 @@ class RunFiles:
         """Delete what a killed process left half-written: hidden temporary files and staging
         folders (every write goes through one, so nothing else can be partial)."""
         removed = []
-        for folder in (self.dir, self.samples, self.checkpoints):
+        for folder in (self.dir, self.samples, self.checkpoints, self.latent_cache, self.text_cache):
             if not folder.is_dir():
                 continue
             for entry in folder.iterdir():
@@ -129,6 +130,9 @@ class StatusWriter:
             "last_checkpoint": None,
             "lora_path": None,
             "error": None,
+            # what the process is doing: "setting up", "caching latents 640/2000", "caching text
+            # 300/2000", "training"
+            "phase": "setting up",
             "pid": os.getpid(),
             "started_at": now,
         }

@@ -173,11 +173,9 @@ class Trainer:
                 log.info("%s", note)
         self.placement.enable_memory_savers()
 
-        self.data = TrainingData(records, self.base, config, self.files.latent_cache)
-        if config.cache_latents:
-            self.data.cache_latents()
-        if config.static_text:
-            self.data.cache_text()
+        self.data = TrainingData(records, self.base, config, self.files.latent_cache, self.files.text_cache)
+        self.config = config = config.model_copy(update=self.data.build_caches(lambda p: self.status.update(phase=p)))
+        atomic_write_text(self.files.config, config.to_yaml())  # now with where each cache went
         validation = ValidationSet(self.dataset.validation, self.base, config) if self.dataset.validation else None
         if validation is not None:
             validation.prepare()
@@ -215,6 +213,7 @@ class Trainer:
             self._validate()  # the baselines, before any training
             if self._sampling_on():
                 self._render_samples()
+        self.status.update(phase="training")
         steps = self.config.steps
         bar = tqdm(total=steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         while self.step < steps and not self.stop_requested:

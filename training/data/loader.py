@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from training.config import wants_disk_cache
 from training.data.buckets import Bucket, BucketBatches, assign_bucket, make_buckets, square_bucket
+from training.data.caches import CacheProgress, PhaseReport, TextCache
 from training.data.captions import augment_caption
 from training.data.dataset import ImageRecord
 from training.data.images import covering_size, crop_top_left, load_pixels
@@ -55,7 +57,14 @@ class Batch:
 
 
 class TrainingData:
-    def __init__(self, records: list[ImageRecord], base: LoadedModel, config: TrainingConfig, latent_cache_dir: Path):
+    def __init__(
+        self,
+        records: list[ImageRecord],
+        base: LoadedModel,
+        config: TrainingConfig,
+        latent_cache_dir: Path,
+        text_cache_dir: Path | None = None,
+    ):
         self.records = records
         self._base = base
         self._config = config
@@ -71,7 +80,12 @@ class TrainingData:
         self.epoch, self.batch_index = 0, 0
         self._epoch_batches = self.batches.epoch(0)
         self._latents: dict[tuple[int, bool], torch.Tensor] = {}
-        self._text: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # caption -> (states, pooled)
+        self.latents_on_disk: bool | None = None  # decided by cache_latents from the first chunk's size
+        self.text = TextCache(
+            text_cache_dir or latent_cache_dir.with_name("text_cache"),
+            max_token_length=config.max_token_length,
+            clip_skip=config.clip_skip,
+        )
         self._size_conditioning = base.family_rules.conditions_on_image_size
         self._pooled = base.text_encoder_2 is not None  # SDXL's and FLUX's conditioning has a pooled vector
         self._vae_generator = torch.Generator(base.vae.device).manual_seed(config.seed)
@@ -80,44 +94,68 @@ class TrainingData:
         )
 
     # --- caches ----------------------------------------------------------------------------
-    def cache_latents(self) -> None:
-        """Encode every record (both orientations with flip_aug) once, by bucket, with the VAE."""
+    def build_caches(self, report: PhaseReport | None = None) -> dict[str, bool]:
+        """The caches the config asks for (latents; captions where they map to fixed states), and
+        where each went: the *_to_disk values the run used, for its config.yaml."""
+        chosen = {}
+        if self._config.cache_latents:
+            self.cache_latents(report)
+            chosen["cache_latents_to_disk"] = bool(self.latents_on_disk)
+        if self._config.static_text:
+            self.cache_text(report)
+            chosen["cache_text_encoder_outputs_to_disk"] = bool(self.text.on_disk)
+        return chosen
+
+    def cache_latents(self, report: PhaseReport | None = None) -> None:
+        """Encode every record (both orientations with flip_aug) once, by bucket, with the VAE, into
+        memory or (cache_latents_to_disk, automatic by the size the first chunk implies) onto disk."""
         by_bucket: dict[Bucket, list[int]] = defaultdict(list)
         for index, bucket in enumerate(self.record_buckets):
             by_bucket[bucket].append(index)
         flips = (False, True) if self._config.flip_aug else (False,)
-        to_disk = self._config.cache_latents_to_disk
-        if to_disk:
-            self._latent_cache_dir.mkdir(parents=True, exist_ok=True)
+        progress = CacheProgress("caching latents", len(self.records) * len(flips), report)
         for bucket, indices in by_bucket.items():
             for first in range(0, len(indices), ENCODE_BATCH):
                 chunk = indices[first : first + ENCODE_BATCH]
                 for flip in flips:
                     pixels = [self._pixels(i, bucket, flip, rng=None) for i in chunk]
                     latents = self._encode_pixels(pixels)
+                    if self.latents_on_disk is None:
+                        self._choose_latent_storage(latents[0], bucket, len(flips))
                     for index, latent in zip(chunk, latents):
-                        if to_disk:
+                        if self.latents_on_disk:
                             with atomic_output(self._latent_file(index, flip)) as tmp:
                                 torch.save(latent.cpu().clone(), tmp)
                         else:
                             self._latents[(index, flip)] = latent
-        where = f"on disk in {self._latent_cache_dir}" if to_disk else "in memory"
+                    progress.advance(len(chunk))
+        where = f"on disk in {self._latent_cache_dir}" if self.latents_on_disk else "in memory"
         log.info("cached the latents of %d image(s) %s", len(self.records), where)
 
-    def cache_text(self) -> None:
+    def cache_text(self, report: PhaseReport | None = None) -> None:
+        """Encode every caption (and the empty one of caption dropout) once, into memory or
+        (cache_text_encoder_outputs_to_disk, automatic by size) onto disk."""
         captions = sorted(
             {r.caption for r in self.records} | ({""} if self._config.caption_dropout_rate > 0 else set())
         )
         step = ENCODE_BATCH * 4
+        progress = CacheProgress("caching text", len(captions), report)
         with torch.no_grad():
             for first in range(0, len(captions), step):
                 chunk = captions[first : first + step]
                 encoded = self._encode_text(chunk)
                 if self._base.family_rules.text_states_on_cpu:  # FLUX's T5 states: 8 MB per caption
                     encoded = TextConditioning(encoded.states.cpu(), encoded.pooled.cpu())
+                if self.text.on_disk is None:
+                    per_caption = encoded.states[0].nbytes + (0 if encoded.pooled is None else encoded.pooled[0].nbytes)
+                    choice = self._config.cache_text_encoder_outputs_to_disk
+                    self.text.on_disk = wants_disk_cache(choice, per_caption * len(captions))
                 for i, caption in enumerate(chunk):
-                    self._text[caption] = (encoded.states[i], None if encoded.pooled is None else encoded.pooled[i])
-        log.info("cached the text-encoder states of %d caption(s)", len(captions))
+                    self.text.put(caption, encoded.states[i], None if encoded.pooled is None else encoded.pooled[i])
+                progress.advance(len(chunk))
+        self.text.ready = True
+        where = f"on disk in {self.text.folder}" if self.text.on_disk else "in memory"
+        log.info("cached the text-encoder states of %d caption(s) %s", len(captions), where)
 
     # --- batches ---------------------------------------------------------------------------
     def next_batch(self) -> Batch:
@@ -153,10 +191,11 @@ class TrainingData:
                 latents = self._encode_pixels(
                     [self._pixels(r, bucket, f, rng) for r, f, rng in zip(records, flips, rngs)]
                 )
-        if self._text:
+        if self.text.ready:
             device = self._base.device
-            conditioning = torch.stack([self._text[c][0] for c in captions]).to(device)
-            pooled = torch.stack([self._text[c][1] for c in captions]).to(device) if self._pooled else None
+            entries = [self.text.get(c) for c in captions]
+            conditioning = torch.stack([states for states, _ in entries]).to(device)
+            pooled = torch.stack([p for _, p in entries]).to(device) if self._pooled else None
         else:
             encoded = self._encode_text(captions)
             conditioning, pooled = encoded.states, encoded.pooled
@@ -207,10 +246,19 @@ class TrainingData:
             rows.append([height, width, top, left, bucket[1], bucket[0]])
         return torch.tensor(rows, dtype=torch.float32, device=self._base.device)
 
+    def _choose_latent_storage(self, latent: torch.Tensor, bucket: Bucket, orientations: int) -> None:
+        """Disk or memory for the latents, from one latent's bytes per pixel of its bucket."""
+        per_pixel = latent.nbytes / (bucket[0] * bucket[1])
+        estimate = per_pixel * orientations * sum(width * height for width, height in self.record_buckets)
+        self.latents_on_disk = wants_disk_cache(self._config.cache_latents_to_disk, int(estimate))
+        if self.latents_on_disk:
+            self._latent_cache_dir.mkdir(parents=True, exist_ok=True)
+
     def _latent_file(self, index: int, flip: bool) -> Path:
         return self._latent_cache_dir / f"{index:06d}{'_flip' if flip else ''}.pt"
 
     def _cached_latent(self, index: int, flip: bool) -> torch.Tensor:
         if (index, flip) in self._latents:
             return self._latents[(index, flip)]
-        return torch.load(self._latent_file(index, flip), weights_only=True).to(self._base.device)
+        # memory-mapped: the file's pages are read for this batch and not kept
+        return torch.load(self._latent_file(index, flip), weights_only=True, mmap=True).to(self._base.device)
