@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from server.processes import CREATE_TIME_SLACK_S, create_time
+from training.processes import CREATE_TIME_SLACK_S, create_time
 
 UPLOAD_PREFIX = ".upload-"
 STAGING_PREFIX = ".staging-"

@@ -35,7 +35,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from server import processes
+from training import processes
 from server.errors import WorkspaceStateError
 from server.names import checked_name
 from training.run_files import RunFiles

@@ -15,7 +15,7 @@ import pytest
 from conftest import fast_config
 from test_mcp_server import run_session
 
-from server import processes
+from training import processes
 from server.configs import ConfigService
 from server.datasets import DatasetService
 from server.errors import ServiceError, WorkspaceStateError

@@ -18,7 +18,7 @@ import psutil
 import pytest
 from conftest import fast_config
 
-from server import processes
+from training import processes
 from server.errors import ServiceError
 from server.jobs import JobRecord, JobService, JobStore
 from server.names import checked_name, is_safe_name, plain_filename_problem
@@ -28,7 +28,7 @@ from training.background_job import StopRequest
 from training.run_files import RunFiles
 
 ROOT = Path(__file__).resolve().parent.parent
-PLATFORM_MODULE = ROOT / "server" / "processes.py"
+PLATFORM_MODULE = ROOT / "training" / "processes.py"
 LINUX_ONLY = re.compile(r"os\.killpg|/proc\b|\bfcntl\b|os\.setsid|start_new_session|os\.p(read|write)\b")
 
 

@@ -162,6 +162,29 @@ class TrainingConfig(BaseModel):
     )
     batch_size: int = Field(1, ge=1, le=256, description="Images per micro-batch.")
     gradient_accumulation_steps: int = Field(1, ge=1, le=256, description="Micro-batches per optimizer step.")
+    num_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Training processes on each machine, one per GPU (data parallel through HF Accelerate): each "
+        "process trains on different images and only the LoRA's gradients are averaged between them. The global "
+        "batch is batch_size x num_processes x num_machines x gradient_accumulation_steps; steps still counts "
+        "optimizer steps. The server gives the job this many GPUs of its own.",
+    )
+    num_machines: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Machines the job spans (each runs `lora-train` with the same config and its own "
+        "--machine-rank, with --main-process-ip/--main-process-port naming machine 0). Only machine 0 writes "
+        "the run's files.",
+    )
+    scale_lr: bool = Field(
+        False,
+        description="Multiply learning_rate (and text_encoder_lr) by the number of processes in all "
+        "(num_processes x num_machines), so each image moves the LoRA about as much as on one process. Off by "
+        "default: the learning rate you give is the one used, however many processes there are.",
+    )
     learning_rate: float = Field(
         DEFAULT_LEARNING_RATE,
         gt=0.0,
@@ -431,8 +454,14 @@ class TrainingConfig(BaseModel):
         return not self.train_text_encoder and not self.shuffle_captions
 
     @property
+    def world_size(self) -> int:
+        """Training processes in all, over every machine."""
+        return self.num_processes * self.num_machines
+
+    @property
     def effective_batch_size(self) -> int:
-        return self.batch_size * self.gradient_accumulation_steps
+        """Images per optimizer step, over every process."""
+        return self.batch_size * self.gradient_accumulation_steps * self.world_size
 
     def warnings(self) -> list[str]:
         """Things that are allowed but probably not what the user meant."""

@@ -90,7 +90,7 @@ def memory_preset_patch(config: TrainingConfig, family: ModelFamily) -> dict:
     if family.hardware.quantized and config.quantize_base == "none":
         patch["quantize_base"] = "8bit"
     if config.batch_size > 1:
-        patch["gradient_accumulation_steps"] = min(256, config.effective_batch_size)
+        patch["gradient_accumulation_steps"] = min(256, config.batch_size * config.gradient_accumulation_steps)
     if config.mixed_precision == "no":
         patch["mixed_precision"] = family.memory_precision
     if "optimizer" in patch and config.optimizer == "prodigy":
@@ -109,6 +109,7 @@ def estimate_minutes(
         return None
     row = model_family(config, native_resolution, detected).hardware
     native = native_resolution or row.native
-    scale = steps / 1000 * config.effective_batch_size * pixel_ratio(config, native)
+    # Per process: the processes of a data-parallel run work side by side.
+    scale = steps / 1000 * config.batch_size * config.gradient_accumulation_steps * pixel_ratio(config, native)
     low, high = row.minutes_per_1k
     return low * scale, high * scale

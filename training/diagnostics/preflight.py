@@ -275,18 +275,19 @@ def training_time_estimate(evidence: RunEvidence) -> Finding | None:
     family = model_family(config, evidence.native_resolution, evidence.model_family)
     steps = config.steps or STEPS_PER_IMAGE * _images(evidence)
     low, high = family.hardware.minutes_per_1k
+    per_process = config.batch_size * config.gradient_accumulation_steps  # data-parallel processes run side by side
     return Finding(
         rule="time-estimate",
         severity="info",
         message=f"expect about {minutes[0]:.0f}-{minutes[1]:.0f} min for {steps} steps ({family.name}: "
-        f"the guide's {low:g}-{high:g} min per 1k steps, scaled to {config.effective_batch_size} image(s) per step "
+        f"the guide's {low:g}-{high:g} min per 1k steps, scaled to {per_process} image(s) per step "
         "and the training resolution).",
         evidence={
             "steps": steps,
             "family": family.name,
             "minutes": [round(minutes[0], 1), round(minutes[1], 1)],
             "guide_minutes_per_1k": [low, high],
-            "images_per_step": config.effective_batch_size,
+            "images_per_step": per_process,
         },
     )
 

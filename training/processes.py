@@ -3,7 +3,7 @@
 psutil answers the portable questions (does this pid still run our module, since when; its process
 tree). What differs between platforms is only how a child is detached from the server and whether a
 signal can ask it to stop: those two are the named branches below, and the only platform branches of
-the server (tests/test_portability.py keeps it that way). A graceful stop needs no signal anywhere:
+the server and the trainer (tests/test_portability.py keeps it that way). A graceful stop needs no signal anywhere:
 the server writes the run directory's `stop-request` file, which every child checks after each step;
 the signal is the fast path where one exists.
 """
