@@ -20,11 +20,11 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from server.errors import ServiceError, WorkspaceStateError
-from server.jobs import JobRecord
 from server.names import checked_name
 from server.paths import check_user_path
 from training.captioning import CaptionJob, CaptionRequest, captioner_for, write_captions
 from training.data.dataset import image_files
+from training.jobs.store import JobRecord
 from training.request_child import NO_CONSOLE_WINDOW
 from training.run_files import RunFiles
 from training.workspace import read_jsonl

@@ -16,12 +16,13 @@ from pydantic import BaseModel, Field
 
 from server.configs import ConfigService, check_dataset, check_model
 from server.errors import ServiceError, WorkspaceStateError
-from server.jobs import JobService, JobStatus, read_status
+from server.jobs import JobService, JobStatus
 from server.names import free_name
 from training.config import ConfigError, TrainingConfig
 from training.diagnostics import Finding, preflight_findings
 from training.diagnostics.checkpoints import CheckpointChoice, recommend_checkpoint
 from training.diagnostics.findings import SEVERITY_ORDER
+from training.jobs.queue import read_status
 from training.run_files import RunFiles
 
 if TYPE_CHECKING:

@@ -20,11 +20,11 @@ from pydantic import BaseModel
 
 from server.errors import ServiceError
 from server.inspection import model_geometry
-from server.jobs import JobRecord
 from server.lora_tools import lora_path
 from training.config import DEFAULT_MODEL
-from training.guide import SMALLEST_REAL_NATIVE  # smaller: a built-in test model, rendered inline
 from training.generation import GenerationRequest
+from training.guide import SMALLEST_REAL_NATIVE  # smaller: a built-in test model, rendered inline
+from training.jobs.store import JobRecord
 from training.request_child import NO_CONSOLE_WINDOW
 from training.run_files import RunFiles
 

@@ -1,103 +1,53 @@
-"""Background jobs: a durable queue in SQLite, each job a child process.
+"""Background jobs as the tools see them: start, stop, resume, delete and prune jobs, and their status.
 
 Three kinds of job share the table: `training` (a `lora-train` process), `captioning` (a
 `python -m training.captioning` process, for generate-captions on a long set) and `generation`
-(`python -m training.generation`, for generate-image with a real model). The job table
-(`state.db`) is the truth; nothing about a job lives only in memory. A job's progress is read
-from its run directory (status.json, train.log), which the child writes atomically. Training and
-generation share the GPU and run one at a time; a captioning job runs beside them (a dataset can be
-captioned while another trains). Later jobs wait as `queued` and start in order.
+(`python -m training.generation`, for generate-image with a real model). The table, the devices each job
+takes, the claim of queued jobs and their child processes are the queue's, in `training.jobs` (below the
+server: a child that ends starts the next queued job with no server running); this module keeps the
+rules of the calls and words their refusals. A job's progress is read from its run directory
+(status.json, train.log), which the child writes atomically.
 
-Each child runs detached in its own process group (`server.processes`, the same on Linux, macOS
-and Windows), with no stdin and its output in `process.log`, so it survives the server and a crash
-of either cannot take down the other. A stop writes the run directory's `stop-request` file (and
-signals the child where signals exist); the child finishes its step, saves and ends `stopped`.
-`refresh()` reconciles the table with the processes: it is called on start-up, by every read,
-and by the server's monitor loop.
+A stop writes the run directory's `stop-request` file (and signals the child where signals exist); the
+child finishes its step, saves and ends `stopped`. `refresh()` reconciles the table with the processes:
+it is called on start-up, by every read, and by the server's monitor loop.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import shutil
-import sqlite3
-import subprocess
 import sys
 import time
 from collections import deque
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from training import processes
-from server.errors import WorkspaceStateError
+from server.errors import ServiceError, WorkspaceStateError
 from server.names import checked_name
+from training import processes
+from training.jobs import cleanup
+from training.jobs.devices import captioning_devices, training_devices
+from training.jobs.queue import STOP_TIMEOUT_S, JobQueue, read_status
+from training.jobs.store import CPU, FINAL_STATES, JobKind, JobRecord, JobState, QueueError
 from training.run_files import RunFiles
 from training.workspace import atomic_write_text
 
-JobState = Literal["queued", "running", "completed", "failed", "stopped", "interrupted"]
-JobKind = Literal["training", "captioning", "generation"]
-# The child's module, by kind: how it is started, and how a pid is recognised as still being it.
-CHILD_MODULES: dict[str, str] = {
-    "training": "training.cli",
-    "captioning": "training.captioning",
-    "generation": "training.generation",
-}
-# Kinds that share a slot run one at a time: training and generation both want the GPU (an SDXL
-# pipeline in fp32 alone is ~14 GB), while captioning models are small and run beside training.
-SLOTS = {"training": "gpu", "generation": "gpu", "captioning": "captioning"}
-RESUME_FROM = {  # what resume-training does for an interrupted job of each kind
-    "training": "continues from its last checkpoint",
-    "captioning": "continues with the images not yet captioned",
-    "generation": "renders the images again",
-}
-FINAL_STATES = ("completed", "failed", "stopped", "interrupted")
 RESUMABLE_STATES = ("stopped", "interrupted", "failed")
-STARTUP_GRACE_S = 120.0  # a job marked running may take this long to show its pid (the spawn follows the commit)
-STOP_TIMEOUT_S = 60.0  # after a stop request the trainer finishes its step and saves; then it is killed
-HEARTBEAT_STALE_S = 60.0  # the trainer's status heartbeat comes every 2 s; a minute of silence means it is gone
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL DEFAULT 'training',
-    config_name TEXT NOT NULL,
-    state TEXT NOT NULL,
-    run_dir TEXT NOT NULL,
-    pid INTEGER,
-    pid_created_at REAL,
-    resume INTEGER NOT NULL DEFAULT 0,
-    stop_requested_at REAL,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    error TEXT
-)
-"""
+CANCELLED = "cancelled before it started (stopped while queued); resume-training queues it again"
 
 log = logging.getLogger("server")
 
 
-class JobRecord(BaseModel):
-    job_id: str
-    kind: JobKind = "training"
-    config_name: str  # the config trained, or the dataset captioned
-    state: JobState
-    run_dir: str
-    pid: int | None = None
-    pid_created_at: float | None = None  # the child's start time: with the pid, which process it is
-    resume: bool = False
-    stop_requested_at: float | None = None
-    created_at: float
-    started_at: float | None = None
-    finished_at: float | None = None
-    error: str | None = None
+class JobProcess(BaseModel):
+    rank: int = Field(description="The process's global rank (0 writes the run's files).")
+    pid: int
+    host: str | None = None
+    device: str | None = Field(None, description="'cuda:0', 'cpu', ...")
 
 
 class JobStatus(BaseModel):
@@ -125,147 +75,106 @@ class JobStatus(BaseModel):
     latest_samples: list[str] = Field(default_factory=list)
     lora_path: str | None = None
     error: str | None = None
+    devices: list[str] = Field(
+        default_factory=list,
+        description="While running, the GPUs the job holds (CUDA ids: its child sees only these), or ['cpu'] "
+        "where the machine has no GPU and the job holds the machine (every device for a job started by a version that "
+        "did not record them); empty when it holds none (queued, finished, "
+        "or a job that needs no device such as template captioning).",
+    )
+    processes: list[JobProcess] = Field(
+        default_factory=list,
+        description="The training processes of a running data-parallel job (num_processes > 1), by rank.",
+    )
     run_dir: str
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
 
 
-class JobStore:
-    """The job table. One short transaction per change; WAL so readers never wait for a writer."""
+class JobDeleted(BaseModel):
+    job_id: str
+    run_dir: str
+    run_dir_removed: bool = Field(
+        description="Whether the run directory was removed (false when the job's row named a folder outside the "
+        "workspace's runs/, which is left as it is)."
+    )
+    freed_bytes: int
+    note: str = "LoRAs exported outside the run directory (export-lora, another folder) are kept."
 
-    def __init__(self, path: Path):
-        self._path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with sqlite3.connect(path) as db:  # WAL is a property of the file: set once
-            db.execute("PRAGMA journal_mode=WAL")
-        with self.transaction() as db:
-            db.execute(_SCHEMA)
-            columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
-            if "kind" not in columns:  # a table from before captioning jobs: every row is a training job
-                db.execute("ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'training'")
-            if "pid_created_at" not in columns:  # a table from before create times: its pids are checked without
-                db.execute("ALTER TABLE jobs ADD COLUMN pid_created_at REAL")
 
-    @contextmanager
-    def transaction(self, *, write: bool = True):
-        """One transaction on a fresh connection (tools run in several threads). A writer takes
-        the write lock at BEGIN, so two servers never interleave a read-then-write."""
-        db = sqlite3.connect(self._path, timeout=10.0, isolation_level=None)
-        try:
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA busy_timeout=10000")
-            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        finally:
-            db.close()
+class PruneRequest(BaseModel):
+    """prune-runs: the space of finished jobs."""
 
-    def insert(self, record: JobRecord) -> None:
-        fields = record.model_dump()
-        with self.transaction() as db:
-            columns, marks = ", ".join(fields), ", ".join("?" for _ in fields)
-            db.execute(f"INSERT INTO jobs ({columns}) VALUES ({marks})", list(fields.values()))
+    job_id: str | None = Field(None, description="One finished job; default: every finished job.")
+    keep_checkpoints: int = Field(
+        1,
+        description="Newest checkpoints to keep in each run, at least 1 (the one diagnose-training recommends is "
+        "kept too).",
+    )
+    caches: bool = Field(True, description="Also delete the latent and text caches.")
+    dry_run: bool = Field(False, description="Only report what would be deleted and the sizes.")
 
-    def get(self, job_id: str) -> JobRecord | None:
-        with self.transaction(write=False) as db:
-            row = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        return JobRecord(**dict(row)) if row else None
 
-    def all(self) -> list[JobRecord]:
-        with self.transaction(write=False) as db:
-            rows = db.execute("SELECT * FROM jobs ORDER BY created_at, job_id").fetchall()
-        return [JobRecord(**dict(row)) for row in rows]
+class PrunedRun(BaseModel):
+    job_id: str
+    bytes_before: int
+    bytes_after: int
+    removed: list[str] = Field(description="What was removed (or, in a dry run, would be), relative to the run.")
 
-    def insert_unless_active(self, record: JobRecord) -> JobRecord | None:
-        """Insert `record` unless a queued or running job of its kind has its subject (config or
-        dataset): then that job is returned and nothing is inserted. The check and the insert are one
-        transaction, so two calls (or two servers) starting one config never both insert."""
-        fields = record.model_dump()
-        with self.transaction() as db:
-            row = db.execute(
-                "SELECT * FROM jobs WHERE kind = ? AND config_name = ? AND state IN ('queued', 'running') "
-                "ORDER BY created_at, job_id LIMIT 1",
-                (record.kind, record.config_name),
-            ).fetchone()
-            if row is not None:
-                return JobRecord(**dict(row))
-            columns, marks = ", ".join(fields), ", ".join("?" for _ in fields)
-            db.execute(f"INSERT INTO jobs ({columns}) VALUES ({marks})", list(fields.values()))
-        return None
 
-    def update(self, job_id: str, *, only_if: dict | None = None, **fields) -> bool:
-        """Set `fields`; with `only_if` ({column: value}), only while the row still has those values,
-        so a change decided on an older read cannot overwrite a newer one. Whether the row changed."""
-        expected = only_if or {}
-        condition = "".join(f" AND {key} IS ?" for key in expected)
-        with self.transaction() as db:
-            cursor = db.execute(
-                f"UPDATE jobs SET {', '.join(f'{key} = ?' for key in fields)} WHERE job_id = ?{condition}",
-                [*fields.values(), job_id, *expected.values()],
-            )
-            return cursor.rowcount > 0
-
-    def claim_next(self, kind: str) -> JobRecord | None:
-        """Mark the oldest queued job of `kind` running, if no job of its slot (SLOTS) is running: one
-        transaction, so two servers on one workspace never start two jobs."""
-        sharing = [other for other, slot in SLOTS.items() if slot == SLOTS[kind]]
-        marks = ", ".join("?" for _ in sharing)
-        with self.transaction() as db:
-            if db.execute(f"SELECT 1 FROM jobs WHERE state = 'running' AND kind IN ({marks})", sharing).fetchone():
-                return None
-            row = db.execute(
-                "SELECT * FROM jobs WHERE state = 'queued' AND kind = ? ORDER BY created_at, job_id LIMIT 1", (kind,)
-            ).fetchone()
-            if row is None:
-                return None
-            now = time.time()
-            db.execute(
-                "UPDATE jobs SET state = 'running', pid = NULL, pid_created_at = NULL, started_at = ?, "
-                "finished_at = NULL, error = NULL, stop_requested_at = NULL WHERE job_id = ?",
-                (now, row["job_id"]),
-            )
-        return JobRecord(
-            **{**dict(row), "state": "running", "started_at": now, "pid": None, "pid_created_at": None, "error": None}
-        )
+class PruneReport(BaseModel):
+    runs: list[PrunedRun]
+    bytes_before: int = Field(description="The pruned runs' size before, in all.")
+    bytes_after: int = Field(description="Their size after (in a dry run: what it would be).")
+    dry_run: bool
 
 
 class JobService:
     def __init__(self, workspace: Path, *, python: str = sys.executable, stop_timeout: float = STOP_TIMEOUT_S):
         self.workspace = workspace
-        self.store = JobStore(workspace / "state.db")
-        self._python = python
-        self._stop_timeout = stop_timeout
-        self._children: dict[int, subprocess.Popen] = {}  # only to reap our own children; the table is the truth
+        self.queue = JobQueue(workspace, python=python, stop_timeout=stop_timeout)
+        self.store = self.queue.store
 
     # --- commands ------------------------------------------------------------------------------
     def start(self, config_name: str, config_yaml: str) -> JobRecord:
         """Queue a training job for a config's YAML, as given (it is copied, so later edits do not change it).
         Front ends start saved configs through `TrainingService.start`, which validates them first."""
         checked_name("config", config_name)
-        return self._queue("training", config_name, config_name, "request.yaml", config_yaml)
+        try:
+            devices = training_devices(config_yaml, self.queue.machine)
+        except QueueError as exc:
+            raise ServiceError(str(exc)) from None
+        return self._queue("training", config_name, config_name, "request.yaml", config_yaml, devices)
 
     def start_captioning(self, dataset_label: str, request_json: str) -> JobRecord:
         """Queue a captioning job: `request_json` is a training.captioning.CaptionJob."""
         checked_name("dataset", dataset_label)
-        return self._queue("captioning", dataset_label, f"captions-{dataset_label}", "request.json", request_json)
+        devices = captioning_devices(json.loads(request_json)["caption_model"])
+        return self._queue(
+            "captioning", dataset_label, f"captions-{dataset_label}", "request.json", request_json, devices
+        )
 
     def start_generation(self, label: str, request_json: str) -> JobRecord:
         """Queue an image generation job: `request_json` is a training.generation.GenerationRequest."""
         checked_name("job", label)
-        return self._queue("generation", label, f"images-{label}", "request.json", request_json)
+        return self._queue("generation", label, f"images-{label}", "request.json", request_json, 1)
 
-    def _queue(self, kind: JobKind, subject: str, prefix: str, request_name: str, request: str) -> JobRecord:
+    def _queue(
+        self, kind: JobKind, subject: str, prefix: str, request_name: str, request: str, devices: int
+    ) -> JobRecord:
         job_id = f"{prefix}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
         run_dir = self.workspace / "runs" / job_id
         run_dir.mkdir(parents=True)
         atomic_write_text(run_dir / request_name, request)  # before the row: a job claimed at once finds it
         record = JobRecord(
-            job_id=job_id, kind=kind, config_name=subject, state="queued", run_dir=str(run_dir), created_at=time.time()
+            job_id=job_id,
+            kind=kind,
+            config_name=subject,
+            state="queued",
+            run_dir=str(run_dir),
+            created_at=time.time(),
+            devices_wanted=devices,
         )
         active = self.store.insert_unless_active(record)
         if active is not None:
@@ -281,7 +190,8 @@ class JobService:
     def stop(self, job_id: str) -> JobRecord:
         record = self._record(job_id)
         if record.state == "queued":
-            if not self.store.update(job_id, only_if={"state": "queued"}, state="stopped", finished_at=time.time()):
+            cancelled = {"state": "stopped", "finished_at": time.time(), "error": CANCELLED}
+            if not self.store.update(job_id, only_if={"state": "queued"}, **cancelled):
                 return self.stop(job_id)  # started (or stopped) since it was read: stop it as it is now
         elif record.state == "running":
             try:
@@ -301,8 +211,17 @@ class JobService:
             raise WorkspaceStateError(
                 f"job {job_id} is {record.state}; only a stopped, interrupted or failed job can be resumed"
             )
-        RunFiles(Path(record.run_dir)).clear_stop_request()  # left by a stop the child never read
+        run_dir = Path(record.run_dir)
         fields = {"state": "queued", "resume": 1, "error": None, "finished_at": None, "stop_requested_at": None}
+        if record.kind == "training":  # the run's config may have been given another num_processes since
+            config = run_dir / "config.yaml" if (run_dir / "config.yaml").is_file() else run_dir / "request.yaml"
+            try:
+                fields["devices_wanted"] = training_devices(config.read_text(encoding="utf-8"), self.queue.machine)
+            except QueueError as exc:
+                raise ServiceError(str(exc)) from None
+            except OSError:
+                pass  # no config left: the trainer's resume says what is missing
+        RunFiles(run_dir).clear_stop_request()  # left by a stop the child never read
         if not self.store.update(job_id, only_if={"state": record.state}, **fields):
             return self.resume(job_id)  # resumed by another call meanwhile: say what it is now
         self.refresh()
@@ -341,95 +260,62 @@ class JobService:
                     text.append(f"== {name} ==\n" + "".join(deque(f, maxlen=lines)))
         return "\n".join(text) if text else f"job {job_id} has written no log yet ({record.state})"
 
+    # --- space ---------------------------------------------------------------------------------
+    def delete(self, job_id: str) -> JobDeleted:
+        """Delete a finished job: its row and its run directory (checkpoints, samples, the LoRA in it).
+        A LoRA exported elsewhere (export-lora, a folder the user chose) is not in the run directory and stays."""
+        record = self._finished(job_id, "deleted")
+        run_dir = Path(record.run_dir)
+        owned = self._owns(run_dir)
+        freed = cleanup.size_of(run_dir) if owned else 0
+        if not self.store.delete(job_id):
+            return self.delete(job_id)  # resumed or deleted since it was read: say what it is now
+        if owned:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        return JobDeleted(job_id=job_id, run_dir=record.run_dir, run_dir_removed=owned, freed_bytes=freed)
+
+    def prune(self, request: PruneRequest) -> PruneReport:
+        """Free the space of finished jobs (`job_id`, or every finished job): old checkpoints, and with
+        `caches` the latent and text caches. A queued or running job is never touched."""
+        if request.keep_checkpoints < 1:
+            raise ServiceError(
+                "keep_checkpoints must be at least 1: the newest checkpoint is what resume-training continues a "
+                "stopped job from. To remove a finished job with every checkpoint, use delete-job"
+            )
+        records = (
+            [self._finished(request.job_id, "pruned")]
+            if request.job_id
+            else [r for r in self.store.all() if r.state in FINAL_STATES]
+        )
+        runs = []
+        for record in records:
+            run_dir = Path(record.run_dir)
+            if not run_dir.is_dir():
+                continue
+            removed = cleanup.prunable(run_dir, keep_checkpoints=request.keep_checkpoints, caches=request.caches)
+            before = cleanup.size_of(run_dir)
+            freed = sum(cleanup.size_of(path) for path in removed)
+            if not request.dry_run:
+                cleanup.remove(removed)
+            runs.append(
+                PrunedRun(
+                    job_id=record.job_id,
+                    bytes_before=before,
+                    bytes_after=before - freed,
+                    removed=[str(path.relative_to(run_dir)) for path in removed],
+                )
+            )
+        return PruneReport(
+            runs=runs,
+            bytes_before=sum(run.bytes_before for run in runs),
+            bytes_after=sum(run.bytes_after for run in runs),
+            dry_run=request.dry_run,
+        )
+
     # --- reconciliation --------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Bring running jobs' states up to date with their processes, then start the next
-        queued job if none is running."""
-        records = self.store.all()
-        for record in records:
-            if record.state == "running":
-                self._reconcile(record)
-        # Claiming is a write transaction per kind (1.3 ms of a 2.2 ms status call): only when a job waits. One
-        # queued after this read is claimed by the refresh of the call that queued it.
-        queued = {record.kind for record in records if record.state == "queued"}
-        for kind in CHILD_MODULES:
-            while kind in queued and (claimed := self.store.claim_next(kind)) is not None:
-                if self._spawn(claimed):
-                    break
-
-    def _reconcile(self, record: JobRecord) -> None:
-        # Several calls (threads, servers) reconcile at once, each from its own read of the row: a
-        # final state is written only while the row is still that run (running, same start time), so
-        # a reconcile from an older read never ends a job that was resumed and started again since.
-        this_run = {"state": "running", "started_at": record.started_at}
-        status = read_status(Path(record.run_dir))
-        alive = self._alive(record, status)
-        final = status.get("state") if status.get("state") in ("completed", "failed", "stopped") else None
-        if final and not alive:
-            self.store.update(
-                record.job_id, only_if=this_run, state=final, finished_at=time.time(), error=status.get("error")
-            )
-        elif alive:
-            if record.stop_requested_at and time.time() - record.stop_requested_at > self._stop_timeout:
-                processes.kill_tree(record.pid)
-        elif record.pid is None and time.time() - (record.started_at or 0) < STARTUP_GRACE_S:
-            pass  # being spawned right now (by this or another server)
-        elif record.stop_requested_at:
-            self.store.update(record.job_id, only_if=this_run, state="stopped", finished_at=time.time())
-        else:
-            reason = status.get("error") or _last_line(Path(record.run_dir) / "process.log")
-            self.store.update(
-                record.job_id,
-                only_if=this_run,
-                state="interrupted",
-                finished_at=time.time(),
-                error=f"the {record.kind} process ended without a final state ({reason or 'no output'}); "
-                f"resume-training {RESUME_FROM[record.kind]}",
-            )
-
-    def _spawn(self, record: JobRecord) -> bool:
-        run_dir = Path(record.run_dir)
-        if record.kind != "training":
-            args = [str(run_dir)]  # captioning continues with the images not yet captioned
-        elif record.resume:
-            args = ["--resume", str(run_dir), "--quiet"]
-        else:
-            args = [str(run_dir / "request.yaml"), "--run-dir", str(run_dir), "--quiet"]
-        try:
-            with open(run_dir / "process.log", "ab") as log:
-                process = subprocess.Popen(
-                    [self._python, "-m", CHILD_MODULES[record.kind], *args],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=self.workspace,
-                    env={**os.environ, "LORA_MCP_HOME": str(self.workspace)},
-                    **processes.detached_options(),
-                )
-        except OSError as exc:
-            self.store.update(record.job_id, state="failed", finished_at=time.time(), error=f"could not start: {exc}")
-            return False
-        self._children[process.pid] = process
-        self.store.update(record.job_id, pid=process.pid, pid_created_at=processes.create_time(process.pid))
-        return True
-
-    def _alive(self, record: JobRecord, status: dict) -> bool:
-        """Our own child: its exit status says. Another server's (or a previous server's) child:
-        the pid must exist, still run the job's module and have started when the child did (pids are
-        reused, e.g. after a reboot), and its heartbeat must be recent."""
-        pid = record.pid
-        if pid is None:
-            return False
-        child = self._children.get(pid)
-        if child is not None:
-            if child.poll() is None:
-                return True
-            self._children.pop(pid, None)  # reaped (another thread's refresh may have been first)
-            return False
-        if not processes.runs_module(pid, CHILD_MODULES[record.kind], record.pid_created_at):
-            return False
-        heartbeat = status.get("heartbeat")
-        return heartbeat is None or time.time() - heartbeat < HEARTBEAT_STALE_S
+        """Bring running jobs' states up to date with their processes, then start the queued jobs that fit."""
+        self.queue.refresh()
 
     # --- helpers -------------------------------------------------------------------------------
     def _record(self, job_id: str) -> JobRecord:
@@ -438,6 +324,22 @@ class JobService:
         if record is None:
             raise WorkspaceStateError(f"no job {job_id!r}; list-training-jobs shows the jobs there are")
         return record
+
+    def _finished(self, job_id: str, done: str) -> JobRecord:
+        self.refresh()  # a job whose process has just ended is finished, not running
+        record = self._record(job_id)
+        if record.state not in FINAL_STATES:
+            raise WorkspaceStateError(
+                f"job {job_id} is {record.state}; only a finished job (completed, failed, stopped, interrupted) is "
+                f"{done}: stop-training it first"
+            )
+        return record
+
+    def _owns(self, run_dir: Path) -> bool:
+        """Whether `run_dir` is a job's own folder under the workspace's runs/ (a row from an old table may name
+        another folder, which a delete must not remove)."""
+        runs = (self.workspace / "runs").resolve()
+        return run_dir.resolve().parent == runs and run_dir.is_dir()
 
     def _status(self, record: JobRecord) -> JobStatus:
         status = read_status(Path(record.run_dir)) if record.state != "queued" or record.resume else {}
@@ -460,24 +362,10 @@ class JobService:
             latest_samples=status.get("latest_samples") or [],
             lora_path=status.get("lora_path"),
             error=record.error or status.get("error"),
+            devices=record.held_devices(self.queue.machine or [CPU]),
+            processes=(status.get("processes") or []) if record.state == "running" else [],
             run_dir=record.run_dir,
             created_at=record.created_at,
             started_at=record.started_at,
             finished_at=record.finished_at,
         )
-
-
-def read_status(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "status.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _last_line(path: Path) -> str | None:
-    try:
-        with path.open(encoding="utf-8", errors="replace") as f:
-            lines = [line.strip() for line in deque(f, maxlen=20) if line.strip()]
-    except OSError:
-        return None
-    return lines[-1][:300] if lines else None

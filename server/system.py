@@ -12,6 +12,13 @@ import pynvml
 from pydantic import BaseModel, Field
 
 from server.jobs import JobStatus
+from training.jobs.devices import machine_devices
+from training.jobs.store import CPU
+
+
+class DeviceUse(BaseModel):
+    device: str = Field(description="A GPU id as CUDA names it, or 'cpu' on a machine without GPUs.")
+    job_id: str | None = Field(None, description="The running job that holds it; null when it is free.")
 
 
 class SystemStats(BaseModel):
@@ -30,11 +37,16 @@ class SystemStats(BaseModel):
     cpu_count: int
     running_jobs: int
     queued_jobs: int
+    devices: list[DeviceUse] = Field(
+        description="The devices jobs are given (LORA_MCP_GPUS, else CUDA_VISIBLE_DEVICES, else every NVIDIA GPU; "
+        "'cpu' without GPUs, where one device-taking job runs at a time) and which job holds each."
+    )
 
 
 def system_stats(workspace: Path, jobs: list[JobStatus]) -> SystemStats:
     memory = psutil.virtual_memory()  # the RAM on every platform
     gpu_name, total, free = _nvidia_gpu() or _apple_gpu(memory.total) or (None, None, None)
+    holders = {device: job.job_id for job in jobs if job.state == "running" for device in job.devices}
     return SystemStats(
         gpu_name=gpu_name,
         gpu_memory_total_gb=total,
@@ -45,6 +57,7 @@ def system_stats(workspace: Path, jobs: list[JobStatus]) -> SystemStats:
         cpu_count=os.cpu_count() or 1,
         running_jobs=sum(1 for job in jobs if job.state == "running"),
         queued_jobs=sum(1 for job in jobs if job.state == "queued"),
+        devices=[DeviceUse(device=device, job_id=holders.get(device)) for device in machine_devices() or [CPU]],
     )
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from server.captions import INLINE_MODEL_IMAGES, caption_job_started, plan_captions, runs_in_background
-from server.jobs import JobRecord, JobService
+from server.jobs import JobService
 from training.captioning import BATCH, CaptionJob, run_caption_job
 from training.data.synthetic import make_shape_dataset
+from training.jobs.store import JobRecord
 
 
 def uncaptioned(folder: Path, count: int) -> Path:

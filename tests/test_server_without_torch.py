@@ -155,6 +155,8 @@ async def job_tools(call: ToolCalls) -> list[str]:
     await call("get-training-samples", {"job_id": first})
     await call("diagnose-training", {"job_id": first})
     await call("compare-training-runs", {"job_ids": [first, second]})
+    await call("prune-runs", {"dry_run": True})  # reads the runs' evidence to keep the recommended checkpoint
+    await call("delete-job", {"job_id": second})
     return [first, second]
 
 

@@ -11,8 +11,9 @@ import pytest
 
 from server.configs import ConfigService
 from server.errors import ServiceError
-from server.jobs import JobRecord, JobService
+from server.jobs import JobService
 from server.training_runs import TrainingService
+from training.jobs.store import JobRecord
 
 
 @pytest.fixture

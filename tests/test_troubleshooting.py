@@ -17,9 +17,10 @@ from conftest import fast_config
 from server.configs import ConfigService
 from server.diagnostics import apply_fix, compare_runs, diagnose
 from server.errors import ServiceError
-from server.jobs import JobRecord, JobService
+from server.jobs import JobService
 from training.diagnostics.checkpoints import recommend_checkpoint
 from training.diagnostics.evidence import RunEvidence, SampleRow, ValidationRow
+from training.jobs.store import JobRecord
 from training.run_files import RunFiles
 from training.sampling import control_prompt
 from training.trainer import run_training

@@ -15,7 +15,6 @@ A long request runs as a background job: `python -m training.generation RUN_DIR`
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -259,4 +258,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from training.jobs.queue import exit_as_job
+
+    exit_as_job(main)  # a job the queue started ends its row and starts the next queued job, server or not

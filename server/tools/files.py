@@ -89,8 +89,8 @@ class FileTools:
 
     @tool(
         "get-system-stats",
-        "GPU name and memory (when torch sees one), RAM, free disk in the workspace, and how many "
-        "jobs are running and queued.",
+        "GPU name and memory (when torch sees one), RAM, free disk in the workspace, how many "
+        "jobs are running and queued, and the devices jobs get with the job that holds each.",
         READ_ONLY,
     )
     def get_system_stats(self) -> SystemStats:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from server.configs import ConfigSummary, ValidationReport
 from server.images import loss_curve_png, thumbnail_png
-from server.jobs import JobStatus
+from server.jobs import JobDeleted, JobStatus, PruneReport, PruneRequest
 from server.tools import READ_ONLY, Deleted, Services, add_tools, resource, tool
 from server.tools.arguments import request_parameters
 from training.config import TrainingConfig
@@ -156,7 +156,8 @@ class JobTools:
     @tool(
         "stop-training",
         "Stop a job gracefully: it finishes its step, saves a checkpoint and ends as 'stopped' "
-        "(killed if it has not ended after 60 s). resume-training continues it later.",
+        "(killed if it has not ended after 60 s). A queued job is cancelled before it starts (it ends 'stopped' "
+        "and its error says so). resume-training continues (or queues) it later.",
         ToolAnnotations(destructiveHint=False, idempotentHint=False),
     )
     def stop_training(self, job_id: str = Field(description=ANY_JOB_ID)) -> JobStatus:
@@ -167,6 +168,28 @@ class JobTools:
     def resume_training(self, job_id: str = Field(description=ANY_JOB_ID)) -> JobStatus:
         self.call(self.jobs.resume, job_id)
         return self.call(self.jobs.status, job_id)
+
+    @tool(
+        "delete-job",
+        "Delete a finished job (completed, failed, stopped or interrupted): its entry and its run directory "
+        "(checkpoints, samples, the LoRA inside it). LoRAs exported outside the run directory are kept. A queued "
+        "or running job is refused: stop-training it first.",
+        ToolAnnotations(destructiveHint=True, idempotentHint=False),
+    )
+    def delete_job(self, job_id: str = Field(description=ANY_JOB_ID)) -> JobDeleted:
+        return self.call(self.jobs.delete, job_id)
+
+    @tool(
+        "prune-runs",
+        "Free disk space of finished jobs: delete old checkpoints (keeping the newest keep_checkpoints and the "
+        "one diagnose-training recommends) and the latent and text caches. The LoRA, samples and metrics stay. "
+        "Reports each run's size before and after. Queued and running jobs are never touched; a stopped job "
+        "still resumes from its newest checkpoint.",
+        ToolAnnotations(destructiveHint=True, idempotentHint=True),
+        request=PruneRequest,
+    )
+    def prune_runs(self, request: PruneRequest) -> PruneReport:
+        return self.call(self.jobs.prune, request)
 
     @tool("list-training-jobs", "Every job with its state and progress.", READ_ONLY)
     def list_training_jobs(self) -> JobList:
