@@ -18,13 +18,14 @@ import psutil
 import pytest
 from conftest import fast_config
 
-from training import processes
 from server.errors import ServiceError
-from server.jobs import JobRecord, JobService, JobStore
+from server.jobs import JobService
 from server.names import checked_name, is_safe_name, plain_filename_problem
 from server.paths import allowed_dirs, is_within, looks_like_path, path_from_file_uri
 from server.upload_store import UploadStore
+from training import processes
 from training.background_job import StopRequest
+from training.jobs.store import JobRecord, JobStore
 from training.run_files import RunFiles
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -294,11 +295,11 @@ def test_the_signal_after_a_stop_file_is_a_first_stop_not_a_second(tmp_path):
 
     from training.trainer import _install_stop_handlers, _restore_handlers
 
-    trainer = SimpleNamespace(stop_requested=True)  # as _notice_stop_request leaves it after reading the file
+    trainer = SimpleNamespace(_stop_wanted=True)  # as _notice_stop_request leaves it after reading the file
     previous = _install_stop_handlers(trainer)
     try:
-        os.kill(os.getpid(), signal.SIGTERM)  # the server's fast path, right after the file
-        assert trainer.stop_requested
+        os.kill(os.getpid(), signal.SIGTERM)  # the server's fast path, right after the file: no interrupt
+        assert trainer._stop_wanted
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)  # a second signal: interrupt at once
     finally:

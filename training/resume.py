@@ -4,21 +4,29 @@ run's LoRA as the starting point of a new run)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from training.lora import LoraFileError
+from training.lora import LoraFileError, load_lora_weights_into, read_lora_file
+from training.placement import device_rng_state, restore_device_rng
 from training.run_files import RunFiles
 from training.workspace import atomic_write_text, loras_dir, runs_dir
 
+if TYPE_CHECKING:
+    from training.trainer import Trainer
 
-def read_checkpoint_state(folder: Path) -> tuple[Path, dict]:
+log = logging.getLogger("training")
+
+
+def read_checkpoint_state(folder: Path, map_location: str | None = None) -> tuple[Path, dict]:
     """The LoRA file and training state of a checkpoint folder."""
     loras = sorted(folder.glob("*.safetensors"))
     if len(loras) != 1 or not (folder / "training_state.pt").is_file():
         raise LoraFileError(f"checkpoint {folder} is incomplete (needs one .safetensors and training_state.pt)")
-    return loras[0], torch.load(folder / "training_state.pt", weights_only=True)
+    return loras[0], torch.load(folder / "training_state.pt", map_location=map_location, weights_only=True)
 
 
 def find_resume_lora(resume_from: str) -> Path:
@@ -82,3 +90,56 @@ def truncate_after(files: RunFiles, step: int) -> None:
             if row.get("step", 0) <= step:
                 kept.append(line)
         atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def training_state(trainer: Trainer) -> dict:
+    """What a checkpoint's training_state.pt holds besides the LoRA: everything an exact resume needs."""
+    return {
+        "step": trainer.step,
+        "data": trainer.data.state(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "lr_scheduler": trainer.lr_scheduler.state_dict(),
+        "scaler": trainer.placement.scaler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        **device_rng_state(trainer.device),
+        "noise_rng": trainer.noise_generator.get_state(),
+        "loss_ema": trainer.loss_ema,
+    }
+
+
+def restore_latest_checkpoint(trainer: Trainer) -> None:
+    """The state of the run directory's latest checkpoint, into `trainer` (after its setup). With several
+    processes the main one reads it and sends it to all: the other machines' run directories hold no checkpoint."""
+    found = _latest_checkpoint(trainer) if trainer.dist.is_main else None
+    folder, lora, state = trainer.dist.broadcast(found) or (trainer.files.dir, None, None)
+    if state is None:
+        log.info("no checkpoint in %s yet: starting from step 0", folder)
+        if trainer.dist.is_main:
+            truncate_after(trainer.files, -1)
+        return
+    state = trainer.dist.own_state(state)
+    load_lora_weights_into(lora, trainer.base.lora_models)
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    trainer.placement.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    restore_device_rng(trainer.device, state)
+    trainer.noise_generator.set_state(state["noise_rng"])
+    trainer.data.restore(state["data"])
+    trainer.step = state["step"]
+    trainer.loss_ema = state["loss_ema"]
+    if trainer.dist.is_main:  # the run's files are the main process's
+        truncate_after(trainer.files, trainer.step)
+    trainer.status.update(step=trainer.step, last_checkpoint=str(folder))
+    log.info("resumed from %s at step %d", folder, trainer.step)
+
+
+def _latest_checkpoint(trainer: Trainer) -> tuple[Path, dict, dict] | None:
+    """The latest checkpoint's folder, LoRA weights and training state (on the CPU, so that it can be sent to
+    the other processes); None when there is none."""
+    checkpoints = trainer.files.list_checkpoints()
+    if not checkpoints:
+        return None
+    folder = checkpoints[-1][1]
+    lora_file, state = read_checkpoint_state(folder, map_location="cpu" if trainer.dist.multi else None)
+    return folder, read_lora_file(lora_file, trainer.base.lora_models), state

@@ -24,6 +24,10 @@ HEARTBEAT_SECONDS = 2.0  # status.json is rewritten at least this often while th
 _CHECKPOINT_DIR = re.compile(r"^step(\d{6,})$")
 
 
+class RunAlreadyExists(RuntimeError):
+    pass
+
+
 def default_run_dir(name: str) -> Path:
     return runs_dir() / f"{name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
 
@@ -72,6 +76,13 @@ class RunFiles:
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
                     removed.append(entry)
         return removed
+
+    def check_new(self, resume: bool) -> None:
+        """A new run must not write into a directory where one has started."""
+        if not resume and (self.status.exists() or self.list_checkpoints()):
+            raise RunAlreadyExists(
+                f"{self.dir} already holds a run: continue it with --resume, or choose another --run-dir"
+            )
 
     def lora(self, name: str) -> Path:
         return self.dir / f"{name}.safetensors"
@@ -164,3 +175,15 @@ class StatusWriter:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             self.write()
+
+
+def end_status(path: Path, state: RunState, **fields: Any) -> None:
+    """Mark a run ended from outside its training process (the data-parallel wrapper, after its workers are
+    gone): the last status the main process wrote, or a new one, with `state` and `fields`."""
+    try:
+        status = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        status = {"step": 0, "pid": os.getpid(), "started_at": time.time()}
+    now = time.time()
+    status.update(state=state, heartbeat=now, updated_at=now, **fields)
+    atomic_write_json(path, status)

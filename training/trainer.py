@@ -25,17 +25,19 @@ from tqdm import tqdm
 from training.config import ConfigError, TrainingConfig
 from training.data.dataset import DatasetError, class_image_records, hold_out, locate_dataset, scan_dataset
 from training.data.loader import Batch, TrainingData
+from training.distributed import Distributed, PeerLost
 from training.export import export_lora
 from training.lora import LoraFileError, attach_lora, load_lora_weights_into, lora_components, read_lora_file
 from training.families.flux import QuantizationUnavailable
 from training.models.loading import device_memory_gb, load_base_model, pick_device
 from training.models.source import ModelNotFoundError, resolve_model
 from training.optimizers import OptimizerUnavailable, build_lr_scheduler, build_optimizer
-from training.placement import Placement, device_rng_state, restore_device_rng, text_encoders_stay_on_cpu
+from training.placement import Placement, text_encoders_stay_on_cpu
 from training.prior import ensure_class_images
-from training.resume import find_resume_lora, read_checkpoint_state, truncate_after
+from training.resume import find_resume_lora, restore_latest_checkpoint, training_state
 from training.run_evidence import EvidenceRecorder, SampleStatistics
-from training.run_files import RunFiles, StatusWriter, default_run_dir
+from training.run_summary import describe_run
+from training.run_files import RunAlreadyExists, RunFiles, StatusWriter, default_run_dir
 from training.sampling import render_samples
 from training.validation import ValidationSet
 from training.workspace import DIR_MODE, atomic_output, atomic_write_text, datasets_dir
@@ -56,10 +58,6 @@ EXPECTED_ERRORS = (
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
-
-
-class RunAlreadyExists(RuntimeError):
     pass
 
 
@@ -90,17 +88,25 @@ def _smoothed(average: float | None, value: float) -> float:
 
 class Trainer:
     def __init__(
-        self, config: TrainingConfig, run_dir: Path | None = None, *, resume: bool = False, progress: bool = False
+        self,
+        config: TrainingConfig,
+        run_dir: Path | None = None,
+        *,
+        resume: bool = False,
+        progress: bool = False,
+        dist: Distributed | None = None,
     ):
         self.config = config
+        self.dist = dist or Distributed.single()  # only the main process writes the run's files
         self.files = RunFiles(run_dir or default_run_dir(config.name))
         self.resume = resume
         self.progress = progress
-        self.stop_requested = False
+        self.stop_requested = False  # agreed by every process: only this ends the loop and decides finish()
+        self._stop_wanted = False  # this process's own wish (signal, stop file, auto_stop_on), not yet agreed
         self.step = 0
         self.started_at = time.time()
         self.status = StatusWriter(self.files.status)
-        self._loss_ema: float | None = None
+        self.loss_ema: float | None = None
         self._step_time_ema: float | None = None
 
     def setup(self) -> None:
@@ -113,9 +119,11 @@ class Trainer:
         6. a checkpoint's state last, since it overwrites adapters, optimizer, schedule and RNG.
         """
         self._open_run_directory()
-        self.device = pick_device()
+        self.device = self.dist.device or pick_device()
         self.device_memory_gb = device_memory_gb(self.device)  # also for the diagnostics' VRAM check
         self.status.update(device=self.device.type, device_memory_gb=self.device_memory_gb)
+        if self.dist.multi:
+            self.status.update(processes=self.dist.processes(self.device))
         config = self.config
         source = resolve_model(config.model_name, config.base_model_config)
         self.base = load_base_model(
@@ -141,16 +149,17 @@ class Trainer:
             native_resolution=self.base.native_resolution, num_images=self.dataset.num_images, family=self.base.family
         )
         self._check_against_model()
-        atomic_write_text(self.files.config, config.to_yaml())
+        self._write_config()
         self.status.update(total_steps=config.steps)
-        for warning in warnings:
+        for warning in warnings if self.dist.is_main else ():
             log.warning("%s", warning)
 
         self.placement = Placement(self.base, config, self.device)
         records = list(self.dataset.images)
         if config.prior_preservation:
             class_dir = Path(config.class_data_dir) if config.class_data_dir else self.files.dir / "class_images"
-            class_images = ensure_class_images(self.base, self.placement, config, class_dir)
+            with self.dist.local_main_first():  # it renders the machine's class images, the others find them
+                class_images = ensure_class_images(self.base, self.placement, config, class_dir)
             repeats = max(1, round(self.dataset.num_samples / max(1, len(class_images))))
             records += class_image_records(
                 class_images, config.class_prompt, repeats=repeats, loss_weight=config.prior_loss_weight
@@ -173,10 +182,12 @@ class Trainer:
                 log.info("%s", note)
         self.placement.enable_memory_savers()
 
-        self.data = TrainingData(records, self.base, config, self.files.latent_cache, self.files.text_cache)
+        self.data = TrainingData(records, self.base, config, self.files.latent_cache, self.files.text_cache, self.dist)
         self.config = config = config.model_copy(update=self.data.build_caches(lambda p: self.status.update(phase=p)))
-        atomic_write_text(self.files.config, config.to_yaml())  # now with where each cache went
-        validation = ValidationSet(self.dataset.validation, self.base, config) if self.dataset.validation else None
+        self._write_config()  # now with where each cache went
+        self.validation = validation = (
+            ValidationSet(self.dataset.validation, self.base, config, self.dist) if self.dataset.validation else None
+        )
         if validation is not None:
             validation.prepare()
         self.placement.offload_encoders()
@@ -198,9 +209,13 @@ class Trainer:
         self.noise_generator = torch.Generator(self.device).manual_seed(config.seed)
         self.trainable = [p for group in self.params for p in group["params"]]
         if self.resume:
-            self._restore_latest_checkpoint()
-        for line in self.describe():
+            restore_latest_checkpoint(self)
+        for line in describe_run(self) if self.dist.is_main else ():
             log.info("%s", line)
+
+    def _write_config(self) -> None:
+        if self.dist.is_local_main:  # every machine's, so that `--resume` works there too
+            atomic_write_text(self.files.config, self.config.to_yaml())
 
     # ------------------------------------------------------------------------------------------
     def train(self) -> None:
@@ -218,7 +233,8 @@ class Trainer:
         bar = tqdm(total=steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         while self.step < steps and not self.stop_requested:
             record = self._optimizer_step()
-            self._record_step(record, bar)
+            if self.dist.is_main:
+                self._record_step(record, bar)
             if self.evidence.due(self.step):
                 self._validate()
             if self._samples_due():
@@ -227,7 +243,6 @@ class Trainer:
                 self.save_checkpoint()
             if self.evidence.due(self.step):
                 self._stop_when_asked()
-            self._notice_stop_request()
         bar.close()
 
     def _train_mode(self) -> None:
@@ -248,10 +263,16 @@ class Trainer:
             batch = self.data.next_batch()
             files += batch.files
             with self.placement.autocast():
-                loss = self._loss(batch) / accumulation  # forward + loss
+                loss = self._loss(batch)  # forward + loss
+            if loss is None:  # no samples for this process in this micro-batch
+                continue
+            loss = loss / accumulation
             self.placement.scaler.scale(loss).backward()
             loss_sum += loss.detach()
-        loss_value = loss_sum.item()  # one device sync per step
+        # one device sync per step; with several processes, one all-reduce of the LoRA's gradients and loss,
+        # before unscale_: an fp16 overflow on one process makes every process skip the step
+        # that all-reduce also carries the stop wish of each process, so all stop after the same step
+        loss_value, self.stop_requested = self.dist.sum_gradients(self.trainable, loss_sum, self._wants_stop())
         if not math.isfinite(loss_value):
             raise NonFiniteLoss(self._non_finite_message(loss_value, files))
         self.placement.scaler.unscale_(self.optimizer)
@@ -263,38 +284,49 @@ class Trainer:
         self.step += 1
         return StepRecord(loss_value, float(grad_norm), lr, time.perf_counter() - started, files)
 
-    def _loss(self, batch: Batch) -> torch.Tensor:
+    def _loss(self, batch: Batch) -> torch.Tensor | None:
         """The denoising loss of one micro-batch: noise the latents at random noise levels and score
-        the denoiser's prediction of what the family's objective asks (noise, velocity or flow)."""
+        the denoiser's prediction of what the family's objective asks (noise, velocity or flow). With
+        several processes, the noise and levels are drawn for the global batch (the generator is the same
+        on every process) and sliced, as one process with the whole batch would draw them; the loss is then
+        this process's share of the global batch's mean (None when it has no samples)."""
         config, objective = self.config, self.objective
         latents = batch.latents  # (B, C, h, w)
-        noise = torch.randn(latents.shape, generator=self.noise_generator, device=self.device)
+        total = batch.global_size or latents.shape[0]
+        shape = (total, *latents.shape[1:])
+        noise = torch.randn(shape, generator=self.noise_generator, device=self.device)
         if config.noise_offset:
             # A per-image, per-channel shift teaches the model to change overall brightness.
-            offset = torch.randn(
-                (latents.shape[0], latents.shape[1], 1, 1), generator=self.noise_generator, device=self.device
-            )
+            offset = torch.randn((total, shape[1], 1, 1), generator=self.noise_generator, device=self.device)
             noise = noise + config.noise_offset * offset
-        levels = objective.sample_levels(latents, self.noise_generator)
+        levels = objective.sample_levels(noise, self.noise_generator)  # it reads only the shape and device
+        if batch.global_size is not None:
+            mine = slice(batch.first, batch.first + latents.shape[0])
+            noise, levels = noise[mine], levels[mine]
+            if latents.shape[0] == 0:
+                return None
         noisy, target = objective.noisy_and_target(latents, noise, levels)
         prediction = objective.predict(noisy, levels, batch, self.placement.weight_dtype)
         per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if config.min_snr_gamma:
             per_image = per_image * objective.min_snr_weights(levels, config.min_snr_gamma)
-        return (per_image * batch.loss_weights).mean()
+        weighted = per_image * batch.loss_weights
+        return weighted.mean() if batch.global_size is None else weighted.sum() / total
 
     # ------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         """LoRA (in the output format), optimizer, schedule, RNG and data position for step N,
         written into a hidden folder and renamed into place whole."""
         final = self.files.checkpoint(self.step)
-        if final.exists():
+        state = self.dist.checkpoint_state(training_state(self))  # every process's random state
+        if final.exists() or not self.dist.is_main:
+            self.dist.barrier()
             return final
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=self.files.checkpoints))
         try:
             self._export(staging / f"{self.config.name}-step{self.step:06d}.safetensors")
             with atomic_output(staging / "training_state.pt") as tmp:
-                torch.save(self._training_state(), tmp)
+                torch.save(state, tmp)
             atomic_write_text(staging / "config.yaml", self.config.to_yaml())
             os.chmod(staging, DIR_MODE)
             os.rename(staging, final)
@@ -306,9 +338,14 @@ class Trainer:
         self.status.update(last_checkpoint=str(final))
         self.status.write()  # watchers learn of a new checkpoint at once, not at the next heartbeat
         log.info("saved checkpoint %s", final)
+        self.dist.barrier()
         return final
 
     def cleanup(self, result: RunResult) -> RunResult:
+        if not self.dist.is_main:
+            if self.dist.is_local_main:  # another machine's stop file, read by its own first process
+                self.files.clear_stop_request()
+            return result
         fields = {"step": self.step}
         if result.lora_path:
             fields["lora_path"] = str(result.lora_path)
@@ -328,40 +365,11 @@ class Trainer:
             if self.step > 0:
                 self.save_checkpoint()
             return RunResult("stopped", self.files.dir, self.step)
+        if not self.dist.is_main:
+            return RunResult("completed", self.files.dir, self.step)
         lora_path = self._export(self.files.lora(self.config.name))
         log.info("wrote %s", lora_path)
         return RunResult("completed", self.files.dir, self.step, lora_path=lora_path)
-
-    def describe(self) -> list[str]:
-        """The resolved run, printed at start-up."""
-        config, data, dataset = self.config, self.data, self.dataset
-        buckets = ", ".join(f"{w}x{h}: {n}" for (w, h), n in data.batches.bucket_sizes().items())
-        concepts = ", ".join(
-            f"{c.folder or '(root)'} x{c.repeats} -> {c.trigger_word or '-'} ({c.num_images})" for c in dataset.concepts
-        )
-        per_epoch = data.batches.batches_per_epoch
-        epochs = self._planned_epochs()
-        denoiser_params = sum(p.numel() for p in self.params[0]["params"])
-        te_params = sum(p.numel() for g in self.params[1:] for p in g["params"])
-        extra = len(data.records) - len(dataset.images)
-        return [
-            f"model: {config.model_name} ({self.base.family}, {self.base.prediction_type}, "
-            f"native {self.base.native_resolution}px) on {self.device}"
-            + (f" ({self.device_memory_gb:g} GB)" if self.device_memory_gb else ""),
-            f"images: {dataset.num_images} ({dataset.num_samples} per epoch with repeats), "
-            f"{len(dataset.validation)} held out for validation" + (f", {extra} class images" if extra else ""),
-            f"concepts: {concepts}",
-            f"buckets (samples): {buckets}",
-            f"batch: {config.batch_size} x {config.gradient_accumulation_steps} accumulation = "
-            f"{config.effective_batch_size} effective",
-            f"steps: {config.steps} ({epochs:.1f} epochs of {per_epoch} batches)",
-            f"trainable parameters: {denoiser_params + te_params:,} ({self.base.denoiser_prefix} "
-            f"{denoiser_params:,}, text encoder {te_params:,}); "
-            f"rank {config.rank}, alpha {config.alpha:g}",
-            f"optimizer: {config.optimizer} lr {config.learning_rate:g}, {config.lr_scheduler} schedule, "
-            f"{config.lr_warmup_steps} warm-up steps; precision {self.placement.label}{self._quantization_note()}",
-            f"run directory: {self.files.dir}",
-        ]
 
     # --- bookkeeping ---------------------------------------------------------------------------
     def _record_step(self, record: StepRecord, bar: tqdm) -> None:
@@ -379,26 +387,29 @@ class Trainer:
                 "files": [self._dataset_name(f) for f in record.files],  # a loss spike points at its images
             }
         )
-        self._loss_ema = _smoothed(self._loss_ema, record.loss)
+        self.loss_ema = _smoothed(self.loss_ema, record.loss)
         self._step_time_ema = _smoothed(self._step_time_ema, record.seconds)
         self.status.update(
             step=self.step,
             epoch=self.data.epoch + 1,
-            loss=self._loss_ema,
+            loss=self.loss_ema,
             lr=record.lr,
             it_per_s=1.0 / self._step_time_ema if self._step_time_ema > 0 else None,
             eta_s=(config.steps - self.step) * self._step_time_ema,
         )
-        bar.set_postfix(loss=f"{self._loss_ema:.4f}", lr=f"{record.lr:.2e}", refresh=False)
+        bar.set_postfix(loss=f"{self.loss_ema:.4f}", lr=f"{record.lr:.2e}", refresh=False)
         bar.update(1)
         if self.step % LOG_EVERY == 0 or self.step == config.steps:
-            progress = (self.step, config.steps, self._loss_ema, record.lr, record.grad_norm)
+            progress = (self.step, config.steps, self.loss_ema, record.lr, record.grad_norm)
             log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g", *progress)
 
     def _validate(self) -> None:
         """The held-out images' validation loss (when there are any) and the LoRA's update size, as
         metrics rows; with the smoothed training loss so far, for the gap between the two."""
-        self.evidence.record(self.step, self.placement, self._loss_ema)
+        if self.dist.is_main:
+            self.evidence.record(self.step, self.placement, self.loss_ema)
+        elif self.validation is not None:  # its share of the validation loss
+            self.validation.loss(self.placement.weight_dtype, self.placement.autocast)
 
     def _samples_due(self) -> bool:
         return self._sampling_on() and self.step % self.config.sample_every == 0
@@ -408,23 +419,35 @@ class Trainer:
         return self.step % self.config.save_every == 0 and self.step < self.config.steps
 
     def _notice_stop_request(self) -> None:
-        """The stop every platform has (RunFiles.request_stop): one stat per step of tens of milliseconds or more."""
-        if not self.stop_requested and self.files.stop_requested():
+        """Whether to stop, agreed by all processes (before training and at auto_stop_on's checks; after
+        every step the gradients' all-reduce carries it)."""
+        self.stop_requested = self.dist.any(self._wants_stop())
+
+    def _wants_stop(self) -> bool:
+        """This process's wish to stop: a signal, auto_stop_on, or the stop every platform has (RunFiles.request_stop),
+        read by each machine's first process in its own run directory: one stat per step of tens of milliseconds."""
+        if not self._stop_wanted and self.dist.is_local_main and self.files.stop_requested():
             log.info("stop requested (%s): stopping after this step", self.files.stop_request.name)
-            self.stop_requested = True
+            self._stop_wanted = True
+        return self._stop_wanted
 
     def _stop_when_asked(self) -> None:
-        """auto_stop_on: the run ends after this step when its evidence meets one of the conditions."""
-        if reason := self.evidence.stop_reason():
+        """auto_stop_on: the run ends after this step when its evidence meets one of the conditions (agreed at
+        once: one more all-reduce at these steps only, which validate anyway, rather than one step late)."""
+        if self.dist.is_main and (reason := self.evidence.stop_reason()):
             log.warning("%s", reason)
             self.status.update(stop_reason=reason)
-            self.stop_requested = True
+            self._stop_wanted = True
+        self._notice_stop_request()
 
     def _render_samples(self) -> None:
+        if not self.dist.is_main:
+            return self.dist.barrier()
         with self.placement.encoders_on_device():
             names = render_samples(self.base, self.placement, self.config, self.files, self.step, self.sample_stats)
         self.status.update(latest_samples=names)
         self.status.write()
+        self.dist.barrier()
 
     def _sampling_on(self) -> bool:
         return bool(self.config.test_prompts) and not self.config.disable_sampling
@@ -437,21 +460,15 @@ class Trainer:
             dataset=self.dataset,
             step=self.step,
             epoch=self.data.epoch + 1,
-            num_epochs=math.ceil(self._planned_epochs()),
+            num_epochs=math.ceil(self.planned_epochs()),
             started_at=self.started_at,
         )
-
-    def _quantization_note(self) -> str:
-        if not self.base.quantized:
-            return ""
-        method = self.base.denoiser.hf_quantizer.quantization_config.quant_method  # bitsandbytes or torchao
-        return f", frozen {self.base.denoiser_prefix} weights in 8 bits ({getattr(method, 'value', method)})"
 
     def _dataset_name(self, file: str) -> str:
         path = Path(file)
         return str(path.relative_to(self.dataset.root)) if path.is_relative_to(self.dataset.root) else path.name
 
-    def _planned_epochs(self) -> float:
+    def planned_epochs(self) -> float:
         micro_batches = self.config.steps * self.config.gradient_accumulation_steps
         return micro_batches / max(1, self.data.batches.batches_per_epoch)
 
@@ -464,47 +481,10 @@ class Trainer:
             f"or check those images; {kept}"
         )
 
-    def _training_state(self) -> dict:
-        return {
-            "step": self.step,
-            "data": self.data.state(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "scaler": self.placement.scaler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            **device_rng_state(self.device),
-            "noise_rng": self.noise_generator.get_state(),
-            "loss_ema": self._loss_ema,
-        }
-
-    def _restore_latest_checkpoint(self) -> None:
-        checkpoints = self.files.list_checkpoints()
-        if not checkpoints:
-            log.info("no checkpoint in %s yet: starting from step 0", self.files.dir)
-            truncate_after(self.files, -1)
-            return
-        step, folder = checkpoints[-1]
-        lora_file, state = read_checkpoint_state(folder)
-        load_lora_weights_into(read_lora_file(lora_file, self.base.lora_models), self.base.lora_models)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.placement.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
-        restore_device_rng(self.device, state)
-        self.noise_generator.set_state(state["noise_rng"])
-        self.data.restore(state["data"])
-        self.step = state["step"]
-        self._loss_ema = state["loss_ema"]
-        truncate_after(self.files, step)
-        self.status.update(step=step, last_checkpoint=str(folder))
-        log.info("resumed from %s at step %d", folder, step)
-
     def _open_run_directory(self) -> None:
-        has_run = self.files.status.exists() or self.files.list_checkpoints()
-        if has_run and not self.resume:
-            raise RunAlreadyExists(
-                f"{self.files.dir} already holds a run: continue it with --resume, or choose another --run-dir"
-            )
+        if not self.dist.is_main:  # the main process's directory; this machine's first one makes its cache folder
+            return self.files.create() if self.dist.is_local_main else None
+        self.files.check_new(self.resume)
         self.files.create()
         partial = self.files.remove_partial_writes() if self.resume else []
         handler = logging.FileHandler(self.files.log, encoding="utf-8")
@@ -542,22 +522,31 @@ class Trainer:
         encoders = self.placement.text_encoders if self.config.train_text_encoder else []
         denoiser = self.base.denoiser
         cast_training_params([denoiser, *encoders], dtype=torch.float32)
-        groups = [{"params": [p for p in denoiser.parameters() if p.requires_grad], "lr": self.config.learning_rate}]
+        scale = self.dist.world_size if self.config.scale_lr else 1  # the option's description says why
+        lr = self.config.learning_rate * scale
+        groups = [{"params": [p for p in denoiser.parameters() if p.requires_grad], "lr": lr}]
         if encoders:
             groups.append(
                 {
                     "params": [p for encoder in encoders for p in encoder.parameters() if p.requires_grad],
-                    "lr": self.config.text_encoder_lr or self.config.learning_rate,
+                    "lr": self.config.text_encoder_lr * scale if self.config.text_encoder_lr else lr,
                 }
             )
         return groups
 
 
 def run_training(
-    config: TrainingConfig, run_dir: Path | None = None, *, resume: bool = False, progress: bool = False
+    config: TrainingConfig,
+    run_dir: Path | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = False,
+    dist: Distributed | None = None,
 ) -> RunResult:
-    """The one entry point: setup, train, save, cleanup; a stop request (file or signal) stops with a checkpoint."""
-    trainer = Trainer(config, run_dir, resume=resume, progress=progress)
+    """The one entry point: setup, train, save, cleanup; a stop request (file or signal) stops with a checkpoint.
+    A worker of a data-parallel run (`dist`) records its failure for the launcher, unless it failed because
+    another process was lost first."""
+    trainer = Trainer(config, run_dir, resume=resume, progress=progress, dist=dist)
     previous = _install_stop_handlers(trainer)
     try:
         trainer.setup()
@@ -565,13 +554,17 @@ def run_training(
         result = trainer.finish()
     except RunAlreadyExists:
         raise  # the directory belongs to another run: write nothing into it
+    except PeerLost as exc:  # another process failed first: the launcher reports that one
+        result = RunResult("failed", trainer.files.dir, trainer.step, error=str(exc))
     except EXPECTED_ERRORS + (NonFiniteLoss,) as exc:
         result = RunResult("failed", trainer.files.dir, trainer.step, error=str(exc))
+        trainer.dist.record_failure(result.error)
     except KeyboardInterrupt:
         result = RunResult("stopped", trainer.files.dir, trainer.step, error="interrupted twice: no final checkpoint")
     except Exception as exc:
         log.exception("training failed")
         result = RunResult("failed", trainer.files.dir, trainer.step, error=f"{type(exc).__name__}: {exc}")
+        trainer.dist.record_failure(result.error)
     finally:
         _restore_handlers(previous)
     return trainer.cleanup(result)
@@ -588,7 +581,7 @@ def _install_stop_handlers(trainer: Trainer) -> dict:
         if signals:
             raise KeyboardInterrupt
         signals.append(signum)
-        trainer.stop_requested = True
+        trainer._stop_wanted = True  # the processes agree on it after the step (Trainer._notice_stop_request)
         log.info("%s received: stopping after this step", signal.Signals(signum).name)
 
     return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -7,7 +7,9 @@ shuffle), and scored at five fixed noise levels (objectives.VALIDATION_LEVELS: t
 DDPM schedule, or sigmas of FLUX's flow) with noise drawn from a generator seeded by the run's
 seed and the image's position. So two scorings of the same weights give the same number, and a
 change of the number is a change of the LoRA. No min-SNR weighting: the figure is the plain
-denoising error, comparable across runs with different loss settings.
+denoising error, comparable across runs with different loss settings. In a data-parallel run each
+process scores its share of the images and the totals are summed, so the number is the single
+process's (up to the order of the float additions).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from training.data.buckets import assign_bucket, make_buckets, square_bucket
 from training.data.images import covering_size, crop_top_left, load_pixels
 from training.data.loader import Batch
+from training.distributed import Distributed
 from training.objectives import VALIDATION_LEVELS
 from training.prompts import encode_text
 
@@ -31,10 +34,14 @@ if TYPE_CHECKING:
 
 
 class ValidationSet:
-    def __init__(self, records: list[ImageRecord], base: LoadedModel, config: TrainingConfig):
+    def __init__(
+        self, records: list[ImageRecord], base: LoadedModel, config: TrainingConfig, dist: Distributed | None = None
+    ):
         self.records = records
         self._base = base
         self._config = config
+        self._dist = dist or Distributed.single()
+        self._positions = range(*self._dist.shard(len(records)))  # the images this process scores
         self._items: list[Batch] = []  # per image: its latent and conditioning, once per noise level
         self._objective = base.family_rules.objective(base, config)
 
@@ -47,7 +54,7 @@ class ValidationSet:
         vae = base.vae
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         with torch.no_grad():
-            for record in self.records:
+            for record in (self.records[p] for p in self._positions):
                 if config.enable_bucketing:
                     bucket = assign_bucket(record.size, buckets, step)
                 else:
@@ -88,7 +95,7 @@ class ValidationSet:
         total = 0.0
         try:
             with torch.no_grad():
-                for position, item in enumerate(self._items):
+                for position, item in zip(self._positions, self._items):
                     if self._config.train_text_encoder:  # its LoRA moves: encode the caption as it is now
                         item = self._with_current_text(item, position)
                     generator = torch.Generator().manual_seed(self._config.seed * 1000 + position)
@@ -101,7 +108,10 @@ class ValidationSet:
         finally:
             for model, mode in zip(models, was_training):
                 model.train(mode)
-        return total / len(self._items)
+        if not self._dist.multi:
+            return total / len(self._items)
+        total, count = self._dist.sum_values([total, float(len(self._items))])
+        return total / count
 
     def _with_current_text(self, item: Batch, position: int) -> Batch:
         record, count = self.records[position], len(VALIDATION_LEVELS)

@@ -22,6 +22,7 @@ from training.config import wants_disk_cache
 from training.data.buckets import Bucket, BucketBatches, assign_bucket, make_buckets, square_bucket
 from training.data.caches import CacheProgress, PhaseReport, TextCache
 from training.data.captions import augment_caption
+from training.distributed import Distributed
 from training.data.dataset import ImageRecord
 from training.data.images import covering_size, crop_top_left, load_pixels
 from training.prompts import TextConditioning, encode_text
@@ -48,6 +49,10 @@ class Batch:
     # FLUX: CLIP's pooled embedding, and no time ids.
     pooled: torch.Tensor | None = None  # (batch, projection)
     time_ids: torch.Tensor | None = None  # (batch, 6)
+    # Data parallel: this process's samples are [first, first + batch) of a global batch of global_size
+    # samples (None: the batch is the whole step's batch). `files` then lists the global batch's images.
+    first: int = 0
+    global_size: int | None = None
 
     def added_conditions(self, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
         """The UNet's added_cond_kwargs (SDXL), or None."""
@@ -64,6 +69,7 @@ class TrainingData:
         config: TrainingConfig,
         latent_cache_dir: Path,
         text_cache_dir: Path | None = None,
+        dist: Distributed | None = None,
     ):
         self.records = records
         self._base = base
@@ -76,7 +82,10 @@ class TrainingData:
         else:
             self.record_buckets = [square_bucket(config.resolution, step)] * len(records)
         self.samples = [i for i, record in enumerate(records) for _ in range(record.repeats)]
-        self.batches = BucketBatches([self.record_buckets[i] for i in self.samples], config.batch_size, config.seed)
+        self._dist = dist or Distributed.single()
+        # Every process forms the global batches (batch_size x processes) and takes its slice of each.
+        global_batch = config.batch_size * self._dist.world_size
+        self.batches = BucketBatches([self.record_buckets[i] for i in self.samples], global_batch, config.seed)
         self.epoch, self.batch_index = 0, 0
         self._epoch_batches = self.batches.epoch(0)
         self._latents: dict[tuple[int, bool], torch.Tensor] = {}
@@ -88,7 +97,9 @@ class TrainingData:
         )
         self._size_conditioning = base.family_rules.conditions_on_image_size
         self._pooled = base.text_encoder_2 is not None  # SDXL's and FLUX's conditioning has a pooled vector
-        self._vae_generator = torch.Generator(base.vae.device).manual_seed(config.seed)
+        # Cached latents are the same on every machine; latents encoded per step draw a stream per process.
+        vae_seed = config.seed if config.cache_latents else config.seed + self._dist.rank
+        self._vae_generator = torch.Generator(base.vae.device).manual_seed(vae_seed)
         self._needs_rng = (
             config.flip_aug or config.crop == "random" or config.caption_dropout_rate > 0 or config.shuffle_captions
         )
@@ -96,15 +107,26 @@ class TrainingData:
     # --- caches ----------------------------------------------------------------------------
     def build_caches(self, report: PhaseReport | None = None) -> dict[str, bool]:
         """The caches the config asks for (latents; captions where they map to fixed states), and
-        where each went: the *_to_disk values the run used, for its config.yaml."""
-        chosen = {}
-        if self._config.cache_latents:
-            self.cache_latents(report)
-            chosen["cache_latents_to_disk"] = bool(self.latents_on_disk)
-        if self._config.static_text:
-            self.cache_text(report)
-            chosen["cache_text_encoder_outputs_to_disk"] = bool(self.text.on_disk)
-        return chosen
+        where each went: the *_to_disk values the run used, for its config.yaml. With several processes
+        the caches go to disk, built by each machine's first process while the others wait, then read by all."""
+        with self._dist.local_main_first():
+            if not self._dist.is_local_main:
+                return self.adopt_disk_caches()
+            chosen = {}
+            if self._config.cache_latents:
+                self.cache_latents(report)
+                chosen["cache_latents_to_disk"] = bool(self.latents_on_disk)
+            if self._config.static_text:
+                self.cache_text(report)
+                chosen["cache_text_encoder_outputs_to_disk"] = bool(self.text.on_disk)
+            return chosen
+
+    def adopt_disk_caches(self) -> dict[str, bool]:
+        """Read the caches this machine's first process built on disk, instead of building them again."""
+        self.latents_on_disk = True
+        self.text.on_disk = self.text.ready = bool(self._config.static_text)
+        chosen = {"cache_latents_to_disk": True} if self._config.cache_latents else {}
+        return chosen | ({"cache_text_encoder_outputs_to_disk": True} if self._config.static_text else {})
 
     def cache_latents(self, report: PhaseReport | None = None) -> None:
         """Encode every record (both orientations with flip_aug) once, by bucket, with the VAE, into
@@ -148,7 +170,7 @@ class TrainingData:
                     encoded = TextConditioning(encoded.states.cpu(), encoded.pooled.cpu())
                 if self.text.on_disk is None:
                     per_caption = encoded.states[0].nbytes + (0 if encoded.pooled is None else encoded.pooled[0].nbytes)
-                    choice = self._config.cache_text_encoder_outputs_to_disk
+                    choice = True if self._dist.multi else self._config.cache_text_encoder_outputs_to_disk
                     self.text.on_disk = wants_disk_cache(choice, per_caption * len(captions))
                 for i, caption in enumerate(chunk):
                     self.text.put(caption, encoded.states[i], None if encoded.pooled is None else encoded.pooled[i])
@@ -166,9 +188,14 @@ class TrainingData:
         position = (self._config.seed, self.epoch, self.batch_index)
         self.batch_index += 1
 
-        records = [self.samples[s] for s in samples]
-        bucket = self.record_buckets[records[0]]
-        rngs = [np.random.default_rng([*position, slot]) if self._needs_rng else None for slot in range(len(records))]
+        first, end = self._dist.shard(len(samples))
+        every = [self.samples[s] for s in samples]  # the global batch
+        records = every[first:end]
+        bucket = self.record_buckets[every[0]]
+        files = [str(self.records[r].path) for r in every]
+        if not records:  # a small last batch of a bucket left this process nothing: it joins with no loss
+            return self._empty_batch(bucket, files, first, len(every))
+        rngs = [np.random.default_rng([*position, slot]) if self._needs_rng else None for slot in range(first, end)]
         flips = [bool(self._config.flip_aug and rng.random() < 0.5) for rng in rngs]
         captions = [
             augment_caption(
@@ -200,8 +227,17 @@ class TrainingData:
             encoded = self._encode_text(captions)
             conditioning, pooled = encoded.states, encoded.pooled
         weights = torch.tensor([self.records[r].loss_weight for r in records], device=latents.device)
-        files = [str(self.records[r].path) for r in records]
-        return Batch(latents, conditioning, weights, files, pooled=pooled, time_ids=time_ids)
+        global_size = len(every) if self._dist.multi else None
+        return Batch(latents, conditioning, weights, files, pooled, time_ids, first=first, global_size=global_size)
+
+    def _empty_batch(self, bucket: Bucket, files: list[str], first: int, global_size: int) -> Batch:
+        """No samples, but the latents' shape, so the step still draws the global batch's noise."""
+        vae = self._base.vae
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        shape = (0, vae.config.latent_channels, bucket[1] // factor, bucket[0] // factor)
+        empty = torch.zeros(0, device=self._base.device)
+        latents = torch.zeros(shape, device=self._base.device)
+        return Batch(latents, empty, empty, files, first=first, global_size=global_size)
 
     def state(self) -> dict:
         """The position in the data order, and the VAE's sampling RNG (used per step when
@@ -250,7 +286,8 @@ class TrainingData:
         """Disk or memory for the latents, from one latent's bytes per pixel of its bucket."""
         per_pixel = latent.nbytes / (bucket[0] * bucket[1])
         estimate = per_pixel * orientations * sum(width * height for width, height in self.record_buckets)
-        self.latents_on_disk = wants_disk_cache(self._config.cache_latents_to_disk, int(estimate))
+        choice = True if self._dist.multi else self._config.cache_latents_to_disk
+        self.latents_on_disk = wants_disk_cache(choice, int(estimate))
         if self.latents_on_disk:
             self._latent_cache_dir.mkdir(parents=True, exist_ok=True)
 
