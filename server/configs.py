@@ -23,6 +23,7 @@ from server.paths import check_user_path
 from training.config import STEPS_PER_IMAGE, ConfigError, TrainingConfig
 from training.data.dataset import DatasetError, hold_out, locate_dataset, scan_dataset
 from training.diagnostics import Finding, preflight_findings
+from training.resume_source import ResumeSourceError, find_resume_lora
 from training.workspace import atomic_write_text, datasets_dir
 
 CONFIG_SUFFIX = ".yaml"
@@ -204,6 +205,11 @@ class ConfigService:
         native, family = check_model(
             option("model_name"), option("base_model_config"), errors=errors, model_family=option("model_family")
         )
+        if option("resume_from"):
+            try:  # here, not when the job has started: a name that finds nothing fails before any work
+                find_resume_lora(option("resume_from"), relative_to=self.workspace)
+            except ResumeSourceError as exc:
+                errors.append(str(exc))
 
         if config is not None:
             warnings.extend(config.warnings())

@@ -64,6 +64,12 @@ class JobStatus(BaseModel):
     percent: float | None = Field(None, description="step / total_steps x 100")
     loss: float | None = Field(None, description="smoothed training loss")
     lr: float | None = None
+    grad_norm: float | None = Field(
+        None,
+        description="The last step's gradient norm, before clipping (max_grad_norm), next to loss and lr. The guide "
+        "wants it stable, not exploding: a climb or large spikes mean the learning rate is too high (lower "
+        "learning_rate); diagnose-training reads the whole history.",
+    )
     it_per_s: float | None = None
     eta_s: float | None = Field(None, description="estimated seconds to completion")
     phase: str | None = Field(
@@ -74,6 +80,11 @@ class JobStatus(BaseModel):
     last_checkpoint: str | None = None
     latest_samples: list[str] = Field(default_factory=list)
     lora_path: str | None = None
+    exported_lora: str | None = Field(
+        None,
+        description="A completed training job's final LoRA as list-exported-models names it: '<config name>', or "
+        "'<config name>-2', ... when another job's LoRA has that name.",
+    )
     error: str | None = None
     devices: list[str] = Field(
         default_factory=list,
@@ -355,12 +366,14 @@ class JobService:
             percent=round(100.0 * step / total, 1) if total else None,
             loss=status.get("loss"),
             lr=status.get("lr"),
+            grad_norm=status.get("grad_norm"),
             it_per_s=status.get("it_per_s"),
             eta_s=status.get("eta_s") if record.state == "running" else None,
             phase=status.get("phase") if record.state == "running" else None,
             last_checkpoint=status.get("last_checkpoint"),
             latest_samples=status.get("latest_samples") or [],
             lora_path=status.get("lora_path"),
+            exported_lora=status.get("exported_lora"),
             error=record.error or status.get("error"),
             devices=record.held_devices(self.queue.machine or [CPU]),
             processes=(status.get("processes") or []) if record.state == "running" else [],

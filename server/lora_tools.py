@@ -20,7 +20,7 @@ from typing import Literal, get_args
 from pydantic import BaseModel, Field, ValidationError
 
 from server.errors import ServiceError, WorkspaceStateError
-from server.loras import ExportedLora
+from server.loras import ExportedLora, exported_path
 from server.name_locks import name_lock
 from server.names import checked_name
 from server.paths import check_user_path, looks_like_path
@@ -63,9 +63,8 @@ def lora_path(workspace: Path, reference: str) -> Path:
     that says what is accepted."""
     workspace = Path(workspace)
     if not looks_like_path(reference):
-        name = reference.removesuffix(".safetensors")
-        path = workspace / "loras" / f"{name}.safetensors"
-        if not name or ".." in name or not path.is_file():
+        path = exported_path(workspace / "loras", reference)
+        if not path.stem or ".." in reference or not path.is_file():
             exported = sorted(p.stem for p in (workspace / "loras").glob("*.safetensors"))
             shown = ", ".join(exported[:_NAMES_SHOWN]) + (", ..." if len(exported) > _NAMES_SHOWN else "")
             raise WorkspaceStateError(

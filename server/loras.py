@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, Field
 
 from server.errors import ServiceError, WorkspaceStateError
-from server.name_locks import name_lock
 from server.names import checked_name, plain_filename_problem
 from server.safetensors_file import InvalidSafetensors, safetensors_metadata
 from training.request_child import RequestRefused, run_request
-from training.workspace import atomic_output, atomic_write_json
+from training.published_loras import SUFFIX, lora_record, publish
+from training.workspace import atomic_write_json
 
 if TYPE_CHECKING:
     from server.jobs import JobService
@@ -28,7 +28,9 @@ MAX_CHUNK = 720 * 1024
 
 
 class ExportedLora(BaseModel):
-    name: str = Field(description="File name in loras/, without .safetensors.")
+    name: str = Field(
+        description="File name in loras/, without .safetensors; every tool that takes a LoRA accepts it as given."
+    )
     path: str
     size_bytes: int
     job_id: str | None = None
@@ -63,7 +65,10 @@ class ExportRequest(BaseModel):
 class ChunkRequest(BaseModel):
     """download-model: one piece of an exported LoRA or a run file."""
 
-    path: str = Field(description="'name.safetensors' in loras/, or '<job_id>/<file>' in a job's run directory.")
+    path: str = Field(
+        description="An exported LoRA's name (with or without .safetensors), or '<job_id>/<file>' in a job's run "
+        "directory."
+    )
     offset: int = Field(0, ge=0, description="Byte offset to start at.")
     length: int = Field(DEFAULT_CHUNK, ge=1, le=MAX_CHUNK, description="Bytes to read (at most 720 KiB).")
 
@@ -86,29 +91,21 @@ class LoraService:
             raise WorkspaceStateError(
                 f"job {job_id}'s LoRA {source.name} is damaged ({exc}); train or resume again"
             ) from None
-        config = json.loads(metadata.get("training_config", "{}"))
-        trained_format = config.get("output_format") or "kohya"
+        trained_format = json.loads(metadata.get("training_config", "{}")).get("output_format") or "kohya"
         output_format = request.output_format or trained_format
-        name = f"{job.config_name}{label}"
-        with name_lock(self.workspace, "lora", name):  # the file and its sidecar from one export
-            target = self.folder / f"{name}.safetensors"
+
+        def write(tmp: Path) -> None:
             if output_format == trained_format:
-                with atomic_output(target) as tmp:
-                    shutil.copyfile(source, tmp)
+                shutil.copyfile(source, tmp)
             else:
-                _convert(source, target, output_format)
-            record = ExportedLora(
-                name=name,
-                path=str(target),
-                size_bytes=target.stat().st_size,
-                job_id=job_id,
-                step=int(metadata["ss_steps"]) if "ss_steps" in metadata else step,
-                trigger_word=metadata.get("modelspec.trigger_phrase"),
-                base_model=metadata.get("ss_sd_model_name"),
-                output_format=output_format,
-            )
-            atomic_write_json(target.with_suffix(".json"), record.model_dump(mode="json"))
-            return record
+                _convert(source, tmp, output_format)
+
+        # Never over another job's file: a later job's LoRA of the same config gets `<name>-2`, ...
+        target = publish(self.folder, f"{job.config_name}{label}", job_id, write)
+        record = ExportedLora(**lora_record(target, safetensors_metadata(target), job_id, step))
+        record.output_format = output_format
+        atomic_write_json(target.with_suffix(".json"), record.model_dump(mode="json"))
+        return record
 
     def list(self) -> list[ExportedLora]:
         if not self.folder.is_dir():
@@ -177,6 +174,8 @@ class LoraService:
             )
         if len(parts) == 1:
             path = self.folder / parts[0]
+            if not path.is_file():  # the name list-exported-models gives, without .safetensors
+                path = exported_path(self.folder, parts[0])
         else:
             job_id = checked_name("job", parts[0])
             if job_id not in run_dirs:
@@ -185,6 +184,12 @@ class LoraService:
         if not path.is_file():
             raise WorkspaceStateError(f"no file {relative!r}; list-exported-models lists the exported LoRAs")
         return path
+
+
+def exported_path(folder: Path, name: str) -> Path:
+    """The file of the exported LoRA `name` in `folder`, named as any tool gives it: with or without
+    `.safetensors`."""
+    return folder / f"{name.removesuffix(SUFFIX)}{SUFFIX}"
 
 
 def _steps_of(lora: Path) -> int | None:

@@ -201,11 +201,34 @@ def test_assignment_is_validated_too():
 # --- rules across fields ------------------------------------------------------------------------
 
 
-def test_prior_preservation_needs_class_prompt():
-    msg = error_of(prior_preservation=True)
-    assert "class_prompt" in msg and "prior_preservation" in msg
+def test_prior_preservation_needs_a_class_prompt_it_cannot_derive():
+    msg = error_of(prior_preservation=True, lora_type="style")  # a style has no class to preserve
+    assert "add class_prompt: 'a photo of a person'" in msg and "lora_type: person, character or object" in msg
+    assert "prior_preservation to false" in msg
     cfg = make(prior_preservation=True, class_prompt="person")
-    assert cfg.prior_preservation and cfg.class_prompt == "person"
+    assert cfg.prior_preservation and cfg.class_prompt == "person" and cfg.warnings() == []
+
+
+@pytest.mark.parametrize(
+    ("values", "derived", "source"),
+    [
+        ({"lora_type": "character"}, "an illustration of a character", "lora_type character"),
+        ({"lora_type": "person"}, "a photo of a person", "lora_type person"),
+        (
+            {"trigger_word": "xyz_style", "instance_prompt": "xyz_style painting"},
+            "painting",
+            "instance_prompt 'xyz_style painting' without the trigger word",
+        ),
+    ],
+)
+def test_prior_preservation_derives_its_class_prompt_and_says_so(values, derived, source):
+    """The guide's Advanced config and Quality preset set prior_preservation without class_prompt."""
+    cfg = make(prior_preservation=True, **values)
+    assert cfg.class_prompt is None  # not written into the stored config: a later lora_type changes it
+    assert f"class_prompt not set: using {derived!r} from {source}; set class_prompt to choose" in cfg.warnings()
+    resolved = cfg.resolve(native_resolution=64, num_images=4)
+    assert resolved.class_prompt == derived  # what the run generates its class images with
+    assert make(**values).resolve(native_resolution=64, num_images=4).class_prompt is None  # no prior: no class
 
 
 def test_random_crop_cannot_use_cached_latents():

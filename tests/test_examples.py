@@ -39,6 +39,15 @@ def test_advanced_example_kohya_names_win():
     assert len(cfg.test_prompts) >= 2  # written as sample_prompts
 
 
+@pytest.mark.parametrize(
+    ("file_name", "derived"), [("advanced.yaml", "a photo of a person"), ("quality-optimization.yaml", "painting")]
+)
+def test_the_guides_prior_preservation_without_class_prompt_derives_one(file_name, derived):
+    cfg = load_example(file_name)
+    assert cfg.prior_preservation and cfg.class_prompt is None  # as the guide writes it
+    assert any(w.startswith(f"class_prompt not set: using {derived!r}") for w in cfg.warnings())
+
+
 def test_dreambooth_example_reads_prior_weight_alias():
     cfg = load_example("dreambooth.yaml")
     assert cfg.prior_preservation is True

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from training.lora import read_lora_file
+from training.resume_source import ResumeSourceError, find_resume_lora
 from training.trainer import Trainer, run_training
 
 
@@ -167,6 +168,28 @@ def test_resume_from_a_run_name_finds_its_lora(tmp_path, shapes, workspace):
     )
     assert second.state == "completed", second.error
     assert str(first.lora_path) in (tmp_path / "two" / "train.log").read_text()
+
+
+def test_resume_from_a_name_finds_the_latest_run_of_either_folder_form(tmp_path, monkeypatch):
+    """lora-train's run folders are <name>-<date>-<time>, the server's <name>-<date>-<time>-<4 hex>: the latest
+    run of that name that left a LoRA wins, and a config whose name only starts the same is another run."""
+    monkeypatch.setenv("LORA_MCP_HOME", str(tmp_path))
+    made = {}
+    for folder in (
+        "stage1-20260101-090000",  # lora-train
+        "stage1-20260102-090000-3fa2",  # a server job
+        "stage1-b-20260103-090000-0c1d",  # config stage1-b
+        "stage1-20260104-090000-9e0f",  # failed before its first checkpoint: no LoRA
+    ):
+        run = tmp_path / "runs" / folder
+        run.mkdir(parents=True)
+        if folder != "stage1-20260104-090000-9e0f":
+            made[folder] = run / "lora.safetensors"
+            made[folder].write_bytes(b"a LoRA")
+    assert find_resume_lora("stage1") == made["stage1-20260102-090000-3fa2"]
+    assert find_resume_lora("stage1-b") == made["stage1-b-20260103-090000-0c1d"]
+    with pytest.raises(ResumeSourceError, match="'stage2'.*start-training"):
+        find_resume_lora("stage2")
 
 
 def test_resume_from_refuses_what_it_cannot_continue(trained, tmp_path, shapes):

@@ -101,6 +101,7 @@ def test_full_flow_on_the_tiny_model(server_workspace, shapes):
         final = await wait_for_state(session, job_id, ("completed", "failed", "interrupted"))
         assert final["state"] == "completed", final
         assert final["step"] == final["total_steps"] == 4 and final["percent"] == 100.0
+        assert final["grad_norm"] > 0 and final["lr"] > 0 and final["loss"] > 0  # the guide's key metrics
         assert Path(final["lora_path"]).is_file()
 
         samples = await session.call_tool("get-training-samples", {"job_id": job_id})
@@ -175,6 +176,44 @@ def test_full_flow_on_the_tiny_model(server_workspace, shapes):
         assert stats.structured_content["running_jobs"] == 0 and stats.structured_content["ram_total_gb"] > 0
 
     run_session(workspace, script)
+
+
+def test_a_completed_jobs_lora_is_listed_under_a_name_every_tool_takes(server_workspace, shapes, lora_bytes):
+    """Issue 15 item 4: the final LoRA is in list-exported-models without export-model, as the config's name,
+    numbered when another job's LoRA has it; download-model takes the name as listed."""
+    loras = server_workspace / "loras"
+    loras.mkdir()
+    (loras / "shapes-style.safetensors").write_bytes(lora_bytes)  # an earlier job's, of the same config name
+    (loras / "shapes-style.json").write_text(json.dumps({"name": "shapes-style", "job_id": "job-from-before"}))
+
+    async def script(session):
+        await create(session, "shapes-style", shapes, resolution=64, steps=2, save_every=2, disable_sampling=True)
+        job_id = (await start(session, "shapes-style"))["job_id"]
+        final = await wait_for_state(session, job_id, ("completed", "failed", "interrupted"))
+        assert final["state"] == "completed", final
+        assert final["exported_lora"] == "shapes-style-2"
+        listed = (await session.call_tool("list-exported-models", {})).structured_content["loras"]
+        by_name = {item["name"]: item for item in listed}
+        assert {name: item["job_id"] for name, item in by_name.items()} == {
+            "shapes-style": "job-from-before",
+            "shapes-style-2": job_id,
+        }
+        assert by_name["shapes-style-2"]["step"] == 2 and by_name["shapes-style-2"]["output_format"] == "kohya"
+        chunk = await session.call_tool("download-model", {"path": "shapes-style-2"})  # the name as listed
+        assert not chunk.is_error, chunk.content
+        exported = await session.call_tool("export-model", {"job_id": job_id})  # its own file again, not a -3
+        assert not exported.is_error, exported.content
+        return job_id, final, chunk.structured_content, exported.structured_content
+
+    job_id, final, chunk, exported = run_session(server_workspace, script)
+    assert (loras / "shapes-style.safetensors").read_bytes() == lora_bytes  # the other job's file is untouched
+    copy = loras / "shapes-style-2.safetensors"
+    assert copy.read_bytes() == Path(final["lora_path"]).read_bytes()  # the run keeps its own copy
+    assert base64.b64decode(chunk["data"]) == copy.read_bytes()[: chunk["length"]]
+    assert exported["name"] == "shapes-style-2" and exported["job_id"] == job_id
+    assert sorted(p.name for p in loras.iterdir()) == [
+        "shapes-style-2.json", "shapes-style-2.safetensors", "shapes-style.json", "shapes-style.safetensors"
+    ]
 
 
 def test_bad_input_gets_tool_errors_and_changes_nothing(server_workspace, shapes):
@@ -416,6 +455,29 @@ def test_plan_validate_and_fix_a_config_over_mcp(server_workspace, shapes):
         ):
             result = await session.call_tool(tool, arguments)
             assert result.is_error and expected in result.content[0].text, (tool, result.content)
+
+    run_session(server_workspace, script)
+
+
+def test_resume_from_a_config_name_is_checked_by_validate_over_mcp(server_workspace, shapes):
+    """The guide's progressive stage 2 says resume_from: "progressive-stage1". The server's run folders are its job
+    ids, <config>-<date>-<time>-<4 hex>: the name finds them, and a name that finds nothing fails validation."""
+    run = server_workspace / "runs" / "progressive-stage1-20260102-090000-3fa2"
+    run.mkdir(parents=True)
+    (run / "progressive-stage1.safetensors").write_bytes(b"a LoRA")
+    base = {"model_name": "builtin:tiny-sd15", "dataset_path": str(shapes), "resolution": 64, "steps": 2}
+
+    async def script(session):
+        for name, resume_from in (("stage2", "progressive-stage1"), ("orphan", "no-such-run")):
+            values = {**base, "name": name, "resume_from": resume_from}
+            created = await session.call_tool("create-training-config", values)
+            assert not created.is_error, created.content
+        found = (await session.call_tool("validate-training-config", {"name": "stage2"})).structured_content
+        assert found["valid"] is True, found["errors"]
+        missing = (await session.call_tool("validate-training-config", {"name": "orphan"})).structured_content
+        assert missing["valid"] is False
+        [error] = [e for e in missing["errors"] if "resume_from" in e]
+        assert "'no-such-run'" in error and "start-training" in error and "remove resume_from" in error
 
     run_session(server_workspace, script)
 

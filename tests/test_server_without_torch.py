@@ -134,6 +134,10 @@ async def config_tools(call: ToolCalls, shapes: Path, checkpoint: Path) -> str:
     findings = (await call("validate-training-config", {"name": "long"})).structured_content["findings"]
     assert "steps-vs-images" in [finding["rule"] for finding in findings]
     await call("apply-fix", {"config_name": "long", "finding_id": "steps-vs-images"})
+    resumes = {**base, "name": "stage2", "model_name": "builtin:tiny-sd15", "resume_from": "no-such-run"}
+    await call("create-training-config", resumes)  # resume_from is looked up without torch too
+    errors = (await call("validate-training-config", {"name": "stage2"})).structured_content["errors"]
+    assert any("resume_from 'no-such-run'" in error for error in errors), errors
     await call("update-training-config", {"name": "hub", "changes": {"steps": 3}})
     await call("get-config", {"name": "hub"})
     await call("list-configs", {})

@@ -120,6 +120,7 @@ def test_run_directory_contract(tmp_path, shapes):
     for row in rows:
         assert set(row) >= {"step", "loss", "lr", "grad_norm", "step_time", "time"}
         assert row["loss"] > 0 and row["grad_norm"] > 0 and row["step_time"] > 0
+    assert status["grad_norm"] == rows[-1]["grad_norm"]  # the last step's, before clipping, beside loss and lr
 
     samples = [json.loads(line) for line in (run / "samples" / "index.jsonl").read_text().splitlines()]
     # Each step renders the two test prompts and the control prompt: the first one without its trigger word.

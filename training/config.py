@@ -35,6 +35,7 @@ from training.guide import (
     STANDARD_RANK,
     STEPS_PER_IMAGE,
     LoraType,
+    derived_class_prompt,
     lr_text,
     span,
 )
@@ -298,7 +299,7 @@ class TrainingConfig(BaseModel):
         None, description="Caption for images that have no .txt, e.g. 'xyz_person person'."
     )
     class_prompt: str | None = Field(
-        None, description="Prompt for class images, e.g. 'person'. Needed by prior_preservation."
+        None, description="Class images' prompt, e.g. 'person'; default: from lora_type, else instance_prompt."
     )
     class_data_dir: str | None = Field(
         None, description="Folder of class images; missing ones are generated with the base model. Default: in the run."
@@ -417,10 +418,10 @@ class TrainingConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingConfig:
-        if self.prior_preservation and not self.class_prompt:
+        if self.prior_preservation and not self.class_prompt and derived_class_prompt(self) is None:
             raise ValueError(
-                "prior_preservation needs class_prompt: add class_prompt (the generic class, e.g. 'person'), "
-                "or set prior_preservation to false"
+                "prior_preservation needs a class: add class_prompt: 'a photo of a person' (your subject's class) "
+                "or lora_type: person, character or object, or set prior_preservation to false"
             )
         if self.crop == "random" and self.cache_latents:
             raise ValueError(
@@ -477,6 +478,8 @@ class TrainingConfig(BaseModel):
             found.append("lr_scheduler 'constant' ignores lr_warmup_steps: use 'constant_with_warmup'")
         if self.disable_sampling and self.test_prompts:
             found.append("disable_sampling is on: test_prompts will not be rendered")
+        if self.prior_preservation and not self.class_prompt:  # then one is derived: the config validated
+            found.append(f"class_prompt not set: {derived_class_prompt(self)[1]}; set class_prompt to choose")
         return found
 
     def family_conflicts(self, family: str | None) -> tuple[list[str], list[str]]:
@@ -499,6 +502,7 @@ class TrainingConfig(BaseModel):
                 ),
                 "rank": self.effective_rank,
                 "alpha": self.effective_alpha,
+                "class_prompt": self.class_prompt or self.prior_preservation and derived_class_prompt(self)[0] or None,
                 "network_dim": None,
                 "network_alpha": None,
             }

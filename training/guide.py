@@ -17,6 +17,27 @@ from typing import Literal, get_args
 LoraType = Literal["style", "character", "person", "object", "concept", "complex_style", "pose", "details"]
 # What a dataset is judged as when no kind is named: the guide's first "Common Training Scenario".
 DEFAULT_LORA_TYPE: LoraType = "style"
+# Prior preservation needs a class to preserve (a config without class_prompt takes it from here). Kinds that
+# teach one subject have one; styles, poses, details and abstract concepts have none.
+CLASS_PROMPTS: dict[str, str] = {
+    "person": "a photo of a person",
+    "character": "an illustration of a character",
+    "object": "a photo of an object",
+}
+
+
+def derived_class_prompt(config) -> tuple[str, str] | None:
+    """The class prompt prior preservation uses when a TrainingConfig sets no class_prompt, and a line saying
+    where it comes from, or None: the LoRA type's class, else the instance prompt without its trigger word
+    (DreamBooth's 'xyz_person person'). Captions are not read: a config is checked without its dataset."""
+    if config.lora_type in CLASS_PROMPTS:
+        prompt = CLASS_PROMPTS[config.lora_type]
+        return prompt, f"using {prompt!r} from lora_type {config.lora_type}"
+    words = (config.instance_prompt or "").split()
+    if config.trigger_word in words and (rest := " ".join(w for w in words if w != config.trigger_word).strip(" ,")):
+        return rest, f"using {rest!r} from instance_prompt {config.instance_prompt!r} without the trigger word"
+    return None
+
 
 # --- steps -----------------------------------------------------------------------------------
 STEPS_PER_IMAGE = 100  # the guide: "Optimal Steps = 100 x number_of_images"

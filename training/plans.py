@@ -20,6 +20,7 @@ from training.data.dataset import DatasetIndex
 from training.estimates import estimate_minutes, model_family
 from training.families import ModelFamily
 from training.guide import (
+    CLASS_PROMPTS,
     CONSERVATIVE_LEARNING_RATE,
     GUIDE_IMAGE_RANGE,
     GUIDE_STRENGTHS,
@@ -117,15 +118,6 @@ GOAL_PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
     },
 }
 assert set(GOAL_PRESETS) == set(GOALS)
-
-# Prior preservation needs a class to preserve (TrainingConfig refuses it without class_prompt). Kinds that
-# teach one subject have one; styles, poses, details and abstract concepts have none.
-CLASS_PROMPTS: dict[str, str] = {
-    "person": "a photo of a person",
-    "character": "an illustration of a character",
-    "object": "a photo of an object",
-}
-
 
 class Strengths(BaseModel):
     model: tuple[float, float] = Field(description="LoRA strength on the UNet (ComfyUI strength_model): low, high.")

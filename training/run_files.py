@@ -136,6 +136,7 @@ class StatusWriter:
             "epoch": 0,
             "loss": None,
             "lr": None,
+            "grad_norm": None,
             "it_per_s": None,
             "eta_s": None,
             "last_checkpoint": None,

@@ -34,13 +34,15 @@ from training.models.source import ModelNotFoundError, resolve_model
 from training.optimizers import OptimizerUnavailable, build_lr_scheduler, build_optimizer
 from training.placement import Placement, text_encoders_stay_on_cpu
 from training.prior import ensure_class_images
-from training.resume import find_resume_lora, restore_latest_checkpoint, training_state
+from training.published_loras import publish_final_lora
+from training.resume import restore_latest_checkpoint, training_state
+from training.resume_source import ResumeSourceError, find_resume_lora
 from training.run_evidence import EvidenceRecorder, SampleStatistics
 from training.run_summary import describe_run
 from training.run_files import RunAlreadyExists, RunFiles, StatusWriter, default_run_dir
 from training.sampling import render_samples
 from training.validation import ValidationSet
-from training.workspace import DIR_MODE, atomic_output, atomic_write_text, datasets_dir
+from training.workspace import DIR_MODE, atomic_output, atomic_write_text, datasets_dir, loras_dir
 
 log = logging.getLogger("training")
 
@@ -53,6 +55,7 @@ EXPECTED_ERRORS = (
     ModelNotFoundError,
     OptimizerUnavailable,
     LoraFileError,
+    ResumeSourceError,
     QuantizationUnavailable,
 )
 
@@ -67,6 +70,7 @@ class RunResult:
     run_dir: Path
     step: int
     lora_path: Path | None = None
+    exported_lora: str | None = None  # its name in loras/ (training/published_loras.py)
     error: str | None = None
 
 
@@ -349,6 +353,7 @@ class Trainer:
         fields = {"step": self.step}
         if result.lora_path:
             fields["lora_path"] = str(result.lora_path)
+            fields["exported_lora"] = result.exported_lora
         if result.error:
             fields["error"] = result.error
         self.status.finish(result.state, **fields)
@@ -368,8 +373,9 @@ class Trainer:
         if not self.dist.is_main:
             return RunResult("completed", self.files.dir, self.step)
         lora_path = self._export(self.files.lora(self.config.name))
-        log.info("wrote %s", lora_path)
-        return RunResult("completed", self.files.dir, self.step, lora_path=lora_path)
+        published = publish_final_lora(lora_path, self.config.name, loras_dir())
+        log.info("wrote %s%s", lora_path, f", published as {published}" if published else "")
+        return RunResult("completed", self.files.dir, self.step, lora_path, published.stem if published else None)
 
     # --- bookkeeping ---------------------------------------------------------------------------
     def _record_step(self, record: StepRecord, bar: tqdm) -> None:
@@ -394,6 +400,7 @@ class Trainer:
             epoch=self.data.epoch + 1,
             loss=self.loss_ema,
             lr=record.lr,
+            **({"grad_norm": record.grad_norm} if math.isfinite(record.grad_norm) else {}),  # fp16-skipped: keep last
             it_per_s=1.0 / self._step_time_ema if self._step_time_ema > 0 else None,
             eta_s=(config.steps - self.step) * self._step_time_ema,
         )

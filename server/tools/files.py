@@ -24,14 +24,20 @@ class FileTools:
     def __init__(self, s: Services):
         self.s = s
 
-    @tool("list-exported-models", "LoRA files in the workspace's loras/ folder.", READ_ONLY)
+    @tool(
+        "list-exported-models",
+        "LoRA files in the workspace's loras/ folder; a completed training job's final LoRA is there without "
+        "export-model. Every tool that takes a LoRA accepts the names given here.",
+        READ_ONLY,
+    )
     def list_exported_models(self) -> LoraList:
         return LoraList(loras=self.s.call(self.s.loras.list))
 
     @tool(
         "export-model",
         "Copy a job's LoRA (the final one, or a checkpoint's with step) into loras/ with a metadata "
-        "sidecar, ready for ComfyUI (models/loras) or A1111 (models/Lora).",
+        "sidecar, ready for ComfyUI (models/loras) or A1111 (models/Lora). Named after the config (a checkpoint: "
+        "'<config>-step000500'), numbered ('<config>-2') when another job's LoRA has that name.",
         request=ExportRequest,
     )
     def export_model(self, request: ExportRequest) -> ExportedLora:
@@ -39,7 +45,7 @@ class FileTools:
 
     @tool(
         "download-model",
-        "Read a file in pieces as base64: an exported LoRA ('name.safetensors') or a run file "
+        "Read a file in pieces as base64: an exported LoRA (its name, with or without .safetensors) or a run file "
         "('<job_id>/<file>'). Call again with next_offset until eof is true.",
         READ_ONLY,
         request=ChunkRequest,

@@ -56,7 +56,8 @@ Work through these steps with the lora-trainer tools, telling me what you find a
 4. Train: start-training, then get-training-status every minute or two (never wait inside a call);
    get-training-samples shows the test prompts as the LoRA learns (step 0 is the untrained baseline).
    Loss should fall, usually to {span(GUIDE_LOSS_TARGET)}; samples should move towards the dataset without copying it.
-5. Finish: when the state is completed, export-model and tell me the file, the trigger word and a strength
+5. Finish: when the state is completed, its LoRA is in loras/ as exported_lora (export-model only for a checkpoint
+   or another format); tell me the file, the trigger word and a strength
    to start from (style {span(GUIDE_STRENGTHS["style"][0])}, character {span(GUIDE_STRENGTHS["character"][0])}) \
 for ComfyUI's LoraLoader or A1111.
 If a job fails or is interrupted, read get-training-logs, explain the cause, and offer resume-training."""
