@@ -130,7 +130,8 @@ def options_reference() -> str:
     """Every option with its aliases, default and description, from the config model itself."""
     from pydantic import AliasChoices
 
-    from training.config import TrainingConfig, allowed_values
+    from training.config import TrainingConfig
+    from training.config_errors import allowed_values
 
     lines = []
     for name, info in TrainingConfig.model_fields.items():
@@ -148,7 +149,7 @@ def options_reference() -> str:
         )
         also = f" (also: {', '.join(aliases)})" if aliases else ""
         choices = typing.get_args(info.annotation) if typing.get_origin(info.annotation) is typing.Literal else ()
-        allowed = "one of " + ", ".join(map(str, choices)) if choices else allowed_values(name)
+        allowed = "one of " + ", ".join(map(str, choices)) if choices else allowed_values(TrainingConfig, name)
         limits = f" [{allowed}]" if allowed else ""
         lines.append(f"{name}{also} = {default}{limits}\n    {info.description}")
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from training.config_errors import ConfigError, describe_error
 from training.families import FAMILIES, FLUX, SD1
 from training.guide import (
     CAPTION_TOKENS,
@@ -60,14 +61,6 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # 460 MiB, and 2,000 tiny-FLUX captions held 125 MiB more in memory (issue 14); a real FLUX caption
 # holds 8 MiB, so a real model's dataset passes it at once.
 AUTO_DISK_CACHE_BYTES = 64 * 2**20
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used, with one line per problem naming field, value and rule."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid training config: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -519,7 +512,7 @@ class TrainingConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError([_describe(err) for err in exc.errors()]) from None
+            raise ConfigError([describe_error(err, cls) for err in exc.errors()]) from None
 
     @classmethod
     def from_yaml(cls, text: str) -> TrainingConfig:
@@ -553,48 +546,3 @@ def _check_trigger(word: str) -> str:
     if not word.strip() or "," in word:
         raise ValueError("a trigger word must be non-empty and contain no commas, e.g. 'xyz_style'")
     return word.strip()
-
-
-def _field_of(key: str) -> str:
-    """The field a key names, through aliases such as lr -> learning_rate."""
-    for name, info in TrainingConfig.model_fields.items():
-        alias = info.validation_alias
-        if isinstance(alias, AliasChoices) and key in alias.choices:
-            return name
-    return key
-
-
-def _describe(err: dict[str, Any]) -> str:
-    """One pydantic error as 'field = value: rule (allowed ...)'."""
-    loc = ".".join(str(part) for part in err["loc"]) or "config"
-    field = err["loc"][0] if err["loc"] else None
-    if err["type"] == "extra_forbidden":
-        return f"unknown option '{loc}' (check the spelling; see the config reference)"
-    if err["type"] == "missing":
-        return f"{loc} is required"
-    message = err["msg"].removeprefix("Value error, ")
-    if field is None:  # a rule across fields: its message names them
-        return message
-    text = f"{loc} = {err['input']!r}: {message}"
-    allowed = allowed_values(_field_of(field)) if isinstance(field, str) else None
-    return f"{text} (allowed: {allowed})" if allowed else text
-
-
-def allowed_values(field: str) -> str | None:
-    """The numeric bounds of an option, as words ('>= 1 and <= 1024'); None for an option without any."""
-    info = TrainingConfig.model_fields.get(field)
-    if info is None:
-        return None
-    bounds = {}
-    for meta in info.metadata:
-        for key in ("ge", "gt", "le", "lt", "multiple_of"):
-            if getattr(meta, key, None) is not None:
-                bounds[key] = getattr(meta, key)
-    if not bounds:
-        return None
-    low = f">= {bounds['ge']}" if "ge" in bounds else f"> {bounds['gt']}" if "gt" in bounds else None
-    high = f"<= {bounds['le']}" if "le" in bounds else f"< {bounds['lt']}" if "lt" in bounds else None
-    parts = [p for p in (low, high) if p]
-    if "multiple_of" in bounds:
-        parts.append(f"a multiple of {bounds['multiple_of']}")
-    return " and ".join(parts)
