@@ -3,7 +3,7 @@
 Nothing can download BLIP here, so the bench builds the BLIP-base architecture (transformers'
 default `BlipConfig`: ViT-B/16 at 384 px and a BERT-base text decoder, ~224 M parameters) with
 random weights, saves it with its processor to a temp folder, and captions synthetic 512 px images
-through `training.captioning.load_captioner`, batch by batch as generate-captions does. Random
+through `training.captioners.load_captioner`, batch by batch as generate-captions does. Random
 weights never emit the end token, so every caption runs the full MAX_NEW_TOKENS: the worst case.
 The figure sets `server.captions.INLINE_MODEL_IMAGES`, the count above which a set runs as a
 background job.
@@ -39,7 +39,8 @@ def main() -> None:
     )
 
     from server.captions import INLINE_MODEL_IMAGES
-    from training.captioning import BATCH, MAX_NEW_TOKENS, load_captioner
+    from training.captioners import MAX_NEW_TOKENS, load_captioner
+    from training.captioning import BATCH
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -63,7 +64,7 @@ def main() -> None:
             images.append(path)
 
         started = time.perf_counter()
-        describe = load_captioner(str(root / "blip"))
+        describe = load_captioner(root / "blip")
         load_s = time.perf_counter() - started
         started = time.perf_counter()
         for first in range(0, len(images), BATCH):

@@ -1,4 +1,4 @@
-"""generate-captions: captions for a dataset's images, by template or by an image-to-text model.
+"""generate-captions: captions for a dataset's images, by template or by a captioning model.
 
 A set a model would take more than ~30 s over runs as a background job in the job table (see
 `JobService.start_captioning`); a quick one is captioned inside the call, by the same child process
@@ -73,7 +73,7 @@ class CaptionPlan(BaseModel):
 def plan_captions(workspace: Path, **request: Any) -> CaptionPlan:
     """Check the dataset and the model (present, loadable kind) and list the images to caption.
     `request`: a CaptionRequest's fields, as generate-captions takes them; the model checks them."""
-    from training.captioning import CaptionerUnavailable, find_caption_model
+    from training.captioners import CaptionerUnavailable, find_caption_model
 
     checked = CaptionRequest.model_validate(request)
     folder = _dataset_folder(workspace, checked.dataset_name, checked.dataset_path)
@@ -88,7 +88,7 @@ def plan_captions(workspace: Path, **request: Any) -> CaptionPlan:
         except CaptionerUnavailable as exc:
             raise ServiceError(str(exc)) from None
     job = CaptionJob(
-        **checked.model_dump(include={"trigger_word", "prefix", "suffix"}),
+        **checked.model_dump(include={"trigger_word", "prefix", "suffix", "caption_prompt"}),
         folder=str(folder),
         files=[str(p.relative_to(folder)) for p in todo],
         caption_model=model,

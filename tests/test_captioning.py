@@ -74,7 +74,7 @@ def test_models_that_are_not_here_say_what_to_do(tmp_path):
     make_shape_dataset(tmp_path / "datasets" / "d", 1)
     with pytest.raises(ServiceError, match="huggingface-cli download Salesforce/blip2-opt-2.7b"):
         run(tmp_path, caption_model="blip2", overwrite=True)
-    with pytest.raises(ServiceError, match="trust_remote_code"):
+    with pytest.raises(ServiceError, match="huggingface-cli download florence-community/Florence-2-large"):
         run(tmp_path, caption_model="florence2", overwrite=True)
     with pytest.raises(ServiceError, match="either dataset_name"):
         run(tmp_path, dataset_path="x")

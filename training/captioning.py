@@ -1,5 +1,6 @@
-"""Automatic captions: a `template` captioner that works offline, and image-to-text models
-(BLIP, BLIP-2, GIT, ...) through transformers, from a local folder or the local HF cache.
+"""Automatic captions: a `template` captioner that works offline, and the captioning models of
+`training.captioners` (BLIP, BLIP-2, GIT, Florence-2, WD14 taggers, image-text-to-text chat models),
+from a local folder or the local HF cache.
 
 Captions follow the guide's structure, `[trigger] [subject] [details], [style], [quality],
 [composition]`: a model writes the subject and details, the template fills them from the file
@@ -19,37 +20,23 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-# Short names for the usual captioning models on the Hugging Face hub.
-CAPTION_MODELS = {
-    "blip": "Salesforce/blip-image-captioning-base",
-    "blip-large": "Salesforce/blip-image-captioning-large",
-    "blip2": "Salesforce/blip2-opt-2.7b",
-    "git": "microsoft/git-base-coco",
-    "git-large": "microsoft/git-large-coco",
-}
-# Models that need code from their own repository or a runtime this project does not ship.
-UNSUPPORTED = {
-    "florence2": "Florence-2 runs code from its own repository (trust_remote_code), which this server does not "
-    "execute; use blip, blip2 or git",
-    "wd14": "WD14 taggers are ONNX models and need onnxruntime, which is not installed; use blip, blip2 or git",
-}
-MAX_NEW_TOKENS = 40  # a caption of a dozen or two words
+from training.captioners import (
+    DEFAULT_CAPTION_PROMPT,
+    Captioner,
+    CaptionerUnavailable,
+    is_tagger,
+    load_captioner,
+)
+
 BATCH = 8  # images per model call; progress is reported and a stop request honoured after each
 _NOT_A_SUBJECT = re.compile(r"^(img|image|dsc|dscn|photo|pic|scan|screenshot|\d+)$", re.IGNORECASE)
 
-Captioner = Callable[[list[Path]], list[str]]
-
-
 log = logging.getLogger("training.captioning")
-
-
-class CaptionerUnavailable(RuntimeError):
-    """The captioning model cannot be used here; the message says why and what to do."""
 
 
 class CaptionStyle(BaseModel):
@@ -65,7 +52,24 @@ class CaptionRequest(CaptionStyle):
 
     dataset_name: str | None = Field(None, description="Dataset name, from list-datasets.")
     dataset_path: str | None = Field(None, description="Or a dataset folder (inside the allowed folders).")
-    caption_model: str = Field("template", description="template, blip, blip2, git, an HF id or a folder.")
+    caption_model: str = Field(
+        "template",
+        description="'template': offline, from the file and folder names. 'blip' (BLIP-base, 0.22B parameters, "
+        "~1 GB) or 'git' (GIT-base, ~0.7 GB): a short sentence, quick on a CPU. 'blip2' (BLIP-2 OPT-2.7b: about "
+        "3.9B parameters, ~7.7 GB in fp16 on a GPU, ~15.5 GB in fp32 on a CPU): better sentences, wants a GPU. "
+        "'florence2' (Florence-2-large, 0.77B; 'florence2-base', 0.23B): a detailed one- or two-sentence "
+        "description, the usual choice for photos and styles. 'wd14' (a WD14 tagger, ONNX, needs the wd14 "
+        "extra): Danbooru tags joined by commas, for anime and illustration. A local folder or cached Hugging "
+        "Face id of an image-text-to-text chat model (JoyCaption, Qwen2.5-VL, LLaVA class): asked caption_prompt. "
+        "Any other cached id or folder of an image-to-text model works too.",
+    )
+    caption_prompt: str = Field(
+        DEFAULT_CAPTION_PROMPT,
+        min_length=1,
+        max_length=2000,
+        description="The instruction a chat model (JoyCaption, Qwen2.5-VL, ...) is given with each image; the "
+        "other models take none.",
+    )
     overwrite: bool = Field(False, description="Replace existing captions too.")
 
 
@@ -75,47 +79,65 @@ class CaptionJob(CaptionStyle):
 
     folder: str = Field(description="The dataset folder (absolute).")
     files: list[str] = Field(description="The images to caption, relative to folder.")
-    caption_model: str = Field(description="'template', or the folder of an image-to-text model.")
+    caption_model: str = Field(description="'template', or the folder of a captioning model.")
+    caption_prompt: str = Field(DEFAULT_CAPTION_PROMPT, description="A chat model's caption instruction.")
 
 
-def captioner_for(caption_model: str, folder: Path) -> Captioner:
-    """The template captioner for 'template', else the image-to-text model `caption_model`."""
+def captioner_for(caption_model: str, folder: Path, prompt: str = DEFAULT_CAPTION_PROMPT) -> Captioner:
+    """The template captioner for 'template', else the captioning model in the folder `caption_model`."""
     if caption_model == "template":
         return lambda paths: [template_caption(p, folder) for p in paths]
-    return load_captioner(caption_model)
+    return load_captioner(Path(caption_model), prompt)
+
+
+def separator_for(caption_model: str) -> str:
+    """What sets the trigger word and prefix off from the description: a comma before a tagger's tags, so that
+    the trigger is an item of its own where shuffle_caption and keep_tokens count comma-separated items; else a
+    space, as the guide writes `[trigger] [subject] [details], ...`."""
+    return ", " if caption_model != "template" and is_tagger(Path(caption_model)) else " "
 
 
 def write_captions(
-    folder: Path, paths: list[Path], describe: Captioner, style: CaptionStyle
+    folder: Path, paths: list[Path], describe: Captioner, style: CaptionStyle, separator: str = " "
 ) -> Iterator[tuple[list[tuple[str, str]], list[tuple[str, str]]]]:
     """Caption `paths` batch by batch, writing each caption next to its image (atomically).
     Yields, per batch, the (file, caption) pairs written and the (file, reason) pairs skipped:
     a file that is gone or is not a readable image is skipped, not fatal to the set."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
+    from training.image_files import upright_image
     from training.workspace import atomic_write_text
 
     for first in range(0, len(paths), BATCH):
         readable, skipped = [], []
         for path in paths[first : first + BATCH]:
             try:
-                with Image.open(path) as image:
+                with upright_image(path) as image:
                     image.load()  # decodes: a truncated file fails here, not in the captioner's batch
                 readable.append(path)
             except (OSError, UnidentifiedImageError) as exc:
                 skipped.append((str(path.relative_to(folder)), f"not a readable image: {exc}"))
         written = []
         for path, description in zip(readable, describe(readable) if readable else []):
-            caption = compose(description, trigger_word=style.trigger_word, prefix=style.prefix, suffix=style.suffix)
+            caption = compose(
+                description,
+                trigger_word=style.trigger_word,
+                prefix=style.prefix,
+                suffix=style.suffix,
+                separator=separator,
+            )
             atomic_write_text(path.with_suffix(".txt"), caption + "\n")
             written.append((str(path.relative_to(folder)), caption))
         yield written, skipped
 
 
-def compose(description: str, *, trigger_word: str | None, prefix: str = "", suffix: str = "") -> str:
-    """trigger + prefix + description + suffix, as one caption line."""
-    parts = [p.strip() for p in (trigger_word or "", prefix, description, suffix) if p and p.strip()]
-    return re.sub(r"\s+,", ",", " ".join(" ".join(parts).split()))  # a suffix may start with its comma
+def compose(
+    description: str, *, trigger_word: str | None, prefix: str = "", suffix: str = "", separator: str = " "
+) -> str:
+    """trigger + prefix, `separator`, description + suffix, as one caption line."""
+    head = " ".join(p.strip() for p in (trigger_word or "", prefix) if p and p.strip())
+    text = separator.join(p for p in (head, description.strip()) if p) + " " + suffix
+    return re.sub(r"\s+,", ",", " ".join(text.split()))  # a suffix may start with its comma
 
 
 def template_caption(path: Path, root: Path) -> str:
@@ -126,8 +148,10 @@ def template_caption(path: Path, root: Path) -> str:
         words = [w for w in re.split(r"[\W_]+", re.sub(r"^\d+_", "", concept)) if w] or ["subject"]
     from PIL import Image
 
+    from training.image_files import upright_size
+
     with Image.open(path) as image:
-        width, height = image.size
+        width, height = upright_size(image)  # a phone's portrait photo is stored as landscape pixels
     composition = (
         "portrait composition"
         if height > width * 1.2
@@ -136,59 +160,6 @@ def template_caption(path: Path, root: Path) -> str:
         else "centered composition"
     )
     return f"{' '.join(words).lower()}, detailed, high quality, {composition}"
-
-
-def find_caption_model(caption_model: str) -> Path:
-    """The folder of `caption_model`: a short name (blip, blip2, git, ...), a Hugging Face id in
-    the local cache, or a local folder; CaptionerUnavailable says what to do when it is not here."""
-    key = caption_model.lower()
-    if key in UNSUPPORTED:
-        raise CaptionerUnavailable(UNSUPPORTED[key])
-    local = Path(caption_model).expanduser()
-    if local.is_dir():
-        return local
-    repo_id = CAPTION_MODELS.get(key, caption_model)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # the hub raises several types for "not in the cache"
-        raise CaptionerUnavailable(
-            f"captioning model {caption_model!r} is not here: not a local folder and {repo_id!r} is not in the "
-            f"Hugging Face cache ({HF_HUB_CACHE}). Download it once on a machine that is online "
-            f"(huggingface-cli download {repo_id}), give a local folder, or use caption_model='template', "
-            "which works offline."
-        ) from None
-
-
-def load_captioner(caption_model: str) -> Captioner:
-    """A function from image files to descriptions, for the model `find_caption_model` finds."""
-    folder = find_caption_model(caption_model)
-    import torch
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from training.models.loading import pick_device
-
-    device = pick_device()  # the GPU where there is one: BLIP-base takes ~2 s an image on 2 CPU cores
-    try:
-        processor = AutoProcessor.from_pretrained(str(folder))
-        model = AutoModelForImageTextToText.from_pretrained(str(folder)).eval().to(device)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CaptionerUnavailable(f"{folder} is not an image-to-text model transformers can load: {exc}") from None
-
-    def caption(paths: list[Path]) -> list[str]:
-        images = []
-        for path in paths:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        inputs = processor(images=images, return_tensors="pt")
-        with torch.no_grad():
-            ids = model.generate(pixel_values=inputs["pixel_values"].to(device), max_new_tokens=MAX_NEW_TOKENS)
-        return [" ".join(text.split()) for text in processor.batch_decode(ids, skip_special_tokens=True)]
-
-    return caption
 
 
 def run_caption_job(run_dir: Path, stop: threading.Event) -> str:
@@ -206,9 +177,9 @@ def run_caption_job(run_dir: Path, stop: threading.Event) -> str:
         status.start()
         try:
             log.info("captioning %d of %d images in %s with %s", len(todo), len(job.files), folder, job.caption_model)
-            describe = captioner_for(job.caption_model, folder)
+            describe = captioner_for(job.caption_model, folder, job.caption_prompt)
             started, count = time.time(), 0
-            batches = write_captions(folder, todo, describe, job)
+            batches = write_captions(folder, todo, describe, job, separator_for(job.caption_model))
             for written, skipped in batches:
                 for name, caption in written:
                     append_line(done_file, json.dumps({"file": name, "caption": caption}))

@@ -18,14 +18,19 @@ from pathlib import Path
 
 import pynvml
 
+from training.captioners import is_tagger
 from training.config import ConfigError, TrainingConfig
 from training.jobs.store import QueueError, too_many_devices
 
 OVERRIDE = "LORA_MCP_GPUS"
 # A captioning model this small shares a device with whatever runs there instead of taking one: BLIP-base
-# (blip, 990 MB of fp32 weights) and GIT-base (git, 710 MB) need about 1.5 GB with a batch of 8 images, the
-# headroom a training sized for its card usually leaves (SD 1.5 at batch 1 needs ~8 GB of a 12 GB card).
-# BLIP-large (1.9 GB), GIT-large (1.6 GB) and BLIP-2 (7.7 GB in fp16) take a device of their own.
+# (blip, 990 MB of fp32 weights), GIT-base (git, 710 MB) and Florence-2-base (florence2-base, 0.23B
+# parameters, ~0.5 GB in fp16) need about 1.5 GB with a batch of 8 images, the headroom a training sized for
+# its card usually leaves (SD 1.5 at batch 1 needs ~8 GB of a 12 GB card). BLIP-large (1.9 GB), GIT-large
+# (1.6 GB), Florence-2-large (florence2, 0.77B, ~1.5 GB in fp16), BLIP-2 OPT-2.7b (blip2, about 3.9B
+# parameters: 7.7 GB in fp16, 15.5 GB in fp32) and the chat models (Qwen2.5-VL-3B ~7.5 GB, JoyCaption's 8B
+# ~16 GB in bf16) take a device of their own. Weights are measured as stored; a captioner loads them in bf16
+# (fp16) on a GPU.
 SHARED_CAPTION_MODEL_BYTES = 1_200_000_000
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -82,10 +87,12 @@ def training_devices(config_yaml: str, machine: list[str]) -> int:
 
 
 def captioning_devices(caption_model: str) -> int:
-    """0 for the template captioner (no model) and for a model small enough to share; else 1."""
+    """0 for the template captioner (no model), a WD14 tagger and a model small enough to share; else 1."""
     if caption_model == "template":
         return 0
     folder = Path(caption_model)
+    if is_tagger(folder):
+        return 0  # the wd14 extra's onnxruntime runs it on the CPU; onnxruntime-gpu's use of ~0.5 GB can share
     weights = sum(
         path.stat().st_size for path in folder.rglob("*") if path.suffix in WEIGHT_SUFFIXES and path.is_file()
     )
