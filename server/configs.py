@@ -21,12 +21,17 @@ from server.name_locks import name_lock
 from server.names import checked_name, is_safe_name
 from server.paths import check_user_path
 from training.config import STEPS_PER_IMAGE, ConfigError, TrainingConfig
-from training.data.dataset import DatasetError, hold_out, locate_dataset, scan_dataset
+from training.config_import import ConfigImportError, SourceFormat, Unmapped, import_config
+from training.data.dataset import DatasetError, DatasetIndex, hold_out, locate_dataset, scan_dataset
 from training.diagnostics import Finding, preflight_findings
 from training.resume_source import ResumeSourceError, find_resume_lora
 from training.workspace import atomic_write_text, datasets_dir
 
 CONFIG_SUFFIX = ".yaml"
+# A training config is a few KB; a kohya_ss JSON with every GUI field about 10 KB.
+MAX_IMPORT_BYTES = 2**20
+# Folders and files a run reads or writes: in the workspace or an allowed folder.
+_RUN_PATHS = ("dataset_path", "class_data_dir", "resume_from")
 # Model sources that are diffusers folders, whose sizes can be read from their config.json files.
 _DIFFUSERS_KINDS = ("builtin", "folder", "hub")
 
@@ -58,6 +63,37 @@ class ValidationReport(BaseModel):
     )
 
 
+class ImportConfigRequest(BaseModel):
+    """import-config: a config of another trainer (kohya sd-scripts, ai-toolkit) as a saved config."""
+
+    name: str = Field(description="Name of the config to write: letters, digits, '.', '_' or '-'.")
+    content: str | None = Field(
+        None,
+        max_length=MAX_IMPORT_BYTES,
+        description="The config file's text: a kohya sd-scripts TOML (--config_file, and/or its dataset TOML with "
+        "[[datasets]]), a kohya_ss JSON, or an ai-toolkit YAML (config.process). Give content or path.",
+    )
+    path: str | None = Field(
+        None,
+        description="The config file, in the workspace or an allowed folder (a kohya config's dataset_config and "
+        "sample_prompts files are read from beside it when they are allowed too). Give content or path.",
+    )
+    format: SourceFormat | None = Field(None, description="kohya or ai-toolkit; detected from the text when left out.")
+
+
+class UnmappedKey(BaseModel):
+    key: str = Field(description="Where in the source file, e.g. 'train.ema_config' or 'network_args.conv_dim'.")
+    reason: str = Field(description="Why it is not in the config (no equivalent, value not supported, ...).")
+
+
+class ImportedConfig(BaseModel):
+    name: str
+    format: str = Field(description="The source's format: kohya or ai-toolkit.")
+    config: dict[str, Any] = Field(description="Every option of the written config, defaults included.")
+    unmapped: list[UnmappedKey] = Field(description="Source keys the config does not carry (fully), with why.")
+    next_step: str
+
+
 class ConfigService:
     def __init__(self, workspace: Path):
         self.workspace = Path(workspace)
@@ -80,6 +116,73 @@ class ConfigService:
             self._check_paths(config)
             atomic_write_text(path, _stored_yaml(config))
             return config
+
+    def import_config(self, request: ImportConfigRequest) -> ImportedConfig:
+        """A kohya or ai-toolkit config as a saved config, written as `create` writes one. Run folders outside
+        the allowed ones are not kept: the dataset becomes the workspace dataset of the folder's name."""
+        name = checked_name("config", request.name)
+        if (request.content is None) == (request.path is None):
+            raise ServiceError("give the config file's text as content, or the file as path: one of the two")
+        if request.path is not None:
+            source = self._allowed_file("path", request.path, self.workspace)
+            text, beside = self._read_source("path", source), source.parent
+        else:
+            text, beside = request.content, self.workspace
+
+        def read_beside(given: str) -> str:  # the files a kohya config names, under the same rules
+            try:
+                return self._read_source("file", self._allowed_file("file", given, beside))
+            except ServiceError as exc:
+                raise OSError(str(exc)) from None
+
+        try:
+            result = import_config(text, name=name, format=request.format, read_file=read_beside)
+        except ConfigImportError as exc:
+            raise ServiceError(f"config {name!r} not imported: {exc}") from None
+        values, unmapped = result.stored_values(), list(result.unmapped)
+        for field in _RUN_PATHS:
+            if values.get(field):
+                try:
+                    check_user_path(field, values[field], self.workspace)
+                except ServiceError:
+                    unmapped.append(self._outside(field, values))
+        config = self.create(values)
+        return ImportedConfig(
+            name=name,
+            format=result.format,
+            config=config.model_dump(mode="json"),
+            unmapped=[UnmappedKey(key=u.key, reason=u.reason) for u in unmapped],
+            next_step=f"set dataset_path and model_name to this machine's with update-training-config if they "
+            f"differ, then validate-training-config name={name}",
+        )
+
+    def _allowed_file(self, field: str, value: str, base: Path) -> Path:
+        given = Path(value).expanduser()
+        path = given if given.is_absolute() else base / given
+        check_user_path(field, str(path), self.workspace)
+        return path
+
+    def _read_source(self, field: str, path: Path) -> str:
+        try:
+            if path.stat().st_size > MAX_IMPORT_BYTES:
+                raise ServiceError(f"{field} {str(path)!r} is over {MAX_IMPORT_BYTES} bytes: not a training config")
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ServiceError(f"cannot read {field} {str(path)!r}: {getattr(exc, 'strerror', None) or exc}") from None
+
+    @staticmethod
+    def _outside(field: str, values: dict[str, Any]) -> Unmapped:
+        """A run folder of another machine: dataset_path becomes the folder's name (a workspace dataset, made
+        with upload-dataset or import-dataset), the others are left out (their defaults apply)."""
+        given = values.pop(field)
+        if field != "dataset_path":
+            return Unmapped(field, f"{given!r} is outside the folders this server may use: left out")
+        values[field] = Path(given.replace("\\", "/")).name or "dataset"
+        return Unmapped(
+            field,
+            f"{given!r} is outside the folders this server may use: the config names the workspace dataset "
+            f"{values[field]!r} instead (upload-dataset or import-dataset it, or set dataset_path)",
+        )
 
     def list(self) -> list[ConfigSummary]:
         if not self.folder.is_dir():
@@ -192,7 +295,7 @@ class ConfigService:
             return getattr(config, field) if config is not None else _usable_value(raw, field)
 
         trigger_words = option("trigger_words") or {}
-        images = check_dataset(
+        dataset = check_dataset(
             option("dataset_path") or "",
             trigger_word=option("trigger_word"),
             trigger_words={str(k): v for k, v in trigger_words.items() if isinstance(v, str) and v.strip()},
@@ -203,7 +306,11 @@ class ConfigService:
             seed=option("seed"),
         )
         native, family = check_model(
-            option("model_name"), option("base_model_config"), errors=errors, model_family=option("model_family")
+            option("model_name"),
+            option("base_model_config"),
+            errors=errors,
+            warnings=warnings,
+            model_family=option("model_family"),
         )
         if option("resume_from"):
             try:  # here, not when the job has started: a name that finds nothing fails before any work
@@ -211,8 +318,15 @@ class ConfigService:
             except ResumeSourceError as exc:
                 errors.append(str(exc))
 
+        images = dataset.num_images if dataset is not None else None
         if config is not None:
-            warnings.extend(config.warnings())
+            captions = [record.caption for record in dataset.images] if dataset is not None else []
+            warnings.extend(config.warnings(captions))
+            if dataset is not None:
+                try:
+                    config.check_prior_class(captions)
+                except ConfigError as exc:
+                    errors.extend(exc.problems)
             family_errors, family_warnings = config.family_conflicts(family)
             errors.extend(family_errors)
             warnings.extend(family_warnings)
@@ -244,7 +358,7 @@ class ConfigService:
     def _check_paths(self, config: TrainingConfig) -> None:
         """Folders and files the run reads or writes must be in the workspace or an allowed folder
         (model_name and base_model_config are only read, and may be anywhere)."""
-        for field in ("dataset_path", "class_data_dir", "resume_from"):
+        for field in _RUN_PATHS:
             value = getattr(config, field)
             if value:
                 check_user_path(field, value, self.workspace)
@@ -376,9 +490,9 @@ def check_dataset(
     warnings: list[str],
     validation_split: float,
     seed: int,
-) -> int | None:
-    """The number of training images, as the run counts them (validation_split held out), or None with
-    the reason appended to `errors`."""
+) -> DatasetIndex | None:
+    """The dataset as the run reads it (validation_split held out), or None with the reason appended to
+    `errors`."""
     try:
         folder = locate_dataset(dataset_path, datasets_dir())
         index = scan_dataset(
@@ -392,7 +506,7 @@ def check_dataset(
         errors.append(f"dataset {dataset_path!r} cannot be read: {exc}")
         return None
     warnings.extend(f"dataset: {w}" for w in index.warnings)
-    return index.num_images
+    return index
 
 
 class ModelCheck(NamedTuple):
@@ -401,15 +515,27 @@ class ModelCheck(NamedTuple):
 
 
 def check_model(
-    model_name: str, base_model_config: str | None, *, errors: list[str], model_family: str = "auto"
+    model_name: str,
+    base_model_config: str | None,
+    *,
+    errors: list[str],
+    warnings: list[str] | None = None,
+    model_family: str = "auto",
 ) -> ModelCheck:
     """What the model's files say, without loading weights; a missing model, or one of a family this
-    trainer cannot train, goes to `errors`."""
+    trainer cannot train, goes to `errors`. A hub model not downloaded yet on a machine that is online is
+    a warning: start-training downloads it first (its files are checked by the training job then)."""
     from training.families import check_family, read_geometry
-    from training.models.source import ModelNotFoundError, resolve_model
+    from training.models.source import ModelNotCachedError, ModelNotFoundError, renamed_note, resolve_model
 
+    warnings = [] if warnings is None else warnings
     try:
+        if note := renamed_note(model_name):
+            warnings.append(f"model: {note}")
         source = resolve_model(model_name, base_model_config)
+    except ModelNotCachedError as exc:
+        warnings.append(f"model: {exc}")
+        return ModelCheck(None, None if model_family == "auto" else model_family)
     except ModelNotFoundError as exc:
         errors.append(f"model: {exc}")
         return ModelCheck(None, None if model_family == "auto" else model_family)

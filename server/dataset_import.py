@@ -20,7 +20,7 @@ from server.dataset_schemas import FileOutcome, ImportedConcept, ImportResult, R
 from server.errors import ServiceError, WorkspaceStateError
 from server.image_checks import check_room, checked_image, read_image_file, read_regular_file, write_image_with_caption
 from server.paths import ALLOWED_DIRS_ENV, allowed_roots, check_user_path
-from training.data.dataset import IMAGE_SUFFIXES, VALIDATION_FOLDER
+from training.data.dataset import CLASS_FOLDER, IMAGE_SUFFIXES, VALIDATION_FOLDER
 
 MAX_CAPTION_BYTES = 1024 * 1024  # one imported caption file
 MAX_IMPORT_ENTRIES = 20_000  # files and folders one import walks through
@@ -136,7 +136,8 @@ def _import_next_step(name: str, folder: Path, mode: str, concepts: list[Importe
     if len(concepts) > 1:
         text += (
             " It has several concepts: each trains on its folder's name as trigger word unless the config's "
-            "trigger_words maps the folder to another."
+            "trigger_words maps the folder to another, or its captions all start with a trigger of their own "
+            "(get-dataset-info says which trigger each concept gets, and why)."
         )
     if any(c.repeats < 1 for c in concepts):
         text += " A folder with repeat count 0 (0_name) cannot be trained: rename it to 1_name or more."
@@ -337,7 +338,7 @@ def _concepts(folder: Path) -> tuple[list[ImportedConcept], int]:
         images, _, _ = count_dataset(sub)
         if sub.name == VALIDATION_FOLDER:
             validation = images
-        elif images:
+        elif images and sub.name != CLASS_FOLDER:  # class images are prior preservation's, not a concept
             match = _REPEAT_FOLDER.match(sub.name)
             repeats, name = (int(match.group(1)), match.group(2)) if match else (1, sub.name)
             concepts.append(ImportedConcept(folder=sub.name, name=name, repeats=repeats, images=images))

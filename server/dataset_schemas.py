@@ -40,7 +40,8 @@ class UploadImage(BaseModel):
     """One item of upload-dataset's `images`."""
 
     filename: str = Field(
-        description="Plain file name inside the dataset, e.g. 'img001.png' (no folders); "
+        description="File name inside the dataset, e.g. 'img001.png', or with one folder level: '10_cat/a.png' "
+        "(a concept repeated 10 times), 'validation/b.png' (held out), 'class/c.png' (prior-preservation images); "
         "it must end in .jpg, .jpeg, .png or .webp and match the image's real format."
     )
     content: str | None = Field(
@@ -48,7 +49,9 @@ class UploadImage(BaseModel):
     )
     data: str | None = Field(None, description="Accepted as a synonym of content; give one of the two.")
     caption: str | None = Field(
-        None, description="Caption saved as the same-named .txt file beside the image (e.g. img001.txt)."
+        None,
+        description="Caption saved as the same-named .txt file beside the image (e.g. img001.txt). A class/ image "
+        "trains on its caption too (as kohya's regularization images); one without trains on class_prompt.",
     )
 
 
@@ -85,7 +88,8 @@ class ImportedConcept(BaseModel):
     )
     name: str = Field(
         description="The concept's name: the folder name without its repeat count (e.g. 'xyz_cat'); training "
-        "uses it as the concept's trigger word unless the config's trigger_words says otherwise. '' for root images."
+        "puts it first in the captions as the concept's trigger unless the config's trigger_words says otherwise "
+        "or the captions all start with a trigger of their own (get-dataset-info says which). '' for root images."
     )
     repeats: int = Field(description="How often each image of the concept is used per epoch (the folder's N_ prefix).")
     images: int = Field(description="Images the concept holds now, subfolders included.")

@@ -33,9 +33,8 @@ from server.dataset_contents import CAPTION_SUFFIX
 from server.dataset_import import MAX_CAPTION_BYTES, MAX_IMPORT_ENTRIES
 from server.dataset_schemas import FileOutcome, Refused
 from server.errors import ServiceError
-from server.image_checks import MAX_DATASET_BYTES, MAX_IMAGE_BYTES
+from server.image_checks import MAX_DATASET_BYTES, MAX_IMAGE_BYTES, path_part_problem
 from server.limits import MB
-from server.names import plain_filename_problem
 from training.data.dataset import IMAGE_SUFFIXES
 
 # PNG, JPEG and WebP are compressed already (deflate shrinks them by a few percent) and captions are text
@@ -48,10 +47,9 @@ TOTAL_RATIO_FLOOR = 100 * MB
 # A central directory record is 46 bytes plus its name (at most 255 bytes here) and extra fields (about
 # 40 bytes from common zippers): 1 KB per entry is generous, and bounds what parsing the directory costs.
 MAX_DIRECTORY_BYTES = MAX_IMPORT_ENTRIES * 1024
-# Linux and macOS refuse a file name over 255 bytes. Datasets are at most two folders deep
+# Each part of a path is at most MAX_NAME_BYTES (255). Datasets are at most two folders deep
 # (10_xyz_cat/img001.png): 512 bytes is room for any such path, under macOS' 1024-byte limit for the whole
 # path with the workspace's own in front.
-MAX_PART_BYTES = 255
 MAX_PATH_BYTES = 512
 # The records at a zip's end (APPNOTE 4.3.14-16, 4.3.12): the end record (after it a comment of up to
 # 64 KB), the zip64 locator before it and the zip64 end record before that; a central directory record.
@@ -296,12 +294,8 @@ def _entry_path(info: zipfile.ZipInfo) -> str | None:
     if len(name.encode("utf-8")) > MAX_PATH_BYTES:
         raise Refused(f"its path is longer than {MAX_PATH_BYTES} bytes: {_ZIP_HINT}")
     for part in parts:
-        if len(part.encode("utf-8")) > MAX_PART_BYTES:
-            raise Refused(f"a part of its path is longer than {MAX_PART_BYTES} bytes, which no file system takes")
-        if problem := plain_filename_problem(part):
+        if problem := path_part_problem(part):
             raise Refused(f"the path's part {part!r} {problem}: {_ZIP_HINT}")
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in part):
-            raise Refused(f"the path contains control characters: {_ZIP_HINT}")
     return "/".join(parts)
 
 

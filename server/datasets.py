@@ -1,7 +1,8 @@
 """Datasets uploaded through the server: `<workspace>/datasets/<name>/`, one folder per dataset.
 
 `upload` takes images as base64 with optional captions and judges each file on its own: a
-file is saved only when its name is a plain image file name, its bytes decode fully as an
+file is saved only when its name is a plain image file name, or one with one folder level
+(`10_cat/a.png`, `validation/b.png`, `class/c.png`: the layout training reads), its bytes decode fully as an
 image of the format its suffix says, and it does not replace an existing file unless asked.
 A saved image is written atomically together with its same-named `.txt` caption, so the
 folder never holds a torn image or an image whose caption is missing half-way; a refused file
@@ -122,7 +123,7 @@ class DatasetService:
 
         outcomes: list[FileOutcome] = []
         seen_names: set[str] = set()
-        seen_stems: dict[str, str] = {}  # caption file stem -> first filename in this batch with it
+        seen_stems: dict[str, str] = {}  # caption file's path less .txt -> first filename in this batch with it
         contents = _FolderIndex(folder)
         for index, item in enumerate(images):
             filename = _given_filename(item, index)
@@ -172,7 +173,7 @@ class DatasetService:
                 "Give each image its own name."
             )
         seen_names.add(image.filename)
-        stem = Path(image.filename).stem
+        stem = Path(image.filename).with_suffix("").as_posix()  # with its folder: '10_cat/a'
         if stem in seen_stems:
             raise Refused(
                 f"it would share the caption file {stem}{CAPTION_SUFFIX} with {seen_stems[stem]} earlier in this "

@@ -207,7 +207,7 @@ def _evidence(status: JobStatus) -> RunEvidence:
         evidence = RunEvidence(config=_request_config(run_dir), state=status.state, error=status.error)
     config = evidence.config
     errors: list[str] = []
-    images = check_dataset(
+    dataset = check_dataset(
         config.dataset_path,
         trigger_word=config.trigger_word,
         trigger_words=config.trigger_words,
@@ -220,6 +220,7 @@ def _evidence(status: JobStatus) -> RunEvidence:
     native, family = check_model(
         config.model_name, config.base_model_config, errors=errors, model_family=config.model_family
     )
+    images = dataset.num_images if dataset is not None else None
     return evidence.model_copy(update={"images": images, "native_resolution": native, "model_family": family})
 
 

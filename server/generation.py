@@ -26,7 +26,7 @@ from training.generation import GenerationRequest
 from training.guide import SMALLEST_REAL_NATIVE  # smaller: a built-in test model, rendered inline
 from training.jobs.store import JobRecord
 from training.request_child import NO_CONSOLE_WINDOW
-from training.run_files import RunFiles
+from training.run_files import RUN_KEY, RunFiles, trained_base_model
 
 MAX_SIDE = 2048
 
@@ -42,8 +42,17 @@ def plan_generation(workspace: Path, request: GenerationRequest) -> GenerationPl
     if not request.prompt.strip():
         raise ServiceError("prompt is empty: describe the image, starting with the LoRA's trigger word")
     paths = [lora_path(workspace, item.lora) for item in request.loras]
-    model = request.model_name or _model_of(paths) or DEFAULT_MODEL
-    native, step = model_geometry(model)
+    recorded = None if request.model_name else _model_of(workspace, paths)
+    model = request.model_name or recorded or DEFAULT_MODEL
+    try:
+        native, step = model_geometry(model)
+    except ServiceError as exc:
+        if recorded is None:
+            raise
+        raise ServiceError(
+            f"{paths[0].name} records {recorded!r} as its base model, which is not here (its run may be deleted): "
+            f"give model_name, the base model it was trained on. {exc}"
+        ) from None
     for side, value in (("width", request.width), ("height", request.height)):
         if value is not None and (value % step or not step <= value <= MAX_SIDE):
             raise ServiceError(
@@ -97,14 +106,16 @@ def render_now(workspace: Path, plan: GenerationPlan) -> list[Path]:
     return [files.samples / name for name in status["latest_samples"]]
 
 
-def _model_of(paths: list[Path]) -> str | None:
-    """The base model the first LoRA was trained on, as its metadata records it."""
+def _model_of(workspace: Path, paths: list[Path]) -> str | None:
+    """The base model the first LoRA was trained on, as its metadata (and this workspace's run) records it."""
     from server.safetensors_file import InvalidSafetensors, safetensors_metadata
 
     for path in paths[:1]:
         try:
-            training = json.loads(safetensors_metadata(path).get("training_config", "{}"))
-        except (InvalidSafetensors, json.JSONDecodeError):
+            metadata = safetensors_metadata(path)
+            recorded = json.loads(metadata.get("training_config", "{}")).get("model_name")
+        except (InvalidSafetensors, json.JSONDecodeError, AttributeError):
             return None
-        return training.get("model_name")
+        # a local model is recorded by its folder's name only: its run's config has the path
+        return recorded and trained_base_model(recorded, metadata.get(RUN_KEY), workspace / "runs")
     return None

@@ -41,26 +41,47 @@ _FORMATS_BY_SUFFIX = {
 _SUFFIX_BY_FORMAT = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp"}
 _DATA_URL = re.compile(r"^data:[^,]*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(rb"\s+")
-_MAX_NAME_BYTES = 255
+MAX_NAME_BYTES = 255  # Linux and macOS refuse a longer file or folder name
 
 
 def check_filename(filename: str) -> None:
-    plain = "use a plain file name such as 'img001.png', without folders"
-    if problem := plain_filename_problem(filename):
-        raise Refused(f"the filename {problem}: {plain}")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in filename):
-        raise Refused(f"the filename contains control characters: {plain}")
-    if len(filename.encode("utf-8", errors="replace")) > _MAX_NAME_BYTES:
-        raise Refused(f"the filename is longer than {_MAX_NAME_BYTES} bytes: use a shorter name")
-    if Path(filename).name != filename or not Path(filename).stem:
+    """A plain image file name, or one with one folder level of the dataset ('10_cat/a.png', 'validation/b.png',
+    'class/c.png': the layout training reads); each part is checked as a plain name."""
+    plain = "use a plain file name such as 'img001.png', or one folder and a name such as '10_cat/img001.png'"
+    if not isinstance(filename, str) or not filename.strip():
+        raise Refused(f"the filename is empty: {plain}")
+    if "\\" in filename:
+        raise Refused(f"the filename contains a backslash: separate a folder from the name with '/' ({plain})")
+    if filename.startswith("/"):
+        raise Refused(f"the filename is an absolute path, which would land outside the dataset: {plain}")
+    parts = filename.split("/")
+    if "" in parts:
+        raise Refused(f"the filename has an empty part (a '/' at its end, or '//'): {plain}")
+    if len(parts) > 2:
+        raise Refused(f"the filename has {len(parts) - 1} folder levels; an upload takes one folder level: {plain}")
+    for part in parts:
+        if problem := path_part_problem(part):
+            raise Refused(f"the filename's part {part!r} {problem}: {plain}")
+    if not Path(parts[-1]).stem:
         raise Refused(plain)
-    suffix = Path(filename).suffix.lower()
+    suffix = Path(parts[-1]).suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
         raise Refused(
             f"{suffix or 'a name without a suffix'} is not taken: an image's name must end in "
             f"{', '.join(IMAGE_SUFFIXES[:-1])} or {IMAGE_SUFFIXES[-1]} (captions go in the caption field, "
             "not as .txt files)"
         )
+
+
+def path_part_problem(part: str) -> str | None:
+    """Why `part` cannot be a file or folder name in a dataset, said after "the part 'x'", or None."""
+    if problem := plain_filename_problem(part):
+        return problem
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in part):
+        return "contains control characters"
+    if len(part.encode("utf-8", errors="replace")) > MAX_NAME_BYTES:
+        return f"is longer than {MAX_NAME_BYTES} bytes, which no file system takes"
+    return None
 
 
 def decoded_bytes(image: UploadImage) -> bytes:
@@ -126,10 +147,12 @@ def checked_image(filename: str, data: bytes, imported: bool = False) -> tuple[i
     `imported`: the advice in a refusal is for a file on the server's disk, not for an upload."""
     from PIL import Image, UnidentifiedImageError  # here, not at import: the server's start-up stays light
 
+    from training.image_files import upright_size
+
     try:
         with Image.open(io.BytesIO(data)) as image:  # reads the header only
             image_format = image.format
-            size = image.size
+            size = upright_size(image)  # as displayed: a phone's portrait photo is stored landscape
             # Pillow only warns between its pixel limit and twice that; refuse from the limit, before decoding.
             limit = MAX_IMAGE_PIXELS or Image.MAX_IMAGE_PIXELS
             if limit and image.width * image.height > limit:

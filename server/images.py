@@ -68,9 +68,9 @@ def _value_range(values: list[tuple[int, float]]) -> tuple[float, float]:
 
 def thumbnail_png(path: Path) -> bytes:
     """An image scaled to at most SAMPLE_MAX_SIDE, as PNG bytes."""
-    from PIL import Image
+    from training.image_files import upright_image
 
-    with Image.open(path) as image:
+    with upright_image(path) as image:
         image.thumbnail((SAMPLE_MAX_SIDE, SAMPLE_MAX_SIDE))
         return _png(image.convert("RGB"))
 

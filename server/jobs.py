@@ -1,8 +1,10 @@
 """Background jobs as the tools see them: start, stop, resume, delete and prune jobs, and their status.
 
-Three kinds of job share the table: `training` (a `lora-train` process), `captioning` (a
-`python -m training.captioning` process, for generate-captions on a long set) and `generation`
-(`python -m training.generation`, for generate-image with a real model). The table, the devices each job
+Four kinds of job share the table: `training` (a `lora-train` process), `captioning` (a
+`python -m training.captioning` process, for generate-captions on a long set), `generation`
+(`python -m training.generation`, for generate-image with a real model) and `download`
+(`python -m training.downloads`, a base model from the Hugging Face hub; a training of that model waits
+for it). The table, the devices each job
 takes, the claim of queued jobs and their child processes are the queue's, in `training.jobs` (below the
 server: a child that ends starts the next queued job with no server running); this module keeps the
 rules of the calls and words their refusals. A job's progress is read from its run directory
@@ -54,14 +56,31 @@ class JobStatus(BaseModel):
     job_id: str
     kind: JobKind = Field(
         "training",
-        description="training (start-training), captioning (generate-captions on a long set) or generation "
-        "(generate-image / compare-lora-strengths with a real model)",
+        description="training (start-training), captioning (generate-captions on a long set), generation "
+        "(generate-image / compare-lora-strengths with a real model) or download (a base model from the Hugging "
+        "Face hub: download-base-model, or start-training for a model that is not here yet)",
     )
-    config_name: str = Field(description="The config trained; for a captioning job, the dataset.")
+    config_name: str = Field(
+        description="The config trained; for a captioning job, the dataset; for a download job, the model id."
+    )
     state: JobState = Field(description="queued, running, completed, failed, stopped or interrupted")
-    step: int = Field(0, description="Optimizer steps done; for a captioning job, images captioned.")
+    step: int = Field(
+        0, description="Optimizer steps done; for a captioning job, images captioned; for a download job, files."
+    )
     total_steps: int | None = None
-    percent: float | None = Field(None, description="step / total_steps x 100")
+    percent: float | None = Field(None, description="step / total_steps x 100 (a download: bytes_done / bytes_total)")
+    bytes_done: int | None = Field(
+        None, description="A download job: bytes of the model in the cache so far (partial files included)."
+    )
+    bytes_total: int | None = Field(None, description="A download job: bytes of the files the pipeline needs.")
+    bytes_per_s: int | None = Field(
+        None, description="A download job: the speed of this run's bytes (a resumed job counts from its restart)."
+    )
+    waits_for: str | None = Field(
+        None,
+        description="A queued job that starts only once this job completes (a training waiting for the download "
+        "of its model); if that job fails, this one fails with its error.",
+    )
     loss: float | None = Field(None, description="smoothed training loss")
     lr: float | None = None
     grad_norm: float | None = Field(
@@ -148,15 +167,23 @@ class JobService:
         self.store = self.queue.store
 
     # --- commands ------------------------------------------------------------------------------
-    def start(self, config_name: str, config_yaml: str) -> JobRecord:
-        """Queue a training job for a config's YAML, as given (it is copied, so later edits do not change it).
-        Front ends start saved configs through `TrainingService.start`, which validates them first."""
+    def start(self, config_name: str, config_yaml: str, *, after: str | None = None) -> JobRecord:
+        """Queue a training job for a config's YAML, as given (it is copied, so later edits do not change it),
+        to start once job `after` (a download) has completed. Front ends start saved configs through
+        `TrainingService.start`, which validates them first."""
         checked_name("config", config_name)
         try:
             devices = training_devices(config_yaml, self.queue.machine)
         except QueueError as exc:
             raise ServiceError(str(exc)) from None
-        return self._queue("training", config_name, config_name, "request.yaml", config_yaml, devices)
+        return self._queue("training", config_name, config_name, "request.yaml", config_yaml, devices, after=after)
+
+    def start_download(self, repo_id: str, *, join: bool = False) -> JobRecord:
+        """Queue the download of a hub model (training/downloads.py); it takes no device. `join`: a download
+        of it already queued or running is returned instead of refused."""
+        prefix = f"download-{repo_id.split('/')[-1][:40]}"
+        request = json.dumps({"repo_id": repo_id})
+        return self._queue("download", repo_id, prefix, "request.json", request, 0, join=join)
 
     def start_captioning(self, dataset_label: str, request_json: str) -> JobRecord:
         """Queue a captioning job: `request_json` is a training.captioning.CaptionJob."""
@@ -172,7 +199,16 @@ class JobService:
         return self._queue("generation", label, f"images-{label}", "request.json", request_json, 1)
 
     def _queue(
-        self, kind: JobKind, subject: str, prefix: str, request_name: str, request: str, devices: int
+        self,
+        kind: JobKind,
+        subject: str,
+        prefix: str,
+        request_name: str,
+        request: str,
+        devices: int,
+        *,
+        after: str | None = None,
+        join: bool = False,
     ) -> JobRecord:
         job_id = f"{prefix}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
         run_dir = self.workspace / "runs" / job_id
@@ -186,11 +222,14 @@ class JobService:
             run_dir=str(run_dir),
             created_at=time.time(),
             devices_wanted=devices,
+            after_job=after,
         )
         active = self.store.insert_unless_active(record)
         if active is not None:
             shutil.rmtree(run_dir, ignore_errors=True)
-            what = "config" if kind == "training" else "dataset"
+            if join:
+                return active
+            what = {"training": "config", "download": "model"}.get(kind, "dataset")
             raise WorkspaceStateError(
                 f"{what} {subject!r} already has {kind} job {active.job_id} ({active.state}); watch it with "
                 "get-training-status, or stop-training it first"
@@ -248,7 +287,7 @@ class JobService:
         metrics and checkpoints, and only training and generation make images."""
         status = self.status(job_id)
         if status.kind != "training" and status.kind not in also:
-            made = {"captioning": "captions", "generation": "images"}[status.kind]
+            made = {"captioning": "captions", "generation": "images", "download": "a base model"}[status.kind]
             raise WorkspaceStateError(
                 f"job {job_id} is a {status.kind} job: it makes {made}, not a LoRA; get-training-status and "
                 "get-training-logs show it"
@@ -356,6 +395,8 @@ class JobService:
         status = read_status(Path(record.run_dir)) if record.state != "queued" or record.resume else {}
         total = status.get("total_steps")
         step = status.get("step") or 0
+        done, size = status.get("bytes_done"), status.get("bytes_total")
+        percent = 100.0 * (done / size if size else step / total) if size or total else None
         return JobStatus(
             job_id=record.job_id,
             kind=record.kind,
@@ -363,7 +404,11 @@ class JobService:
             state=record.state,
             step=step,
             total_steps=total,
-            percent=round(100.0 * step / total, 1) if total else None,
+            percent=round(percent, 1) if percent is not None else None,
+            bytes_done=done,
+            bytes_total=size,
+            bytes_per_s=status.get("bytes_per_s") if record.state == "running" else None,
+            waits_for=record.after_job if record.state == "queued" else None,
             loss=status.get("loss"),
             lr=status.get("lr"),
             grad_norm=status.get("grad_norm"),

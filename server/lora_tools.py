@@ -3,8 +3,11 @@ argument names a file.
 
 A `lora` is the name of an exported LoRA in `<workspace>/loras` (as list-exported-models shows it,
 with or without `.safetensors`), or a path to a `.safetensors` file inside the workspace or a folder
-this server may use (server/paths.py). Results are written to `loras/<output_name>.safetensors`
-with the same `.json` sidecar as an export; an existing name is refused, never overwritten.
+this server may use (server/paths.py); any layout diffusers loads is read (training/lora.py). Results
+are published into `loras/<output_name>.safetensors` (training/published_loras.py) with the same
+`.json` sidecar as an export. Nothing there is ever overwritten: an output_name the user gave is exact,
+and a taken one is refused (checked before the work and again as the file is linked into place, where a
+completing job may have taken it meanwhile); convert-lora's default name takes the next free number.
 
 The merge and the conversion need torch and diffusers, which the server never imports: each runs as a
 short-lived child process (`python -m training.merge` / `training.convert`, training/request_child.py).
@@ -12,8 +15,7 @@ short-lived child process (`python -m training.merge` / `training.convert`, trai
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -21,11 +23,11 @@ from pydantic import BaseModel, Field, ValidationError
 
 from server.errors import ServiceError, WorkspaceStateError
 from server.loras import ExportedLora, exported_path
-from server.name_locks import name_lock
 from server.names import checked_name
 from server.paths import check_user_path, looks_like_path
 from server.safetensors_file import InvalidSafetensors, lora_layout, safetensors_metadata
 from training.generation import MAX_STRENGTH
+from training.published_loras import NameTaken, name_taken, publish
 from training.request_child import RequestRefused, run_request
 from training.workspace import atomic_write_json
 
@@ -41,20 +43,32 @@ class MergeSource(BaseModel):
     )
 
 
+_MODEL_NAME = (
+    "The base model the LoRA(s) were trained for (an id, a diffusers folder or builtin:...). Default: the one "
+    "a LoRA of ours records; a LoRA made elsewhere (kohya, LoCon, civitai) needs it."
+)
+
+
 class MergeRequest(BaseModel):
     loras: list[MergeSource] = Field(description="[{lora: name or path, weight}], at least two.")
-    output_name: str = Field(description="Name of the merged LoRA in loras/.")
+    output_name: str = Field(description="Name of the merged LoRA in loras/, exact: a taken name is refused.")
     output_format: LoraTarget = Field(
         "comfyui",
         description="comfyui (default): what ComfyUI loads, the kohya layout for SD 1.x/2.x/SDXL and the "
         "diffusers layout with alphas for FLUX; kohya for A1111/Forge (not for FLUX); diffusers (peft keys).",
     )
+    model_name: str | None = Field(None, description=_MODEL_NAME)
 
 
 class ConvertRequest(BaseModel):
     lora: str = Field(description="An exported LoRA's name or a .safetensors path.")
     to: LoraTarget = Field(description="The layout to write.")
-    output_name: str | None = Field(None, description="Name in loras/; default '<lora>-<to>'.")
+    output_name: str | None = Field(
+        None,
+        description="Name in loras/, exact: a taken name is refused. Default '<lora>-<to>', or '<lora>-<to>-2', "
+        "... when that is taken; the result's name says which.",
+    )
+    model_name: str | None = Field(None, description=_MODEL_NAME)
 
 
 def lora_path(workspace: Path, reference: str) -> Path:
@@ -89,7 +103,11 @@ def lora_path(workspace: Path, reference: str) -> Path:
 
 
 def merge_loras(
-    workspace: Path, loras: list[MergeSource | dict], output_name: str, output_format: LoraTarget
+    workspace: Path,
+    loras: list[MergeSource | dict],
+    output_name: str,
+    output_format: LoraTarget,
+    model_name: str | None = None,
 ) -> ExportedLora:
     """Merge `loras` (each at its weight) into `loras/<output_name>.safetensors`: at strength 1 the
     result equals loading them together at those weights (training/merge.py)."""
@@ -100,28 +118,45 @@ def merge_loras(
     if len(sources) < 2:
         raise ServiceError(f"merging needs at least 2 LoRAs, got {len(sources)}; list-exported-models lists them")
     _checked_target(output_format)
-    with _new_output(workspace, output_name) as target:
-        paths = [lora_path(workspace, source.lora) for source in sources]
-        weighted = [(str(path), source.weight) for path, source in zip(paths, sources)]
+    name = _output_name(workspace, output_name, exact=True)
+    paths = [lora_path(workspace, source.lora) for source in sources]
+    weighted = [(str(path), source.weight) for path, source in zip(paths, sources)]
+
+    def merge(target: Path) -> None:
         try:
-            run_request("training.merge", sources=weighted, target=str(target), output_format=output_format)
+            run_request(
+                "training.merge",
+                sources=weighted,
+                target=str(target),
+                output_format=output_format,
+                model_name=model_name,
+            )
         except RequestRefused as exc:
             raise WorkspaceStateError(f"cannot merge these LoRAs: {exc}") from None
-        return _record(target)
+
+    return _published(workspace, name, merge, exact=True)
 
 
-def convert_lora(workspace: Path, lora: str, to: LoraTarget, output_name: str | None = None) -> ExportedLora:
+def convert_lora(
+    workspace: Path, lora: str, to: LoraTarget, output_name: str | None = None, model_name: str | None = None
+) -> ExportedLora:
     """Write `lora` again in the layout `to` as `loras/<output_name>.safetensors` (default
     '<lora>-<to>'), losslessly. "comfyui" is what ComfyUI's LoraLoader reads: the kohya layout, or for
     FLUX the diffusers layout with alphas."""
     _checked_target(to)
     source = lora_path(workspace, lora)
-    with _new_output(workspace, output_name or f"{source.stem}-{to}") as target:
+    exact = output_name is not None
+    name = _output_name(workspace, output_name or f"{source.stem}-{to}", exact=exact)
+
+    def convert(target: Path) -> None:
         try:
-            run_request("training.convert", source=str(source), target=str(target), output_format=to)
+            run_request(
+                "training.convert", source=str(source), target=str(target), output_format=to, model_name=model_name
+            )
         except RequestRefused as exc:
             raise WorkspaceStateError(f"cannot convert {lora!r} to {to}: {exc}") from None
-        return _record(target)
+
+    return _published(workspace, name, convert, exact=exact)
 
 
 def _checked_target(output_format: str) -> None:
@@ -129,19 +164,29 @@ def _checked_target(output_format: str) -> None:
         raise ServiceError(f"unknown LoRA format {output_format!r}; use one of {', '.join(get_args(LoraTarget))}")
 
 
-@contextmanager
-def _new_output(workspace: Path, output_name: str) -> Iterator[Path]:
-    """The free path loras/<output_name>.safetensors, its name locked until the LoRA and its sidecar are
-    written: two merges (or a merge and an upload) naming one file cannot both find it free."""
+def _output_name(workspace: Path, output_name: str, *, exact: bool) -> str:
+    """The checked name; an exact one that is taken is refused now, before the work (publish checks again)."""
     name = checked_name("output", output_name.removesuffix(".safetensors"))
-    with name_lock(workspace, "lora", name):
-        target = Path(workspace) / "loras" / f"{name}.safetensors"
-        if target.exists() or target.with_suffix(".json").exists():
-            raise WorkspaceStateError(
-                f"a LoRA named {name!r} exists already in loras/; choose another output_name "
-                "(list-exported-models lists the names taken)"
-            )
-        yield target
+    if exact and name_taken(Path(workspace) / "loras", name):
+        raise _taken(name)
+    return name
+
+
+def _taken(name: str) -> WorkspaceStateError:
+    return WorkspaceStateError(
+        f"a LoRA named {name!r} exists already in loras/ and is never overwritten; choose another output_name "
+        "(list-exported-models lists the names taken)"
+    )
+
+
+def _published(workspace: Path, name: str, write: Callable[[Path], None], *, exact: bool) -> ExportedLora:
+    """`write` (a child process writing a LoRA file) published into loras/ as `name` (a numbered name when
+    it is taken and not `exact`), with its sidecar."""
+    try:
+        target = publish(Path(workspace) / "loras", name, None, write, exact=exact)
+    except NameTaken:
+        raise _taken(name) from None
+    return _record(target)
 
 
 def _record(target: Path) -> ExportedLora:

@@ -10,7 +10,7 @@ Choices made here:
   not looked up (that could start a download); validate-training-config checks it later.
 - The config is named '<dataset>-<lora_type>', with '-2', '-3', ... when a config of that name exists,
   so create-training-config accepts the plan's config as it is.
-- The trigger word is the one the dataset already has (its one concept folder's name, or a word
+- The trigger word is the one the dataset already has (its one concept folder's trigger, or a word
   every caption starts with), else 'xyz_<dataset name>': see `trigger_word_for`.
 
 Nothing heavy is imported at import time: the server imports this module at start-up.

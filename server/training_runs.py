@@ -12,8 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
+from pydantic import BaseModel, Field
+
 from server.configs import ConfigService
-from server.errors import WorkspaceStateError
+from server.errors import ServiceError, WorkspaceStateError
 from server.jobs import JobService, JobStatus
 from server.names import plain_filename_problem
 from training.workspace import read_jsonl
@@ -27,21 +29,63 @@ class Sample(NamedTuple):
     path: Path
 
 
+class BaseModelDownload(BaseModel):
+    """download-base-model: a diffusers pipeline from the Hugging Face hub into this machine's HF cache."""
+
+    model_name: str = Field(
+        description="A Hugging Face id of a diffusers pipeline (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5, "
+        "stabilityai/stable-diffusion-xl-base-1.0), as model_name of a config names it. Built-in models, local "
+        "paths and models already cached are refused: there is nothing to download."
+    )
+
+
 class TrainingService:
     def __init__(self, configs: ConfigService, jobs: JobService):
         self.configs = configs
         self.jobs = jobs
 
     def start(self, config_name: str) -> JobStatus:
-        """Queue a training job for a saved config, if validate-training-config finds no error in it."""
+        """Queue a training job for a saved config, if validate-training-config finds no error in it. A hub
+        model that is not cached (on a machine that is online) is downloaded first: a download job is queued
+        (or the one already downloading it joined) and the training waits for it."""
         report = self.configs.validate(config_name)
         if not report.valid:
             raise WorkspaceStateError(
                 f"config {config_name!r} cannot train: {'; '.join(report.errors)}. "
                 "Fix it with update-training-config, then start again."
             )
-        record = self.jobs.start(config_name, self.configs.get_yaml(config_name))
+        download = self._download_first(self.configs.get(config_name).model_name)
+        record = self.jobs.start(config_name, self.configs.get_yaml(config_name), after=download)
         return self.jobs.status(record.job_id)
+
+    def _download_first(self, model_name: str) -> str | None:
+        """The job id of the download a training of `model_name` must wait for, or None when it is here."""
+        from training.models.source import ModelNotCachedError, ModelNotFoundError, resolve_model
+
+        try:
+            resolve_model(model_name)
+        except ModelNotCachedError as missing:
+            return self.jobs.start_download(missing.repo_id, join=True).job_id
+        except ModelNotFoundError:
+            pass  # a single file's config folder and the like: validation said what it could, the run says the rest
+        return None
+
+    def download_base_model(self, request: BaseModelDownload) -> JobStatus:
+        """Queue the download of a hub model into the HF cache, as a background job (never in the call)."""
+        from huggingface_hub.constants import HF_HUB_OFFLINE
+
+        from training.models.source import ModelNotFoundError, download_target
+
+        try:
+            repo_id = download_target(request.model_name)
+        except ModelNotFoundError as exc:
+            raise ServiceError(f"{exc}; nothing was downloaded") from None
+        if HF_HUB_OFFLINE:
+            raise ServiceError(
+                f"this machine is offline (HF_HUB_OFFLINE is set): {repo_id} cannot be downloaded here. Unset it and "
+                f"restart the server, or download it elsewhere (huggingface-cli download {repo_id}) and copy the cache"
+            )
+        return self.jobs.status(self.jobs.start_download(repo_id).job_id)
 
     # --- metrics -------------------------------------------------------------------------------
     def metric_rows(self, job_id: str) -> list[dict]:

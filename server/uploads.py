@@ -38,7 +38,8 @@ from server.upload_arguments import (
     decoded_chunk,
 )
 from server.upload_store import UploadRecord, UploadStore, fsync_dir
-from training.workspace import atomic_output, atomic_write_json
+from training.published_loras import NameTaken, publish
+from training.workspace import atomic_write_json
 
 MAX_CHUNKS = 65536  # one marker file per chunk: at the default chunk size this is 16 GiB
 MAX_MISSING_LISTED = 20
@@ -326,25 +327,15 @@ class UploadService:
             ) from None
 
     def _land(self, source: Path, target: Path) -> bool:
-        """Put `source` at `target` without replacing anything there; False when it already is there."""
+        """Publish `source` as `target` the way every writer into loras/ does (training/published_loras.py:
+        linked into place, never over a file there; the filename is exact); False when it already is there."""
         with contextlib.suppress(FileNotFoundError):
             if os.path.samefile(source, target):
                 return False  # a finish that stopped after landing the file: carry on from there
         try:
-            self.loras.mkdir(parents=True, exist_ok=True)
-            with source.open("rb+") as f:
-                os.fsync(f.fileno())
-            try:
-                os.link(source, target)  # atomic, and refuses to replace an existing file
-            except FileExistsError:
-                raise
-            except OSError:  # no hard links on this filesystem: copy, then rename into place
-                if target.exists():
-                    raise FileExistsError(target) from None
-                with atomic_output(target) as tmp:
-                    shutil.copyfile(source, tmp)
+            publish(self.loras, target.stem, None, lambda tmp: _link_or_copy(source, tmp), exact=True)
             fsync_dir(self.loras)
-        except FileExistsError:
+        except NameTaken:
             raise WorkspaceStateError(
                 f"loras/{target.name} appeared while finishing: delete it and call {FINISH_TOOL} again, "
                 "or upload the file under another filename"
@@ -427,6 +418,14 @@ class UploadService:
 
 
 # --- small helpers -------------------------------------------------------------------------------
+def _link_or_copy(source: Path, target: Path) -> None:
+    """`target` as a hard link to the upload's data (no second copy of a large file), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:  # no hard links on this filesystem
+        shutil.copyfile(source, target)
+
+
 def _listed(indexes: list[int]) -> str:
     shown = ", ".join(str(i) for i in indexes[:MAX_MISSING_LISTED])
     more = len(indexes) - MAX_MISSING_LISTED

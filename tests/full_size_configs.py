@@ -1,6 +1,6 @@
 """The published configs of the full-size models, as their Hugging Face repositories hold them
 (config.json of each component; defaults left out), for building the real architectures on the meta
-device without downloading a weight: runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1,
+device without downloading a weight: stable-diffusion-v1-5/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1,
 stabilityai/stable-diffusion-xl-base-1.0 and black-forest-labs/FLUX.1-dev.
 
 `write_model_folder` writes one as a diffusers folder of configs only (model_index.json and each

@@ -27,7 +27,7 @@ def test_defaults_follow_the_guide():
     assert cfg.alpha is None
     assert cfg.effective_rank == 32
     assert cfg.effective_alpha == 32
-    assert cfg.model_name == "runwayml/stable-diffusion-v1-5"
+    assert cfg.model_name == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert cfg.optimizer == "adamw"
     assert cfg.output_format is None and cfg.sample_guidance_scale is None  # by family, in resolve()
     assert cfg.resolution is None and cfg.steps is None  # filled in by resolve()
@@ -66,7 +66,7 @@ def test_options_that_do_not_fit_the_family_are_named():
     assert len(errors) == 1 and errors[0].startswith("quantize_base 8bit is for FLUX")
     assert warnings == ["timestep_sampling is for flow-matching (FLUX) models; this sdxl model ignores it"]
     errors, warnings = make(max_token_length=150, clip_skip=2).family_conflicts("sdxl")
-    assert errors == ["for SDXL, this trainer encodes captions of up to 75 tokens so far: set max_token_length to 75"]
+    assert errors == []
     assert warnings[0].startswith("clip_skip 2 has no effect on SDXL")
     assert make(train_text_encoder=True).family_conflicts("sd1") == ([], [])
     assert make(train_text_encoder=True).family_conflicts(None) == ([], [])
@@ -229,6 +229,20 @@ def test_prior_preservation_derives_its_class_prompt_and_says_so(values, derived
     resolved = cfg.resolve(native_resolution=64, num_images=4)
     assert resolved.class_prompt == derived  # what the run generates its class images with
     assert make(**values).resolve(native_resolution=64, num_images=4).class_prompt is None  # no prior: no class
+
+
+@pytest.mark.parametrize(
+    ("captions", "derived"),
+    [
+        (["two women walking", "women at a cafe", "a street at night"], "a photo of a woman"),
+        (["men in suits", "three men talking", "a man alone"], "a photo of a man"),
+        (["children playing", "children at school", "a child reading"], "a photo of a child"),
+        (["people on a beach", "a crowd of people"], "a photo of a person"),
+    ],
+)
+def test_the_class_word_of_the_captions_is_found_in_its_irregular_plural(captions, derived):
+    cfg = make(prior_preservation=True)
+    assert cfg.resolve(native_resolution=64, num_images=3, captions=captions).class_prompt == derived
 
 
 def test_random_crop_cannot_use_cached_latents():

@@ -123,7 +123,7 @@ def test_mixed_batch_saves_only_the_good_file(service, tmp_path):
         {"filename": "text.png", "content": b64(b"hello, I am not an image"), "caption": "x"},
         {"filename": "cut.png", "content": b64(truncated), "caption": "x"},
         {"filename": "../x.png", "content": b64(png), "caption": "x"},
-        {"filename": "a/b.png", "content": b64(png), "caption": "x"},
+        {"filename": "a/b/c.png", "content": b64(png), "caption": "x"},
         {"filename": ".hidden.png", "content": b64(png), "caption": "x"},
         {"filename": "notes.txt", "content": b64(b"some notes"), "caption": "x"},
         {"filename": "wrong.jpg", "content": b64(png), "caption": "x"},
@@ -138,8 +138,8 @@ def test_mixed_batch_saves_only_the_good_file(service, tmp_path):
     assert "base64" in reasons["badb64.png"]
     assert "not an image" in reasons["text.png"]
     assert "cannot be decoded" in reasons["cut.png"]
-    assert "separator" in reasons["../x.png"]
-    assert "separator" in reasons["a/b.png"]
+    assert "'..'" in reasons["../x.png"]
+    assert "one folder level" in reasons["a/b/c.png"]  # one folder level is taken (10_cat/a.png)
     assert "hidden" in reasons[".hidden.png"]
     assert ".txt is not taken" in reasons["notes.txt"]
     assert "PNG" in reasons["wrong.jpg"] and "wrong.png" in reasons["wrong.jpg"]

@@ -223,7 +223,7 @@ def test_target_modules_that_name_no_linear_layer_fail_the_run_with_the_names_to
     config = fast_config(shapes, model_name="builtin:tiny-flux", steps=1, target_modules=["to_q", "norm1", "nope"])
     result = run_training(config, tmp_path / "run")
     assert result.state == "failed"
-    assert "'norm1' names AdaLayerNormZero layers, not linear ones" in result.error
+    assert "'norm1' names AdaLayerNormZero layers, not linear or conv ones" in result.error
     assert "'nope' names no layer of the transformer" in result.error and "to_out.0" in result.error
 
 
@@ -363,7 +363,9 @@ def test_low_vram_keeps_static_text_encoders_off_the_gpu(flux):
     assert {m.device.type for m in base.pipeline.components.values() if isinstance(m, torch.nn.Module)} == {"cpu"}
 
 
-def test_kohya_files_get_the_reason_they_do_not_fit_flux(flux, tmp_path):
+def test_kohya_files_that_do_not_fit_flux_are_refused_with_their_keys(flux, tmp_path):
+    """kohya FLUX files are read through diffusers (tests/test_foreign_loras.py); one whose shapes do not fit,
+    or a kohya SD file, is refused with the file's name and keys."""
     from safetensors.torch import save_file
 
     def kohya(name: str, module: str) -> Path:
@@ -373,9 +375,9 @@ def test_kohya_files_get_the_reason_they_do_not_fit_flux(flux, tmp_path):
         )
         return path
 
-    with pytest.raises(LoraFileError, match="kohya-layout FLUX LoRA"):
+    with pytest.raises(LoraFileError, match="bfl.safetensors: .*Its keys: lora_unet_double_blocks_0_img_attn_qkv"):
         read_lora_file(kohya("bfl", "lora_unet_double_blocks_0_img_attn_qkv"), flux.lora_models)
-    with pytest.raises(LoraFileError, match="kohya LoRA of a UNet model"):
+    with pytest.raises(LoraFileError, match="sd.safetensors: .*Its keys: lora_unet_down_blocks_0_attentions_0_proj_in"):
         read_lora_file(kohya("sd", "lora_unet_down_blocks_0_attentions_0_proj_in"), flux.lora_models)
 
 

@@ -4,6 +4,8 @@ the same model; resume_from continues a LoRA, also into a larger rank."""
 from __future__ import annotations
 
 import json
+from datetime import datetime
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +32,7 @@ def trained(tmp_path_factory, tiny_sd15):
     kohya = trainer.cleanup(trainer.finish()).lora_path
     trainer.config = trainer.config.model_copy(update={"output_format": "diffusers"})
     diffusers_file = trainer._export(root / "diffusers-format.safetensors")
-    return {"kohya": kohya, "diffusers": diffusers_file, "model": tiny_sd15, "root": root}
+    return {"kohya": kohya, "diffusers": diffusers_file, "model": tiny_sd15, "root": root, "trainer": trainer}
 
 
 def latents_of(pipe):
@@ -83,6 +85,80 @@ def test_metadata_records_rank_alpha_trigger_and_config(trained):
     assert diffusers_meta["ss_network_dim"] == "4" and diffusers_meta["modelspec.trigger_phrase"] == "xyz_shape"
     adapter = json.loads(diffusers_meta["lora_adapter_metadata"])
     assert adapter["unet.r"] == 4 and adapter["unet.lora_alpha"] == 2 and adapter["text_encoder.lora_alpha"] == 2
+
+
+def export_with(trained, name: str, **update) -> Path:
+    trainer = trained["trainer"]
+    kept = trainer.config
+    trainer.config = kept.model_copy(update=update)
+    try:
+        return trainer._export(trained["root"] / name)
+    finally:
+        trainer.config = kept
+
+
+def test_metadata_names_no_local_path_and_writes_the_model_spec_as_kohya_does(trained, tmp_path_factory):
+    # The diffusers layout: its adapter config (peft's) names the base model's folder too.
+    from_folder = export_with(
+        trained, "folder.safetensors", model_name=str(trained["model"]), output_format="diffusers"
+    )
+    with safe_open(str(from_folder), "pt") as f:
+        meta = f.metadata()
+    local = (str(tmp_path_factory.getbasetemp()), str(Path.home()), str(trained["root"]))
+    assert [(key, value) for key, value in meta.items() if any(path in value for path in local)] == []
+    assert meta["ss_sd_model_name"] == trained["model"].name  # the folder's name
+    config = json.loads(meta["training_config"])
+    assert config["dataset_path"] == "data" and config["model_name"] == trained["model"].name
+    assert meta["modelspec.sai_model_spec"] == "1.0.0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["modelspec.implementation"] == "diffusers"  # kohya's for SD 1.x/2.x LoRAs
+    assert meta["modelspec.title"] == "test-run" and meta["modelspec.resolution"] == "64x64"
+    assert meta["modelspec.prediction_type"] == "epsilon"
+    assert datetime.fromisoformat(meta["modelspec.date"]).year >= 2025
+
+    minimal = export_with(trained, "minimal.safetensors", metadata="minimal", output_format="kohya")
+    with safe_open(str(minimal), "pt") as f:
+        assert f.metadata() == {
+            "ss_network_dim": "4",
+            "ss_network_alpha": "2",
+            "ss_base_model_version": "sd_v1",
+            "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.title": "test-run",
+            "modelspec.architecture": "stable-diffusion-v1/lora",
+            "modelspec.trigger_phrase": "xyz_shape",
+        }
+
+
+def test_the_trigger_phrase_names_every_trigger_of_a_multi_concept_dataset(trained, tmp_path):
+    from training.data.dataset import scan_dataset
+    from training.data.synthetic import make_shape_dataset
+
+    make_shape_dataset(tmp_path, 1, trigger_word="xyz_shape")  # root images: the config's trigger_word
+    make_shape_dataset(tmp_path / "10_xyz_cat", 1)  # the folder's name
+    make_shape_dataset(tmp_path / "concept1", 1, trigger_word="ohwx")  # the captions' own
+    trainer = trained["trainer"]
+    kept = trainer.dataset
+    trainer.dataset = scan_dataset(tmp_path, trigger_word="xyz_shape", trigger_words={})
+    try:
+        for metadata in ("full", "minimal"):
+            with safe_open(str(export_with(trained, f"concepts-{metadata}.safetensors", metadata=metadata)), "pt") as f:
+                assert f.metadata()["modelspec.trigger_phrase"] == "xyz_shape, xyz_cat, ohwx"
+    finally:
+        trainer.dataset = kept
+
+
+def test_files_without_metadata_load_in_diffusers_as_the_full_ones(trained):
+    pipe = tiny_pipeline(trained["model"])
+    pipe.load_lora_weights(str(trained["kohya"]), adapter_name="full")
+    full = latents_of(pipe)
+    pipe.delete_adapters("full")
+    for output_format in ("kohya", "diffusers"):
+        bare = export_with(trained, f"none-{output_format}.safetensors", metadata="none", output_format=output_format)
+        with safe_open(str(bare), "pt") as f:
+            assert not f.metadata()
+        pipe.load_lora_weights(str(bare), adapter_name=output_format)
+        assert torch.allclose(latents_of(pipe), full, atol=1e-5), output_format  # alpha 2 / rank 4 kept
+        pipe.delete_adapters(output_format)
 
 
 def test_kohya_and_diffusers_files_load_in_diffusers_and_agree(trained):
@@ -213,7 +289,7 @@ def test_resume_from_refuses_what_it_cannot_continue(trained, tmp_path, shapes):
         str(foreign),
     )
     other = run_training(fast_config(shapes, resume_from=str(foreign)), tmp_path / "d")
-    assert other.state == "failed" and "names no module" in other.error
+    assert other.state == "failed" and "no layer of this base model" in other.error
 
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file")

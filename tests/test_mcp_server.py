@@ -482,6 +482,35 @@ def test_resume_from_a_config_name_is_checked_by_validate_over_mcp(server_worksp
     run_session(server_workspace, script)
 
 
+def test_the_guides_advanced_config_validates_with_the_class_its_captions_name_over_mcp(server_workspace, shapes):
+    """The guide's Advanced config sets prior_preservation without class_prompt or lora_type: the class comes from
+    the captions when half of them name one, and validation says exactly what to add when none does."""
+    import yaml
+
+    advanced = yaml.safe_load((Path(__file__).parent.parent / "examples" / "advanced.yaml").read_text())
+    people = server_workspace / "people"
+    people.mkdir()
+    for number, image in enumerate(sorted(shapes.glob("*.png"))[:3]):
+        (people / image.name).write_bytes(image.read_bytes())
+        (people / image.with_suffix(".txt").name).write_text(f"a woman, photo {number}")
+
+    async def script(session):
+        for name, dataset in (("advanced-people", people), ("advanced-shapes", shapes)):
+            values = {**advanced, "name": name, "model_name": "builtin:tiny-flux", "dataset_path": str(dataset)}
+            created = await session.call_tool("create-training-config", values)
+            assert not created.is_error, created.content
+        named = (await session.call_tool("validate-training-config", {"name": "advanced-people"})).structured_content
+        assert named["valid"] is True, named["errors"]
+        said = "class_prompt not set: using 'a photo of a woman': 3 of 3 captions name a woman"
+        assert f"{said}; set class_prompt to choose" in named["warnings"]
+        unnamed = (await session.call_tool("validate-training-config", {"name": "advanced-shapes"})).structured_content
+        assert unnamed["valid"] is False
+        [error] = [e for e in unnamed["errors"] if "prior_preservation" in e]
+        assert "add class_prompt: 'a photo of a person'" in error and "set prior_preservation to false" in error
+
+    run_session(server_workspace, script)
+
+
 def test_upload_and_list_datasets_over_mcp(server_workspace, shapes):
     good = base64.b64encode((shapes / "shape_000.png").read_bytes()).decode()
 
@@ -893,3 +922,40 @@ def test_a_flux_lora_from_config_to_image_over_mcp(server_workspace, shapes):
         assert refused.is_error and "kohya's FLUX layout" in refused.content[0].text
 
     run_session(server_workspace, script)
+
+
+def test_a_lora_of_a_local_model_folder_finds_its_model_without_model_name(server_workspace, shapes, tiny_sd15):
+    """The file names its base model by the folder's name only (no path leaves the machine); generate-image
+    and convert-lora find the folder again through the run that trained it (issue 15, items 4 and 10)."""
+    import shutil
+
+    from safetensors import safe_open
+
+    local = server_workspace.parent / "my-base-model"
+    shutil.copytree(tiny_sd15, local)
+
+    async def script(session):
+        await create(session, "local", shapes, model_name=str(local), steps=2, resolution=64)
+        job = await start(session, "local")
+        final = await wait_for_state(session, job["job_id"], ("completed", "failed", "interrupted"))
+        assert final["state"] == "completed", final
+        name = final["exported_lora"]
+        arguments = {"prompt": "xyz_shape", "loras": [{"lora": name}], "steps": 2}
+        image = await session.call_tool("generate-image", arguments)
+        assert not image.is_error, image.content
+        assert image.content[-1].type == "image"
+        converted = await session.call_tool("convert-lora", {"lora": name, "to": "diffusers"})
+        assert not converted.is_error, converted.content
+
+        shutil.rmtree(server_workspace / "runs" / job["job_id"])  # the run gone: the name alone finds nothing
+        unfound = await session.call_tool("generate-image", {"prompt": "x", "loras": [{"lora": name}], "steps": 2})
+        assert unfound.is_error and "my-base-model" in unfound.content[0].text, unfound.content
+        assert "give model_name" in unfound.content[0].text, unfound.content
+        return job["job_id"], name, converted.structured_content["path"]
+
+    job_id, name, converted = run_session(server_workspace, script)
+    for path in (server_workspace / "loras" / f"{name}.safetensors", Path(converted)):
+        with safe_open(str(path), "np") as f:
+            metadata = f.metadata()
+        assert [value for value in metadata.values() if str(server_workspace.parent) in value] == []
+        assert metadata["ss_sd_model_name"] == "my-base-model" and metadata["training_run"] == job_id

@@ -184,8 +184,8 @@ def _wider_first_layer(tensors: dict) -> None:
         ("weight nan", "weight of .* is nan"),
         ("another base model", "different base models .*version"),
         ("another base model version", "different base models .*sd_v1.*sd_v2_v"),
-        ("a layer the base model lacks", "names no module of this base model"),
-        ("a layer of another shape", "maps 32 -> 32 features: another architecture"),
+        ("a layer the base model lacks", "x.safetensors: .*no layer of this base model"),
+        ("a layer of another shape", r"takes A \(4, 32\), B \(32, 4\): another architecture"),
         ("rank above the cap", "rank 8"),
     ],
 )
@@ -330,7 +330,10 @@ def test_convert_service_names_the_output_after_the_source_and_format(service_wo
 
     named = convert_lora(ws, "lora-a", "diffusers", "a-for-diffusers")
     assert named.path == str(ws / "loras" / "a-for-diffusers.safetensors") and named.output_format == "diffusers"
-    with pytest.raises(ServiceError, match="exists already"):
-        convert_lora(ws, "lora-b", "comfyui")
+    # The default name is numbered when taken; a name given is exact, and a taken one is refused.
+    assert convert_lora(ws, "lora-b", "comfyui").name == "lora-b-comfyui-2"
+    with pytest.raises(ServiceError, match="exists already in loras/ and is never overwritten"):
+        convert_lora(ws, "lora-b", "comfyui", "a-for-diffusers")
+    assert named.output_format == json.loads((ws / "loras" / "a-for-diffusers.json").read_text())["output_format"]
     with pytest.raises(ServiceError, match="outside the folders"):
         convert_lora(ws, "../x.safetensors", "kohya")

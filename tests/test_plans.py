@@ -88,7 +88,7 @@ def plan_for(images: int, lora_type: str, goal: str = "balanced", **overrides) -
         images=images,
         lora_type=lora_type,
         goal=goal,
-        model_name="runwayml/stable-diffusion-v1-5",
+        model_name="stable-diffusion-v1-5/stable-diffusion-v1-5",
         native_resolution=512,
         dataset_path="my-set",
         name="my-set-plan",
@@ -188,8 +188,8 @@ def test_memory_time_counts_the_four_micro_batches_per_step():
     ("model_name", "native", "per_1k_steps"),
     [
         ("builtin:tiny-sd15", 64, (15, 30)),
-        ("runwayml/stable-diffusion-v1-5", 512, (15, 30)),
-        ("runwayml/stable-diffusion-v1-5", None, (15, 30)),
+        ("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, (15, 30)),
+        ("stable-diffusion-v1-5/stable-diffusion-v1-5", None, (15, 30)),
         ("stabilityai/stable-diffusion-2-1", 768, (21, 42)),  # between SD 1.5 and SDXL
         ("stabilityai/stable-diffusion-2-1", None, (21, 42)),
         ("stabilityai/stable-diffusion-xl-base-1.0", 1024, (30, 60)),
@@ -209,7 +209,7 @@ def test_training_time_uses_the_guides_hardware_row(model_name, native, per_1k_s
 @pytest.mark.parametrize(
     ("model_name", "native", "optimizer", "precision", "quantize"),
     [
-        ("runwayml/stable-diffusion-v1-5", 512, "adamw", "fp16", None),
+        ("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, "adamw", "fp16", None),
         ("stabilityai/stable-diffusion-xl-base-1.0", 1024, "adamw", "bf16", None),
         ("ostris/Flex.1-alpha", 1024, "adafactor", "bf16", "8bit"),
         ("builtin:tiny-flux", 64, "adafactor", "bf16", None),  # a toy transformer needs no 8-bit weights
@@ -395,7 +395,7 @@ def test_the_service_module_imports_no_torch():
 
 @pytest.mark.parametrize(
     ("model_name", "native", "precision"),
-    [("runwayml/stable-diffusion-v1-5", 512, "fp16"), ("stabilityai/stable-diffusion-xl-base-1.0", 1024, "bf16")],
+    [("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, "fp16"), ("stabilityai/stable-diffusion-xl-base-1.0", 1024, "bf16")],
 )
 def test_the_precision_follows_the_model_family(model_name, native, precision):
     plan = plan_for(24, "style", model_name=model_name, native_resolution=native)
@@ -407,7 +407,7 @@ def test_the_precision_follows_the_model_family(model_name, native, precision):
 
 
 def test_the_memory_preset_keeps_bf16_where_fp16_overflows():
-    sd = plan_for(10, "style", goal="memory", model_name="runwayml/stable-diffusion-v1-5", native_resolution=512)
+    sd = plan_for(10, "style", goal="memory", model_name="stable-diffusion-v1-5/stable-diffusion-v1-5", native_resolution=512)
     flux = plan_for(10, "style", goal="memory", model_name="ostris/Flex.1-alpha", native_resolution=1024)
     assert sd.config["mixed_precision"] == "fp16"  # the guide's Memory Optimization
     assert flux.config["mixed_precision"] == "bf16" and "saves no more" in flux.reasons["mixed_precision"]

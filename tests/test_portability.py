@@ -289,18 +289,16 @@ def test_the_signal_after_a_stop_file_is_a_first_stop_not_a_second(tmp_path):
     Only a second signal interrupts."""
     import os
     import signal
-    from types import SimpleNamespace
 
     import pytest
 
-    from training.trainer import _install_stop_handlers, _restore_handlers
+    from training.stop_signals import stop_on_signals
 
-    trainer = SimpleNamespace(_stop_wanted=True)  # as _notice_stop_request leaves it after reading the file
-    previous = _install_stop_handlers(trainer)
-    try:
+    before = signal.getsignal(signal.SIGTERM)
+    stop_requests = []  # the trainer has already read the stop file when the server's SIGTERM comes
+    with stop_on_signals(lambda: stop_requests.append("signal")):
         os.kill(os.getpid(), signal.SIGTERM)  # the server's fast path, right after the file: no interrupt
-        assert trainer._stop_wanted
+        assert stop_requests == ["signal"]
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)  # a second signal: interrupt at once
-    finally:
-        _restore_handlers(previous)
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from training.published_loras import publish
+from training.published_loras import NameTaken, copy_to_new_name, publish
 
 
 def write(data: bytes):
@@ -45,3 +49,58 @@ def test_a_file_without_sidecar_or_a_failed_write_is_never_replaced(tmp_path):
         publish(tmp_path, "style", "job-a", fails)
     assert (tmp_path / "style.safetensors").read_bytes() == b"uploaded"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["style-2.safetensors", "style.safetensors"]
+
+
+def test_an_exact_name_taken_while_the_file_is_written_is_refused_and_kept(tmp_path):
+    """merge-loras checks its output_name, then merges for seconds; a job that completes meanwhile and
+    publishes that name keeps its file, and the merge is refused (or numbered, without an exact name)."""
+
+    def merge_while_a_job_completes(tmp):
+        claim(tmp_path, "style", "job-a", b"the job's LoRA")  # the trainer's child, during the merge
+        Path(tmp).write_bytes(b"merged")
+
+    with pytest.raises(NameTaken, match="style.safetensors exists already"):
+        publish(tmp_path, "style", None, merge_while_a_job_completes, exact=True)
+    assert (tmp_path / "style.safetensors").read_bytes() == b"the job's LoRA"
+
+    def convert_while_a_job_completes(tmp):
+        claim(tmp_path, "other", "job-b", b"the job's LoRA")
+        Path(tmp).write_bytes(b"converted")
+
+    numbered = publish(tmp_path, "other", None, convert_while_a_job_completes)
+    assert numbered.name == "other-2.safetensors" and numbered.read_bytes() == b"converted"
+    assert (tmp_path / "other.safetensors").read_bytes() == b"the job's LoRA"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_without_hard_links_a_copy_takes_only_a_free_name_and_leaves_no_half_file(tmp_path):
+    """publish's way on filesystems without hard links (FAT, some network drives): an exclusive create and a
+    copy. The failed copy is real: the child's file-size limit (RLIMIT_FSIZE) stops its writes at 1 MiB of 3."""
+    source = tmp_path / "staged.safetensors"
+    source.write_bytes(os.urandom(3 << 20))
+    copied = tmp_path / "style.safetensors"
+    copy_to_new_name(source, copied)
+    assert copied.read_bytes() == source.read_bytes()
+    with pytest.raises(FileExistsError):
+        copy_to_new_name(tmp_path / "other.safetensors", copied)  # checked before the source is even opened
+    assert copied.read_bytes() == source.read_bytes()
+
+    child = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(source), str(tmp_path / "full.safetensors")],
+        cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120,
+    )
+    assert child.stdout.strip() == f"OSError {errno.EFBIG}", child.stderr
+    assert not (tmp_path / "full.safetensors").exists()
+
+
+FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+from training.published_loras import copy_to_new_name
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG instead of a kill
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    copy_to_new_name(Path(sys.argv[1]), Path(sys.argv[2]))
+except OSError as exc:
+    print("OSError", exc.errno)
+"""

@@ -159,9 +159,40 @@ def test_both_sdxl_text_encoders_train_as_kohya_te1_and_te2(tmp_path, shapes, sd
         assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
 
 
-def test_long_captions_are_refused_for_sdxl_with_the_reason(tmp_path, shapes, tiny_sdxl):
-    result = run_training(fast_config(shapes, model_name="builtin:tiny-sdxl", max_token_length=150), tmp_path / "r")
-    assert result.state == "failed" and "max_token_length to 75" in result.error
+LONG = "xyz_shape " + " ".join(f"word{i}" for i in range(15))  # ~100 tokens: the tiny tokenizer is byte-level
+
+
+def test_long_captions_condition_sdxl_past_75_tokens(sdxl):
+    tail_a, tail_b = LONG + " a red circle", LONG + " a blue square"
+    assert len(sdxl.tokenizer(tail_a).input_ids) > 77  # the two captions differ only past token 75
+    at_75 = encode_text(sdxl, [tail_a, tail_b], max_token_length=75, clip_skip=1)
+    at_150 = encode_text(sdxl, [tail_a, tail_b], max_token_length=150, clip_skip=1)
+    assert torch.equal(at_75.states[0], at_75.states[1])  # truncated at 75: the tails are lost
+    assert at_150.states.shape == (2, 152, 64) and not torch.allclose(at_150.states[0], at_150.states[1])
+    # kohya's pooled embedding: the second encoder's, of the first chunk.
+    assert torch.equal(at_150.pooled, at_75.pooled)
+    # A short caption's first chunk is its 75-token encoding.
+    short_75 = encode_text(sdxl, ["xyz_shape a red circle"], max_token_length=75, clip_skip=1)
+    short_150 = encode_text(sdxl, ["xyz_shape a red circle"], max_token_length=150, clip_skip=1)
+    assert torch.equal(short_150.states[:, :76], short_75.states[:, :76])
+
+
+def test_sdxl_trains_and_samples_with_captions_over_75_tokens(tmp_path, shapes, tiny_sdxl):
+    for caption in shapes.glob("*.txt"):
+        caption.write_text(LONG + " " + caption.read_text())
+    config = fast_config(
+        shapes,
+        model_name="builtin:tiny-sdxl",
+        max_token_length=150,
+        steps=2,
+        disable_sampling=False,
+        sample_every=2,
+        sample_steps=2,
+        test_prompts=[LONG + " a red circle"],
+    )
+    result = run_training(config, tmp_path / "r")
+    assert result.state == "completed", result.error
+    assert list((tmp_path / "r" / "samples").glob("*.png"))
 
 
 def test_generate_image_uses_an_sdxl_lora_at_its_strength(tmp_path, trained):

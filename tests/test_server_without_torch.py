@@ -141,7 +141,11 @@ async def config_tools(call: ToolCalls, shapes: Path, checkpoint: Path) -> str:
     await call("update-training-config", {"name": "hub", "changes": {"steps": 3}})
     await call("get-config", {"name": "hub"})
     await call("list-configs", {})
+    cached = await call("download-base-model", {"model_name": HUB_ID}, ok=False)  # the cache is read without torch
+    assert "already in the Hugging Face cache" in cached.content[0].text
     await call("delete-config", {"name": "long"})
+    kohya = f"pretrained_model_name_or_path = 'builtin:tiny-sd15'\ntrain_data_dir = '{shapes}'\nxformers = true\n"
+    await call("import-config", {"name": "imported", "content": kohya})  # the importers read no torch either
     return "tiny"
 
 

@@ -2,6 +2,7 @@
 
 lora-train CONFIG.yaml [--run-dir DIR]
 lora-train --resume RUN_DIR
+lora-train --import FILE -o OUT.yaml [--format kohya|ai-toolkit]   (a kohya or ai-toolkit config as ours)
 lora-train CONFIG.yaml --machine-rank R --main-process-ip IP --main-process-port PORT   (num_machines > 1)
 
 With num_processes x num_machines above 1 this process starts the data-parallel workers (training/launch.py).
@@ -33,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run from its latest checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines on stderr")
     parser.add_argument("--options", action="store_true", help="list every config option with its default and exit")
+    imports = parser.add_argument_group("configs of other trainers (the keys left out are listed on stderr)")
+    imports.add_argument(
+        "--import", dest="import_file", type=Path, metavar="FILE", help="kohya TOML/JSON or ai-toolkit YAML"
+    )
+    imports.add_argument("-o", "--output", type=Path, metavar="OUT.yaml", help="the config to write (named OUT)")
+    imports.add_argument("--format", choices=("kohya", "ai-toolkit"), help="the file's format (default: detected)")
     several = parser.add_argument_group("several machines (num_machines > 1 in the config; the same YAML on each)")
     several.add_argument("--machine-rank", type=int, default=0, help="this machine: 0 (writes the run's files) to N-1")
     several.add_argument("--main-process-ip", metavar="IP", help="the address of machine 0, as the others reach it")
@@ -41,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.options:
         print(options_reference())
         return 0
+    if args.import_file is not None or args.output is not None:
+        if args.import_file is None or args.output is None or args.config or args.resume:
+            parser.error("give --import FILE and -o OUT.yaml, and no CONFIG or --resume")
+        return import_file(args.import_file, args.output, args.format)
     if (args.config is None) == (args.resume is None):
         parser.error("give either CONFIG or --resume RUN_DIR")
 
@@ -66,12 +77,33 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = args.run_dir
         if not in_worker() and (errors := settings.errors(config.num_machines)):  # workers get no flags
             raise ConfigError(errors)
+        if not in_worker() and (failed := _download_base_model(config, args.quiet)):  # workers find it cached
+            print(f"lora-train: {failed}", file=sys.stderr)
+            return 1
         if config.world_size > 1 and not in_worker():
             return _run_workers(args, config, run_dir or default_run_dir(config.name), settings)
     except (ConfigError, RunAlreadyExists) as exc:
         print(f"lora-train: {exc}", file=sys.stderr)
         return 2
     return _train_here(args, config, run_dir)
+
+
+def _download_base_model(config, quiet: bool) -> str | None:
+    """A hub id not in the cache is downloaded here first when online, as diffusers would (the server's jobs
+    get theirs from a download job queued before them): by this process alone, before any worker starts,
+    resumable (training/downloads.py). None when there is nothing to fetch or it is done, else why not;
+    offline, or for a model that is not found, the trainer reports what is missing."""
+    from training.models.source import ModelNotCachedError, ModelNotFoundError, resolve_model
+
+    try:
+        resolve_model(config.model_name, config.base_model_config)
+    except ModelNotCachedError as exc:
+        from training.downloads import download_here
+
+        return download_here(exc.repo_id, quiet=quiet)
+    except ModelNotFoundError:
+        pass
+    return None
 
 
 def _train_here(args: argparse.Namespace, config, run_dir: Path | None) -> int:
@@ -123,6 +155,33 @@ def _report(status: dict) -> int:
         print(f"stopped at step {status.get('step')}; continue with: lora-train --resume {status.get('run_dir')}")
         return 130
     print(f"done: {status.get('lora_path') or 'the processes of this machine ended well; machine 0 wrote the LoRA'}")
+    return 0
+
+
+def import_file(source: Path, output: Path, source_format: str | None) -> int:
+    """`lora-train --import`: write `output` from another trainer's config, list what it leaves out on stderr."""
+    import yaml
+
+    from training.config_import import ConfigImportError, import_config
+    from training.workspace import atomic_write_text
+
+    try:
+        if output.exists():
+            raise ConfigImportError(f"{output} exists: remove it or give another -o")
+        text = source.read_text(encoding="utf-8")
+        beside = source.parent  # kohya's dataset_config and sample_prompts, relative to the config's folder
+
+        def read_beside(given: str) -> str:
+            return (beside / Path(given).expanduser()).read_text(encoding="utf-8")
+
+        result = import_config(text, name=output.stem, format=source_format, read_file=read_beside)
+        atomic_write_text(output, yaml.safe_dump(result.stored_values(), sort_keys=False, allow_unicode=True))
+    except (ConfigImportError, OSError, UnicodeDecodeError) as exc:
+        print(f"lora-train: {source} not imported: {exc}", file=sys.stderr)
+        return 2
+    for unmapped in result.unmapped:
+        print(f"not imported: {unmapped.line()}", file=sys.stderr)
+    print(f"wrote {output} ({result.format}); train it with: lora-train {output}")
     return 0
 
 

@@ -10,6 +10,7 @@ are filled in by `resolve()` once those are known; a run writes the resolved con
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,12 +42,15 @@ from training.guide import (
     span,
 )
 
-DEFAULT_MODEL = "runwayml/stable-diffusion-v1-5"
+# SD 1.5's community mirror: runwayml's own repository was removed in 2024; its id is still accepted
+# (training/models/source.py RENAMED).
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 Optimizer = Literal["adamw", "adamw8bit", "adafactor", "lion", "prodigy", "sgd"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 OutputFormat = Literal["kohya", "diffusers"]
+LoraMetadata = Literal["full", "minimal", "none"]
 CropMode = Literal["center", "random"]
 # Caption tokens read: one CLIP chunk of 75 (the default), or two or three chunks (kohya's long captions).
 MaxTokenLength = Literal[75, 150, 225]
@@ -86,8 +90,9 @@ class TrainingConfig(BaseModel):
     model_name: str = Field(
         DEFAULT_MODEL,
         min_length=1,
-        description="Base model: a local diffusers folder, a .safetensors/.ckpt file, a Hugging Face id "
-        "already in the local HF cache, or a built-in id such as 'builtin:tiny-sd15'.",
+        description="Base model: a local diffusers folder, a .safetensors/.ckpt file, a Hugging Face id (one not "
+        "in the local HF cache is downloaded by start-training first, when the machine is online), or a built-in "
+        "id such as 'builtin:tiny-sd15'.",
     )
     model_family: ModelFamilyChoice = Field(
         "auto",
@@ -109,8 +114,11 @@ class TrainingConfig(BaseModel):
     )
     trigger_words: dict[str, str] = Field(
         default_factory=dict,
-        description="Trigger word per concept subfolder ({folder: word}). A folder not listed is triggered "
-        "by its own name (without the 'N_' repeat prefix), or by trigger_word when it is the only concept.",
+        description="Trigger word per concept subfolder ({folder: word}). A folder not listed gets trigger_word "
+        "when it is the only concept or every caption holds it; else the first word all its captions start with "
+        "when it starts no other folder's captions, is no stop word ('a', 'photo') and looks like a trigger "
+        "('xyz_cat', 'sks1') or the folder's name is neutral ('concept1', 'images': any word, 'ohwx', counts) "
+        "(nothing added); else its own name (without the 'N_' repeat prefix), put first in each caption.",
     )
 
     # --- resolution and data ---------------------------------------------------------------
@@ -265,8 +273,8 @@ class TrainingConfig(BaseModel):
         None,
         min_length=1,
         description="Layers of the UNet/transformer that get a LoRA, as module-name suffixes (e.g. 'to_q', "
-        "'ff.net.2'). Default: every attention projection (SD); attention, feed-forward and single-block MLP "
-        "projections (FLUX).",
+        "'ff.net.2'; conv layers such as 'conv1' make a LoCon). Default: every attention projection (SD); attention, "
+        "feed-forward and single-block MLP projections (FLUX).",
     )
     clip_skip: int = Field(
         1, ge=1, le=12, description="Use the text encoder's n-th layer from the end (2 for anime models)."
@@ -292,12 +300,20 @@ class TrainingConfig(BaseModel):
         None, description="Caption for images that have no .txt, e.g. 'xyz_person person'."
     )
     class_prompt: str | None = Field(
-        None, description="Class images' prompt, e.g. 'person'; default: from lora_type, else instance_prompt."
+        None,
+        description="Class images' prompt, e.g. 'a photo of a person'; default: from lora_type, else instance_prompt "
+        "without the trigger word, else 'a photo of a <word>' for the class word (woman, man, dog, ...) that half of "
+        "the captions name. A class image with its own .txt caption trains on that caption (as kohya's "
+        "regularization images).",
     )
     class_data_dir: str | None = Field(
-        None, description="Folder of class images; missing ones are generated with the base model. Default: in the run."
+        None,
+        description="Folder of class images; missing ones are generated into it with the base model. Default: the "
+        "dataset's class/ images, never written to (the missing ones are generated into the run's class_images/).",
     )
-    num_class_images: int = Field(100, ge=1, le=10_000, description="Class images wanted in class_data_dir.")
+    num_class_images: int = Field(
+        100, ge=1, le=10_000, description="Class images used: those found first, the missing ones generated."
+    )
 
     # --- validation and diagnostics ---------------------------------------------------------
     lora_type: LoraType | None = Field(
@@ -356,6 +372,12 @@ class TrainingConfig(BaseModel):
         "kohya for SD 1.x/2.x/SDXL, diffusers for FLUX (with alphas, the layout ComfyUI maps for FLUX; kohya's "
         "FLUX layout is not written).",
     )
+    metadata: LoraMetadata = Field(
+        "full",
+        description="What the LoRA file tells about its training: full (kohya's ss_* keys, the model spec and this "
+        "config, with names instead of local paths), minimal (rank, alpha, base-model version, trigger words, the "
+        "model spec's title and architecture) or none (no metadata, like kohya's --no_metadata).",
+    )
 
     @field_validator("name")
     @classmethod
@@ -411,11 +433,9 @@ class TrainingConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingConfig:
-        if self.prior_preservation and not self.class_prompt and derived_class_prompt(self) is None:
-            raise ValueError(
-                "prior_preservation needs a class: add class_prompt: 'a photo of a person' (your subject's class) "
-                "or lora_type: person, character or object, or set prior_preservation to false"
-            )
+        # Without lora_type the dataset's captions may still name the class: the run (and validate) decide.
+        if self.prior_preservation and self.lora_type is not None and self.prior_class() is None:
+            raise ValueError(_NO_CLASS)
         if self.crop == "random" and self.cache_latents:
             raise ValueError(
                 "crop 'random' cannot be combined with cache_latents (a cached latent bakes in one crop): "
@@ -457,8 +477,8 @@ class TrainingConfig(BaseModel):
         """Images per optimizer step, over every process."""
         return self.batch_size * self.gradient_accumulation_steps * self.world_size
 
-    def warnings(self) -> list[str]:
-        """Things that are allowed but probably not what the user meant."""
+    def warnings(self, captions: Sequence[str] = ()) -> list[str]:
+        """Things that are allowed but probably not what the user meant (`captions`: the dataset's, when known)."""
         found = list(self._lora.clashes)
         if self.cache_latents_to_disk and not self.cache_latents:
             found.append("cache_latents_to_disk has no effect while cache_latents is false")
@@ -471,18 +491,37 @@ class TrainingConfig(BaseModel):
             found.append("lr_scheduler 'constant' ignores lr_warmup_steps: use 'constant_with_warmup'")
         if self.disable_sampling and self.test_prompts:
             found.append("disable_sampling is on: test_prompts will not be rendered")
-        if self.prior_preservation and not self.class_prompt:  # then one is derived: the config validated
-            found.append(f"class_prompt not set: {derived_class_prompt(self)[1]}; set class_prompt to choose")
+        if self.prior_preservation and not self.class_prompt:
+            derived = self.prior_class(captions)
+            found.append(
+                f"class_prompt not set: {derived[1]}; set class_prompt to choose"
+                if derived
+                else "class_prompt not set: the run takes it from the dataset's captions (a class word such as "
+                "person, woman or dog that half of them name); set class_prompt to choose"
+            )
         return found
+
+    def prior_class(self, captions: Sequence[str] = ()) -> tuple[str, str] | None:
+        """The class prompt prior preservation generates its class images with, and where it comes from."""
+        return (self.class_prompt, "set") if self.class_prompt else derived_class_prompt(self, captions)
+
+    def check_prior_class(self, captions: Sequence[str]) -> None:
+        """Raise when prior preservation is on and neither the config nor the dataset's captions give a class."""
+        if self.prior_preservation and self.prior_class(captions) is None:
+            raise ConfigError([_NO_CLASS])
 
     def family_conflicts(self, family: str | None) -> tuple[list[str], list[str]]:
         """(errors, warnings) of options that do not fit the model family (sd1, sd2, sdxl, flux; None:
         unknown, nothing to say); each family says which (training/families/ `conflicts`)."""
         return FAMILIES[family].conflicts(self) if family is not None else ([], [])
 
-    def resolve(self, *, native_resolution: int, num_images: int, family: str = "sd1") -> TrainingConfig:
+    def resolve(
+        self, *, native_resolution: int, num_images: int, family: str = "sd1", captions: Sequence[str] = ()
+    ) -> TrainingConfig:
         """The config a run actually uses: model- and dataset-dependent defaults filled in (the family's
-        output format and sample guidance), and the kohya names folded into rank/alpha."""
+        output format and sample guidance, the class prompt from the `captions`), and the kohya names folded
+        into rank/alpha."""
+        self.check_prior_class(captions)
         return self.model_copy(
             update={
                 "resolution": self.resolution or native_resolution,
@@ -495,7 +534,7 @@ class TrainingConfig(BaseModel):
                 ),
                 "rank": self.effective_rank,
                 "alpha": self.effective_alpha,
-                "class_prompt": self.class_prompt or self.prior_preservation and derived_class_prompt(self)[0] or None,
+                "class_prompt": self.prior_preservation and self.prior_class(captions)[0] or self.class_prompt,
                 "network_dim": None,
                 "network_alpha": None,
             }
@@ -534,6 +573,13 @@ class TrainingConfig(BaseModel):
         except OSError as exc:
             raise ConfigError([f"cannot read config file {path}: {exc.strerror}"]) from None
         return cls.from_yaml(text)
+
+
+_NO_CLASS = (
+    "prior_preservation needs a class and none is known: add class_prompt: 'a photo of a person' (your subject's "
+    "class), or lora_type: person, character or object, or captions that name the class (half of them saying "
+    "'woman', 'dog', ...), or set prior_preservation to false"
+)
 
 
 def wants_disk_cache(choice: bool | None, estimated_bytes: int) -> bool:

@@ -1,8 +1,9 @@
 """Converting a LoRA file between the kohya and diffusers layouts, losslessly.
 
-kohya names flatten module paths with underscores (`lora_unet_down_blocks_0_..._to_q`), which
-cannot be undone by string rules alone; the names are matched against the base model's modules
-instead. The model is built on the meta device from its configs: no weights are loaded.
+Any file generate-image loads is read (training/lora.py reads through diffusers' own loaders: kohya/A1111,
+LoCon conv layers, kohya FLUX, XLabs, the diffusers/peft layouts), and its module names are matched
+against the base model's. The model is built on the meta device from its configs: no weights are loaded.
+A file of ours names its base model in its training config; for one made elsewhere, `model_name` does.
 
 Targets: "kohya", "diffusers", and "comfyui". ComfyUI loads kohya-layout files (`lora_unet_*` /
 `lora_te_*` keys with `.alpha`, which A1111/Forge read too), so "comfyui" writes the kohya layout;
@@ -25,6 +26,8 @@ from training.families import ModelFamily, folder_family, lora_family
 from training.lora import LoraFileError, LoraWeights, read_lora_file
 from training.models.source import ModelNotFoundError, resolve_model
 from training.request_child import serve_request
+from training.run_files import RUN_KEY, trained_base_model
+from training.workspace import runs_dir
 
 LoraFormat = Literal["kohya", "diffusers", "comfyui"]
 
@@ -43,13 +46,18 @@ def file_layout(output_format: str, family: ModelFamily | None = None) -> Output
 
 
 def convert_lora_file(
-    source: Path, target: Path, output_format: LoraFormat, *, model_folder: Path | None = None
+    source: Path,
+    target: Path,
+    output_format: LoraFormat,
+    *,
+    model_folder: Path | None = None,
+    model_name: str | None = None,
 ) -> Path:
     """Write `source` again as `output_format` at `target`. The base model is `model_folder`, else
-    the one named in the file's own training config."""
+    `model_name` (an id, folder or built-in name), else the one named in the file's own training config."""
     file_layout(output_format)  # an unknown format is refused before anything is read
     metadata = lora_metadata(source)
-    models = empty_models(base_model_folder(source, metadata, model_folder))
+    models = empty_models(base_model_folder(source, metadata, model_folder, model_name))
     weights = read_lora_file(source, models)
     family = lora_family(models)
     layout = file_layout(output_format, family)
@@ -76,14 +84,25 @@ def recorded_training_config(path: Path | str, metadata: dict[str, str]) -> dict
     return config
 
 
-def base_model_folder(source: Path, metadata: dict[str, str], model_folder: Path | None = None) -> Path:
+def base_model_folder(
+    source: Path, metadata: dict[str, str], model_folder: Path | None = None, model_name: str | None = None
+) -> Path:
     """The diffusers folder that gives the architecture of `source`: `model_folder` when given, else
-    the base model named in the file's training config (for a single-file model, its config folder)."""
+    `model_name`'s, else the base model named in the file's training config (for a single-file model,
+    its config folder)."""
     if model_folder is not None:
         return Path(model_folder)
     training = recorded_training_config(source, metadata)
+    if model_name:
+        training = {"model_name": model_name}
+    elif "model_name" in training:  # a local model is recorded by its folder's name only: its run's config has the path
+        training["model_name"] = trained_base_model(training["model_name"], metadata.get(RUN_KEY), runs_dir())
     if "model_name" not in training:
-        raise LoraFileError(f"{source} does not say which base model it is for: give the model folder")
+        raise LoraFileError(
+            f"{source.name} does not say which base model it is for (a LoRA made elsewhere records no training "
+            "config of ours): give model_name, the base model it was trained for (an id, a diffusers folder or "
+            "builtin:...)"
+        )
     found = resolve_model(training["model_name"], training.get("base_model_config"))
     folder = found.config_folder if found.kind == "single_file" else found.path
     if folder is None:
@@ -150,10 +169,10 @@ def empty_models(folder: Path) -> dict:
 
 def main() -> int:
     """`python -m training.convert`: convert_lora_file for the server, which does not import torch
-    (training/request_child.py): {source, target, output_format} in, {path} out."""
+    (training/request_child.py): {source, target, output_format, model_name} in, {path} out."""
 
-    def convert(source: str, target: str, output_format: LoraFormat) -> dict:
-        return {"path": str(convert_lora_file(Path(source), Path(target), output_format))}
+    def convert(source: str, target: str, output_format: LoraFormat, model_name: str | None = None) -> dict:
+        return {"path": str(convert_lora_file(Path(source), Path(target), output_format, model_name=model_name))}
 
     return serve_request(convert, (LoraFileError, ModelNotFoundError))
 

@@ -10,12 +10,22 @@
   reads alpha only from such tensors) and diffusers' FLUX loader takes as network alphas. kohya's
   own FLUX layout names BFL's fused qkv projections and is not written.
 
-Both carry kohya's `ss_*` metadata, `modelspec.*` and the full training config as JSON.
+What else a file tells (the config's `metadata`): `full`, kohya's `ss_*` keys, the SAI model spec's
+`modelspec.*` (as kohya's library/sai_model_spec.py writes them) and the training config as JSON;
+`minimal`, rank, alpha, base-model version, trigger words and the model spec's title and architecture;
+`none`, nothing, like kohya's --no_metadata. The diffusers layout keeps its adapter config in
+`lora_adapter_metadata` except with `none` (diffusers reads alpha there): without it, the alpha / rank
+scale is folded into the up weights, so the file loads the same everywhere. No value names a local
+path: a model folder, the dataset and every other path in the config (and in peft's adapter config)
+are written as their last part, since a shared file must not tell others /home/<user>/...; a hub id
+stays as it is. The run folder's name (`training_run`, the job id under the server) lets this workspace's
+tools find such a model's path again in the run's config.yaml (training.run_files.trained_base_model).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +35,7 @@ from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 from safetensors.torch import save_file
 
 from training.lora import canonical_module_name, lora_components, lora_state_dict
+from training.run_files import RUN_KEY
 from training.workspace import atomic_output
 
 if TYPE_CHECKING:
@@ -44,15 +55,26 @@ def export_lora(
     epoch: int,
     num_epochs: int,
     started_at: float,
+    run: str | None = None,
 ) -> Path:
-    """Write the current adapters of `base` to `path` (atomically) in `config.output_format`."""
+    """Write the current adapters of `base` to `path` (atomically) in `config.output_format`; `run` is the
+    name of the run folder (recorded with `metadata: full`, see training.run_files.RUN_KEY)."""
     models = base.lora_models
     state = {key: value.detach().float().cpu() for key, value in lora_state_dict(models).items()}
     components = lora_components(models)
     adapter_configs = {prefix: model.peft_config["default"].to_dict() for prefix, model in components.items()}
     metadata = training_metadata(
-        base, config, dataset=dataset, step=step, epoch=epoch, num_epochs=num_epochs, started_at=started_at
+        base, config, dataset=dataset, step=step, epoch=epoch, num_epochs=num_epochs, started_at=started_at, run=run
     )
+    if config.metadata == "minimal":
+        metadata = {key: metadata[key] for key in MINIMAL_KEYS if key in metadata}
+    elif config.metadata == "none":
+        metadata = {}
+        if config.output_format == "diffusers" and not base.family_rules.alpha_tensors:
+            # No adapter config to carry alpha: diffusers then takes alpha = rank, so the scale goes into B.
+            scale = config.alpha / config.rank
+            state = {key: value * scale if ".lora_B." in key else value for key, value in state.items()}
+            adapter_configs = {}
     return write_lora_file(
         path,
         state,
@@ -103,16 +125,16 @@ def write_lora_file(
                 if key.endswith(".lora_A.weight"):
                     tensors[key.removesuffix(".lora_A.weight") + ".alpha"] = torch.tensor(float(alpha))
             metadata.pop("lora_adapter_metadata", None)
-        else:
+        elif adapter_configs:
             flat = {
-                f"{prefix}.{field}": sorted(value) if isinstance(value, set) else value
+                f"{prefix}.{field}": _without_paths(sorted(value) if isinstance(value, set) else value)
                 for prefix, fields in adapter_configs.items()
                 for field, value in fields.items()
             }
             metadata["lora_adapter_metadata"] = json.dumps(flat, sort_keys=True, default=str)
 
     with atomic_output(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_file(tensors, str(tmp), metadata=metadata or None)  # none: no __metadata__ entry at all
     return path
 
 
@@ -125,6 +147,7 @@ def training_metadata(
     epoch: int,
     num_epochs: int,
     started_at: float,
+    run: str | None = None,
 ) -> dict[str, str]:
     """kohya's ss_* keys and the SAI model spec, all strings as safetensors requires."""
     resolution = f"{config.resolution}x{config.resolution}"
@@ -154,7 +177,7 @@ def training_metadata(
         "ss_max_grad_norm": f"{config.max_grad_norm:g}",
         "ss_base_model_version": base.base_model_version,
         "ss_v2": str(family.sd_v2),
-        "ss_sd_model_name": config.model_name,
+        "ss_sd_model_name": public_name(config.model_name),
         "ss_resolution": f"({config.resolution}, {config.resolution})",
         "ss_clip_skip": str(config.clip_skip),
         "ss_max_token_length": str(config.max_token_length),
@@ -176,15 +199,57 @@ def training_metadata(
         "ss_training_finished_at": f"{now.timestamp():.0f}",
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{family.modelspec_architecture(base)}/lora",
-        "modelspec.implementation": "https://github.com/huggingface/diffusers",
+        "modelspec.implementation": family.modelspec_implementation,
         "modelspec.title": config.name,
         "modelspec.resolution": resolution,
-        "modelspec.prediction_type": {"v_prediction": "v", "flow_matching": "rectified_flow"}.get(
-            base.prediction_type, "epsilon"
-        ),
         "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
-        "training_config": json.dumps(config.model_dump(mode="json"), sort_keys=True),
+        "training_config": json.dumps(_without_paths(config.model_dump(mode="json")), sort_keys=True),
     }
-    if config.trigger_word:
-        meta["modelspec.trigger_phrase"] = config.trigger_word
+    if base.prediction_type != "flow_matching":  # kohya writes none for FLUX
+        meta["modelspec.prediction_type"] = "v" if base.prediction_type == "v_prediction" else "epsilon"
+    if triggers := trigger_phrase(config, dataset):
+        meta["modelspec.trigger_phrase"] = triggers
+    if run:
+        meta[RUN_KEY] = run
     return meta
+
+
+def trigger_phrase(config: TrainingConfig, dataset: DatasetIndex) -> str:
+    """Every trigger the run used, comma-joined as kohya's and merge's trigger phrases: the config's trigger_word,
+    then each concept folder's (a multi-concept dataset's 'xyz_cat, xyz_dog'), each once, any case."""
+    first_spelling: dict[str, str] = {}
+    for trigger in (config.trigger_word, *(concept.trigger_word for concept in dataset.concepts)):
+        if trigger:
+            first_spelling.setdefault(trigger.lower(), trigger)
+    return ", ".join(first_spelling.values())
+
+
+# The config's `metadata: minimal`: what a user of the file needs to load and prompt it. The spec's
+# version marker goes with the two modelspec keys, which readers take as the model spec only with it.
+MINIMAL_KEYS = (
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_base_model_version",
+    "modelspec.sai_model_spec",
+    "modelspec.title",
+    "modelspec.architecture",
+    "modelspec.trigger_phrase",
+)
+
+
+def public_name(value: str) -> str:
+    """`value` as it may leave this machine: a local path (absolute, under ~, or an existing relative
+    one) as its last part; anything else (a hub id "owner/name", builtin:..., a word) unchanged."""
+    path = Path(value).expanduser()
+    if value.startswith("~") or path.is_absolute() or (os.sep in value and path.exists()):
+        return path.name
+    return value
+
+
+def _without_paths(value):
+    """The config's JSON form with every string put through public_name."""
+    if isinstance(value, dict):
+        return {key: _without_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_paths(item) for item in value]
+    return public_name(value) if isinstance(value, str) else value

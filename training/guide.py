@@ -10,6 +10,8 @@ may import it without a cycle.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import Literal, get_args
 
 # --- kinds of LoRA ---------------------------------------------------------------------------
@@ -26,17 +28,37 @@ CLASS_PROMPTS: dict[str, str] = {
 }
 
 
-def derived_class_prompt(config) -> tuple[str, str] | None:
+# Class words a dataset's captions may name, most specific first: with no class_prompt, lora_type or
+# instance prompt to go by, prior preservation keeps the one that at least half of the captions name
+# (the guide's Advanced config sets prior_preservation with none of them).
+CAPTION_CLASSES = ("woman", "man", "girl", "boy", "child", "person", "dog", "cat", "car", "character")
+# Their plurals that are not the word plus 's' (captions of groups say "two women", "children playing").
+IRREGULAR_PLURALS = {"woman": "women", "man": "men", "child": "children", "person": "people"}
+
+
+def derived_class_prompt(config, captions: Sequence[str] = ()) -> tuple[str, str] | None:
     """The class prompt prior preservation uses when a TrainingConfig sets no class_prompt, and a line saying
     where it comes from, or None: the LoRA type's class, else the instance prompt without its trigger word
-    (DreamBooth's 'xyz_person person'). Captions are not read: a config is checked without its dataset."""
+    (DreamBooth's 'xyz_person person'), else the class word most of the dataset's `captions` name."""
     if config.lora_type in CLASS_PROMPTS:
         prompt = CLASS_PROMPTS[config.lora_type]
         return prompt, f"using {prompt!r} from lora_type {config.lora_type}"
     words = (config.instance_prompt or "").split()
     if config.trigger_word in words and (rest := " ".join(w for w in words if w != config.trigger_word).strip(" ,")):
         return rest, f"using {rest!r} from instance_prompt {config.instance_prompt!r} without the trigger word"
+    if config.lora_type is None and (named := _class_named_by(captions)):
+        word, count = named
+        prompt = f"a photo of a {word}"
+        return prompt, f"using {prompt!r}: {count} of {len(captions)} captions name a {word}"
     return None
+
+
+def _class_named_by(captions: Sequence[str]) -> tuple[str, int] | None:
+    """The class word (singular or plural, any case) named by the most captions, if by at least half."""
+    forms = {word: re.compile(rf"\b({word}s?|{IRREGULAR_PLURALS.get(word, word)})\b", re.I) for word in CAPTION_CLASSES}
+    counts = {word: sum(1 for c in captions if forms[word].search(c)) for word in CAPTION_CLASSES}
+    word = max(CAPTION_CLASSES, key=lambda w: counts[w])  # max keeps the first of a tie: the more specific
+    return (word, counts[word]) if captions and 2 * counts[word] >= len(captions) else None
 
 
 # --- steps -----------------------------------------------------------------------------------

@@ -18,16 +18,13 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
+from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 from safetensors import safe_open
 
 from training.config import ConfigError
 from training.families import lora_family
 
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
-KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-# SDXL's two text encoders are kohya's te1 and te2.
-SDXL_KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-ALL_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 
 class LoraFileError(ValueError):
@@ -61,16 +58,16 @@ def attach_lora(
 
 
 def _check_targets(model: torch.nn.Module, prefix: str, targets: list[str]) -> None:
-    """Each target must name linear layers of the model (matched as peft matches: a module-name suffix):
-    kohya, ComfyUI and this trainer's own resume read linear LoRAs only."""
+    """Each target must name linear or conv layers of the model (matched as peft matches: a module-name
+    suffix): kohya's LoCon, ComfyUI and diffusers read LoRAs of both; norms and embeddings they do not."""
     problems = []
     for target in targets:
         matched = [m for name, m in model.named_modules() if name == target or name.endswith(f".{target}")]
-        kinds = sorted({type(m).__name__ for m in matched if not isinstance(m, torch.nn.Linear)})
+        kinds = sorted({type(m).__name__ for m in matched if not isinstance(m, torch.nn.Linear | torch.nn.Conv2d)})
         if not matched:
             problems.append(f"target_modules: {target!r} names no layer of the {prefix}")
         elif kinds:
-            problems.append(f"target_modules: {target!r} names {', '.join(kinds)} layers, not linear ones")
+            problems.append(f"target_modules: {target!r} names {', '.join(kinds)} layers, not linear or conv ones")
     if problems:
         examples = sorted({_short_name(name) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ConfigError(problems + [f"linear layer names of the {prefix}: {', '.join(examples[:30])}"])
@@ -125,90 +122,135 @@ class LoraWeights:
 
 
 def read_lora_file(path: Path, models: dict[str, torch.nn.Module]) -> dict[str, LoraWeights]:
-    """Read a kohya or diffusers/peft LoRA file into {'unet.<module>': LoraWeights}.
+    """Read any LoRA file that generate-image loads into {'unet.<module>': LoraWeights}: diffusers' own
+    loader for the family (`lora_state_dict`: kohya/A1111, kohya FLUX, XLabs, LoCon conv layers, the diffusers
+    and peft layouts) gives diffusers names, and those are brought to peft's module names here.
 
-    Keys are matched against the modules of the loaded models, so a file made for another
-    architecture is refused instead of half-applied.
+    Every module must be a layer of the models, so a file made for another architecture is refused
+    instead of half-applied; the message names the file and shows its keys. So is a file with tensors
+    the tools that read it here cannot carry (DoRA magnitudes, LoRA biases, full-weight diffs).
     """
     try:
         with safe_open(str(path), framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            keys = list(f.keys())
             metadata = f.metadata() or {}
-    except Exception as exc:
+            # diffusers drops these while it converts (with a log line), so they are looked for in the file;
+            # all-zero diffs change nothing (diffusers purges them as ineffective) and pass.
+            dropped = [k for k in keys if "dora_scale" in k or (k.endswith(_DIFFS) and f.get_tensor(k).any())]
+    except Exception as exc:  # safetensors raises several types for unreadable files
         raise LoraFileError(f"{path} is not a readable .safetensors LoRA file: {exc}") from None
-    if any(key.startswith(ALL_KOHYA_PREFIXES) for key in tensors):
-        if "transformer" in models:
-            if any("double_blocks" in key or "single_blocks" in key for key in tensors):
-                raise LoraFileError(
-                    f"{path} is a kohya-layout FLUX LoRA (lora_unet_double_blocks_*, fused projections); this "
-                    "trainer reads FLUX LoRAs in the diffusers layout (transformer.*.lora_A.weight): convert it "
-                    "with diffusers (FluxPipeline.lora_state_dict) first"
-                )
-            raise LoraFileError(f"{path} is a kohya LoRA of a UNet model (SD 1.x/2.x or SDXL), not of this FLUX model")
-        return _read_kohya(path, tensors, models)
-    if any(".lora_A." in key for key in tensors):
-        return _read_peft(path, tensors, metadata, models)
-    raise LoraFileError(f"{path} is neither a kohya (lora_unet_*) nor a diffusers/peft (*.lora_A.*) LoRA file")
-
-
-def _module_names(model: torch.nn.Module, prefix: str) -> set[str]:
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear | LoraLayer):
-            names.add(name)
-    return {f"{prefix}.{name}" for name in names}
-
-
-def _read_kohya(path: Path, tensors: dict, models: dict) -> dict[str, LoraWeights]:
-    prefixes = SDXL_KOHYA_PREFIXES if "text_encoder_2" in models else KOHYA_PREFIXES
-    by_kohya_name = {}
-    for prefix, model in models.items():
-        for full in _module_names(model, prefix):
-            module = full.split(".", 1)[1]
-            kohya = prefixes[prefix] + canonical_module_name(prefix, module).replace(".", "_")
-            by_kohya_name[kohya] = full
-    weights = {}
-    for key in tensors:
-        if not key.endswith(".lora_down.weight"):
-            continue
-        stem = key.removesuffix(".lora_down.weight")
-        if stem not in by_kohya_name:
-            raise LoraFileError(f"{path}: {stem} names no module of this base model (another architecture?)")
-        down, up = tensors[key], tensors.get(f"{stem}.lora_up.weight")
-        if up is None or down.ndim != 2:
-            raise LoraFileError(f"{path}: {stem} is not a plain linear LoRA (conv/LoCon layers are not supported)")
-        alpha = float(tensors[f"{stem}.alpha"]) if f"{stem}.alpha" in tensors else float(down.shape[0])
-        weights[by_kohya_name[stem]] = LoraWeights(down.float(), up.float(), alpha)
-    return weights
-
-
-def _read_peft(path: Path, tensors: dict, metadata: dict, models: dict) -> dict[str, LoraWeights]:
+    if dropped:
+        raise _not_plain(path, dropped)
+    family = lora_family(models)
+    reader = f"diffusers' {family.pipeline_class().__name__}.lora_state_dict"
+    try:
+        read, alphas = family.lora_state_dict(path, models)
+    except Exception as exc:  # diffusers' converters assert, raise KeyError or ValueError on layouts they do not know
+        detail = " ".join(str(exc).split())  # on one line: its messages list keys on several
+        raise _unreadable(path, keys, f"{reader} cannot read it ({type(exc).__name__}: {detail})") from None
+    state = _peft_names(read)
+    extra = [key for key in state if not key.endswith((".lora_A.weight", ".lora_B.weight"))]
+    if extra:  # kept by diffusers, for peft: DoRA's lora_magnitude_vector, lora_B.bias
+        raise _not_plain(path, extra)
+    down_alphas = _peft_names(_alphas_by_down_key(read, alphas or {}))
     adapter_config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-    known = set().union(*(_module_names(model, prefix) for prefix, model in models.items()))
+    layers = _layers(models)
     weights = {}
-    for key in tensors:
+    for key, down in state.items():
         if ".lora_A." not in key:
             continue
         stem = key.split(".lora_A.")[0]
         prefix, module = stem.split(".", 1)
-        if prefix not in models:
-            raise LoraFileError(
-                f"{path}: its keys start with {prefix!r}, and this base model's LoRA adapts only "
-                f"{', '.join(models)} (written by another tool, or for another architecture); LoRAs in the diffusers "
-                f"layout ({next(iter(models))}.<module>.lora_A.weight) are read"
-            )
-        if prefix.startswith("text_encoder") and stem not in known:
+        if prefix.startswith("text_encoder") and stem not in layers:
             stem = f"{prefix}.{module.removeprefix('text_model.')}"  # written canonically, loaded without the wrapper
-        if stem not in known:
-            raise LoraFileError(f"{path}: {stem} names no module of this base model (another architecture?)")
-        down, up = tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")]
-        alpha_tensor = tensors.get(key.split(".lora_A.")[0] + ".alpha")  # FLUX files carry kohya-style alphas
-        if alpha_tensor is not None:
-            alpha = float(alpha_tensor)
-        else:
-            alpha = float(adapter_config.get(f"{prefix}.lora_alpha", down.shape[0]))
-        weights[stem] = LoraWeights(down.float(), up.float(), alpha)
+        up = state.get(key.replace(".lora_A.", ".lora_B."))
+        if stem not in layers or up is None:
+            raise _unreadable(path, keys, f"{reader} gives {stem}, which is no layer of this base model")
+        alpha = down_alphas.get(key)
+        if alpha is None:
+            alpha = adapter_config.get(f"{prefix}.lora_alpha", down.shape[0])
+        # Copies: diffusers' split of a fused qkv gives to_q, to_k and to_v one shared A tensor.
+        weights[stem] = LoraWeights(down.to(torch.float32, copy=True), up.to(torch.float32, copy=True), float(alpha))
+    if not weights:
+        raise _unreadable(path, keys, f"{reader} finds no LoRA layers in it")
     return weights
+
+
+def _unreadable(path: Path, keys: list[str], reason: str) -> LoraFileError:
+    return LoraFileError(
+        f"{path.name}: {reason}. Its keys: {_some(keys) or 'none'}. It is no LoRA of this base model in a layout "
+        "diffusers loads (kohya/A1111, LoCon, kohya FLUX, XLabs, diffusers/peft are): check that the file is a LoRA "
+        "(not LoHa/LoKr or a full checkpoint) and that the base model (model_name) is the one it was trained for"
+    )
+
+
+_DIFFS = (".diff", ".diff_b")  # kohya/LyCORIS full-weight and bias differences of a layer
+
+
+def _not_plain(path: Path, dropped: list[str]) -> LoraFileError:
+    """The refusal of a file with tensors besides LoRA matrices and alphas: converting, merging or resuming
+    it would drop them without a word, and the result would not be the LoRA its maker trained."""
+    kinds = sorted({_extra_kind(key) for key in dropped})
+    return LoraFileError(
+        f"{path.name} holds {' and '.join(kinds)} ({_some(dropped)}), which convert-lora, merge-loras and resume_from "
+        "cannot carry: they read a LoRA's down/up matrices and alphas only. generate-image may still use it; "
+        "to convert, merge or continue it, export it again as a plain LoRA from the tool that made it "
+        "(kohya sd-scripts/LyCORIS: without dora_wd, without bias or full-weight diff training)"
+    )
+
+
+def _some(keys: list[str]) -> str:
+    """The first four keys, and how many there are when more."""
+    return ", ".join(sorted(keys)[:4]) + (f", ... ({len(keys)} keys)" if len(keys) > 4 else "")
+
+
+def _extra_kind(key: str) -> str:
+    if "dora_scale" in key or "lora_magnitude_vector" in key:
+        return "DoRA magnitudes"
+    if key.endswith((".bias", ".diff_b")):
+        return "LoRA biases"
+    if key.endswith(".diff"):
+        return "full-weight differences"
+    return "tensors that are no LoRA matrices"
+
+
+def _peft_names(state: dict) -> dict:
+    """diffusers' names (attention-processor `to_q_lora.down`, `lora.down`, `lora_linear_layer.down`) as
+    peft's (`to_q.lora_A`), with diffusers' own key conversions, as its loaders do before peft loads them."""
+    encoders = {key: value for key, value in state.items() if key.startswith("text_encoder")}
+    denoiser = convert_unet_state_dict_to_peft({k: v for k, v in state.items() if k not in encoders})
+    if any("lora_linear_layer" in key or "to_out_lora" in key for key in encoders):
+        encoders = convert_state_dict_to_peft(encoders)
+    return denoiser | encoders
+
+
+def _alphas_by_down_key(state: dict, alphas: dict) -> dict:
+    """{key of a LoRA down (A) matrix: its alpha}. diffusers keys network alphas by the module
+    (`unet.<module>.alpha`, `transformer.<module>.alpha`) or by the down key itself
+    (`...to_q_lora.down.weight.alpha`)."""
+    found = {}
+    for key in state:
+        stem = key
+        for suffix in (".lora.down.weight", ".lora_A.weight", ".lora_linear_layer.down.weight", ".down.weight"):
+            if key.endswith(suffix):
+                stem = key.removesuffix(suffix)
+                break
+        else:
+            continue
+        alpha = alphas.get(f"{key}.alpha", alphas.get(f"{stem}.alpha"))
+        if alpha is not None:
+            found[key] = float(alpha)
+    return found
+
+
+def _layers(models: dict[str, torch.nn.Module]) -> set[str]:
+    """`<prefix>.<module>` of every layer a LoRA may adapt: linear and conv layers (LoCon), or peft's wrappers."""
+    return {
+        f"{prefix}.{name}"
+        for prefix, model in models.items()
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d | LoraLayer)
+    }
 
 
 def load_lora_weights_into(weights: dict[str, LoraWeights], models: dict[str, torch.nn.Module]) -> list[str]:
@@ -235,17 +277,30 @@ def load_lora_weights_into(weights: dict[str, LoraWeights], models: dict[str, to
     with torch.no_grad():
         for name, w in weights.items():
             if name not in layers:
-                raise LoraFileError(f"the LoRA has weights for {name}, which this run does not train")
+                raise LoraFileError(
+                    f"the LoRA has weights for {name}, which this run does not train: add {_short_name(name)!r} "
+                    "to target_modules (with the family's defaults) to continue it"
+                )
             layer = layers[name]
             a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
             old_rank, new_rank = w.down.shape[0], a.shape[0]
             if old_rank > new_rank:
                 raise LoraFileError(f"the LoRA has rank {old_rank}; set rank to {old_rank} or more to continue it")
-            if w.down.shape[1] != a.shape[1] or w.up.shape[0] != b.shape[0]:
-                raise LoraFileError(f"{name}: shapes differ from this base model (another architecture?)")
+            # Everything but the rank must match: inputs and kernel (a LoCon's 3x3 against a 1x1 conv), outputs.
+            if w.down.shape[1:] != a.shape[1:] or w.up.shape[0] != b.shape[0] or w.up.shape[2:] != b.shape[2:]:
+                raise LoraFileError(
+                    f"the LoRA's layer {name} is {_layer_shape(w.down, w.up)}, this run's is {_layer_shape(a, b)}: "
+                    "the file was made for another base model (model_name) or architecture"
+                )
             rescale = (w.alpha / old_rank) / layer.scaling["default"]
             a[:old_rank] = w.down.to(a)
             b.zero_()
             b[:, :old_rank] = (w.up * rescale).to(b)
     missing = sorted(set(layers) - set(weights))
     return [f"{len(missing)} trained module(s) are not in the LoRA and start from zero"] if missing else []
+
+
+def _layer_shape(down: torch.Tensor, up: torch.Tensor) -> str:
+    """A LoRA layer's shape without its rank: `320 -> 320 features, 3x3 kernel`."""
+    kernel = "x".join(str(size) for size in down.shape[2:])
+    return f"{down.shape[1]} -> {up.shape[0]} features" + (f", {kernel} kernel" if kernel else "")

@@ -53,11 +53,12 @@ def merge_lora_files(
     *,
     output_format: LoraFormat = "comfyui",
     model_folder: Path | None = None,
+    model_name: str | None = None,
 ) -> Path:
     """Write the LoRA that equals `sources` (file, weight) applied together, at `target`.
 
-    The base model (for kohya names and layer shapes) is `model_folder`, else the one named in the
-    first source that records its training config. Raises LoraFileError, before writing anything,
+    The base model (for module names and layer shapes) is `model_folder`, else `model_name`, else the
+    one named in the first source that records its training config. Raises LoraFileError, before writing anything,
     for fewer than two sources, a weight outside [-2, 2], sources made for different base models,
     layers whose shapes differ from the base model's, or a merged rank above 1024.
     """
@@ -74,11 +75,11 @@ def merge_lora_files(
 
     # The first source that names its base model gives the architecture (and its training config).
     described = next((i for i, config in enumerate(configs) if "model_name" in config), 0)
-    folder = base_model_folder(sources[described][0], metadatas[described], model_folder)
+    folder = base_model_folder(sources[described][0], metadatas[described], model_folder, model_name)
     models = empty_models(folder)
     family = lora_family(models)
     layout = file_layout(output_format, family)
-    layers = _linear_layers(models)
+    layers = _lora_layers(models)
     loras = []
     for path, _ in sources:
         weights = read_lora_file(path, models)
@@ -96,9 +97,8 @@ def merge_lora_files(
         )
     merged = {}
     for name in sorted(set().union(*loras)):
-        layer = layers[name]
-        down = torch.zeros(rank, layer.in_features)  # A: (R, in)
-        up = torch.zeros(layer.out_features, rank)  # B: (out, R)
+        down_shape, up_shape = _factor_shapes(layers[name], rank)
+        down, up = torch.zeros(down_shape), torch.zeros(up_shape)
         start = 0
         for (_, weight), lora, block in zip(sources, loras, blocks):
             if name in lora:
@@ -133,24 +133,30 @@ def _check_same_base_model(paths: list[Path], metadatas: list[dict]) -> None:
                 )
 
 
-def _linear_layers(models: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Linear]:
+def _lora_layers(models: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Linear | torch.nn.Conv2d]:
     return {
         f"{prefix}.{name}": module
         for prefix, model in models.items()
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)
     }
+
+
+def _factor_shapes(layer: torch.nn.Linear | torch.nn.Conv2d, rank: int) -> tuple[tuple, tuple]:
+    """The shapes of A and B of a rank-`rank` LoRA of `layer`: (rank, in) and (out, rank) for a linear layer;
+    for a conv layer (LoCon) A is a conv of the layer's kernel, B a 1x1 conv, as kohya, LyCORIS and peft make them."""
+    if isinstance(layer, torch.nn.Conv2d):
+        return (rank, layer.in_channels, *layer.kernel_size), (layer.out_channels, rank, 1, 1)
+    return (rank, layer.in_features), (layer.out_features, rank)
 
 
 def _check_shapes(path: Path, weights: dict[str, LoraWeights], layers: dict, folder: Path) -> None:
     for name, w in weights.items():
-        layer = layers[name]
-        (rank, inputs), (outputs, up_rank) = w.down.shape, w.up.shape
-        if (inputs, outputs) != (layer.in_features, layer.out_features) or up_rank != rank:
+        expected = _factor_shapes(layers[name], w.down.shape[0])
+        if (tuple(w.down.shape), tuple(w.up.shape)) != expected:
             raise LoraFileError(
                 f"{path.name}: {name} has shapes A {tuple(w.down.shape)}, B {tuple(w.up.shape)}, but that layer of "
-                f"the base model ({folder}) maps {layer.in_features} -> {layer.out_features} features: "
-                "another architecture?"
+                f"the base model ({folder}) takes A {expected[0]}, B {expected[1]}: another architecture?"
             )
         if not (torch.isfinite(w.down).all() and torch.isfinite(w.up).all() and math.isfinite(w.alpha)):
             raise LoraFileError(f"{path.name}: {name} holds NaN or infinite values")
@@ -192,11 +198,15 @@ def _merged_metadata(
 
 def main() -> int:
     """`python -m training.merge`: merge_lora_files for the server, which does not import torch
-    (training/request_child.py): {sources: [[path, weight], ...], target, output_format} in, {path} out."""
+    (training/request_child.py): {sources: [[path, weight], ...], target, output_format, model_name} in,
+    {path} out."""
 
-    def merge(sources: list[tuple[str, float]], target: str, output_format: LoraFormat) -> dict:
+    def merge(
+        sources: list[tuple[str, float]], target: str, output_format: LoraFormat, model_name: str | None = None
+    ) -> dict:
         weighted = [(Path(path), weight) for path, weight in sources]
-        return {"path": str(merge_lora_files(weighted, Path(target), output_format=output_format))}
+        merged = merge_lora_files(weighted, Path(target), output_format=output_format, model_name=model_name)
+        return {"path": str(merged)}
 
     return serve_request(merge, (LoraFileError, ModelNotFoundError))
 

@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, Field
 
 from training.config import TrainingConfig
-from training.data.dataset import DatasetIndex
+from training.data.dataset import DatasetIndex, shared_first_word
 from training.estimates import estimate_minutes, model_family
 from training.families import ModelFamily
 from training.guide import (
@@ -331,24 +331,25 @@ def dataset_advice(images: int, lora_type: LoraType) -> str:
 
 def trigger_word_for(dataset_name: str, index: DatasetIndex) -> TriggerChoice:
     """The trigger word a dataset already has, else one made from its name, as the trainer will use it:
-    a concept folder is triggered by its own name, root images by the config's trigger_word."""
+    a concept folder by its own trigger (training.data.dataset.concept_trigger), root images by the config's
+    trigger_word."""
     folders = [c for c in index.concepts if c.folder]
     has_root = any(not c.folder for c in index.concepts)
     if not has_root and len(folders) == 1:
         concept = folders[0]
         return TriggerChoice(
             concept.trigger_word,
-            f"{concept.trigger_word!r}: the name of the dataset's one concept folder ({concept.folder!r}), which "
-            "the trainer uses as its trigger word",
+            f"{concept.trigger_word!r}: the trigger of the dataset's one concept folder ({concept.folder!r}), which "
+            f"the trainer uses ({concept.trigger_reason})",
         )
     named = ", ".join(f"{c.folder} -> {c.trigger_word}" for c in folders)
     if not has_root:
         return TriggerChoice(
             None,
-            f"not set: the dataset's {len(folders)} concept folders are each triggered by their own name ({named}); "
+            f"not set: the dataset's {len(folders)} concept folders each have their own trigger ({named}); "
             "set trigger_words ({folder: word}) to change them",
         )
-    found = _common_trigger([r.caption for r in index.images if not r.folder])
+    found = shared_first_word([r.caption for r in index.images if not r.folder])
     also = f"; the concept folders keep their own ({named})" if folders else ""
     if found:
         return TriggerChoice(found, f"{found!r}: already the first word of every caption{also}")
@@ -365,16 +366,6 @@ def derived_trigger_word(dataset_name: str) -> str:
     """'xyz_<name>' in lower case with runs of other characters as '_' ('My-Set.2' -> 'xyz_my_set_2')."""
     stem = re.sub(r"[^a-z0-9]+", "_", dataset_name.lower()).strip("_") or "concept"
     return stem if stem.startswith("xyz_") else f"xyz_{stem}"
-
-
-def _common_trigger(captions: list[str]) -> str | None:
-    """The first word of every caption when they all share it and it has a trigger's shape
-    (an '_' or a digit, as in 'xyz_style' or 'sks1': plain words such as 'a' are not triggers)."""
-    firsts = {match.group() if (match := re.match(r"[\w.-]+", caption)) else "" for caption in captions}
-    if len(firsts) != 1:
-        return None
-    word = firsts.pop()
-    return word if re.search(r"[_\d]", word) else None
 
 
 def _steps(images: int, goal: str) -> tuple[int, str]:

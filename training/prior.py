@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from training.data.dataset import IMAGE_SUFFIXES
+from training.data.dataset import image_files
 from training.sampling import prompt_arguments, render
 from training.workspace import atomic_output
 
@@ -22,19 +22,21 @@ GENERATION_BATCH = 4
 GENERATION_STEPS = 25  # enough for recognisable class images at SD scale; each is a one-off cost
 
 
-def ensure_class_images(base: LoadedModel, placement: Placement, config: TrainingConfig, class_dir: Path) -> list[Path]:
-    """Return `num_class_images` class images from `class_dir`, generating the missing ones.
+def ensure_class_images(
+    base: LoadedModel, placement: Placement, config: TrainingConfig, class_dir: Path, given: list[Path]
+) -> list[Path]:
+    """Return `num_class_images` class images: `given` (the dataset's class/ folder, read only) first, then those
+    in `class_dir`, generating the missing ones there.
 
     Must run before the LoRA is attached: class images show what the base model makes of
     `class_prompt`, which is what prior preservation keeps.
     """
-    class_dir.mkdir(parents=True, exist_ok=True)
-    existing = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    missing = config.num_class_images - len(existing)
+    found = given + (image_files(class_dir, recursive=True) if class_dir.is_dir() else [])
+    missing = config.num_class_images - len(found)
     if missing > 0:
         log.info("generating %d class image(s) of %r into %s", missing, config.class_prompt, class_dir)
         base.denoiser.eval()
-        number = len(existing)
+        number = len(found)
         with torch.no_grad():
             while missing > 0:
                 count = min(GENERATION_BATCH, missing)
@@ -54,7 +56,7 @@ def ensure_class_images(base: LoadedModel, placement: Placement, config: Trainin
                         number += 1  # never overwrite a class image the user put there
                     with atomic_output(path) as tmp:
                         image.save(tmp, format="PNG")
+                    found.append(path)
                     number += 1
                 missing -= count
-        existing = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    return existing[: config.num_class_images]
+    return found[: config.num_class_images]

@@ -27,17 +27,36 @@ def encode_prompts(
     tokenizer, text_encoder, prompts: list[str], *, max_token_length: int, clip_skip: int
 ) -> torch.Tensor:
     """(batch, 75 * n + 2, hidden) conditioning for `prompts`, with n = max_token_length / 75."""
-    device = text_encoder.device
+    chunks = chunk_ids(tokenizer, prompts, max_token_length=max_token_length, device=text_encoder.device)
+    return join_chunks([_hidden_states(text_encoder, ids, clip_skip) for ids in chunks])
+
+
+def chunk_ids(tokenizer, prompts: list[str], *, max_token_length: int, device) -> list[torch.Tensor]:
+    """The captions' token ids as max_token_length / 75 CLIP inputs of (batch, 77), each with its own
+    start and end tokens, as kohya splits them; one chunk is the tokenizer's ids unchanged."""
     ids = tokenizer(
         prompts, padding="max_length", truncation=True, max_length=max_token_length + 2, return_tensors="pt"
     ).input_ids.to(device)
-    body = ids[:, 1:-1]  # (batch, 75 * n): captions without the start token and the final end/pad token
-    start = ids[:, :1]
-    end = torch.full_like(start, tokenizer.eos_token_id)
+    if max_token_length == CAPTION_TOKENS:
+        return [ids]
+    start, last = ids[:, :1], ids[:, -1:]  # last: the caption's end token, or padding
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     chunks = []
-    for first in range(0, max_token_length, CAPTION_TOKENS):
-        chunk_ids = torch.cat([start, body[:, first : first + CAPTION_TOKENS], end], dim=1)  # (batch, 77)
-        chunks.append(_hidden_states(text_encoder, chunk_ids, clip_skip))
+    for first in range(1, max_token_length + 1, CAPTION_TOKENS):
+        chunk = torch.cat([start, ids[:, first : first + CAPTION_TOKENS], last], dim=1)
+        # kohya's two fixes, no-ops where padding is the end token (SD 1's tokenizer); SD 2's and SDXL's
+        # second pad with "!": a chunk cut inside the caption ends with an end token, and an empty
+        # chunk starts with one.
+        cut = (chunk[:, -2] != eos) & (chunk[:, -2] != pad)
+        chunk[:, -1] = torch.where(cut, eos, chunk[:, -1])
+        chunk[:, 1] = torch.where(chunk[:, 1] == pad, eos, chunk[:, 1])
+        chunks.append(chunk)
+    return chunks
+
+
+def join_chunks(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """The chunks' hidden states as one sequence: the first start state, each chunk's 75 inner states,
+    the last end state (kohya's layout: 75 * n + 2 positions)."""
     if len(chunks) == 1:
         return chunks[0]
     inner = [c[:, 1:-1] for c in chunks]

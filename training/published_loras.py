@@ -1,13 +1,19 @@
 """Putting a job's LoRA into the workspace's `loras/` folder, where list-exported-models, download-model
 and every tool that takes a LoRA by name find it: `<name>.safetensors` beside a `.json` sidecar.
 
-A queued training job publishes its final LoRA as it completes (the run keeps its own copy), and
-export-model publishes a job's LoRA or checkpoint on request. A name never takes over another job's
-file: when `<name>.safetensors` holds one (or a LoRA from elsewhere), the next free `<name>-2`,
-`<name>-3`, ... is used and reported. The same job publishing again replaces its own file.
+Every writer into loras/ publishes through `publish`: a queued training job its final LoRA as it
+completes (the run keeps its own copy), export-model a job's LoRA or checkpoint, merge-loras and
+convert-lora their results, upload-lora-chunked-finish an uploaded file. A name never takes over a file
+there: when `<name>.safetensors` (or its sidecar) exists, the next free `<name>-2`, `<name>-3`, ... is
+used and reported; where the user asked for an exact name (merge-loras' and convert-lora's output_name,
+an upload's filename) it is refused with NameTaken instead. The same job publishing again replaces its
+own file.
 
 The trainer's child and the server both publish, without sharing a lock: the new file is linked into
-place (`os.link` fails when the name exists), so two publishers never write one name.
+place (`os.link` fails when the name exists), so two publishers never write one name, and a check made
+before a long merge cannot go stale: the name is taken or not at the moment of the link. A filesystem
+without hard links (FAT, some network drives) gets the same guarantee from an exclusive create
+(`copy_to_new_name`), at the cost of a name that exists, partly written, while its bytes are copied.
 """
 
 from __future__ import annotations
@@ -25,6 +31,20 @@ from training.workspace import FILE_MODE, atomic_write_json
 SUFFIX = ".safetensors"
 
 
+class NameTaken(FileExistsError):
+    """The exact name asked for holds a LoRA already; `path` is that file."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"{path.name} exists already")
+        self.path = path
+
+
+def name_taken(folder: Path, name: str) -> bool:
+    """Whether `<name>.safetensors` or its sidecar exists in `folder` (an early check; `publish` decides)."""
+    target = folder / f"{name}{SUFFIX}"
+    return target.exists() or target.is_symlink() or target.with_suffix(".json").exists()
+
+
 def lora_record(target: Path, metadata: dict[str, str], job_id: str | None, step: int | None = None) -> dict:
     """The sidecar of a published LoRA (server.loras.ExportedLora's fields), from its file's metadata."""
     trained = json.loads(metadata.get("training_config", "{}"))
@@ -40,14 +60,17 @@ def lora_record(target: Path, metadata: dict[str, str], job_id: str | None, step
     }
 
 
-def publish(folder: Path, name: str, job_id: str | None, write: Callable[[Path], None]) -> Path:
+def publish(
+    folder: Path, name: str, job_id: str | None, write: Callable[[Path], None], *, exact: bool = False
+) -> Path:
     """Write a LoRA with `write(temporary path)` and put it into `folder` as `<name>.safetensors`, or the
-    first free numbered name when that one holds a file that is not `job_id`'s. Returns the path used;
-    its sidecar is for the caller to write (`lora_record`)."""
+    first free numbered name when that one holds a file that is not `job_id`'s (NameTaken when `exact`).
+    The temporary file is `<name>.safetensors` in a hidden folder beside, so a writer that records its
+    file's name (merge's ss_output_name) records `name`. Returns the path used; its sidecar is for the
+    caller to write (`lora_record`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    tmp = Path(temporary)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder))
+    tmp = staging / f"{name}{SUFFIX}"
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -61,13 +84,40 @@ def publish(folder: Path, name: str, job_id: str | None, write: Callable[[Path],
                 return target
             if not target.with_suffix(".json").exists():
                 try:
-                    os.link(tmp, target)
+                    _link_or_copy(tmp, target)
                     return target
                 except FileExistsError:
                     pass
+            if exact:
+                raise NameTaken(target)
             number += 1
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Put `source` at `target`, a name that must be free (FileExistsError otherwise)."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (EPERM on FAT, ENOTSUP or EOPNOTSUPP on some network filesystems)
+        copy_to_new_name(source, target)
+
+
+def copy_to_new_name(source: Path, target: Path) -> None:
+    """Copy `source` to `target`, which is created exclusively: FileExistsError when the name exists, so
+    no file is ever overwritten. A copy that fails (disk full, a dropped network drive) removes what it
+    wrote, so no half file stays under the name."""
+    out = open(target, "xb")
+    try:
+        with out, open(source, "rb") as src:
+            shutil.copyfileobj(src, out)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
 
 
 def publish_final_lora(lora: Path, config_name: str, folder: Path) -> Path | None:

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from training.image_files import upright_image
+
 if TYPE_CHECKING:
     from training.config import TrainingConfig
     from training.placement import Placement
@@ -34,7 +36,7 @@ AUTO_STOP_CHECKS = 3
 def thumbnail(image: Image.Image | Path) -> np.ndarray:
     """(64, 64, 3) floats in [0, 1]; the whole image, squashed to a square."""
     if isinstance(image, Path):
-        with Image.open(image) as opened:
+        with upright_image(image) as opened:
             return thumbnail(opened)
     small = image.convert("RGB").resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BILINEAR)
     return np.asarray(small, dtype=np.float32) / 255.0

@@ -188,3 +188,26 @@ def end_status(path: Path, state: RunState, **fields: Any) -> None:
     now = time.time()
     status.update(state=state, heartbeat=now, updated_at=now, **fields)
     atomic_write_json(path, status)
+
+
+# A LoRA's metadata key for the name of the run folder that trained it (the job id under the server): a
+# name, never a path. The file records a local base model by its folder's name only (training/export.py);
+# the run's config.yaml has the whole path, which generate-image and convert-lora need to find that model.
+RUN_KEY = "training_run"
+
+
+def trained_base_model(recorded: str, run: str | None, runs: Path) -> str:
+    """The base model a LoRA of ours was trained on: `recorded` (its training config's model_name), or, where
+    the run named `run` is in `runs` and its config names a local model whose last part is `recorded`, that
+    model's path. A run name from a file made elsewhere finds nothing, or a model of the name it records."""
+    if not run or Path(run).name != run or run in (".", ".."):
+        return recorded
+    import yaml  # the server imports this module at start-up; yaml only where a LoRA is looked up
+
+    try:
+        trained = yaml.safe_load((runs / run / "config.yaml").read_text(encoding="utf-8")).get("model_name")
+    except (OSError, yaml.YAMLError, AttributeError):  # a run deleted since, or never here
+        return recorded
+    if isinstance(trained, str) and trained != recorded and Path(trained).expanduser().name == recorded:
+        return trained
+    return recorded

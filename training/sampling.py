@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from training.data.captions import fill_trigger
 from training.prompts import TextConditioning, encode_text
 from training.workspace import atomic_output, read_jsonl
 
@@ -26,6 +27,11 @@ if TYPE_CHECKING:
     from training.run_files import RunFiles
 
 
+def rendered_prompts(config: TrainingConfig) -> list[str]:
+    """The test prompts as rendered: `[trigger]` (ai-toolkit's placeholder) replaced by the trigger word."""
+    return [fill_trigger(prompt, config.trigger_word) for prompt in config.test_prompts]
+
+
 def control_prompt(config: TrainingConfig) -> str | None:
     """The configured control prompt, else the first test prompt with its trigger words taken out
     (None when nothing is left, or there are no test prompts)."""
@@ -33,12 +39,12 @@ def control_prompt(config: TrainingConfig) -> str | None:
         return config.control_prompt
     if not config.test_prompts:
         return None
-    prompt = config.test_prompts[0]
+    first = prompt = rendered_prompts(config)[0]
     for word in [config.trigger_word, *config.trigger_words.values()]:
         if word:
             prompt = re.sub(rf"(?<![\w-]){re.escape(word)}(?![\w-])", " ", prompt)
     prompt = re.sub(r"\s+", " ", re.sub(r"^[\s,]+|[\s,]+$", "", prompt)).strip()
-    return prompt if prompt and prompt != config.test_prompts[0] else None
+    return prompt if prompt and prompt != first else None
 
 
 def render(base: LoadedModel, placement: Placement, *, height: int, width: int, **arguments) -> list[Image]:
@@ -77,7 +83,7 @@ def render_samples(
     try:
         with torch.random.fork_rng(devices=devices, device_type=device_type), torch.no_grad():
             control = control_prompt(config)
-            prompts = config.test_prompts + ([control] if control else [])
+            prompts = rendered_prompts(config) + ([control] if control else [])
             previous = _previous_samples(files, step)
             for index, prompt in enumerate(prompts):
                 generator = torch.Generator(base.device).manual_seed(config.seed)

@@ -11,9 +11,7 @@ import logging
 import math
 import os
 import shutil
-import signal
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ from training.run_evidence import EvidenceRecorder, SampleStatistics
 from training.run_summary import describe_run
 from training.run_files import RunAlreadyExists, RunFiles, StatusWriter, default_run_dir
 from training.sampling import render_samples
+from training.stop_signals import stop_on_signals
 from training.validation import ValidationSet
 from training.workspace import DIR_MODE, atomic_output, atomic_write_text, datasets_dir, loras_dir
 
@@ -148,9 +147,13 @@ class Trainer:
             config.validation_split,
             config.seed,
         )
-        warnings = config.warnings() + self.dataset.warnings  # before resolve() folds network_* into rank/alpha
+        captions = [record.caption for record in self.dataset.images]
+        warnings = config.warnings(captions) + self.dataset.warnings  # before resolve() folds network_* into rank
         self.config = config = config.resolve(
-            native_resolution=self.base.native_resolution, num_images=self.dataset.num_images, family=self.base.family
+            native_resolution=self.base.native_resolution,
+            num_images=self.dataset.num_images,
+            family=self.base.family,
+            captions=captions,
         )
         self._check_against_model()
         self._write_config()
@@ -161,9 +164,11 @@ class Trainer:
         self.placement = Placement(self.base, config, self.device)
         records = list(self.dataset.images)
         if config.prior_preservation:
-            class_dir = Path(config.class_data_dir) if config.class_data_dir else self.files.dir / "class_images"
+            # The dataset's class/ images are read, never written: the missing ones are rendered into the run.
+            given = [] if config.class_data_dir else self.dataset.class_images
+            class_dir = Path(config.class_data_dir or self.files.dir / "class_images")
             with self.dist.local_main_first():  # it renders the machine's class images, the others find them
-                class_images = ensure_class_images(self.base, self.placement, config, class_dir)
+                class_images = ensure_class_images(self.base, self.placement, config, class_dir, given)
             repeats = max(1, round(self.dataset.num_samples / max(1, len(class_images))))
             records += class_image_records(
                 class_images, config.class_prompt, repeats=repeats, loss_weight=config.prior_loss_weight
@@ -430,6 +435,10 @@ class Trainer:
         every step the gradients' all-reduce carries it)."""
         self.stop_requested = self.dist.any(self._wants_stop())
 
+    def request_stop(self) -> None:
+        """A signal's stop: the processes agree on it after the step, like any other wish to stop."""
+        self._stop_wanted = True
+
     def _wants_stop(self) -> bool:
         """This process's wish to stop: a signal, auto_stop_on, or the stop every platform has (RunFiles.request_stop),
         read by each machine's first process in its own run directory: one stat per step of tens of milliseconds."""
@@ -469,6 +478,7 @@ class Trainer:
             epoch=self.data.epoch + 1,
             num_epochs=math.ceil(self.planned_epochs()),
             started_at=self.started_at,
+            run=self.files.dir.name,
         )
 
     def _dataset_name(self, file: str) -> str:
@@ -554,46 +564,23 @@ def run_training(
     A worker of a data-parallel run (`dist`) records its failure for the launcher, unless it failed because
     another process was lost first."""
     trainer = Trainer(config, run_dir, resume=resume, progress=progress, dist=dist)
-    previous = _install_stop_handlers(trainer)
-    try:
-        trainer.setup()
-        trainer.train()
-        result = trainer.finish()
-    except RunAlreadyExists:
-        raise  # the directory belongs to another run: write nothing into it
-    except PeerLost as exc:  # another process failed first: the launcher reports that one
-        result = RunResult("failed", trainer.files.dir, trainer.step, error=str(exc))
-    except EXPECTED_ERRORS + (NonFiniteLoss,) as exc:
-        result = RunResult("failed", trainer.files.dir, trainer.step, error=str(exc))
-        trainer.dist.record_failure(result.error)
-    except KeyboardInterrupt:
-        result = RunResult("stopped", trainer.files.dir, trainer.step, error="interrupted twice: no final checkpoint")
-    except Exception as exc:
-        log.exception("training failed")
-        result = RunResult("failed", trainer.files.dir, trainer.step, error=f"{type(exc).__name__}: {exc}")
-        trainer.dist.record_failure(result.error)
-    finally:
-        _restore_handlers(previous)
+    with stop_on_signals(trainer.request_stop):  # a signal while a failure is handled is a stop, not a kill
+        try:
+            trainer.setup()
+            trainer.train()
+            result = trainer.finish()
+        except RunAlreadyExists:
+            raise  # the directory belongs to another run: write nothing into it
+        except PeerLost as exc:  # another process failed first: the launcher reports that one
+            result = RunResult("failed", trainer.files.dir, trainer.step, error=str(exc))
+        except EXPECTED_ERRORS + (NonFiniteLoss,) as exc:
+            result = RunResult("failed", trainer.files.dir, trainer.step, error=str(exc))
+            trainer.dist.record_failure(result.error)
+        except KeyboardInterrupt:
+            error = "interrupted twice: no final checkpoint"
+            result = RunResult("stopped", trainer.files.dir, trainer.step, error=error)
+        except Exception as exc:
+            log.exception("training failed")
+            result = RunResult("failed", trainer.files.dir, trainer.step, error=f"{type(exc).__name__}: {exc}")
+            trainer.dist.record_failure(result.error)
     return trainer.cleanup(result)
-
-
-def _install_stop_handlers(trainer: Trainer) -> dict:
-    """First SIGINT/SIGTERM: finish the step, save a checkpoint, end 'stopped' (as the stop-request file does). A
-    second signal interrupts at once."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    signals = []  # only a second signal interrupts: the server writes the stop file just before its SIGTERM
-
-    def request_stop(signum, frame):
-        if signals:
-            raise KeyboardInterrupt
-        signals.append(signum)
-        trainer._stop_wanted = True  # the processes agree on it after the step (Trainer._notice_stop_request)
-        log.info("%s received: stopping after this step", signal.Signals(signum).name)
-
-    return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-def _restore_handlers(previous: dict) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)

@@ -172,8 +172,12 @@ class DatasetTools:
     @tool(
         "generate-captions",
         "Write captions for a dataset's images: caption_model 'template' (offline: trigger word + "
-        "subject from the file or folder name + the guide's structure) or an image-to-text model (blip, blip2, git, "
-        "a Hugging Face id in the local cache, or a local folder). Images that have a caption are kept unless "
+        "subject from the file or folder name + the guide's structure) or a captioning model: blip or git (a "
+        "short sentence, quick), blip2 (better sentences, 3.9B parameters, wants a GPU), florence2 (a detailed "
+        "description, the usual choice for photos and styles), wd14 (Danbooru tags, for anime and illustration), "
+        "or an image-text-to-text chat model such as JoyCaption or Qwen2.5-VL, asked caption_prompt (a Hugging "
+        "Face id in the local cache, or a local folder). The trigger word goes first in every caption. "
+        "Images that have a caption are kept unless "
         "overwrite. A quick set is captioned inside the call, with progress; a model with more than "
         f"{INLINE_MODEL_IMAGES} images to caption runs as a background job: the result's job_id works with "
         "get-training-status, get-training-logs and stop-training. Then lint-captions.",
@@ -226,14 +230,27 @@ class DatasetTools:
 
     @resource("lora://datasets/{name}/images/{filename}", "image/png", "A thumbnail of an image.")
     def dataset_image_resource(self, name: str, filename: str) -> bytes:
+        return self._thumbnail(name, [filename])
+
+    @resource(
+        "lora://datasets/{name}/images/{folder}/{filename}",
+        "image/png",
+        "A thumbnail of an image in a folder of the dataset (e.g. 10_cat/a.png).",
+    )
+    def dataset_folder_image_resource(self, name: str, folder: str, filename: str) -> bytes:
+        return self._thumbnail(name, [folder, filename])
+
+    def _thumbnail(self, name: str, parts: list[str]) -> bytes:
+        """The thumbnail of the image at `parts` ([name] or [folder, name]) in the dataset `name`."""
         folder = self.s.workspace / "datasets" / self.s.resource_call(checked_name, "dataset", name)
-        path = folder / filename
+        path = folder.joinpath(*parts)
         if (
-            plain_filename_problem(filename)
+            any(plain_filename_problem(part) for part in parts)
             or path.suffix.lower() not in IMAGE_SUFFIXES
             or not path.is_file()
         ):
-            raise ResourceNotFoundError(f"dataset {name!r} has no image {filename!r}; get-dataset-info lists them")
+            shown = "/".join(parts)
+            raise ResourceNotFoundError(f"dataset {name!r} has no image {shown!r}; get-dataset-info lists them")
         return thumbnail_png(path)
 
 

@@ -101,7 +101,12 @@ class LoraFileTools:
     )
     def merge_loras_tool(self, request: MergeRequest) -> MergeResult:
         merged = self.s.call(
-            merge_loras, self.s.workspace, request.loras, request.output_name, request.output_format
+            merge_loras,
+            self.s.workspace,
+            request.loras,
+            request.output_name,
+            request.output_format,
+            request.model_name,
         )
         return MergeResult(lora=merged, next_step=f"generate-image with loras=[{{lora: {merged.name!r}}}]")
 
@@ -113,7 +118,9 @@ class LoraFileTools:
         request=ConvertRequest,
     )
     def convert_lora_tool(self, request: ConvertRequest) -> ExportedLora:
-        return self.s.call(convert_lora, self.s.workspace, request.lora, request.to, request.output_name)
+        return self.s.call(
+            convert_lora, self.s.workspace, request.lora, request.to, request.output_name, request.model_name
+        )
 
 
 def register_generation_tools(server: MCPServer, s: Services) -> None:

@@ -10,11 +10,12 @@ from mcp.server.mcpserver.utilities.types import Image
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
-from server.configs import ConfigSummary, ValidationReport
+from server.configs import ConfigSummary, ImportConfigRequest, ImportedConfig, ValidationReport
 from server.images import loss_curve_png, thumbnail_png
 from server.jobs import JobDeleted, JobStatus, PruneReport, PruneRequest
 from server.tools import READ_ONLY, Deleted, Services, add_tools, resource, tool
 from server.tools.arguments import request_parameters
+from server.training_runs import BaseModelDownload
 from training.config import TrainingConfig
 from training.guide import DEFAULT_LEARNING_RATE, STANDARD_RANK, STEPS_PER_IMAGE, lr_text
 
@@ -59,8 +60,9 @@ class ConfigTools:
     @tool(
         "create-training-config",
         "Create a named training config. Give name, model_name (an SD 1.x/2.x, SDXL or FLUX model, e.g. "
-        "runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0, black-forest-labs/FLUX.1-dev, or "
-        "builtin:tiny-sd15 to try things out), dataset_path (a dataset name from list-datasets or a folder path), "
+        "stable-diffusion-v1-5/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0, "
+        "black-forest-labs/FLUX.1-dev, or builtin:tiny-sd15 to try things out), dataset_path (a dataset name from "
+        "list-datasets or a folder path), "
         "trigger_word and test_prompts; every other option has the guide's default (learning_rate "
         f"{lr_text(DEFAULT_LEARNING_RATE)}, rank {STANDARD_RANK}, steps {STEPS_PER_IMAGE} x images) or the model "
         "family's (resolution, output format).",
@@ -121,6 +123,17 @@ class ConfigTools:
         self.call(self.configs.delete, name)
         return Deleted(name=name)
 
+    @tool(
+        "import-config",
+        "Import a config of another trainer as a saved config: a kohya sd-scripts TOML or kohya_ss JSON (with its "
+        "dataset TOML: [[datasets]] in the same text, or the dataset_config file beside it) or an ai-toolkit YAML "
+        "(its first sd_trainer process). Returns the config and every source key it could not map, with why. "
+        "Check dataset_path and model_name, then validate-training-config.",
+        request=ImportConfigRequest,
+    )
+    def import_config(self, request: ImportConfigRequest) -> ImportedConfig:
+        return self.call(self.configs.import_config, request)
+
 
 class JobTools:
     """Training jobs: start, watch, stop, resume, and the samples they render."""
@@ -137,9 +150,23 @@ class JobTools:
         return self.call(self.training.start, config_name)
 
     @tool(
+        "download-base-model",
+        "Download a base model (a diffusers pipeline on the Hugging Face hub) into this machine's HF cache as a "
+        "background job: returns its job_id at once; get-training-status shows bytes_done / bytes_total and "
+        "bytes_per_s. Only the files the pipeline needs; a disk-space check first; stop-training and "
+        "resume-training continue it where it stopped. start-training does this by itself for a model that is not "
+        "here (the training waits for the download).",
+        ToolAnnotations(destructiveHint=False, idempotentHint=False, openWorldHint=True),
+        request=BaseModelDownload,
+    )
+    def download_base_model(self, request: BaseModelDownload) -> JobStatus:
+        return self.call(self.training.download_base_model, request)
+
+    @tool(
         "get-training-status",
         "State (queued, running, completed, failed, stopped, interrupted), step/total, percent, "
-        "smoothed loss, lr, it/s, ETA, last checkpoint, latest sample names, LoRA path and error of a job.",
+        "smoothed loss, lr, it/s, ETA, last checkpoint, latest sample names, LoRA path and error of a job; for a "
+        "download job, bytes_done / bytes_total and bytes_per_s; for a queued job, the job it waits_for.",
         READ_ONLY,
     )
     def get_training_status(self, job_id: str = Field(description=ANY_JOB_ID)) -> JobStatus:

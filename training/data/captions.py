@@ -1,8 +1,23 @@
-"""Per-step caption augmentation: dropout and tag shuffling (kohya semantics)."""
+"""Captions as trained: ai-toolkit's `[trigger]` placeholder, and the per-step augmentation, dropout and tag
+shuffling (kohya semantics)."""
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the server reads captions too, and imports no numpy for it
+    import numpy as np
+
+TRIGGER_PLACEHOLDER = "[trigger]"
+
+
+def fill_trigger(text: str, trigger: str | None) -> str:
+    """`text` (a caption or a sample prompt) with ai-toolkit's `[trigger]` replaced by the trigger word; with
+    no trigger word it goes, with the comma or space that set it off."""
+    if TRIGGER_PLACEHOLDER not in text:
+        return text
+    tags = text.replace(TRIGGER_PLACEHOLDER, trigger or "").split(",")
+    return ", ".join(" ".join(tag.split()) for tag in tags if tag.strip())
 
 
 def augment_caption(

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from training.data.buckets import Bucket
+from training.image_files import upright_image
 
 
 def load_pixels(path: Path, bucket: Bucket, *, random_crop: bool, flip: bool, rng: np.random.Generator) -> torch.Tensor:
@@ -17,8 +18,8 @@ def load_pixels(path: Path, bucket: Bucket, *, random_crop: bool, flip: bool, rn
     Returns a float tensor of shape (3, height, width) in [-1, 1], the VAE's input range.
     """
     width, height = bucket
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
+    with upright_image(path) as image:
+        image = image.convert("RGB")
         resized = covering_size(image.size, bucket)
         if resized != image.size:
             image = image.resize(resized, Image.Resampling.LANCZOS)

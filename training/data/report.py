@@ -29,7 +29,10 @@ CAPTION_SIMILARITY = 0.9  # word-set overlap (Jaccard) above which two captions 
 
 class ConceptCount(BaseModel):
     folder: str = Field(description="Concept folder ('' for images at the dataset root).")
-    trigger_word: str | None
+    trigger_word: str | None = Field(description="The trigger training puts first in each caption that lacks it.")
+    trigger_reason: str = Field(  # a default: reports written before it existed still load
+        "", description="Why this trigger: trigger_words, trigger_word, the captions' own, or the folder's name."
+    )
     repeats: int
     images: int
     samples_per_epoch: int = Field(description="images x repeats")
@@ -39,6 +42,7 @@ class DatasetReport(BaseModel):
     dataset: str
     images: int = Field(description="Training images (validation excluded).")
     validation_images: int
+    class_images: int = Field(0, description="Images in the class/ folder: prior preservation's, not a concept.")
     samples_per_epoch: int
     concepts: list[ConceptCount]
     resolution_min: list[int] = Field(description="[width, height] of the smallest image (by area).")
@@ -95,11 +99,13 @@ def inspect_dataset(
         dataset=str(root),
         images=len(images),
         validation_images=len(index.validation),
+        class_images=len(index.class_images),
         samples_per_epoch=index.num_samples,
         concepts=[
             ConceptCount(
                 folder=c.folder,
                 trigger_word=c.trigger_word,
+                trigger_reason=c.trigger_reason,
                 repeats=c.repeats,
                 images=c.num_images,
                 samples_per_epoch=c.num_images * c.repeats,
@@ -133,7 +139,9 @@ def _analyse(path: Path) -> dict:
     import numpy as np
     from PIL import Image
 
-    with Image.open(path) as image:
+    from training.image_files import upright_image
+
+    with upright_image(path) as image:
         grey = image.convert("L")
         grey.thumbnail((512, 512))
         small = np.asarray(grey.resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)

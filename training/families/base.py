@@ -89,6 +89,8 @@ class ModelFamily:
     # The diffusers layout with an `.alpha` tensor per module instead of the adapter config (what ComfyUI
     # reads for FLUX); the default is the adapter config in `lora_adapter_metadata`, as diffusers writes it.
     alpha_tensors: bool = False
+    # The SAI model spec's `modelspec.implementation` of a LoRA, as kohya's sai_model_spec.py writes it.
+    modelspec_implementation: str = "diffusers"
     pipeline_options: ClassVar[Mapping] = {}  # keyword arguments of from_pretrained / from_single_file
 
     # What the guide says of it:
@@ -144,6 +146,12 @@ class ModelFamily:
     # --- 2. loading and placing -------------------------------------------------------------------
     def pipeline_class(self) -> type[DiffusionPipeline]:
         raise NotImplementedError
+
+    def lora_state_dict(self, path: Path, models: Mapping[str, torch.nn.Module]) -> tuple[dict, dict | None]:
+        """A LoRA file as diffusers' own loader reads it for this family (kohya/A1111 names, LoCon conv layers,
+        ... converted to diffusers names) and its network alphas by key (None: scale 1). The UNet's config
+        lets diffusers map kohya's SGM block names (SDXL's input_blocks_4_1_...) onto the diffusers ones."""
+        return self.pipeline_class().lora_state_dict(str(path), unet_config=models[self.denoiser_prefix].config)
 
     def load_pipeline(
         self, source: ModelSource, device: torch.device, dtypes: dict[str, torch.dtype], *, quantize: str

@@ -106,6 +106,7 @@ class Flux(ModelFamily):
     )
     comfyui_layout = "diffusers"  # with alphas, which ComfyUI maps onto its FLUX model
     alpha_tensors = True
+    modelspec_implementation = "https://github.com/black-forest-labs/flux"
 
     def named_by(self, name: str) -> bool:
         return "flux" in name or "flex" in name  # FLUX.1 and its Flex derivatives
@@ -189,6 +190,10 @@ class Flux(ModelFamily):
         from diffusers import FluxPipeline
 
         return FluxPipeline
+
+    def lora_state_dict(self, path, models):
+        # kohya FLUX (fused qkv split; alphas baked into the weights), XLabs, BFL control, ... converted by diffusers.
+        return self.pipeline_class().lora_state_dict(str(path), return_alphas=True)
 
     def load_pipeline(self, source: ModelSource, device, dtypes, *, quantize: str):
         if quantize != "8bit" and source.kind != "single_file":

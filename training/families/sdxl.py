@@ -8,7 +8,8 @@
   pooled text into the UNet's added conditions (training/data/loader.py builds them).
 - Objective, LoRA targets and layout: SD's (training/families/sd.py); kohya names the two encoders
   te1 and te2.
-- The guide: its SDXL hardware row; trained in bf16; captions of one CLIP chunk (75 tokens) so far.
+- The guide: its SDXL hardware row; trained in bf16; captions over 75 tokens in 75-token chunks
+  (max_token_length 150/225), as training/prompts.py splits them for SD.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import TYPE_CHECKING, ClassVar
 
 from training.families.base import HardwareRow
 from training.families.sd import StableDiffusion
-from training.guide import CAPTION_TOKENS
 
 if TYPE_CHECKING:
     from training.config import TrainingConfig
@@ -37,6 +37,7 @@ class StableDiffusionXL(StableDiffusion):
     pipeline_options: ClassVar[Mapping] = {}
     conditions_on_image_size = True
     plan_precision = "bf16"
+    modelspec_implementation = "https://github.com/Stability-AI/generative-models"
 
     def __init__(self):
         super().__init__(v2=False)
@@ -49,21 +50,15 @@ class StableDiffusionXL(StableDiffusion):
         return SDXL_NAME.search(name) is not None
 
     def conflicts(self, config: TrainingConfig) -> tuple[list[str], list[str]]:
-        """SD's, after SDXL's own: long captions (one CLIP chunk is encoded so far) and clip_skip."""
-        errors: list[str] = []
+        """SD's, after SDXL's own: clip_skip."""
         warnings: list[str] = []
-        if config.max_token_length > CAPTION_TOKENS:
-            errors.append(
-                f"for SDXL, this trainer encodes captions of up to {CAPTION_TOKENS} tokens so far: set "
-                f"max_token_length to {CAPTION_TOKENS}"
-            )
         if config.clip_skip != 1:
             warnings.append(
                 f"clip_skip {config.clip_skip} has no effect on SDXL: it is conditioned on both encoders' "
                 "penultimate layers as it was trained"
             )
         sd_errors, sd_warnings = super().conflicts(config)
-        return errors + sd_errors, warnings + sd_warnings
+        return sd_errors, warnings + sd_warnings
 
     def recognises(self, index: Mapping, folder: Path) -> bool:
         return "transformer" not in index and ("text_encoder_2" in index or "XL" in str(index.get("_class_name", "")))
@@ -77,22 +72,18 @@ class StableDiffusionXL(StableDiffusion):
         return self.id
 
     def encode_text(self, model: LoadedModel, prompts: list[str], *, max_token_length: int, clip_skip: int):
+        """Each encoder's penultimate states over the caption's 75-token chunks, joined as SD joins them,
+        and the second encoder's pooled embedding of the first chunk (kohya's get_hidden_states_sdxl)."""
         import torch
 
-        from training.prompts import TextConditioning
+        from training.prompts import TextConditioning, chunk_ids, join_chunks
 
         states, pooled = [], None
         for tokenizer, encoder in ((model.tokenizer, model.text_encoder), (model.tokenizer_2, model.text_encoder_2)):
-            ids = tokenizer(
-                prompts,
-                padding="max_length",
-                truncation=True,
-                max_length=tokenizer.model_max_length,
-                return_tensors="pt",
-            ).input_ids.to(encoder.device)
-            output = encoder(ids, output_hidden_states=True)
-            states.append(output.hidden_states[-2])
-            pooled = output[0]  # the last encoder's projected text embedding
+            chunks = chunk_ids(tokenizer, prompts, max_token_length=max_token_length, device=encoder.device)
+            outputs = [encoder(ids, output_hidden_states=True) for ids in chunks]
+            states.append(join_chunks([output.hidden_states[-2] for output in outputs]))
+            pooled = outputs[0][0]  # the last encoder's projected text embedding, of the first chunk
         return TextConditioning(torch.cat(states, dim=-1), pooled)
 
     def base_model_version(self, model: LoadedModel) -> str:

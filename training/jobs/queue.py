@@ -26,6 +26,7 @@ from typing import NoReturn
 from training import processes
 from training.jobs.devices import child_environment, machine_devices
 from training.jobs.store import JobRecord, JobStore
+from training.run_files import RunFiles
 
 log = logging.getLogger("training.jobs")
 
@@ -34,11 +35,13 @@ CHILD_MODULES: dict[str, str] = {
     "training": "training.cli",
     "captioning": "training.captioning",
     "generation": "training.generation",
+    "download": "training.downloads",
 }
 RESUME_FROM = {  # what resume-training does for an interrupted job of each kind
     "training": "continues from its last checkpoint",
     "captioning": "continues with the images not yet captioned",
     "generation": "renders the images again",
+    "download": "continues each file where it stopped",
 }
 STARTUP_GRACE_S = 120.0  # a job marked running may take this long to show its pid (the spawn follows the commit)
 STOP_TIMEOUT_S = 60.0  # after a stop request the trainer finishes its step and saves; then it is killed
@@ -107,11 +110,16 @@ class JobQueue:
 
     def _spawn(self, record: JobRecord) -> bool:
         run_dir = Path(record.run_dir)
+        files = RunFiles(run_dir)
         if record.kind != "training":
-            args = [str(run_dir)]  # captioning continues with the images not yet captioned
-        elif record.resume:
+            args = [str(run_dir)]  # captioning and downloads continue where they stopped
+        elif record.resume and files.config.is_file():
             args = ["--resume", str(run_dir), "--quiet"]
         else:
+            # New, or resumed before the trainer wrote its config.yaml (it waited for a download that failed,
+            # or its setup failed): nothing to continue, so it starts afresh from its request. The status.json
+            # of such a setup is dropped, else the trainer would take the folder for a run it must not overwrite.
+            files.status.unlink(missing_ok=True)
             args = [str(run_dir / "request.yaml"), "--run-dir", str(run_dir), "--quiet"]
         environment = {
             **os.environ,
@@ -183,8 +191,8 @@ def exit_as_job(main: Callable[[], int]) -> NoReturn:
 
 
 def finish_and_start_next() -> None:
-    """Called by a job's child as it ends (the `__main__` of training.cli, training.captioning and
-    training.generation): mark its row final from the status.json it wrote, exactly as a server's
+    """Called by a job's child as it ends (the `__main__` of training.cli, training.captioning,
+    training.generation, training.downloads): mark its row final from the status.json it wrote, exactly as a server's
     reconcile would, then start the queued jobs that now fit. Nothing for a process the queue did not
     start (a user's own `lora-train`: no LORA_MCP_JOB_ID), nor for a data-parallel worker (LOCAL_RANK set:
     its launcher, the job's own process, does it once for the job)."""

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 JobState = Literal["queued", "running", "completed", "failed", "stopped", "interrupted"]
-JobKind = Literal["training", "captioning", "generation"]
+JobKind = Literal["training", "captioning", "generation", "download"]
 FINAL_STATES = ("completed", "failed", "stopped", "interrupted")
 CPU = "cpu"  # the one device of a machine without GPUs: a job that takes a device takes the machine
 
@@ -37,18 +37,21 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     error TEXT,
     devices_wanted INTEGER NOT NULL DEFAULT 1,
-    devices TEXT
+    devices TEXT,
+    after_job TEXT
 )
 """
 # Columns added since the first table, with what the rows of an older table get: every such row is a
 # training job; its pids are checked without a create time; a job took the GPU (captioning ran in a
 # slot of its own, so it takes none); and none holds a recorded device (a running one, from before
-# allocations were recorded, holds the whole machine until it ends: see `JobRecord.held_devices`).
+# allocations were recorded, holds the whole machine until it ends: see `JobRecord.held_devices`); and
+# none waits for another job.
 _MIGRATIONS = {
     "kind": ("TEXT NOT NULL DEFAULT 'training'", None),
     "pid_created_at": ("REAL", None),
     "devices_wanted": ("INTEGER NOT NULL DEFAULT 1", "UPDATE jobs SET devices_wanted = 0 WHERE kind = 'captioning'"),
     "devices": ("TEXT", None),
+    "after_job": ("TEXT", None),
 }
 
 
@@ -72,6 +75,7 @@ class JobRecord(BaseModel):
     error: str | None = None
     devices_wanted: int = 1  # devices the job needs to start (0: it starts at once, beside anything)
     devices: str | None = None  # while running: the ids it holds, comma-separated ('' none); None: none recorded
+    after_job: str | None = None  # a job that must complete first (the download of the model a training uses)
 
     @property
     def device_ids(self) -> list[str]:
@@ -183,6 +187,8 @@ class JobStore:
         that take devices wait behind it, even ones that would fit: a 2-GPU job is never starved by a stream
         of 1-GPU jobs, each of which would otherwise keep one of its two devices busy. A job that asks for
         more devices than the machine has can never start: it fails with the reason, so it holds no one up.
+        A job waiting for another (`after_job`) is passed over, holding no one up, until that one completes;
+        when that one ends otherwise, it fails with that job's error.
         """
         devices = machine or [CPU]
         with self.transaction() as db:
@@ -191,13 +197,16 @@ class JobStore:
             ).fetchall()
             free = [device for device in devices if device not in _held(rows, devices)]
             waiting = False
+            active = {row["job_id"] for row in rows}
             for row in (row for row in rows if row["state"] == "queued"):
+                if row["after_job"] in active:
+                    continue
+                if row["after_job"] and (refusal := _after_failed(db, row["after_job"])):
+                    _fail(db, row["job_id"], refusal)
+                    continue
                 wanted = min(row["devices_wanted"], 1) if not machine else row["devices_wanted"]
                 if machine and wanted > len(machine):
-                    db.execute(
-                        "UPDATE jobs SET state = 'failed', finished_at = ?, error = ? WHERE job_id = ?",
-                        (time.time(), too_many_devices(wanted, machine), row["job_id"]),
-                    )
+                    _fail(db, row["job_id"], too_many_devices(wanted, machine))
                     continue
                 if wanted == 0 or (not waiting and wanted <= len(free)):
                     return _start(db, row, free[:wanted])
@@ -210,6 +219,24 @@ def too_many_devices(wanted: int, machine: list[str]) -> str:
         f"the job asks for {wanted} GPUs (num_processes) but this machine has {len(machine)} "
         f"({', '.join(machine)}; LORA_MCP_GPUS or CUDA_VISIBLE_DEVICES choose them): set num_processes to at "
         f"most {len(machine)} with update-training-config"
+    )
+
+
+def _after_failed(db: sqlite3.Connection, job_id: str) -> str | None:
+    """Why a job waiting for `job_id` cannot start: that job ended without completing (a deleted one is
+    taken as done: what it made, if anything, is checked by the waiting job itself)."""
+    row = db.execute("SELECT state, error FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    if row is None or row["state"] == "completed":
+        return None
+    return (
+        f"job {job_id}, which this one waits for, ended {row['state']}: {row['error'] or 'no error recorded'}. "
+        f"resume-training {job_id}, then resume-training this job"
+    )
+
+
+def _fail(db: sqlite3.Connection, job_id: str, error: str) -> None:
+    db.execute(
+        "UPDATE jobs SET state = 'failed', finished_at = ?, error = ? WHERE job_id = ?", (time.time(), error, job_id)
     )
 
 

@@ -1,29 +1,37 @@
 """Finding a base model, offline.
 
 `model_name` may be a built-in id (`builtin:tiny-sd15`), a local diffusers folder, a single-file
-checkpoint (`.safetensors` / `.ckpt`), or a Hugging Face id that is already in the local HF cache
-(fetched only when the machine is online and HF_HUB_OFFLINE is unset). None of them imports torch or
-diffusers: the cache is read with huggingface_hub, and a download runs in a child process
-(`python -m training.models.source`, training/request_child.py).
+checkpoint (`.safetensors` / `.ckpt`), or a Hugging Face id that is already in the local HF cache. None
+of them imports torch or diffusers: the cache is read with huggingface_hub. A model that is not cached is
+fetched by a `download` job (training/downloads.py) when the machine is online, never here.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from training.models.builtin import builtin_names, ensure_builtin, is_builtin
-from training.request_child import RequestChildFailed, RequestRefused, run_request, serve_request
 from training.workspace import models_dir
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 MODEL_INDEX = "model_index.json"  # what makes a folder (or a cached repository) a diffusers pipeline
+# Retired hub ids and the repositories that hold them now: runwayml's SD 1.5 repository was removed in
+# 2024; the community copy has the same files.
+RENAMED = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 
 
 class ModelNotFoundError(RuntimeError):
     """The base model could not be found or loaded; the message says where we looked."""
+
+
+class ModelNotCachedError(ModelNotFoundError):
+    """A hub id that is not in the cache while the machine is online: a download job can fetch it."""
+
+    def __init__(self, repo_id: str, message: str):
+        super().__init__(message)
+        self.repo_id = repo_id
 
 
 @dataclass(frozen=True)
@@ -60,45 +68,75 @@ def resolve_model(model_name: str, base_model_config: str | None = None) -> Mode
 
 def _from_hf_cache(repo_id: str) -> Path:
     """The cached snapshot that holds the pipeline's model_index.json (as diffusers' own offline lookup
-    finds it), else, when online, a download in a child process: deciding which of a repository's files a
-    pipeline needs is diffusers' work, and diffusers (with torch) must stay out of the server."""
-    from huggingface_hub import hf_hub_download
+    finds it; a download job places that file last, so its presence means the download is complete).
+    Nothing is downloaded here: that is a `download` job's work (training/downloads.py), in the
+    background, never inside a tool call."""
     from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
 
-    try:
-        return Path(hf_hub_download(repo_id, MODEL_INDEX, local_files_only=True)).parent
-    except Exception as cache_miss:  # huggingface_hub raises several types for "not cached" or a bad id
-        if HF_HUB_OFFLINE:
-            raise _not_found(repo_id, HF_HUB_CACHE) from cache_miss
-    try:
-        return Path(run_request("training.models.source", repo_id=repo_id)["path"])
-    except (RequestRefused, RequestChildFailed) as download_error:
-        raise _not_found(repo_id, HF_HUB_CACHE) from download_error
+    from training.downloads import missing_files
 
-
-def download_pipeline(repo_id: str) -> Path:
-    """Download the files of `repo_id` that its pipeline needs (diffusers chooses them) into the HF cache."""
-    from diffusers import DiffusionPipeline
-
-    return Path(DiffusionPipeline.download(repo_id))
-
-
-def _not_found(model_name: str, hf_cache: str) -> ModelNotFoundError:
-    return ModelNotFoundError(
-        f"model {model_name!r} not found: it is not a local folder or file "
-        f"({Path(model_name).expanduser().resolve()}), "
-        f"not a built-in ({', '.join(builtin_names())}), and not in the Hugging Face cache ({hf_cache}), "
-        "and it could not be downloaded from here. Download it once on a machine that is online "
-        f"(huggingface-cli download {model_name}), or set model_name to a local diffusers folder or "
-        ".safetensors file."
+    repo_id = hub_id(repo_id)
+    snapshot = cached_snapshot(repo_id)
+    if snapshot is not None:
+        return snapshot
+    if HF_HUB_OFFLINE:
+        raise _not_found(repo_id, HF_HUB_CACHE, missing_files(repo_id))
+    raise ModelNotCachedError(
+        repo_id,
+        f"model {repo_id!r} is not downloaded yet ({missing_files(repo_id)}; Hugging Face cache {HF_HUB_CACHE}): "
+        "start-training downloads it first, as a download job the training waits for; download-base-model "
+        "downloads it now",
     )
 
 
-def main() -> int:
-    """`python -m training.models.source`: download_pipeline for the server (training/request_child.py):
-    {repo_id} in, {path} out."""
-    return serve_request(lambda repo_id: {"path": str(download_pipeline(repo_id))}, ())
+def cached_snapshot(repo_id: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        found = try_to_load_from_cache(repo_id, MODEL_INDEX)
+    except HFValidationError as exc:
+        raise ModelNotFoundError(
+            f"model_name {repo_id!r} is not a local path, a built-in or a Hugging Face id ('owner/name'): {exc}"
+        ) from None
+    return Path(found).parent if isinstance(found, str) else None
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def hub_id(model_name: str) -> str:
+    """`model_name` with a retired id replaced by the repository that now holds it, unless the retired one
+    is cached (a user who has it keeps using that copy)."""
+    if model_name in RENAMED and cached_snapshot(model_name) is None:
+        return RENAMED[model_name]
+    return model_name
+
+
+def renamed_note(model_name: str) -> str | None:
+    """The warning for a retired id that `hub_id` replaces."""
+    if hub_id(model_name) == model_name:
+        return None
+    return f"model_name {model_name!r} is gone from the hub; {RENAMED[model_name]!r}, its mirror, is used instead"
+
+
+def download_target(model_name: str) -> str:
+    """The hub id a download job fetches for `model_name`, or a ModelNotFoundError saying why there is
+    nothing to download (a built-in, a local path, a model already cached)."""
+    if is_builtin(model_name):
+        raise ModelNotFoundError(f"{model_name!r} is a built-in model: it is built here, nothing is downloaded")
+    local = Path(model_name).expanduser()
+    if local.exists() or model_name.startswith(("/", ".", "~")) or local.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        raise ModelNotFoundError(f"{model_name!r} is a local path, not a Hugging Face id: nothing to download")
+    repo_id = hub_id(model_name)
+    if cached_snapshot(repo_id) is not None:
+        raise ModelNotFoundError(f"{repo_id!r} is already in the Hugging Face cache: use it as it is")
+    return repo_id
+
+
+def _not_found(model_name: str, hf_cache: str, missing: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"model {model_name!r} not found: it is not a local folder or file "
+        f"({Path(model_name).expanduser().resolve()}), "
+        f"not a built-in ({', '.join(builtin_names())}), and not complete in the Hugging Face cache ({hf_cache}): "
+        f"{missing}. This machine is offline (HF_HUB_OFFLINE): download it with download-base-model once it is "
+        f"online (or huggingface-cli download {model_name} on any machine, then copy the cache), or set "
+        "model_name to a local diffusers folder or .safetensors file."
+    )
