@@ -1,81 +1,90 @@
-"""Images the server makes: the loss curve (drawn with Pillow: two lines need no plotting library)
-and thumbnails of sample and dataset images. Pillow is imported inside the functions: the server
-imports this module at start-up, which stays light."""
+"""Images the server puts in tool results and resources: thumbnails of sample and dataset images, each
+encoded as PNG or JPEG (whichever is smaller), within a budget per result. Pillow is imported inside the
+functions: the server imports this module at start-up, which stays light. The charts are server/charts.py."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
+
+from mcp.server.mcpserver.utilities.types import Image as ImageBlock
 
 if TYPE_CHECKING:
     from PIL import Image
 
-WIDTH, HEIGHT, MARGIN = 720, 360, 48
-SAMPLE_MAX_SIDE = 384  # images in a tool result are downscaled to this so a result of several stays well under 1 MB
-LOSS_COLOUR, LR_COLOUR, AXIS_COLOUR = (31, 119, 180), (255, 127, 14), (90, 90, 90)
-VALIDATION_COLOUR = (44, 160, 44)
+SAMPLE_MAX_SIDE = 384  # images in a tool result are downscaled to this
+JPEG_QUALITY = 85
+# Base64 characters of images in one tool result, or in one image resource. Claude Desktop refuses a result
+# over about 1 MB. Issue 16's numbers: a photo-like 384 px sample is ~176 KB as PNG and ~18 KB as JPEG
+# (quality 85), so five samples of real photos as PNG came to ~1.2 MB of base64; 700 KB leaves room for the
+# text and JSON around the images, and holds ~25 photo-like JPEG thumbnails (or three of random noise, the
+# worst case).
+RESULT_IMAGE_BUDGET = 700_000
 
 
-def loss_curve_png(rows: list[dict]) -> bytes:
-    """Training loss (blue) and validation loss (green) on the left scale, learning rate (orange) on
-    the right, over steps; `rows` are metrics.jsonl rows (validation rows have kind 'validation')."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
-    draw = ImageDraw.Draw(image)
-    left, top, right, bottom = MARGIN, MARGIN // 2, WIDTH - MARGIN, HEIGHT - MARGIN
-    draw.rectangle((left, top, right, bottom), outline=AXIS_COLOUR)
-    rows = [r for r in rows if isinstance(r.get("loss"), int | float) and isinstance(r.get("step"), int)]
-    validation = [r for r in rows if r.get("kind") == "validation"]
-    rows = [r for r in rows if "kind" not in r]
-    if not rows:
-        draw.text((left + 10, top + 10), "no training steps yet", fill=AXIS_COLOUR)
-        return _png(image)
-    steps = [r["step"] for r in rows]
-    first, last = min(steps), max(steps)
-    span = max(1, last - first)
-
-    def x(step: int) -> float:
-        return left + (step - first) / span * (right - left)
-
-    losses = [(r["step"], float(r["loss"])) for r in rows]
-    checked = [(r["step"], float(r["loss"])) for r in validation if first <= r["step"] <= last]
-    lrs = [(r["step"], float(r["lr"])) for r in rows if isinstance(r.get("lr"), int | float)]
-    loss_range = _value_range(losses + checked)
-    lines = [
-        ("loss", losses, loss_range, LOSS_COLOUR, left + 4),
-        ("validation", checked, loss_range, VALIDATION_COLOUR, left + 4),
-        ("lr", lrs, _value_range(lrs), LR_COLOUR, right - 110),
-    ]
-    for label_row, (key, values, (low, high), colour, anchor) in enumerate(lines):
-        if not values:
-            continue
-        scale = (high - low) or 1.0
-        points = [(x(s), bottom - (v - low) / scale * (bottom - top)) for s, v in values]
-        if len(points) == 1:
-            points.append(points[0])
-        draw.line(points, fill=colour, width=2)
-        draw.text((anchor, top + 4 + 12 * (label_row % 2)), f"{key} {low:.3g}..{high:.3g}", fill=colour)
-    draw.text((left, bottom + 8), f"step {first}", fill=AXIS_COLOUR)
-    draw.text((right - 80, bottom + 8), f"step {last}", fill=AXIS_COLOUR)
-    return _png(image)
+class EncodedImage(NamedTuple):
+    data: bytes
+    format: str  # "png" or "jpeg": the MIME subtype
 
 
-def _value_range(values: list[tuple[int, float]]) -> tuple[float, float]:
-    return (min(v for _, v in values), max(v for _, v in values)) if values else (0.0, 1.0)
+def base64_size(data: bytes) -> int:
+    """How many characters `data` takes as base64, as a tool result carries it."""
+    return 4 * ((len(data) + 2) // 3)
 
 
 def thumbnail_png(path: Path) -> bytes:
-    """An image scaled to at most SAMPLE_MAX_SIDE, as PNG bytes."""
+    """An image scaled to at most SAMPLE_MAX_SIDE, as PNG bytes (the dataset image resources)."""
+    return encoded(_thumbnail(path), "png")
+
+
+def smallest_encoding(image: Image.Image) -> EncodedImage:
+    """The image as PNG and as JPEG (quality JPEG_QUALITY), the smaller kept: JPEG for photographs (about
+    a tenth of the PNG), PNG for flat synthetic images (smaller, and without JPEG's ringing at edges)."""
+    candidates = [EncodedImage(encoded(image, kind), kind) for kind in ("png", "jpeg")]
+    return min(candidates, key=lambda candidate: len(candidate.data))
+
+
+def images_within_budget(
+    images: Sequence[tuple[str, Path]], where_all: str, budget: int = RESULT_IMAGE_BUDGET
+) -> list:
+    """Tool-result content: each caption then its thumbnail (smallest_encoding), in order, for as long as the
+    images' base64 stays within `budget`; an image that would take it over is left out, and a last line says
+    which were and `where_all` (where the assistant finds them all)."""
+    content: list = []
+    left_out: list[str] = []
+    used = 0
+    for caption, path in images:
+        image = smallest_encoding(_thumbnail(path))
+        size = base64_size(image.data)
+        if used + size > budget:
+            left_out.append(caption)
+            continue
+        used += size
+        content += [caption, ImageBlock(data=image.data, format=image.format)]
+    if left_out:
+        content.append(
+            f"{len(left_out)} of {len(images)} images left out to keep this result under {budget // 1000} KB of "
+            f"base64 (a chat client refuses a result over about 1 MB): {'; '.join(left_out)}. {where_all}"
+        )
+    return content
+
+
+def encoded(image: Image.Image, kind: str) -> bytes:
+    """`image` as PNG or JPEG ("png", "jpeg") bytes."""
+    buffer = io.BytesIO()
+    if kind == "jpeg":
+        image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    else:
+        image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _thumbnail(path: Path) -> Image.Image:
+    """The image upright, scaled to at most SAMPLE_MAX_SIDE, in RGB."""
     from training.image_files import upright_image
 
     with upright_image(path) as image:
         image.thumbnail((SAMPLE_MAX_SIDE, SAMPLE_MAX_SIDE))
-        return _png(image.convert("RGB"))
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+        return image.convert("RGB")

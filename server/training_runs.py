@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from pydantic import BaseModel, Field
 
+from server.charts import SampleTable
 from server.configs import ConfigService
 from server.errors import ServiceError, WorkspaceStateError
 from server.jobs import JobService, JobStatus
@@ -108,12 +109,7 @@ class TrainingService:
     def samples(self, job_id: str, step: int | None) -> list[Sample]:
         """The images a training (or generation) job rendered at `step`, default the latest step, in
         prompt order; the control prompt (no trigger word) is said as such."""
-        run_dir = Path(self.jobs.training_status(job_id, also=("generation",)).run_dir)
-        rows = read_jsonl(run_dir / "samples" / "index.jsonl")
-        if not rows:
-            raise WorkspaceStateError(
-                f"job {job_id} has no samples yet (samples need test_prompts and sampling enabled)"
-            )
+        folder, rows = self._sample_rows(job_id)
         steps = sorted({row["step"] for row in rows})
         chosen = steps[-1] if step is None else step
         if chosen not in steps:
@@ -122,8 +118,25 @@ class TrainingService:
         for row in (r for r in rows if r["step"] == chosen):
             control = " (control prompt, no trigger word: it should stay like step 0)" if row.get("control") else ""
             caption = f"step {chosen}, prompt {row['prompt_index']}: {row['prompt']}{control}"
-            samples.append(Sample(caption, run_dir / "samples" / row["file"]))
+            samples.append(Sample(caption, folder / row["file"]))
         return samples
+
+    def sample_table(self, job_id: str) -> SampleTable:
+        """Every sample of a job by step and prompt, for the samples grid."""
+        table = SampleTable.of(*self._sample_rows(job_id))
+        if not table.files:
+            raise WorkspaceStateError(f"job {job_id}'s sample images are gone from its run directory")
+        return table
+
+    def _sample_rows(self, job_id: str) -> tuple[Path, list[dict]]:
+        """A training (or generation) job's samples folder and its index.jsonl rows; none is an error."""
+        folder = Path(self.jobs.training_status(job_id, also=("generation",)).run_dir) / "samples"
+        rows = read_jsonl(folder / "index.jsonl")
+        if not rows:
+            raise WorkspaceStateError(
+                f"job {job_id} has no samples yet (samples need test_prompts and sampling enabled)"
+            )
+        return folder, rows
 
     def sample_path(self, job_id: str, filename: str) -> Path:
         """The PNG `filename` among a job's samples (as get-training-status lists them)."""

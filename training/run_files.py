@@ -21,6 +21,9 @@ from training.workspace import append_line, atomic_write_json, atomic_write_text
 
 RunState = Literal["running", "completed", "failed", "stopped"]
 HEARTBEAT_SECONDS = 2.0  # status.json is rewritten at least this often while the process lives
+# EMA weight of the loss and step time shown in status.json; the server's loss curve smooths metrics.jsonl's
+# losses with the same function, so its bold line ends at the status's loss.
+LOSS_SMOOTHING = 0.9
 _CHECKPOINT_DIR = re.compile(r"^step(\d{6,})$")
 
 
@@ -44,6 +47,7 @@ class RunFiles:
         self.checkpoints = run_dir / "checkpoints"
         self.latent_cache = run_dir / "latent_cache"
         self.text_cache = run_dir / "text_cache"
+        self.tensorboard = run_dir / "tensorboard"  # with log_with tensorboard; W&B writes its wandb/ beside it
         self.stop_request = run_dir / "stop-request"
 
     # A stop that works on every platform: whoever wants the run to stop writes this file, and the
@@ -118,6 +122,11 @@ class RunFiles:
 
     def append_sample(self, row: dict[str, Any]) -> None:
         append_line(self.samples_index, json.dumps(row, sort_keys=True))
+
+
+def smoothed(average: float | None, value: float) -> float:
+    """The exponential moving average shown in status.json (weight LOSS_SMOOTHING), or `value` at first."""
+    return value if average is None else LOSS_SMOOTHING * average + (1 - LOSS_SMOOTHING) * value
 
 
 class StatusWriter:

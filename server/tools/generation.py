@@ -6,20 +6,17 @@ import inspect
 from functools import partial
 
 from mcp.server import MCPServer
-from mcp.server.mcpserver.utilities.types import Image
 from pydantic import BaseModel, Field
 
 from server.errors import ServiceError
 from server.generation import render_or_queue
-from server.images import thumbnail_png
+from server.images import images_within_budget
 from server.lora_tools import ConvertRequest, MergeRequest, convert_lora, merge_loras
 from server.loras import ExportedLora
 from server.service_calls import tool_error
 from server.tools import Services, add_tools, tool
 from training.generation import GenerationRequest, StrengthComparison
 from training.guide import GUIDE_STRENGTHS, span
-
-MAX_IMAGES_IN_RESULT = 4  # thumbnails of at most 384 px: four stay well under the ~1 MB a result may hold
 
 # Not a field of the request: whether it renders inside the call is the server's choice, not the renderer's.
 BACKGROUND = inspect.Parameter(
@@ -80,11 +77,13 @@ class ImageTools:
                 f"Poll get-training-status job_id={outcome.job_id}; when it is completed, "
                 f"get-training-samples job_id={outcome.job_id} shows the images."
             ]
-        content: list = [f"{what}: {len(outcome)} image(s) in {outcome[0].parent}" if outcome else "no image made"]
-        for path in outcome[-MAX_IMAGES_IN_RESULT:]:
-            content.append(f"{path.name} (full size: {path})")
-            content.append(Image(data=thumbnail_png(path), format="png"))
-        return content
+        if not outcome:
+            return ["no image made"]
+        shown = [(f"{path.name} (full size: {path})", path) for path in outcome]
+        return [
+            f"{what}: {len(outcome)} image(s) in {outcome[0].parent}",
+            *images_within_budget(shown, f"Every image is in {outcome[0].parent}."),
+        ]
 
 
 class LoraFileTools:
