@@ -13,7 +13,7 @@ setup: $(VENV)/.installed node-tools
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
-	$(VENV)/bin/pip install --quiet -e ".[test,lion,prodigy,wd14]"
+	$(VENV)/bin/pip install --quiet -e ".[test,lion,prodigy,wd14,tensorboard,wandb]"
 	# torchao (quantize_base 8bit off CUDA) beside the environment, not in it: once installed, every diffusers
 	# import logs warnings about its compiled kernels, built for another torch. The 8-bit test puts it on the
 	# PYTHONPATH of a trainer process.

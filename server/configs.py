@@ -25,6 +25,7 @@ from training.config_import import ConfigImportError, SourceFormat, Unmapped, im
 from training.data.dataset import DatasetError, DatasetIndex, hold_out, locate_dataset, scan_dataset
 from training.diagnostics import Finding, preflight_findings
 from training.resume_source import ResumeSourceError, find_resume_lora
+from training.run_loggers import missing_loggers
 from training.workspace import atomic_write_text, datasets_dir
 
 CONFIG_SUFFIX = ".yaml"
@@ -328,7 +329,7 @@ class ConfigService:
                 except ConfigError as exc:
                     errors.extend(exc.problems)
             family_errors, family_warnings = config.family_conflicts(family)
-            errors.extend(family_errors)
+            errors.extend(family_errors + missing_loggers(config.log_with))  # the packages found, not imported
             warnings.extend(family_warnings)
             # Only what is at hand: a DatasetReport would read every image's pixels, and the server does not
             # know the training device's memory.

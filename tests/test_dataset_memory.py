@@ -112,7 +112,8 @@ def test_disk_caches_give_the_batches_of_the_memory_caches(tmp_path, shapes, tin
 
 
 def test_disk_cache_options_are_automatic_unless_set(shapes):
-    from training.config import AUTO_DISK_CACHE_BYTES, TrainingConfig, wants_disk_cache
+    from training.config import TrainingConfig
+    from training.data.loader import AUTO_DISK_CACHE_BYTES, wants_disk_cache
 
     older = TrainingConfig.from_yaml(f"name: old\ndataset_path: {shapes}\n")  # a config from before the options
     assert older.cache_latents_to_disk is None and older.cache_text_encoder_outputs_to_disk is None

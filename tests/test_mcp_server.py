@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import signal
@@ -16,6 +17,9 @@ import pytest
 from conftest import fast_config
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
+from PIL import Image
+
+from server.charts import CURVE_SIZE, grid_size
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -107,7 +111,10 @@ def test_full_flow_on_the_tiny_model(server_workspace, shapes):
         samples = await session.call_tool("get-training-samples", {"job_id": job_id})
         kinds = [item.type for item in samples.content]
         assert kinds == ["text", "image", "text", "image"]  # the test prompt and the control prompt
-        assert "step 4" in samples.content[0].text and samples.content[1].mime_type == "image/png"
+        assert "step 4" in samples.content[0].text
+        for image in samples.content[1::2]:  # PNG or JPEG, whichever is smaller (issue 16 item 4)
+            with Image.open(io.BytesIO(base64.b64decode(image.data))) as decoded:
+                assert image.mime_type == f"image/{decoded.format.lower()}" and decoded.size == (64, 64)
         assert "prompt 1: a red circle (control prompt" in samples.content[2].text
         baseline = await session.call_tool("get-training-samples", {"job_id": job_id, "step": 0})
         assert "step 0" in baseline.content[0].text
@@ -163,8 +170,13 @@ def test_full_flow_on_the_tiny_model(server_workspace, shapes):
         assert json.loads(status.contents[0].text)["state"] == "completed"
         metrics = (await session.read_resource(f"lora://jobs/{job_id}/metrics")).contents[0].text.splitlines()
         assert metrics[0].startswith("step,loss,lr") and metrics[0].endswith(",validation_loss") and len(metrics) == 5
-        curve = await session.read_resource(f"lora://jobs/{job_id}/loss-curve")
-        assert base64.b64decode(curve.contents[0].blob).startswith(b"\x89PNG")
+        curve = (await session.read_resource(f"lora://jobs/{job_id}/loss-curve")).contents[0]
+        with Image.open(io.BytesIO(base64.b64decode(curve.blob))) as drawn:
+            assert (curve.mime_type, drawn.format, drawn.size) == ("image/png", "PNG", CURVE_SIZE)
+        grid = (await session.read_resource(f"lora://jobs/{job_id}/samples-grid")).contents[0]
+        with Image.open(io.BytesIO(base64.b64decode(grid.blob))) as drawn:
+            # rows: the samples of steps 0, 2 and 4; columns: the test prompt and the control; 64 px samples
+            assert (grid.mime_type, drawn.format, drawn.size) == ("image/jpeg", "JPEG", grid_size(2, 3, 64))
         sample = await session.read_resource(f"lora://jobs/{job_id}/samples/step000000_p0.png")
         assert base64.b64decode(sample.contents[0].blob).startswith(b"\x89PNG")
         config = await session.read_resource("lora://configs/shapes-style")
@@ -848,7 +860,8 @@ def test_generate_compare_merge_and_convert_over_mcp(server_workspace, shapes):
         )
         assert not image.is_error, image.content
         assert [item.type for item in image.content] == ["text", "text", "image"]
-        assert image.content[2].mime_type == "image/png"
+        with Image.open(io.BytesIO(base64.b64decode(image.content[2].data))) as decoded:  # PNG or JPEG
+            assert image.content[2].mime_type == f"image/{decoded.format.lower()}"
 
         grid = await session.call_tool(
             "compare-lora-strengths",

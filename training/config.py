@@ -56,15 +56,13 @@ CropMode = Literal["center", "random"]
 MaxTokenLength = Literal[75, 150, 225]
 AutoStop = Literal["divergence", "plateau", "no_effect"]
 TimestepSampling = Literal["uniform", "logit_normal", "shift"]
+# Where else a run is logged (training/run_loggers.py); each is an optional extra of the project.
+RunLogger = Literal["tensorboard", "wandb"]
 # auto (read from the model's files) or a family's id: sd1, sd2, sdxl, flux (training/families/).
 ModelFamilyChoice = Literal[("auto", *FAMILIES)]
 
 # A name that is safe as one file name: configs, datasets, jobs and uploads (server/names.py) all use it.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-# An automatic *_to_disk cache goes to disk past this size: a tiny model's trainer peaks at about
-# 460 MiB, and 2,000 tiny-FLUX captions held 125 MiB more in memory (issue 14); a real FLUX caption
-# holds 8 MiB, so a real model's dataset passes it at once.
-AUTO_DISK_CACHE_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -142,7 +140,8 @@ class TrainingConfig(BaseModel):
     cache_latents: bool = Field(True, description="Encode every image with the VAE once before training.")
     # Disk caches cost little at step time (one memory-mapped read of a cached entry from the page
     # cache, well under a millisecond per MB, against steps of 100 ms and more) and keep the
-    # process's memory flat with the dataset, so they are on by themselves past AUTO_DISK_CACHE_BYTES.
+    # process's memory flat with the dataset, so they are on by themselves past AUTO_DISK_CACHE_BYTES
+    # (training/data/loader.py).
     cache_latents_to_disk: bool | None = Field(
         None,
         description="Keep cached latents on disk (memory-mapped per batch) instead of in memory. Default: "
@@ -378,6 +377,13 @@ class TrainingConfig(BaseModel):
         "config, with names instead of local paths), minimal (rank, alpha, base-model version, trigger words, the "
         "model spec's title and architecture) or none (no metadata, like kohya's --no_metadata).",
     )
+    log_with: list[RunLogger] = Field(
+        default_factory=list,
+        description="Also log loss, smoothed loss, validation loss, learning rate, gradient norm and the sample images "
+        "to tensorboard (event files in the run's tensorboard/ folder: tensorboard --logdir <workspace>/runs) and/or "
+        "wandb (Weights & Biases; project: the config's name, run: the run folder's name; WANDB_MODE=offline keeps "
+        'it on disk). Each is an extra: pip install "lora-mcp[tensorboard]" / "lora-mcp[wandb]".',
+    )
 
     @field_validator("name")
     @classmethod
@@ -580,11 +586,6 @@ _NO_CLASS = (
     "class), or lora_type: person, character or object, or captions that name the class (half of them saying "
     "'woman', 'dog', ...), or set prior_preservation to false"
 )
-
-
-def wants_disk_cache(choice: bool | None, estimated_bytes: int) -> bool:
-    """A *_to_disk option's value for a cache of `estimated_bytes`: as set, or (None) automatic."""
-    return choice if choice is not None else estimated_bytes > AUTO_DISK_CACHE_BYTES
 
 
 def _check_trigger(word: str) -> str:

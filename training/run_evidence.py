@@ -137,9 +137,11 @@ class EvidenceRecorder:
     def due(self, step: int) -> bool:
         return step == 0 or step % self._config.validation_every == 0 or step == self._config.steps
 
-    def record(self, step: int, placement: Placement, train_loss: float | None) -> None:
+    def record(self, step: int, placement: Placement, train_loss: float | None) -> float | None:
         """`train_loss`: the smoothed training loss now, so each validation row also records the gap
-        between the two (rising while training loss falls: overfitting)."""
+        between the two (rising while training loss falls: overfitting). Returns the validation loss (None
+        without held-out images)."""
+        loss = None
         if self._validation is not None:
             loss = self._validation.loss(placement.weight_dtype, placement.autocast)
             row = {"kind": "validation", "step": step, "loss": loss, "images": len(self._validation.records)}
@@ -148,6 +150,7 @@ class EvidenceRecorder:
             self._files.append_metric(row)
             log.info("step %d validation loss %.4f (%d held-out images)", step, loss, len(self._validation.records))
         self._files.append_metric(lora_update_row(self._lora_models(), step))
+        return loss
 
     def recommended_checkpoint(self) -> int | None:
         """The step of the checkpoint diagnose-training would recommend, which pruning keeps."""

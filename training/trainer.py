@@ -36,8 +36,9 @@ from training.published_loras import publish_final_lora
 from training.resume import restore_latest_checkpoint, training_state
 from training.resume_source import ResumeSourceError, find_resume_lora
 from training.run_evidence import EvidenceRecorder, SampleStatistics
+from training.run_loggers import LoggerUnavailable, RunLoggers
 from training.run_summary import describe_run
-from training.run_files import RunAlreadyExists, RunFiles, StatusWriter, default_run_dir
+from training.run_files import RunAlreadyExists, RunFiles, StatusWriter, default_run_dir, smoothed
 from training.sampling import render_samples
 from training.stop_signals import stop_on_signals
 from training.validation import ValidationSet
@@ -45,7 +46,6 @@ from training.workspace import DIR_MODE, atomic_output, atomic_write_text, datas
 
 log = logging.getLogger("training")
 
-LOSS_SMOOTHING = 0.9  # EMA weight of the loss and step time shown in status.json
 LOG_EVERY = 10  # steps between progress lines in train.log
 # Errors whose message already says what is wrong and what to do: reported without a traceback.
 EXPECTED_ERRORS = (
@@ -56,6 +56,7 @@ EXPECTED_ERRORS = (
     LoraFileError,
     ResumeSourceError,
     QuantizationUnavailable,
+    LoggerUnavailable,
 )
 
 
@@ -84,11 +85,6 @@ class StepRecord:
     files: list[str]  # the step's images
 
 
-def _smoothed(average: float | None, value: float) -> float:
-    """The exponential moving average shown in status.json (weight LOSS_SMOOTHING), or `value` at first."""
-    return value if average is None else LOSS_SMOOTHING * average + (1 - LOSS_SMOOTHING) * value
-
-
 class Trainer:
     def __init__(
         self,
@@ -109,6 +105,7 @@ class Trainer:
         self.step = 0
         self.started_at = time.time()
         self.status = StatusWriter(self.files.status)
+        self.loggers = RunLoggers(config, self.files, main=self.dist.is_main)  # log_with
         self.loss_ema: float | None = None
         self._step_time_ema: float | None = None
 
@@ -122,6 +119,7 @@ class Trainer:
         6. a checkpoint's state last, since it overwrites adapters, optimizer, schedule and RNG.
         """
         self._open_run_directory()
+        self.loggers.open()  # a logger that is not installed fails the run before the model loads
         self.device = self.dist.device or pick_device()
         self.device_memory_gb = device_memory_gb(self.device)  # also for the diagnostics' VRAM check
         self.status.update(device=self.device.type, device_memory_gb=self.device_memory_gb)
@@ -362,6 +360,7 @@ class Trainer:
         if result.error:
             fields["error"] = result.error
         self.status.finish(result.state, **fields)
+        self.loggers.close(failed=result.state == "failed")
         self.files.clear_stop_request()  # it has been honoured, or came too late: a resumed run starts clean
         log.info("run %s at step %d: %s", result.state, self.step, result.error or self.files.dir)
         log.removeHandler(self._log_handler)
@@ -398,8 +397,8 @@ class Trainer:
                 "files": [self._dataset_name(f) for f in record.files],  # a loss spike points at its images
             }
         )
-        self.loss_ema = _smoothed(self.loss_ema, record.loss)
-        self._step_time_ema = _smoothed(self._step_time_ema, record.seconds)
+        self.loss_ema = smoothed(self.loss_ema, record.loss)
+        self._step_time_ema = smoothed(self._step_time_ema, record.seconds)
         self.status.update(
             step=self.step,
             epoch=self.data.epoch + 1,
@@ -409,6 +408,7 @@ class Trainer:
             it_per_s=1.0 / self._step_time_ema if self._step_time_ema > 0 else None,
             eta_s=(config.steps - self.step) * self._step_time_ema,
         )
+        self.loggers.step(self.step, loss=record.loss, smoothed=self.loss_ema, lr=record.lr, grad_norm=record.grad_norm)
         bar.set_postfix(loss=f"{self.loss_ema:.4f}", lr=f"{record.lr:.2e}", refresh=False)
         bar.update(1)
         if self.step % LOG_EVERY == 0 or self.step == config.steps:
@@ -419,7 +419,7 @@ class Trainer:
         """The held-out images' validation loss (when there are any) and the LoRA's update size, as
         metrics rows; with the smoothed training loss so far, for the gap between the two."""
         if self.dist.is_main:
-            self.evidence.record(self.step, self.placement, self.loss_ema)
+            self.loggers.validation(self.step, self.evidence.record(self.step, self.placement, self.loss_ema))
         elif self.validation is not None:  # its share of the validation loss
             self.validation.loss(self.placement.weight_dtype, self.placement.autocast)
 
@@ -462,6 +462,7 @@ class Trainer:
         with self.placement.encoders_on_device():
             names = render_samples(self.base, self.placement, self.config, self.files, self.step, self.sample_stats)
         self.status.update(latest_samples=names)
+        self.loggers.samples(self.step)
         self.status.write()
         self.dist.barrier()
 

@@ -72,7 +72,7 @@ _TIMESTEP_SAMPLING = {"uniform": "uniform", "sigma": "uniform", "sigmoid": "logi
 # Why a kohya key has no equivalent, where there is more to say than that.
 _REASONS = {
     **dict.fromkeys(
-        ("output_dir", "logging_dir", "log_with", "log_prefix"), "runs are written to the workspace's runs/"
+        ("output_dir", "logging_dir", "log_prefix"), "runs are written to the workspace's runs/"
     ),
     **dict.fromkeys(
         ("max_train_epochs", "epoch", "save_every_n_epochs", "sample_every_n_epochs", "save_last_n_epochs"),
@@ -95,6 +95,8 @@ _REASONS = {
     "metadata_file": "captions are .txt files beside the images (kohya's fine-tuning metadata is not read)",
 }
 _SINGLE_FILE = (".safetensors", ".ckpt")
+# kohya's log_with (one of these) as ours, a list; its logging_dir has no equivalent: the run's own folders.
+_LOG_WITH = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}
 
 
 def parse(text: str) -> dict[str, Any]:
@@ -162,6 +164,8 @@ def _map_argument(draft: Draft, key: str, value: Any, args: dict[str, Any], read
     elif key == "caption_extension":
         if str(value).lstrip(".") != "txt":
             draft.skip(key, NOT_SUPPORTED, "captions are read from .txt files")
+    elif key == "log_with":
+        draft.translate("log_with", _LOG_WITH, value, key)
     elif key == "timestep_sampling":
         draft.translate("timestep_sampling", _TIMESTEP_SAMPLING, value, key)
     elif key == "fp8_base":

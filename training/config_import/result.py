@@ -55,7 +55,7 @@ class Draft:
         else:
             self.skip(key, NOT_SUPPORTED, f"{value!r}; {option} is one of {', '.join(choices)}")
 
-    def translate(self, option: str, table: dict[str, str], value: Any, key: str) -> None:
+    def translate(self, option: str, table: dict[str, Any], value: Any, key: str) -> None:
         """A source's named value through `table` (theirs -> ours); one the table lacks is listed with its names."""
         if str(value) in table:
             self.set(option, table[str(value)], key)

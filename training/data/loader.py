@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from training.config import wants_disk_cache
 from training.data.buckets import Bucket, BucketBatches, assign_bucket, make_buckets, square_bucket
 from training.data.caches import CacheProgress, PhaseReport, TextCache
 from training.data.captions import augment_caption
@@ -34,6 +33,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("training")
 ENCODE_BATCH = 8  # images per VAE call while caching; text prompts per text-encoder call is 4x this
+# An automatic *_to_disk cache goes to disk past this size: a tiny model's trainer peaks at about
+# 460 MiB, and 2,000 tiny-FLUX captions held 125 MiB more in memory (issue 14); a real FLUX caption
+# holds 8 MiB, so a real model's dataset passes it at once.
+AUTO_DISK_CACHE_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -299,3 +302,8 @@ class TrainingData:
             return self._latents[(index, flip)]
         # memory-mapped: the file's pages are read for this batch and not kept
         return torch.load(self._latent_file(index, flip), weights_only=True, mmap=True).to(self._base.device)
+
+
+def wants_disk_cache(choice: bool | None, estimated_bytes: int) -> bool:
+    """A *_to_disk option's value for a cache of `estimated_bytes`: as set, or (None) automatic."""
+    return choice if choice is not None else estimated_bytes > AUTO_DISK_CACHE_BYTES
