@@ -217,3 +217,49 @@ def test_kohya_log_with_is_imported(given, ours):
     text = f'pretrained_model_name_or_path = "m"\ntrain_data_dir = "/d"\nlog_with = "{given}"\n'
     result = import_config(text, name="logged", format="kohya")
     assert result.config.log_with == ours and "log_with" not in {item.key for item in result.unmapped}
+
+
+def wandb_records(run: Path) -> list[list]:
+    """The records of each W&B offline run (folder) under `run`, in the order they were started."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    runs = []
+    for log_file in sorted(run.glob("wandb/offline-run-*/run-*.wandb")):
+        records = []
+        for data in transaction_log(log_file):
+            record = pb.Record()
+            record.ParseFromString(data)
+            records.append(record)
+        runs.append(records)
+    return runs
+
+
+def test_a_resumed_run_continues_its_wandb_run(tiny_sd15, tmp_path):
+    """Stopped after step 2 of 4 (its checkpoint) and resumed with `lora-train --resume`, as resume-training
+    does: the second process logs steps 3 and 4 to the W&B run the first one started (the same id), rather
+    than to a new one."""
+    make_shape_dataset(tmp_path / "shapes", 4, trigger_word="xyz_shape")
+    config = fast_config(tmp_path / "shapes", name="resumed", steps=2, save_every=1, log_with=["wandb"])
+    (tmp_path / "resumed.yaml").write_text(config.to_yaml())
+    wandb_dirs = {f"WANDB_{kind}_DIR": str(tmp_path / f"wandb-{kind.lower()}") for kind in ("CONFIG", "CACHE", "DATA")}
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **wandb_dirs}
+    run = tmp_path / "run"
+    first = train(tmp_path / "resumed.yaml", run, env, [sys.executable])
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_id = (run / "wandb-run-id").read_text()
+    # Two more steps from the checkpoint at step 2, as a resumed run whose config asks for more.
+    resolved = run / "config.yaml"
+    resolved.write_text(resolved.read_text().replace("steps: 2\n", "steps: 4\n"))
+    command = [sys.executable, "-m", "training.cli", "--resume", str(run), "--quiet"]
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert [row["step"] for row in step_rows(run)] == [1, 2, 3, 4]
+
+    assert (run / "wandb-run-id").read_text() == run_id
+    runs = wandb_records(run)
+    assert len(runs) == 2 and all(folder.name.endswith(f"-{run_id}") for folder in run.glob("wandb/offline-run-*"))
+    for records in runs:
+        [started] = [record.run for record in records if record.HasField("run")][:1]
+        assert started.run_id == run_id and started.project == "resumed"
+    logged = [[r.history.step.num for r in records if r.HasField("history")] for records in runs]
+    assert logged[0] == [1, 2] and logged[1][-2:] == [3, 4] and min(logged[1]) >= 2  # on from the checkpoint

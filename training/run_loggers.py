@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from training.config_errors import ConfigError
-from training.workspace import read_jsonl
+from training.workspace import atomic_write_text, read_jsonl
 
 if TYPE_CHECKING:
     from training.config import TrainingConfig
@@ -33,6 +33,7 @@ LEARNING_RATE, GRAD_NORM = "learning_rate", "grad_norm"
 # The SummaryWriter's default, 120 s, would leave a live TensorBoard two minutes behind the run; a flush
 # every 10 s is one small write.
 FLUSH_SECONDS = 10
+WANDB_RUN_ID_FILE = "wandb-run-id"  # in the run folder: the W&B run a resumed run continues
 
 
 class LoggerUnavailable(RuntimeError):
@@ -132,14 +133,23 @@ class RunLoggers:
 def _start_wandb(config: TrainingConfig, files: RunFiles) -> Any:
     """A W&B run named after the run folder in the project named after the config, its files under the run
     folder (wandb/); wandb itself reads WANDB_MODE (offline: nothing leaves the machine until `wandb sync`),
-    WANDB_API_KEY and WANDB_ENTITY. Its console capture is off: train.log is the run's log."""
+    WANDB_API_KEY and WANDB_ENTITY. Its console capture is off: train.log is the run's log.
+
+    The W&B run's id is kept in the run folder (WANDB_RUN_ID_FILE), so a resumed run (resume-training,
+    `lora-train --resume`) continues the same W&B run rather than starting a second one beside it. W&B keeps a
+    run's steps increasing: the steps a stopped process logged past its last checkpoint, trained again after
+    the resume, keep their first values there (metrics.jsonl and TensorBoard keep the new ones)."""
     import wandb
 
+    id_file = files.dir / WANDB_RUN_ID_FILE
+    run_id = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else None  # None: W&B picks one
     try:
-        return wandb.init(
+        run = wandb.init(
             project=config.name,
             name=files.dir.name,
             dir=str(files.dir),
+            id=run_id,
+            resume="allow",
             config=config.model_dump(mode="json", exclude_none=True),
             settings=wandb.Settings(console="off", quiet=True),
         )
@@ -149,3 +159,5 @@ def _start_wandb(config: TrainingConfig, files: RunFiles) -> Any:
             "WANDB_MODE=offline to keep the run on disk (upload it later with `wandb sync`), or remove wandb from "
             "log_with"
         ) from exc
+    atomic_write_text(id_file, run.id)
+    return run

