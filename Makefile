@@ -6,9 +6,9 @@ VENV := .venv
 TORCH_SPEC ?= torch==2.13.0
 DEMO := $(CURDIR)/.demo
 
-.PHONY: setup node-tools demo train-demo test clean
+.PHONY: setup node-tools browser demo train-demo test clean
 
-setup: $(VENV)/.installed node-tools
+setup: $(VENV)/.installed node-tools browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,21 @@ node-tools:
 	    --loglevel=error $(NODE_TOOLS); then \
 	  echo "$(NODE_TOOLS)" > $(NODE_DIR)/.installed && echo "make setup: $(NODE_TOOLS) in $(NODE_DIR)"; \
 	else echo "make setup: npm could not install $(NODE_TOOLS) (offline?): $$skipped"; fi
+
+# Debian's chromium and chromium-driver: the headless browser of tests/test_dashboard_browser.py and
+# tests/test_app_browser.py (Selenium drives it through chromedriver). Installed with apt when missing, where apt
+# is there and we are root (CI is); otherwise those tests skip and say why.
+BROWSER_PACKAGES := chromium chromium-driver
+browser:
+	@skipped="the browser tests will be skipped"; \
+	if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif ! command -v apt-get >/dev/null; then \
+	  echo "make setup: no apt-get here to install $(BROWSER_PACKAGES): $$skipped"; \
+	elif [ "$$(id -u)" -ne 0 ]; then \
+	  echo "make setup: not root: 'sudo apt-get install $(BROWSER_PACKAGES)' installs them, else $$skipped"; \
+	elif apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PACKAGES) >/dev/null; then \
+	  echo "make setup: $(BROWSER_PACKAGES) installed"; \
+	else echo "make setup: apt-get could not install $(BROWSER_PACKAGES) (offline?): $$skipped"; fi
 
 demo: setup
 	rm -rf $(DEMO)/workspace

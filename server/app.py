@@ -20,11 +20,13 @@ from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
 
 from server.configs import ConfigService
+from server.dashboard_views import job_row
 from server.datasets import DatasetService
 from server.jobs import JobService, JobStatus
 from server.limits import megabytes
 from server.loras import LoraService
 from server.tools import Services
+from server.tools.dashboard import dashboard_apps
 from server.tools.datasets import register_dataset_tools
 from server.tools.diagnostics import register_diagnostic_tools
 from server.tools.files import register_file_tools
@@ -42,7 +44,9 @@ INSTRUCTIONS = """Trains LoRAs for Stable Diffusion 1.x/2.x, SDXL and FLUX model
 Typical flow: create-training-config (name, model_name, dataset_path, trigger_word, test_prompts) ->
 validate-training-config -> start-training (returns a job_id at once) -> get-training-status every
 minute or so -> get-training-samples to look at progress -> the LoRA path is in the final status.
-Training takes minutes to hours: never wait inside a tool call, poll get-training-status."""
+Training takes minutes to hours: never wait inside a tool call, poll get-training-status.
+To show the user a job live (charts, samples, stop/resume), call show-training-dashboard once: clients with
+MCP Apps draw it in the chat and it refreshes itself; others get its text summary."""
 
 
 def open_services(workspace: Path, *, client_roots: bool = True) -> Services:
@@ -71,8 +75,9 @@ def build_server(workspace: Path, services: Services | None = None) -> MCPServer
     server = MCPServer(
         "lora-trainer",
         instructions=INSTRUCTIONS,
-        lifespan=job_monitor(lambda: services.call(services.jobs.list), subscriptions.notify_updated),
+        lifespan=job_monitor(lambda: services.call(services.jobs.list), job_changed(services, subscriptions)),
         subscriptions=subscriptions.bus,
+        extensions=[dashboard_apps(services)],  # MCP Apps: show-training-dashboard and its ui:// page
     )
     subscriptions.register(server)
     register_dataset_tools(server, services)
@@ -84,9 +89,21 @@ def build_server(workspace: Path, services: Services | None = None) -> MCPServer
     return server
 
 
-def job_monitor(list_jobs: Callable[[], list[JobStatus]], notify_updated: Callable[[str], Awaitable[None]]):
+def job_changed(services: Services, subscriptions: Subscriptions) -> Callable[[JobStatus], Awaitable[None]]:
+    """What the monitor does for a job whose status changed: notify the MCP subscribers of its status resource,
+    and publish its row to the dashboard's open pages (server/job_events.py)."""
+
+    async def changed(status: JobStatus) -> None:
+        await subscriptions.notify_updated(f"lora://jobs/{status.job_id}/status")
+        if services.events.listening:  # the stdio server never has a reader: no row is built for it
+            services.events.publish("job", job_row(status).model_dump(mode="json"))
+
+    return changed
+
+
+def job_monitor(list_jobs: Callable[[], list[JobStatus]], changed: Callable[[JobStatus], Awaitable[None]]):
     """The server's lifespan: reconcile the job table at start-up and keep it current while the server
-    runs, telling subscribers of a job's status resource when it changes."""
+    runs, telling `changed` about each job whose status changed (the MCP subscribers, the dashboard)."""
 
     @asynccontextmanager
     async def lifespan(_server: MCPServer) -> AsyncIterator[None]:
@@ -95,11 +112,12 @@ def job_monitor(list_jobs: Callable[[], list[JobStatus]], notify_updated: Callab
             while True:
                 try:
                     for status in await anyio.to_thread.run_sync(list_jobs):
-                        # What a watcher cares about; a change notifies subscribers of the status resource.
-                        fingerprint = (status.state, status.step, status.last_checkpoint, tuple(status.latest_samples))
+                        # What a watcher cares about; a change notifies subscribers and the dashboard.
+                        fingerprint = (status.state, status.phase, status.step, status.last_checkpoint,
+                                       tuple(status.latest_samples))
                         if seen.get(status.job_id) != fingerprint:
                             seen[status.job_id] = fingerprint
-                            await notify_updated(f"lora://jobs/{status.job_id}/status")
+                            await changed(status)
                 except Exception:  # keep monitoring; the next tick retries
                     log.exception("job monitor tick failed")
                 await anyio.sleep(MONITOR_SECONDS)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from server.images import RESULT_IMAGE_BUDGET, base64_size, encoded
-from training.run_files import LOSS_SMOOTHING, smoothed
+from training.run_files import LOSS_SMOOTHING, smoothed_series
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -55,10 +55,10 @@ def loss_curve_figure(rows: list[dict]) -> Figure:
     norms = rates.twinx()
     steps = _series(rows, "loss")
     losses.plot(*_columns(steps), color=LOSS, alpha=0.3, linewidth=0.8, label="loss")
-    ema: list[tuple[int, float]] = []
-    for step, loss in steps:
-        ema.append((step, smoothed(ema[-1][1] if ema else None, loss)))
-    losses.plot(*_columns(ema), color=LOSS, linewidth=2.2, label=f"loss, smoothed (EMA {LOSS_SMOOTHING})")
+    ema = smoothed_series([loss for _, loss in steps])
+    losses.plot(
+        [step for step, _ in steps], ema, color=LOSS, linewidth=2.2, label=f"loss, smoothed (EMA {LOSS_SMOOTHING})"
+    )
     validation = _series(rows, "loss", kind="validation")
     losses.plot(*_columns(validation), "o-", color=VALIDATION, markersize=4, label="validation loss")
     rates.plot(*_columns(_series(rows, "lr")), color=RATE, label="learning rate")
@@ -140,9 +140,7 @@ def grid_size(prompts: int, rows: int, cell: int) -> tuple[int, int]:
     return width, GRID_TITLE_HEIGHT + GRID_HEADER_HEIGHT + rows * (cell + GRID_GAP)
 
 
-def _grid(
-    table: SampleTable, images: dict[tuple[int, int], Image.Image], shown: list[int], cell: int
-) -> Image.Image:
+def _grid(table: SampleTable, images: dict[tuple[int, int], Image.Image], shown: list[int], cell: int) -> Image.Image:
     """The grid of the `shown` steps: matplotlib places each image at its pixel and writes the labels."""
     import numpy as np
     from matplotlib.patches import Rectangle

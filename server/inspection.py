@@ -10,10 +10,10 @@ from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
 from server.errors import ServiceError, WorkspaceStateError
-from server.names import checked_name
+from server.names import checked_name, plain_filename_problem
 from training.config import LoraType
 from training.data.caption_lint import CaptionFinding, lint_captions
-from training.data.dataset import DatasetError, scan_dataset
+from training.data.dataset import IMAGE_SUFFIXES, DatasetError, scan_dataset
 from training.data.report import DatasetReport, inspect_dataset
 from training.families import ModelFamily
 from training.guide import CAPTION_TOKENS, DEFAULT_LORA_TYPE
@@ -111,6 +111,20 @@ def dataset_folder(workspace: Path, dataset_name: str) -> Path:
     if not folder.is_dir():
         raise WorkspaceStateError(f"no dataset {dataset_name!r}; list-datasets shows the datasets there are")
     return folder
+
+
+def dataset_image(workspace: Path, dataset_name: str, parts: list[str]) -> Path:
+    """The image at `parts` (['a.png'], ['10_cat', 'a.png']) in the dataset; each part a plain name, so no
+    path leaves the dataset's folder."""
+    path = dataset_folder(workspace, dataset_name).joinpath(*parts)
+    if (
+        any(plain_filename_problem(part) for part in parts)
+        or path.suffix.lower() not in IMAGE_SUFFIXES
+        or not path.is_file()
+    ):
+        shown = "/".join(parts)
+        raise WorkspaceStateError(f"dataset {dataset_name!r} has no image {shown!r}; get-dataset-info lists them")
+    return path
 
 
 def _token_counter(model_name: str):

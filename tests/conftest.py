@@ -1,5 +1,7 @@
 """Shared fixtures: one workspace per test session, where each built-in tiny model is built
-once; small generated datasets; a fast training config."""
+once; small generated datasets; a fast training config; the trainings the dashboard and App tests watch, each
+started once a session (`live_training` on the shared HTTP server, `finished_training` in a workspace of its
+own); one headless Chromium (tests/browser.py)."""
 
 from __future__ import annotations
 
@@ -11,12 +13,21 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from contextlib import closing  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import httpx  # noqa: E402
 import pytest  # noqa: E402
+from browser import browser, chrome  # noqa: E402, F401 (fixtures: one Chromium for the session)
+from http_server import HttpServer, call_tool, csrf_token, events, logged_in, upload_images  # noqa: E402
 
 from training.config import TrainingConfig  # noqa: E402
 from training.data.synthetic import make_shape_dataset  # noqa: E402
+
+ENDED = ("completed", "failed", "stopped", "interrupted")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -181,3 +192,122 @@ def tiny_pipeline(folder: Path, pipeline_class=None):
         pipe = pipeline_class.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def wait_until(service, job_id: str, predicate: Callable, timeout: float = 240.0):
+    """The job's status once `predicate(status)` holds, polled through `service` (a JobService); a deadline, not a
+    timing: past it the test fails with the status it was left at."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = service.status(job_id)
+        if predicate(status):
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} never got there: {service.status(job_id)}")
+
+
+# --- the trainings the dashboard and the App watch ----------------------------------------------------------
+@dataclass
+class LiveTraining:
+    """A training on the shared `http_server` that runs until stopped (10,000 steps of the tiny model at 64 px,
+    sampled every 10 steps with a test prompt): the tests that stop it (from the dashboard, the page, the App) call
+    `running()` first, which resumes it through the dashboard when an earlier test stopped it."""
+
+    server: HttpServer
+    job_id: str
+    config_name: str
+    dataset: str  # the uploaded dataset's name: four captioned shapes
+    trigger: str
+
+    def state(self) -> str:
+        return call_tool(self.server, "get-training-status", job_id=self.job_id)["state"]
+
+    def running(self) -> None:
+        """Return once the job runs; a stopped job is first resumed as the page's resume button does (the action
+        with the page's CSRF token), and its return to queued, then running, is read from the event stream."""
+        if self.state() == "running":
+            return
+        client = logged_in(self.server)
+        with closing(client), client.stream("GET", "/dashboard/events", timeout=httpx.Timeout(30, read=300)) as stream:
+            state = self.state()  # again, now that the stream is open: no change from here on is missed
+            if state == "running":
+                return
+            if state in ENDED:
+                resumed = client.post(f"/dashboard/api/jobs/{self.job_id}/resume",
+                                      headers={"X-CSRF-Token": csrf_token(client)})
+                assert resumed.status_code == 200, resumed.text
+                assert resumed.json()["job_id"] == self.job_id, resumed.json()
+                assert resumed.json()["state"] in ("queued", "running"), resumed.json()
+            seen = []
+            for name, data in events(stream):
+                if name == "job" and data["job_id"] == self.job_id:
+                    seen.append(data["state"])
+                    assert data["state"] in ("queued", "running"), seen
+                    if data["state"] == "running":
+                        return
+
+    def stop(self) -> None:
+        """Stop the job if it runs and wait until it has ended: no trainer is left taking the CPU from other tests."""
+        if self.state() in ("queued", "running"):
+            call_tool(self.server, "stop-training", job_id=self.job_id)
+        deadline = time.monotonic() + 240
+        while (state := self.state()) not in ENDED:
+            assert time.monotonic() < deadline, f"job {self.job_id} is still {state} after a stop"
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def live_training(http_server, tmp_path_factory) -> LiveTraining:
+    """The session's long training, started through the JSON API on an uploaded dataset; stopped at the end."""
+    trigger, dataset = "xyz_shape", "live-shapes"
+    folder = tmp_path_factory.mktemp("live-dataset") / "shapes"
+    make_shape_dataset(folder, 4, trigger_word=trigger)
+    assert call_tool(http_server, "upload-dataset", dataset_name=dataset, images=upload_images(folder))["saved"] == 4
+    config_name = "live-shapes-style"
+    call_tool(http_server, "create-training-config", name=config_name, model_name="builtin:tiny-sd15",
+              dataset_path=dataset, trigger_word=trigger, resolution=64, steps=10_000, batch_size=1, rank=4,
+              test_prompts=[f"{trigger} a red circle"], sample_every=10, sample_steps=2, save_every=100_000)
+    job_id = call_tool(http_server, "start-training", config_name=config_name)["job_id"]
+    training = LiveTraining(http_server, job_id, config_name, dataset, trigger)
+    yield training
+    training.stop()
+
+
+@pytest.fixture(scope="module")
+def live(live_training) -> LiveTraining:
+    """`live_training` for a module, which leaves it stopped: the trainer runs only while its watchers do."""
+    yield live_training
+    live_training.stop()
+
+
+@dataclass
+class FinishedTraining:
+    workspace: Path  # the tiny models linked, datasets/shapes, one completed job
+    job_id: str
+
+
+@pytest.fixture(scope="session")
+def finished_training(tmp_path_factory, tiny_sd15) -> FinishedTraining:
+    """A workspace where a real training job of 4 steps completed: samples of one test prompt and of the control
+    prompt at steps 0, 2 and 4, a validation loss every 2 steps (step 0: the base model). Tests only read it."""
+    from server.app import open_services
+
+    root = tmp_path_factory.mktemp("finished-ws")
+    (root / "models").symlink_to(tiny_sd15.parent)  # the session's built-in models, not built again
+    make_shape_dataset(root / "datasets" / "shapes", 4, trigger_word="xyz_shape")
+    config = fast_config(
+        root / "datasets" / "shapes",
+        name="watched",
+        disable_sampling=False,
+        test_prompts=["xyz_shape a red circle"],
+        sample_every=2,
+        sample_steps=2,
+        validation_split=0.25,
+        validation_every=2,
+    )
+    jobs = open_services(root).jobs
+    job_id = jobs.start("watched", config.to_yaml()).job_id
+    # A deadline, not a timing: a busy 2-core CI machine is slow.
+    status = wait_until(jobs, job_id, lambda status: status.state in ENDED, timeout=900)
+    assert status.state == "completed", jobs.logs(job_id, 40)
+    return FinishedTraining(root, job_id)

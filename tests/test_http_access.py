@@ -20,7 +20,7 @@ from pathlib import Path
 import anyio
 import pytest
 import requests
-from http_server import HttpServer, start_http_server
+from http_server import HttpServer, logged_in, start_http_server
 from requests.adapters import HTTPAdapter
 
 from server.http.access import (
@@ -31,7 +31,9 @@ from server.http.access import (
     TOKEN_ENV,
     AccessGuard,
     BadTokenLimit,
+    Door,
     Exposure,
+    door,
     is_loopback,
 )
 from server.main import LOG_FILE_BYTES, log_file
@@ -396,8 +398,11 @@ def lora_mcp_token(workspace: Path, *args: str, env: dict[str, str] | None = Non
 
 
 def test_rotating_the_token_takes_effect_on_a_running_server(own_server):
+    """On the API's bearer header and on the dashboard's sessions, which the old token opened."""
     old = own_server.token
     assert _get(own_server, "/mcp/tools", own_server.headers).status == 200
+    dashboard = logged_in(own_server)
+    assert dashboard.get("/dashboard/api/jobs").status_code == 200
     shown = lora_mcp_token(own_server.workspace)
     assert shown.returncode == 0 and shown.stdout.strip() == old, shown.stderr
 
@@ -413,6 +418,11 @@ def test_rotating_the_token_takes_effect_on_a_running_server(own_server):
     assert refused.status == 401 and "a wrong token" in refused.message
     assert _get(own_server, "/mcp/tools", {"Authorization": f"Bearer {new}"}).status == 200
     own_server.token = new
+    # Every dashboard session ended with the old token: the cookie now gets the login, the new token a session.
+    refused = dashboard.get("/dashboard/api/jobs")
+    assert refused.status_code == 401 and refused.json() == {"error": {"message": "log in at /"}}
+    assert dashboard.get("/").status_code == 401
+    assert logged_in(own_server).get("/dashboard/api/jobs").status_code == 200
 
 
 def test_token_prints_and_creates_it_once(tmp_path):
@@ -646,3 +656,38 @@ def test_the_address_listened_on_and_allowed_hosts_are_allowed_names():
     assert "127.0.0.2:*" in Exposure("127.0.0.2", 8190, auth=True).security_settings().allowed_hosts
     ipv6 = Exposure("::1", 8190, auth=True).security_settings().allowed_hosts
     assert ipv6.count("[::1]:*") == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "entry"),
+    [
+        ("/dashboard/assets/app.js", Door.PUBLIC),
+        ("/dashboard/login", Door.PUBLIC),
+        ("/dashboard/assets/../api/jobs", Door.PAGE),
+        ("/dashboard/assets/..", Door.PAGE),
+        ("/dashboard/assets/.hidden", Door.PAGE),
+        ("/dashboard/assets/scripts/app.js", Door.PAGE),
+        ("/dashboard/assets/", Door.PAGE),
+        ("/dashboard/api/jobs", Door.DATA),
+        ("/mcp/tools", Door.BEARER),
+    ],
+)
+def test_only_one_plain_name_under_the_assets_is_public(path, entry):
+    assert door(path) is entry
+
+
+def test_a_path_out_of_the_assets_is_not_public(http_server):
+    """http.client sends the path as written (httpx and browsers would normalise the dots away): the guard judges
+    the very path the router gets, and without a cookie that is the login form, not a public route."""
+    answers = {}
+    for path in ("/dashboard/assets/../api/jobs", "/dashboard/assets/app.js"):
+        connection = http.client.HTTPConnection("127.0.0.1", http_server.port, timeout=60)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            answers[path] = (response.status, response.getheader("content-type"), response.read())
+        finally:
+            connection.close()
+    status, kind, body = answers["/dashboard/assets/../api/jobs"]
+    assert status == 401 and kind.startswith("text/html") and b'name="token"' in body
+    assert answers["/dashboard/assets/app.js"][0] == 200

@@ -102,6 +102,20 @@ def test_tls_serves_https_with_the_given_certificate(tls_server, certificate):
         requests.get(url.replace("https://", "http://"), headers=tls_server.headers, timeout=30)
 
 
+def test_under_tls_the_session_cookie_is_a_secure_host_cookie(tls_server, certificate):
+    """Served with --ssl-certfile, the login sets `__Host-lora_mcp_session`: Secure, Path=/ and no Domain, which a
+    browser takes only so (no sibling subdomain nor plain-http page can set it); the dashboard takes it back."""
+    with requests.Session() as browser:  # verify on each call: a session's is overridden by REQUESTS_CA_BUNDLE
+        answer = browser.post(f"{tls_server.url}/dashboard/login", data={"token": tls_server.token},
+                              allow_redirects=False, verify=certificate[0], timeout=30)
+        assert answer.status_code == 303, answer.text
+        cookie = answer.headers["set-cookie"]
+        attributes = {part.strip().split("=")[0].lower() for part in cookie.split(";")[1:]}
+        assert cookie.startswith("__Host-lora_mcp_session=") and {"secure", "path", "httponly"} <= attributes
+        assert "domain" not in attributes and "; Path=/;" in cookie
+        assert browser.get(f"{tls_server.url}/dashboard/api/jobs", verify=certificate[0], timeout=30).status_code == 200
+
+
 def inspector(server, home: dict[str, str], *method: str) -> dict:
     """`mcp-inspector --cli <url>/mcp --transport http` with the token header; its JSON answer."""
     cli, _ = node_tool("@modelcontextprotocol/inspector", "mcp-inspector")

@@ -6,24 +6,13 @@ import json
 import os
 import signal
 import sqlite3
-import time
 from pathlib import Path
 
 import pytest
-from conftest import fast_config
+from conftest import fast_config, wait_until
 
 from server.errors import ServiceError
 from server.jobs import JobService
-
-
-def wait_until(service: JobService, job_id: str, predicate, timeout: float = 240.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = service.status(job_id)
-        if predicate(status):
-            return status
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} never got there: {service.status(job_id)}")
 
 
 def done(status) -> bool:

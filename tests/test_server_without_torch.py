@@ -162,6 +162,7 @@ async def job_tools(call: ToolCalls) -> list[str]:
     await call("list-training-jobs", {})
     await call("get-training-samples", {"job_id": first})
     await call("diagnose-training", {"job_id": first})
+    await call("show-training-dashboard", {"job_id": first})  # metrics, samples, diagnosis and config, read at once
     await call("compare-training-runs", {"job_ids": [first, second]})
     await call("prune-runs", {"dry_run": True})  # reads the runs' evidence to keep the recommended checkpoint
     await call("delete-job", {"job_id": second})

@@ -129,6 +129,17 @@ def smoothed(average: float | None, value: float) -> float:
     return value if average is None else LOSS_SMOOTHING * average + (1 - LOSS_SMOOTHING) * value
 
 
+def smoothed_series(values: list[float | None]) -> list[float | None]:
+    """`smoothed` along `values`: at each one the average so far (a None, a step with no finite loss, is
+    skipped and keeps the average); None before the first value."""
+    averages: list[float | None] = []
+    average = None
+    for value in values:
+        average = average if value is None else smoothed(average, value)
+        averages.append(average)
+    return averages
+
+
 class StatusWriter:
     """Keeps `status.json` current: fields are merged in by `update()`, and a background thread
     rewrites the file with a fresh heartbeat every HEARTBEAT_SECONDS, so a watcher can tell a

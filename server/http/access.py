@@ -2,30 +2,36 @@
 
 The token is one static secret per workspace: `LORA_MCP_TOKEN` when set, else the file
 `<workspace>/http-token` (owner-only), which a loopback start creates when it is missing and
-`lora-mcp token [--rotate]` shows or replaces. Every route needs `Authorization: Bearer <token>`;
-a token in the query string is never read (URLs end up in logs, proxies and browser history).
+`lora-mcp token [--rotate]` shows or replaces. The API and file routes need `Authorization: Bearer <token>`;
+a token in the query string is never read (URLs end up in logs, proxies and browser history). The web
+dashboard (`/` and `/dashboard/...`) takes only its session cookie instead (server/http/sessions.py), which a
+login with the token sets; a bearer header opens no dashboard route and a cookie no other route.
 Host/Origin checks (the SDK's transport security settings) stop DNS rebinding: a web page the user
 opens must not reach a server on their loopback interface through a name it controls.
 """
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import logging
 import os
+import re
 import secrets
 import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
+from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.http.sessions import Sessions
 
 log = logging.getLogger("server.http")
 
@@ -39,6 +45,18 @@ LOCKOUT_S = 60.0
 # Addresses remembered by the bad-token limit, in each of its two tables (~300 bytes each: a few MB at most).
 MAX_TRACKED = 10_000
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+SESSION_SCOPE_KEY = "lora_mcp.session"  # where the guard leaves a dashboard request's session id for its route
+# Dashboard responses: only this server's own scripts, styles and images, never framed (clickjacking), no
+# sniffing, no referrer to other sites; nothing of the data is cached (the static assets may be). Not
+# "no-referrer": under it Chromium sends `Origin: null` with a same-site form post, and the login form's POST
+# would fail the Origin check.
+DASHBOARD_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+NO_STORE = {"Cache-Control": "no-store"}
 
 
 class ExposureRefused(RuntimeError):
@@ -251,16 +269,57 @@ def lower_case_names(scope: Scope) -> Scope:
     return {**scope, "headers": headers}
 
 
-class AccessGuard:
-    """ASGI middleware in front of every route: Host/Origin first (421/403), then the address's lockout
-    (429), then the bearer token (401). With `token=None` (--no-auth, loopback only) only Host/Origin apply.
-    Websockets are refused outright (no route takes one), and each refusal is logged."""
+class Door(Enum):
+    """How a path is entered."""
 
-    def __init__(self, app: ASGIApp, *, token: TokenSource | None, security: TransportSecuritySettings):
+    BEARER = "bearer"  # the API, MCP and file routes: the bearer header only
+    PUBLIC = "public"  # the login form's POST and the dashboard's static files (no data in them)
+    PAGE = "page"  # a dashboard page: the session cookie, else the login form
+    DATA = "data"  # the dashboard's JSON, files, events and actions: the session cookie, else 401 JSON
+
+
+DASHBOARD_DATA = ("/dashboard/api/", "/dashboard/files/", "/dashboard/events", "/dashboard/logout")
+# The public file paths: one plain name under /dashboard/assets/, as its route takes it. Exact, so that a path
+# such as /dashboard/assets/../api/jobs, which a client may send as it is, is never public.
+PUBLIC_ASSET = re.compile(r"/dashboard/assets/[A-Za-z0-9_][A-Za-z0-9_.-]*")  # no dot first: not . nor ..
+
+
+def door(path: str) -> Door:
+    """How `path` is entered: the scope's path, the very string the router matches (not request.url's)."""
+    if path.split("/")[1] not in ("", "dashboard"):  # neither / nor /dashboard[/...]
+        return Door.BEARER
+    if path == "/dashboard/login" or PUBLIC_ASSET.fullmatch(path):
+        return Door.PUBLIC
+    return Door.DATA if path.startswith(DASHBOARD_DATA) else Door.PAGE
+
+
+def login_required() -> Response:
+    return error_response(401, "log in at /")
+
+
+class AccessGuard:
+    """ASGI middleware in front of every route: Host/Origin first (421/403), then, by the path's `door`, the
+    bearer token (the address's lockout 429, then 401) or the dashboard's session cookie (the login form, or
+    401 JSON for data). With `token=None` (--no-auth, loopback only) only Host/Origin apply. Websockets are
+    refused outright (no route takes one), and each refusal is logged. `sessions` and `limit` are shared with
+    the dashboard's login route; `login_page` answers a dashboard page asked for without a valid cookie."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        token: TokenSource | None,
+        security: TransportSecuritySettings,
+        sessions: Sessions | None = None,
+        limit: BadTokenLimit | None = None,
+        login_page: Callable[[], Response] = login_required,
+    ):
         self.app = app
         self.token = token
         self.names = TransportSecurityMiddleware(security)
-        self.limit = BadTokenLimit()
+        self.sessions = sessions or Sessions(token)
+        self.limit = limit or BadTokenLimit()
+        self.login_page = login_page
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":  # no route takes one: refused before any check (uvicorn answers 403)
@@ -271,6 +330,9 @@ class AccessGuard:
             return
         scope = lower_case_names(scope)
         request = Request(scope)
+        entry = door(scope["path"])
+        if entry is not Door.BEARER:
+            send = with_headers(send, DASHBOARD_HEADERS if entry is Door.PUBLIC else DASHBOARD_HEADERS | NO_STORE)
         if refused := await self.names.validate_request(request, is_post=False):
             reason = "Host" if refused.status_code == 421 else "Origin"
             response = error_response(
@@ -278,10 +340,15 @@ class AccessGuard:
                 f"this server does not answer to the {reason} {request.headers.get(reason.lower())!r}: use the "
                 "name it was started for, or start it with --allowed-host NAME",
             )
-        elif self.token is not None:
-            response = self._check_token(request)
-        else:
+        elif entry is Door.BEARER:
+            response = self._check_token(request) if self.token is not None else None
+        elif entry is Door.PUBLIC:
             response = None
+        elif session := self.sessions.session_of(request):
+            scope[SESSION_SCOPE_KEY] = session
+            response = None
+        else:
+            response = self.login_page() if entry is Door.PAGE else login_required()
         if response is not None:
             # Only refusals are logged (uvicorn's line per request is off): the path without its query string,
             # which may hold a token, and never the token itself.
@@ -301,9 +368,7 @@ class AccessGuard:
                 {"Retry-After": str(int(waited) + 1)},
             )
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        expected = self.token.current()
-        # compare_digest: the time taken does not reveal how much of a guess was right.
-        if expected and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected.encode()):
+        if scheme.lower() == "bearer" and self.sessions.token_is(given.strip()):
             return None
         if given:
             # Only guesses count: a client that sends no token cannot find the right one, and counting it would
@@ -320,3 +385,16 @@ class AccessGuard:
             "<token>' (never in the URL); `lora-mcp token` on the server shows the token.",
             {"WWW-Authenticate": "Bearer"},
         )
+
+
+def with_headers(send: Send, headers: dict[str, str]) -> Send:
+    """`send` adding `headers` to the response's start (a route's own value of the same header is kept)."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            present = MutableHeaders(scope=message)
+            for name, value in headers.items():
+                present.setdefault(name, value)
+        await send(message)
+
+    return sending

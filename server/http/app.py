@@ -1,12 +1,15 @@
 """`lora-mcp http`: the same tools and services as stdio, served over HTTP by one process.
 
-Routes, all behind `AccessGuard` (Host/Origin, then the bearer token):
+Routes, all behind `AccessGuard` (Host/Origin, then the bearer token or, for the dashboard, its session cookie):
     /mcp                         MCP Streamable HTTP (the SDK's transport): chat clients, bridges, the Inspector
     POST /mcp/tool, GET /mcp/tools   the guide's JSON API (server/http/tool_api.py)
     GET /loras/{name}.safetensors    an exported LoRA, with Range (server/http/files.py)
     POST /datasets/{name}            a zip of images and captions, checked like upload-dataset
+    / and /dashboard/...             the web dashboard: a login with the token, then pages, JSON, sample images,
+                                     stop/resume and live events (server/http/dashboard.py)
 
-The job monitor (the MCP server's lifespan) runs once for the process, whatever the number of sessions.
+The job monitor (the MCP server's lifespan) runs once for the process, whatever the number of sessions; it
+also feeds the dashboard's event stream.
 """
 
 from __future__ import annotations
@@ -27,8 +30,18 @@ from starlette.types import ASGIApp
 
 from server.app import build_server, open_services
 from server.datasets import MAX_IMAGES_PER_CALL
-from server.http.access import AccessGuard, Exposure, TokenSource, error_response, existing_token, is_loopback
+from server.http.access import (
+    AccessGuard,
+    BadTokenLimit,
+    Exposure,
+    TokenSource,
+    error_response,
+    existing_token,
+    is_loopback,
+)
+from server.http.dashboard import Dashboard
 from server.http.files import file_routes
+from server.http.sessions import Sessions
 from server.http.tool_api import tool_routes
 from server.image_checks import MAX_IMAGE_BYTES
 from server.limits import MB, megabytes
@@ -55,7 +68,10 @@ def build_http_app(workspace: Path, *, token: TokenSource | None, exposure: Expo
     max_body = megabytes("LORA_MCP_MAX_REQUEST_MB", DEFAULT_MAX_REQUEST_MB)
     services = open_services(workspace, client_roots=False)
     server = build_server(workspace, services)
-    for route in tool_routes(server, max_body) + file_routes(services):
+    # One session signer and one bad-token count for the guard and the dashboard's login.
+    sessions, limit = Sessions(token), BadTokenLimit()
+    dashboard = Dashboard(services, sessions, limit)
+    for route in tool_routes(server, max_body) + file_routes(services) + dashboard.routes():
         server.custom_route(route.path, methods=sorted(route.methods or ()))(route.endpoint)
     security = exposure.security_settings()
     app = server.streamable_http_app(
@@ -66,12 +82,13 @@ def build_http_app(workspace: Path, *, token: TokenSource | None, exposure: Expo
     )
     for status in (404, 405, 500):
         app.add_exception_handler(status, refusal)
-    return AccessGuard(app, token=token, security=security)
+    return AccessGuard(app, token=token, security=security, sessions=sessions, limit=limit,
+                       login_page=dashboard.login_page)
 
 
 ROUTES = (
-    "GET /mcp/tools, POST /mcp/tool (the JSON API), /mcp (MCP Streamable HTTP), GET /loras/{name}.safetensors "
-    "and POST /datasets/{name}"
+    "GET /mcp/tools, POST /mcp/tool (the JSON API), /mcp (MCP Streamable HTTP), GET /loras/{name}.safetensors, "
+    "POST /datasets/{name} and the web dashboard at /"
 )
 
 

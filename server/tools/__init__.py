@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from server.configs import ConfigService
 from server.datasets import DatasetService
+from server.job_events import JobEvents
 from server.jobs import JobService
 from server.loras import LoraService
 from server.tools.arguments import request_tool
@@ -41,6 +42,7 @@ class Services:
     resource_call: Callable  # the same for resources: ResourceNotFoundError
     training: TrainingService
     client_roots: bool = True  # the client's roots widen the allowed folders (stdio: one machine, one user)
+    events: JobEvents = field(default_factory=JobEvents)  # job changes for the dashboard's event stream
 
 
 class Deleted(BaseModel):

@@ -9,7 +9,6 @@ from typing import Literal
 import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
-from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
@@ -25,13 +24,11 @@ from server.dataset_schemas import (
 )
 from server.errors import ServiceError
 from server.images import thumbnail_png
-from server.inspection import CaptionLintResult, caption_lint, dataset_info
-from server.names import checked_name, plain_filename_problem
+from server.inspection import CaptionLintResult, caption_lint, dataset_image, dataset_info
 from server.paths import set_client_roots
 from server.service_calls import tool_error
 from server.tools import READ_ONLY, Deleted, Services, add_tools, resource, tool
 from training.captioning import CaptionRequest
-from training.data.dataset import IMAGE_SUFFIXES
 from training.data.report import DatasetReport
 
 
@@ -242,15 +239,7 @@ class DatasetTools:
 
     def _thumbnail(self, name: str, parts: list[str]) -> bytes:
         """The thumbnail of the image at `parts` ([name] or [folder, name]) in the dataset `name`."""
-        folder = self.s.workspace / "datasets" / self.s.resource_call(checked_name, "dataset", name)
-        path = folder.joinpath(*parts)
-        if (
-            any(plain_filename_problem(part) for part in parts)
-            or path.suffix.lower() not in IMAGE_SUFFIXES
-            or not path.is_file()
-        ):
-            shown = "/".join(parts)
-            raise ResourceNotFoundError(f"dataset {name!r} has no image {shown!r}; get-dataset-info lists them")
+        path = self.s.resource_call(dataset_image, self.s.workspace, name, parts)
         return thumbnail_png(path)
 
 
