@@ -287,6 +287,26 @@ def report(runs: dict[str, list[dict]], rss: dict, args: argparse.Namespace) -> 
     }
 
 
+def bench_workspace(prefix: str, models: Path | None) -> tuple[Path, Path]:
+    """(scratch folder, workspace in it) for a bench's `lora-mcp http`, with builtin:tiny-sd15 in its models
+    (`models`, an already built folder, linked; else built here), made this process's LORA_MCP_HOME; a SIGTERM
+    then still runs the bench's clean-up."""
+    scratch = Path(tempfile.mkdtemp(prefix=prefix))
+    workspace = scratch / "ws"
+    workspace.mkdir()
+    if models:
+        (workspace / "models").symlink_to(models.resolve())
+    else:  # here, not in the server: start-training would build it in the server process, which then
+        # holds torch (~350 MiB more RSS) for its lifetime, and the RSS growth would be measured on that
+        from training.models.builtin import ensure_builtin
+
+        ensure_builtin("builtin:tiny-sd15", workspace / "models")
+    # start_http_server links <LORA_MCP_HOME>/models into the workspace: here that is the workspace itself.
+    os.environ.update(LORA_MCP_HOME=str(workspace), HF_HUB_OFFLINE="1")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed bench still stops what it started
+    return scratch, workspace
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7, help="training runs per condition, alternating")
@@ -309,21 +329,9 @@ def main() -> None:
 
     from training.data.synthetic import make_shape_dataset
 
-    scratch = Path(tempfile.mkdtemp(prefix="bench-http-load-"))
-    workspace = scratch / "ws"
-    workspace.mkdir()
-    if args.models:
-        (workspace / "models").symlink_to(args.models.resolve())
-    else:  # here, not in the server: start-training would build it in the server process, which then
-        # holds torch (~350 MiB more RSS) for its lifetime, and the RSS growth would be measured on that
-        from training.models.builtin import ensure_builtin
-
-        ensure_builtin("builtin:tiny-sd15", workspace / "models")
+    scratch, workspace = bench_workspace("bench-http-load-", args.models)
     dataset = workspace / "datasets" / "shapes"  # inside the workspace: the server only reads folders it may use
     make_shape_dataset(dataset, 8, trigger_word="xyz_shape")
-    # start_http_server links <LORA_MCP_HOME>/models into the workspace: here that is the workspace itself.
-    os.environ.update(LORA_MCP_HOME=str(workspace), HF_HUB_OFFLINE="1")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed bench still stops what it started
     server = start_http_server(workspace)
     try:
         rss = psutil.Process(server.process.pid).memory_info().rss
