@@ -63,9 +63,10 @@ train-demo: setup
 	$(VENV)/bin/python examples/make_demo_dataset.py $(DEMO)/dataset
 	cd $(CURDIR) && LORA_MCP_HOME=$(DEMO)/train-workspace $(VENV)/bin/lora-train examples/demo.yaml
 
-# pytest exits 5 when it collected no tests: for this project that is a broken suite, said plainly.
+# pytest exits 5 when it collected no tests: for this project that is a broken suite, said plainly. The 30
+# slowest tests are listed at the end: the suite must stay well inside CI's 30 minutes.
 test: setup
-	$(VENV)/bin/python -m pytest || { rc=$$?; [ $$rc -ne 5 ] || echo "make test: pytest collected no tests" >&2; exit $$rc; }
+	$(VENV)/bin/python -m pytest --durations=30 || { rc=$$?; [ $$rc -ne 5 ] || echo "make test: pytest collected no tests" >&2; exit $$rc; }
 
 clean:
 	rm -rf $(VENV) $(DEMO)
