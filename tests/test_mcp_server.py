@@ -14,7 +14,6 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import fast_config
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from PIL import Image
@@ -28,6 +27,8 @@ def server_params(workspace: Path, *, allow_beside: bool = True) -> StdioServerP
     """`lora-mcp --workspace` as the SDK's client starts it. The tests' datasets live beside the
     workspace, in the test's temporary folder, which is then an allowed folder."""
     env = {"HF_HUB_OFFLINE": "1"}
+    if "PYTHONPATH" in os.environ:  # a checkout other than the installed one: its server and jobs run its code
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     if allow_beside:
         env["LORA_MCP_ALLOWED_DIRS"] = str(workspace.parent)
     return StdioServerParameters(
@@ -361,8 +362,11 @@ def test_queue_stop_and_resume_over_mcp(server_workspace, shapes):
 
 
 def test_jobs_outlive_the_server_and_a_killed_trainer_resumes(server_workspace, shapes):
+    """One trainer (one process started, not two: each imports torch) outlives the server that started it and
+    one killed outright, goes on training under the next, then, itself killed, is interrupted and resumes."""
+
     async def first_server(session):
-        await create(session, "survivor", shapes, steps=60, batch_size=1, save_every=5)
+        await create(session, "survivor", shapes, steps=100000, batch_size=1, save_every=2)
         job = await start(session, "survivor")
         await wait_for_state(session, job["job_id"], ("running",))
         return job["job_id"]
@@ -382,30 +386,26 @@ def test_jobs_outlive_the_server_and_a_killed_trainer_resumes(server_workspace, 
     assert server_pids(server_workspace) == []
 
     async def second_server(session):
-        status = await session.call_tool("get-training-status", {"job_id": job_id})
-        assert status.structured_content["state"] in ("running", "completed")
-        final = await wait_for_state(session, job_id, ("completed", "failed", "interrupted"))
-        assert final["state"] == "completed", final
+        async def status() -> dict:
+            return (await session.call_tool("get-training-status", {"job_id": job_id})).structured_content
 
-        await create(session, "victim", shapes, steps=100000, batch_size=1, save_every=2)
-        victim = (await start(session, "victim"))["job_id"]
+        outlived = await status()
+        assert outlived["state"] == "running", outlived
         deadline = time.monotonic() + 120
-        while not (await session.call_tool("get-training-status", {"job_id": victim})).structured_content[
-            "last_checkpoint"
-        ]:
-            assert time.monotonic() < deadline
+        while not ((now := await status())["last_checkpoint"] and now["step"] > outlived["step"]):  # it trains on
+            assert time.monotonic() < deadline, now
             await anyio.sleep(0.2)
-        run = Path((await session.call_tool("get-training-status", {"job_id": victim})).structured_content["run_dir"])
+        run = Path(now["run_dir"])
         os.kill(json.loads((run / "status.json").read_text())["pid"], signal.SIGKILL)
-        interrupted = await wait_for_state(session, victim, ("interrupted", "failed", "completed", "stopped"))
+        interrupted = await wait_for_state(session, job_id, ("interrupted", "failed", "completed", "stopped"))
         assert interrupted["state"] == "interrupted" and "resume-training" in interrupted["error"]
 
         # The newest checkpoint on disk: status.json (rewritten every 2 s) may not name the last one yet.
         checkpoint_step = max(int(p.name.removeprefix("step")) for p in (run / "checkpoints").glob("step*"))
         config = (run / "config.yaml").read_text().replace("steps: 100000", f"steps: {checkpoint_step + 2}")
         (run / "config.yaml").write_text(config)
-        await session.call_tool("resume-training", {"job_id": victim})
-        final = await wait_for_state(session, victim, ("completed", "failed", "interrupted"))
+        await session.call_tool("resume-training", {"job_id": job_id})
+        final = await wait_for_state(session, job_id, ("completed", "failed", "interrupted"))
         assert final["state"] == "completed" and final["step"] == checkpoint_step + 2
 
     run_session(server_workspace, second_server)
@@ -843,15 +843,14 @@ def test_a_folder_the_client_offers_as_a_root_may_be_imported(tmp_path, tiny_sd1
     assert offered.structured_content["imported"] == 2
 
 
-def test_generate_compare_merge_and_convert_over_mcp(server_workspace, shapes):
+def test_generate_compare_merge_and_convert_over_mcp(server_workspace, finished_training):
     """Using a LoRA from the chat: images with it (inside the call for the tiny model, or as a job),
-    a strength grid, a merge and a conversion, all from an exported LoRA's name."""
-    from training.trainer import run_training
-
-    result = run_training(fast_config(shapes, name="shapes", steps=2, learning_rate=5e-2), server_workspace / "r")
+    a strength grid, a merge and a conversion, all from an exported LoRA's name (the session's finished
+    training's LoRA, copied: nothing here trains)."""
+    trained = finished_training.workspace / "runs" / finished_training.job_id / "watched.safetensors"
     loras = server_workspace / "loras"
     loras.mkdir()
-    (loras / "shapes.safetensors").write_bytes(result.lora_path.read_bytes())
+    (loras / "shapes.safetensors").write_bytes(trained.read_bytes())
 
     async def script(session):
         image = await session.call_tool(
