@@ -29,6 +29,7 @@ from server.tools import Services
 from server.tools.dashboard import dashboard_apps
 from server.tools.datasets import register_dataset_tools
 from server.tools.diagnostics import register_diagnostic_tools
+from server.tools.evaluation import register_evaluation_tools
 from server.tools.files import register_file_tools
 from server.tools.generation import register_generation_tools
 from server.service_calls import ServiceCalls
@@ -85,6 +86,7 @@ def build_server(workspace: Path, services: Services | None = None) -> MCPServer
     register_diagnostic_tools(server, services)
     register_file_tools(server, services)
     register_generation_tools(server, services)
+    register_evaluation_tools(server, services)
     register_prompts(server)
     return server
 

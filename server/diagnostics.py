@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from server.configs import ConfigService, check_dataset, check_model
 from server.errors import ServiceError, WorkspaceStateError
-from server.jobs import JobService, JobStatus
+from server.jobs import RESUMABLE_STATES, JobService, JobStatus
 from server.names import free_name
 from training.config import ConfigError, TrainingConfig
 from training.diagnostics import Finding, preflight_findings
@@ -71,6 +71,9 @@ class RunSummary(BaseModel):
     it_per_s: float | None
     findings: list[str] = Field(description="Rule ids of the run's warnings and errors.")
     recommended_step: int | None
+    evaluation: str | None = Field(
+        None, description="What evaluate-lora measured on the run's latest evaluated LoRA, and its problems."
+    )
 
 
 class RunComparison(BaseModel):
@@ -96,6 +99,11 @@ def diagnose(jobs: JobService, job_id: str) -> Diagnosis:
     next_step = (
         f"explain the findings; apply-fix job_id={job_id} finding_id=<rule> writes a config with a fix "
         f"(fixable: {', '.join(fixable)})"
+        + (
+            f"; resume-training job_id={job_id} apply_fix=<rule> continues this run from its last checkpoint with it"
+            if status.state in RESUMABLE_STATES
+            else ""
+        )
         if fixable
         else "nothing to fix in the config; explain the findings and, when it is done, export-model"
     )
@@ -129,14 +137,7 @@ def apply_fix(
 
         values = yaml.safe_load(configs.get_yaml(config_name)) or {}
         based_on = f"config {config_name}"
-    finding = next((f for f in findings if f.rule == finding_id), None)
-    if finding is None:
-        listed = ", ".join(f"{f.rule} ({f.severity})" for f in findings) or "none"
-        raise WorkspaceStateError(f"{based_on} has no finding {finding_id!r}; its findings now: {listed}")
-    if not finding.patch:
-        raise WorkspaceStateError(
-            f"finding {finding_id!r} has no config change to apply; its advice is: {finding.message}"
-        )
+    finding = pick_finding(findings, finding_id, based_on)
     # A job's findings read its resolved config: its rank and alpha go back under the names the job was given.
     try:
         patch = TrainingConfig.from_dict(values).in_given_names(finding.patch)
@@ -160,6 +161,25 @@ def apply_fix(
     )
 
 
+def pick_finding(findings: list[Finding], finding_id: str, based_on: str) -> Finding:
+    """The finding `finding_id` with a config change (apply-fix, resume-training's apply_fix), or the refusal that
+    lists the findings there are."""
+    finding = next((f for f in findings if f.rule == finding_id), None)
+    if finding is None:
+        listed = ", ".join(f"{f.rule} ({f.severity})" for f in findings) or "none"
+        raise WorkspaceStateError(f"{based_on} has no finding {finding_id!r}; its findings now: {listed}")
+    if not finding.patch:
+        raise WorkspaceStateError(
+            f"finding {finding_id!r} has no config change to apply; its advice is: {finding.message}"
+        )
+    return finding
+
+
+def job_findings(status: JobStatus) -> list[Finding]:
+    """What diagnose-training finds in a training job now."""
+    return _findings(_evidence(status))
+
+
 def compare_runs(jobs: JobService, job_ids: list[str]) -> RunComparison:
     if not 2 <= len(job_ids) <= 8 or len(set(job_ids)) != len(job_ids):
         raise ServiceError("give 2 to 8 different job ids (list-training-jobs shows them)")
@@ -176,7 +196,10 @@ def compare_runs(jobs: JobService, job_ids: list[str]) -> RunComparison:
     scored = [r for r in runs if r.best_validation_loss is not None]
     # Validation losses compare only over the same held-out images: same dataset, split and seed.
     held_out = {(e.config.dataset_path, e.config.validation_split, e.config.seed) for e in evidences}
-    if len(scored) < len(runs):
+    measured = _evaluation_ranking(job_ids, evidences)
+    if measured is not None:
+        summary = measured
+    elif len(scored) < len(runs):
         summary = (
             "not every run scored a validation loss (set validation_split, or give the dataset a validation "
             "folder): compare their samples with get-training-samples"
@@ -225,11 +248,12 @@ def _evidence(status: JobStatus) -> RunEvidence:
 
 
 def _findings(evidence: RunEvidence) -> list[Finding]:
-    from training.diagnostics.training_rules import training_findings
+    from training.diagnostics.evaluation_rules import with_evaluation
+    from training.diagnostics.rules import training_findings
 
     seen: set[str] = set()
     findings = []
-    for finding in training_findings(evidence) + preflight_findings(evidence):
+    for finding in with_evaluation(evidence, training_findings(evidence)) + preflight_findings(evidence):
         if finding.rule not in seen:  # a live finding wins over the pre-flight one of the same id
             seen.add(finding.rule)
             findings.append(finding)
@@ -268,7 +292,41 @@ def _summary(status: JobStatus, evidence: RunEvidence) -> RunSummary:
         it_per_s=status.it_per_s,
         findings=[f.rule for f in _findings(evidence) if f.severity != "info"],
         recommended_step=choice.step if choice else None,
+        evaluation=_evaluation_line(evidence),
     )
+
+
+def _evaluation_line(evidence: RunEvidence) -> str | None:
+    from training.diagnostics.evaluation_rules import latest_evaluation
+    from training.diagnostics.evaluation_scores import judge
+
+    report = latest_evaluation(evidence)
+    if report is None:
+        return None
+    judgement = judge(report)
+    which = "final LoRA" if report.step is None else f"step {report.step}"
+    problems = f"; {' and '.join(judgement.problems)}" if judgement.problems else ""
+    return f"{which}: {judgement.line()}{problems}"
+
+
+def _evaluation_ranking(job_ids: list[str], evidences: list[RunEvidence]) -> str | None:
+    """The best run by what evaluate-lora measured, when every run has an evaluation scored with the same
+    prompts, seeds and models (otherwise the numbers do not compare); None otherwise."""
+    from training.diagnostics.evaluation_rules import latest_evaluation
+    from training.diagnostics.evaluation_scores import best_of, comparable, judge
+
+    reports = [latest_evaluation(evidence) for evidence in evidences]
+    if any(report is None for report in reports) or not comparable(reports):
+        return None
+    judged = {job_id: judge(report) for job_id, report in zip(job_ids, reports)}
+    problems = "; ".join(f"{job_id} {' and '.join(j.problems)}" for job_id, j in judged.items() if j.problems)
+    best = best_of(judged)
+    if best is None and not problems:  # no run's likeness measured (no training images to compare with)
+        return None
+    if best is None:
+        return f"evaluate-lora found a problem in every run ({problems}): see diagnose-training for the fixes"
+    others = f"; {problems}" if problems else ""
+    return f"best measured by evaluate-lora: {best} ({judged[best].line()}){others}"
 
 
 def _request_values(run_dir: Path) -> dict[str, Any]:

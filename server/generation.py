@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from server.errors import ServiceError
 from server.inspection import model_geometry
 from server.lora_tools import lora_path
-from training.config import DEFAULT_MODEL
+from training.config_inputs import DEFAULT_MODEL
 from training.generation import GenerationRequest
 from training.guide import SMALLEST_REAL_NATIVE  # smaller: a built-in test model, rendered inline
 from training.jobs.store import JobRecord

@@ -1,10 +1,10 @@
 """Background jobs as the tools see them: start, stop, resume, delete and prune jobs, and their status.
 
-Four kinds of job share the table: `training` (a `lora-train` process), `captioning` (a
+Five kinds of job share the table: `training` (a `lora-train` process), `captioning` (a
 `python -m training.captioning` process, for generate-captions on a long set), `generation`
-(`python -m training.generation`, for generate-image with a real model) and `download`
+(`python -m training.generation`, for generate-image with a real model), `download`
 (`python -m training.downloads`, a base model from the Hugging Face hub; a training of that model waits
-for it). The table, the devices each job
+for it) and `evaluation` (`python -m training.evaluation.run`, evaluate-lora). The table, the devices each job
 takes, the claim of queued jobs and their child processes are the queue's, in `training.jobs` (below the
 server: a child that ends starts the next queued job with no server running); this module keeps the
 rules of the calls and words their refusals. A job's progress is read from its run directory
@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,10 +33,13 @@ from pydantic import BaseModel, Field
 from server.errors import ServiceError, WorkspaceStateError
 from server.names import checked_name
 from training import processes
+from training.config import TrainingConfig
+from training.evaluation.request import EvaluationJob
 from training.jobs import cleanup
 from training.jobs.devices import captioning_devices, training_devices
 from training.jobs.queue import STOP_TIMEOUT_S, JobQueue, read_status
 from training.jobs.store import CPU, FINAL_STATES, JobKind, JobRecord, JobState, QueueError
+from training.resume_source import resume_conflicts
 from training.run_files import RunFiles
 from training.workspace import atomic_write_text
 
@@ -57,11 +61,13 @@ class JobStatus(BaseModel):
     kind: JobKind = Field(
         "training",
         description="training (start-training), captioning (generate-captions on a long set), generation "
-        "(generate-image / compare-lora-strengths with a real model) or download (a base model from the Hugging "
-        "Face hub: download-base-model, or start-training for a model that is not here yet)",
+        "(generate-image / compare-lora-strengths with a real model), download (a base model from the Hugging "
+        "Face hub: download-base-model, or start-training for a model that is not here yet) or evaluation "
+        "(evaluate-lora)",
     )
     config_name: str = Field(
-        description="The config trained; for a captioning job, the dataset; for a download job, the model id."
+        description="The config trained; for a captioning job, the dataset; for a download job, the model id; "
+        "for an evaluation job, the training job (or LoRA file) evaluated."
     )
     state: JobState = Field(description="queued, running, completed, failed, stopped or interrupted")
     step: int = Field(
@@ -105,6 +111,18 @@ class JobStatus(BaseModel):
         "'<config name>-2', ... when another job's LoRA has that name.",
     )
     error: str | None = None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="A training job: the latest problems it met and went on from (a round of samples abandoned "
+        "past sample_timeout_s, GPU memory spilling into shared memory); diagnose-training explains them with their "
+        "fixes.",
+    )
+    verdicts: list[str] = Field(
+        default_factory=list,
+        description="A completed evaluation job: what evaluate-lora measured, in plain sentences with the numbers "
+        "(the best strength, likeness against the base model, prompt adherence, style bleed, collapse); "
+        "lora://jobs/{job_id}/evaluation has every score.",
+    )
     devices: list[str] = Field(
         default_factory=list,
         description="While running, the GPUs the job holds (CUDA ids: its child sees only these), or ['cpu'] "
@@ -198,13 +216,20 @@ class JobService:
         checked_name("job", label)
         return self._queue("generation", label, f"images-{label}", "request.json", request_json, 1)
 
+    def start_evaluation(self, subject: str, label: str, request: Callable[[Path], EvaluationJob]) -> JobRecord:
+        """Queue an evaluate-lora job of `subject` (the training job evaluated, or the LoRA file): `request(run_dir)`
+        is its EvaluationJob, given the job's own folder (where the report of a LoRA from no run here goes)."""
+        checked_name("job", label)
+        prefix, written = f"eval-{label}", lambda run_dir: request(run_dir).model_dump_json()
+        return self._queue("evaluation", subject, prefix, "request.json", written, 1)
+
     def _queue(
         self,
         kind: JobKind,
         subject: str,
         prefix: str,
         request_name: str,
-        request: str,
+        request: str | Callable[[Path], str],
         devices: int,
         *,
         after: str | None = None,
@@ -213,7 +238,8 @@ class JobService:
         job_id = f"{prefix}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
         run_dir = self.workspace / "runs" / job_id
         run_dir.mkdir(parents=True)
-        atomic_write_text(run_dir / request_name, request)  # before the row: a job claimed at once finds it
+        text = request if isinstance(request, str) else request(run_dir)
+        atomic_write_text(run_dir / request_name, text)  # before the row: a job claimed at once finds it
         record = JobRecord(
             job_id=job_id,
             kind=kind,
@@ -256,6 +282,18 @@ class JobService:
         return self._record(job_id)
 
     def resume(self, job_id: str) -> JobRecord:
+        record, fields = self.check_resume(job_id)
+        RunFiles(Path(record.run_dir)).clear_stop_request()  # left by a stop the child never read
+        if not self.store.update(job_id, only_if={"state": record.state}, **fields):
+            return self.resume(job_id)  # resumed by another call meanwhile: say what it is now
+        self.refresh()
+        return self._record(job_id)
+
+    def check_resume(self, job_id: str, config_text: str | None = None) -> tuple[JobRecord, dict]:
+        """resume's refusals, changing nothing: the job's state, the devices its config asks for, and what its latest
+        checkpoint cannot continue under. `config_text` is the config it would resume with when that is not yet
+        written (resume-training apply_fix checks its patched config before writing it); by default the run's own.
+        Returns the job and its table's fields for the resume."""
         record = self._record(job_id)
         if record.state not in RESUMABLE_STATES:
             raise WorkspaceStateError(
@@ -263,19 +301,31 @@ class JobService:
             )
         run_dir = Path(record.run_dir)
         fields = {"state": "queued", "resume": 1, "error": None, "finished_at": None, "stop_requested_at": None}
-        if record.kind == "training":  # the run's config may have been given another num_processes since
+        if record.kind != "training":
+            return record, fields
+        if config_text is None:
             config = run_dir / "config.yaml" if (run_dir / "config.yaml").is_file() else run_dir / "request.yaml"
             try:
-                fields["devices_wanted"] = training_devices(config.read_text(encoding="utf-8"), self.queue.machine)
-            except QueueError as exc:
-                raise ServiceError(str(exc)) from None
+                config_text = config.read_text(encoding="utf-8")
             except OSError:
-                pass  # no config left: the trainer's resume says what is missing
-        RunFiles(run_dir).clear_stop_request()  # left by a stop the child never read
-        if not self.store.update(job_id, only_if={"state": record.state}, **fields):
-            return self.resume(job_id)  # resumed by another call meanwhile: say what it is now
-        self.refresh()
-        return self._record(job_id)
+                return record, fields  # no config left: the trainer's resume says what is missing
+        try:  # the run's config may have been given another num_processes since
+            fields["devices_wanted"] = training_devices(config_text, self.queue.machine)
+        except QueueError as exc:
+            raise ServiceError(str(exc)) from None
+        self._check_checkpoint_fits(config_text, run_dir)
+        return record, fields
+
+    @staticmethod
+    def _check_checkpoint_fits(config_text: str, run_dir: Path) -> None:
+        """Refuse at once, as the trainer would before loading the model, a config whose rank, alpha, model or dataset
+        differs from the latest checkpoint's (an exact resume cannot change them)."""
+        try:
+            changed = resume_conflicts(TrainingConfig.from_yaml(config_text), run_dir)
+        except (OSError, ValueError):
+            return  # an unreadable config: the trainer's resume says what is wrong
+        if changed:
+            raise ServiceError(f"job {run_dir.name} cannot resume: " + "; ".join(changed))
 
     # --- reads ---------------------------------------------------------------------------------
     def status(self, job_id: str) -> JobStatus:
@@ -287,7 +337,12 @@ class JobService:
         metrics and checkpoints, and only training and generation make images."""
         status = self.status(job_id)
         if status.kind != "training" and status.kind not in also:
-            made = {"captioning": "captions", "generation": "images", "download": "a base model"}[status.kind]
+            made = {
+                "captioning": "captions",
+                "generation": "images",
+                "download": "a base model",
+                "evaluation": "scores (lora://jobs/<job_id>/evaluation)",
+            }[status.kind]
             raise WorkspaceStateError(
                 f"job {job_id} is a {status.kind} job: it makes {made}, not a LoRA; get-training-status and "
                 "get-training-logs show it"
@@ -420,6 +475,8 @@ class JobService:
             lora_path=status.get("lora_path"),
             exported_lora=status.get("exported_lora"),
             error=record.error or status.get("error"),
+            warnings=status.get("warnings") or [],
+            verdicts=status.get("verdicts") or [],
             devices=record.held_devices(self.queue.machine or [CPU]),
             processes=(status.get("processes") or []) if record.state == "running" else [],
             run_dir=record.run_dir,

@@ -84,7 +84,7 @@ class LoraService:
         job_id, step = request.job_id, request.step
         job = jobs.training_status(job_id)
         run_dir = Path(job.run_dir)
-        source, label = self._source(job_id, run_dir, step)
+        source, label = job_lora_file(job_id, run_dir, step)
         try:
             metadata = safetensors_metadata(source)
         except InvalidSafetensors as exc:
@@ -141,30 +141,6 @@ class LoraService:
             next_offset=None if end >= total else end,
         )
 
-    def _source(self, job_id: str, run_dir: Path, step: int | None) -> tuple[Path, str]:
-        if step is None:
-            finals = [p for p in run_dir.glob("*.safetensors") if not p.name.startswith(".")]
-            if not finals:
-                raise WorkspaceStateError(
-                    f"job {job_id} has no final LoRA yet; wait for it to complete, or export a checkpoint with step"
-                )
-            return finals[0], ""
-        folder = run_dir / "checkpoints" / f"step{step:06d}"
-        files = sorted(folder.glob("*.safetensors"))
-        finals = [p for p in run_dir.glob("*.safetensors") if not p.name.startswith(".")]
-        if not files and finals and _steps_of(finals[0]) == step:
-            return finals[0], ""  # the last step is the final LoRA, not a checkpoint
-        if not files:
-            kept = (
-                sorted(p.name for p in (run_dir / "checkpoints").glob("step*"))
-                if (run_dir / "checkpoints").is_dir()
-                else []
-            )
-            raise WorkspaceStateError(
-                f"job {job_id} has no checkpoint at step {step}; checkpoints kept: {kept or 'none'}"
-            )
-        return files[0], f"-step{step:06d}"
-
     def _downloadable(self, relative: str, run_dirs: dict[str, Path]) -> Path:
         parts = Path(relative).parts
         if not relative or Path(relative).is_absolute() or any(plain_filename_problem(part) for part in parts):
@@ -184,6 +160,33 @@ class LoraService:
         if not path.is_file():
             raise WorkspaceStateError(f"no file {relative!r}; list-exported-models lists the exported LoRAs")
         return path
+
+
+def job_lora_file(job_id: str, run_dir: Path, step: int | None) -> tuple[Path, str]:
+    """A training job's final LoRA (`step` None) or the LoRA of its checkpoint at `step`, with the label its
+    export's name gets ('' or '-step<N>'); a LoRA not there is a WorkspaceStateError saying what there is."""
+    if step is None:
+        finals = [p for p in run_dir.glob("*.safetensors") if not p.name.startswith(".")]
+        if not finals:
+            raise WorkspaceStateError(
+                f"job {job_id} has no final LoRA yet; wait for it to complete, or export a checkpoint with step"
+            )
+        return finals[0], ""
+    folder = run_dir / "checkpoints" / f"step{step:06d}"
+    files = sorted(folder.glob("*.safetensors"))
+    finals = [p for p in run_dir.glob("*.safetensors") if not p.name.startswith(".")]
+    if not files and finals and _steps_of(finals[0]) == step:
+        return finals[0], ""  # the last step is the final LoRA, not a checkpoint
+    if not files:
+        kept = (
+            sorted(p.name for p in (run_dir / "checkpoints").glob("step*"))
+            if (run_dir / "checkpoints").is_dir()
+            else []
+        )
+        raise WorkspaceStateError(
+            f"job {job_id} has no checkpoint at step {step}; checkpoints kept: {kept or 'none'}"
+        )
+    return files[0], f"-step{step:06d}"
 
 
 def exported_path(folder: Path, name: str) -> Path:

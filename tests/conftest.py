@@ -289,7 +289,8 @@ class FinishedTraining:
 @pytest.fixture(scope="session")
 def finished_training(tmp_path_factory, tiny_sd15) -> FinishedTraining:
     """A workspace where a real training job of 4 steps completed: samples of one test prompt and of the control
-    prompt at steps 0, 2 and 4, a validation loss every 2 steps (step 0: the base model). Tests only read it."""
+    prompt at steps 0, 2 and 4, a validation loss every 2 steps (step 0: the base model), a checkpoint at step 2.
+    Tests only read it (or copy its run folder, as test_evaluate_lora does)."""
     from server.app import open_services
 
     root = tmp_path_factory.mktemp("finished-ws")
@@ -304,6 +305,7 @@ def finished_training(tmp_path_factory, tiny_sd15) -> FinishedTraining:
         sample_steps=2,
         validation_split=0.25,
         validation_every=2,
+        save_every=2,
     )
     jobs = open_services(root).jobs
     job_id = jobs.start("watched", config.to_yaml()).job_id
@@ -311,3 +313,36 @@ def finished_training(tmp_path_factory, tiny_sd15) -> FinishedTraining:
     status = wait_until(jobs, job_id, lambda status: status.state in ENDED, timeout=900)
     assert status.state == "completed", jobs.logs(job_id, 40)
     return FinishedTraining(root, job_id)
+
+
+@dataclass
+class OutOfMemoryRun:
+    run_dir: Path  # also holds request.yaml, as a job's run folder does
+    result: object  # training.trainer.RunResult
+
+
+@pytest.fixture(scope="session")
+def oom_run(tmp_path_factory, tiny_sd15) -> OutOfMemoryRun:
+    """A run of 8 steps (save_every 2) whose device ran out of memory in the forward pass of step 4, injected by a
+    trainer subclass (this machine has no GPU to fill), as a batch of larger images would: it saved checkpoint
+    step000003 and failed. Tests only read it; test_resume_fix copies its folder before resuming it."""
+    import torch
+
+    from training.trainer import Trainer, run_training
+
+    class OutOfMemoryAt(Trainer):
+        def _loss(self, batch):
+            if self.step == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+            return super()._loss(batch)
+
+    root = tmp_path_factory.mktemp("oom")
+    make_shape_dataset(root / "shapes", 4, trigger_word="xyz_shape")
+    config = fast_config(root / "shapes", name="oom", steps=8, save_every=2)
+    run_dir = root / "run"
+    run_dir.mkdir()
+    (run_dir / "request.yaml").write_text(config.to_yaml())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("training.trainer.Trainer", OutOfMemoryAt)  # run_training builds its trainer by this name
+        result = run_training(config, run_dir)
+    return OutOfMemoryRun(run_dir, result)

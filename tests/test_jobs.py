@@ -71,8 +71,13 @@ def test_stop_then_resume_completes(service, shapes):
         service.stop(job.job_id)
 
     run = Path(stopped.run_dir)
-    config = (run / "config.yaml").read_text().replace("steps: 100000", f"steps: {stopped.step + 2}")
-    (run / "config.yaml").write_text(config)
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace("rank: 4", "rank: 8"))
+    with pytest.raises(ServiceError, match=r"cannot resume: rank is 8 but checkpoint step0+\d+ was trained with 4"):
+        service.resume(job.job_id)  # refused before it queues: the checkpoint's LoRA has rank 4's shapes
+    assert service.status(job.job_id).state == "stopped"  # still resumable once the rank is back
+
+    (run / "config.yaml").write_text(config.replace("steps: 100000", f"steps: {stopped.step + 2}"))
     resumed = service.resume(job.job_id)
     assert resumed.job_id == job.job_id and resumed.state == "running"
     final = wait_until(service, job.job_id, done)

@@ -125,7 +125,7 @@ async def dataset_tools(call: ToolCalls, shapes: Path, caption_model: Path) -> N
 async def config_tools(call: ToolCalls, shapes: Path, checkpoint: Path) -> str:
     """Configs of a built-in, a Hugging Face id and a single-file checkpoint; returns a finding's config."""
     base = {"dataset_path": str(shapes), "rank": 4, "resolution": 64, "test_prompts": ["xyz_shape a red circle"]}
-    base |= {"sample_every": 2, "sample_steps": 2}
+    base |= {"sample_every": 100, "sample_steps": 2}  # step 0's samples only: get-training-samples shows them
     for name, model in (("tiny", "builtin:tiny-sd15"), ("hub", HUB_ID), ("single", str(checkpoint))):
         await call("create-training-config", {**base, "name": name, "model_name": model, "steps": 2})
         report = await call("validate-training-config", {"name": name})
@@ -184,6 +184,9 @@ async def lora_tools(call: ToolCalls, job_id: str) -> None:
     image = await call("generate-image", {"prompt": "xyz_shape", "loras": [{"lora": "m"}], "steps": 2})
     assert image.content[-1].type == "image"
     await call("compare-lora-strengths", {"lora": "tiny", "prompt": "xyz_shape", "strengths": [0, 1], "steps": 2})
+    scorers = {"clip_model": "builtin:tiny-clip", "dino_model": "builtin:tiny-dinov2"}
+    evaluation = await call("evaluate-lora", {"job_id": job_id, "prompts": ["xyz_shape"], **scorers})
+    await call("stop-training", {"job_id": evaluation.structured_content["job_id"]})  # started is enough here
     await call("get-system-stats", {})
 
 

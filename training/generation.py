@@ -120,6 +120,62 @@ class StrengthComparison(BaseModel):
         )
 
 
+class Renderer:
+    """A base model with LoRAs loaded as named adapters (lora0, lora1, ...), rendering one image at a time
+    at any per-LoRA weights: what generate-image, compare-lora-strengths and evaluate-lora render with."""
+
+    def __init__(self, model_name: str, loras: list[LoraStrength]):
+        import torch
+
+        from training.models.loading import load_base_model, pick_device
+        from training.models.source import resolve_model
+
+        self.device = pick_device()
+        # bf16 weights on a GPU with native bf16 (Ampere, compute capability 8.0, and newer; FLUX in fp32 would
+        # need ~67 GB); fp32 elsewhere, where bf16 would only be emulated.
+        bf16 = self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) >= (8, 0)
+        self.base = load_base_model(resolve_model(model_name), self.device, mixed_precision="bf16" if bf16 else "no")
+        self.pipe = self.base.pipeline
+        self.names = [f"lora{i}" for i in range(len(loras))]
+        for name, lora in zip(self.names, loras):
+            self.pipe.load_lora_weights(lora.lora, adapter_name=name)
+        self._parts = {
+            part
+            for part in ("unet", "transformer", "text_encoder", "text_encoder_2")
+            if getattr(self.pipe, part, None) is not None and part in self.pipe._lora_loadable_modules
+        }
+
+    def render(
+        self,
+        prompt: str,
+        weights: list[dict[str, float]],
+        seed: int,
+        *,
+        steps: int,
+        guidance: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        negative_prompt: str = "",
+    ):
+        """One image; `weights` are the first len(weights) LoRAs' per-component weights (`lora_weights`)."""
+        import torch
+
+        if weights:
+            self.pipe.set_adapters(
+                self.names[: len(weights)],
+                [{part: w for part, w in weight.items() if part in self._parts} for weight in weights],
+            )
+        return self.pipe(
+            prompt=prompt,
+            negative_prompt=negative_prompt or None,
+            num_inference_steps=steps,
+            guidance_scale=self.base.family_rules.sample_guidance if guidance is None else guidance,
+            width=width or self.base.native_resolution,
+            height=height or self.base.native_resolution,
+            generator=torch.Generator(self.device).manual_seed(seed),
+        ).images[0]
+
+
 def generate(
     request: GenerationRequest,
     out_dir: Path,
@@ -129,39 +185,20 @@ def generate(
 ) -> list[Path]:
     """Render the request into `out_dir/samples/` (PNG files and index.jsonl rows); returns the files
     written (for a strength comparison the last one is the grid)."""
-    import torch
-
-    from training.models.loading import load_base_model, pick_device
-    from training.models.source import resolve_model
     from training.run_files import RunFiles
     from training.workspace import atomic_output
 
     files = RunFiles(out_dir)
     files.samples.mkdir(parents=True, exist_ok=True)
     files.samples_index.unlink(missing_ok=True)  # a resumed job renders every image again
-    device = pick_device()
-    # bf16 weights on a GPU with native bf16 (Ampere, compute capability 8.0, and newer; FLUX in fp32 would
-    # need ~67 GB); fp32 elsewhere, where bf16 would only be emulated.
-    bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-    base = load_base_model(resolve_model(request.model_name), device, mixed_precision="bf16" if bf16 else "no")
-    pipe = base.pipeline
-    guidance = request.guidance if request.guidance is not None else base.family_rules.sample_guidance
-    names = [f"lora{i}" for i in range(len(request.loras))]
-    for name, lora in zip(names, request.loras):
-        pipe.load_lora_weights(lora.lora, adapter_name=name)
-    parts = {
-        part
-        for part in ("unet", "transformer", "text_encoder", "text_encoder_2")
-        if getattr(pipe, part, None) is not None and part in pipe._lora_loadable_modules
-    }
-    width = request.width or base.native_resolution
-    height = request.height or base.native_resolution
+    renderer = Renderer(request.model_name, request.loras)
 
     if request.strengths is not None:
-        plan = [([_weights(request.loras[0], strength)], f"strength {strength:g}") for strength in request.strengths]
+        lora = request.loras[0]
+        plan = [([lora_weights(lora, strength)], f"strength {strength:g}") for strength in request.strengths]
         seeds = [request.seed] * len(plan)
     else:
-        plan = [([_weights(lora) for lora in request.loras], "") for _ in range(request.count)]
+        plan = [([lora_weights(lora) for lora in request.loras], "") for _ in range(request.count)]
         seeds = [request.seed + i for i in range(request.count)]
 
     written: list[Path] = []
@@ -169,18 +206,16 @@ def generate(
     for index, ((weights, label), seed) in enumerate(zip(plan, seeds)):
         if stop is not None and stop.is_set():
             break
-        if names:
-            active = names[:1] if request.strengths is not None else names
-            pipe.set_adapters(active, [{part: w for part, w in weight.items() if part in parts} for weight in weights])
-        image = pipe(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt or None,
-            num_inference_steps=request.steps,
-            guidance_scale=guidance,
-            width=width,
-            height=height,
-            generator=torch.Generator(device).manual_seed(seed),
-        ).images[0]
+        image = renderer.render(
+            request.prompt,
+            weights,
+            seed,
+            steps=request.steps,
+            guidance=request.guidance,
+            width=request.width,
+            height=request.height,
+            negative_prompt=request.negative_prompt,
+        )
         path = files.samples / f"image_{index:02d}.png"
         with atomic_output(path) as tmp:
             image.save(tmp, format="PNG")
@@ -201,7 +236,7 @@ def generate(
     return written
 
 
-def _weights(lora: LoraStrength, strength: float | None = None) -> dict[str, float]:
+def lora_weights(lora: LoraStrength, strength: float | None = None) -> dict[str, float]:
     """The per-component adapter weights of one LoRA (a strength comparison sets both parts to it);
     the CLIP strength applies to every text encoder (SDXL has two)."""
     model = lora.strength_model if strength is None else strength

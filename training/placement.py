@@ -63,6 +63,14 @@ PRECISIONS: dict[tuple[str, str], PrecisionSupport] = {
 }
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 is a fast choice on the device: a CUDA card from Ampere on (compute capability 8.0; a T4 or a
+    GeForce 10xx/20xx has no bf16 units) or an Apple GPU; not a CPU, where it is mostly emulated (PRECISIONS)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "mps"
+
+
 def half_dtype(mixed_precision: str, device_type: str) -> torch.dtype | None:
     """The type autocast computes in and frozen weights are stored in, or None: fp32 (PRECISIONS)."""
     if (device_type, mixed_precision) not in PRECISIONS or not torch.amp.is_autocast_available(device_type):

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from training.config_errors import ConfigError
 from training.lora import LoraFileError, load_lora_weights_into, read_lora_file
 from training.placement import device_rng_state, restore_device_rng
 from training.resume_source import checkpoint_lora
@@ -59,6 +60,7 @@ def training_state(trainer: Trainer) -> dict:
         **device_rng_state(trainer.device),
         "noise_rng": trainer.noise_generator.get_state(),
         "loss_ema": trainer.loss_ema,
+        "images": trainer.dataset.num_images,  # a resume refuses a dataset that has since gained or lost images
     }
 
 
@@ -73,10 +75,16 @@ def restore_latest_checkpoint(trainer: Trainer) -> None:
             truncate_after(trainer.files, -1)
         return
     state = trainer.dist.own_state(state)
+    if state.get("images", trainer.dataset.num_images) != trainer.dataset.num_images:  # older checkpoints: no count
+        raise ConfigError(
+            [
+                f"the dataset {trainer.config.dataset_path} now has {trainer.dataset.num_images} training images but "
+                f"checkpoint {folder.name} was trained on {state['images']} (its data position counts those): "
+                "restore the dataset to resume, or start a new run with resume_from: " + str(folder)
+            ]
+        )
     load_lora_weights_into(lora, trainer.base.lora_models)
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    trainer.placement.scaler.load_state_dict(state["scaler"])
+    _restore_optimizer(trainer, state)
     torch.set_rng_state(state["torch_rng"])
     restore_device_rng(trainer.device, state)
     trainer.noise_generator.set_state(state["noise_rng"])
@@ -87,6 +95,30 @@ def restore_latest_checkpoint(trainer: Trainer) -> None:
         truncate_after(trainer.files, trainer.step)
     trainer.status.update(step=trainer.step, last_checkpoint=str(folder))
     log.info("resumed from %s at step %d", folder, trainer.step)
+
+
+def _restore_optimizer(trainer: Trainer, state: dict) -> None:
+    """The optimizer, its schedule and the fp16 gradient scaler, as far as the config still matches the checkpoint's.
+    A fix applied on resume (resume-training apply_fix) may change the optimizer (its state then starts afresh:
+    AdamW's moments mean nothing to Adafactor), the precision (a new fp16 scaler starts at its default scale) or the
+    learning rate (the schedule goes on from its position, at the new rate); a new batch size moves the data position
+    to the same share of its epoch (TrainingData.restore). Such a resume continues the run but is no longer exact: it
+    does not give the steps an unbroken run with the new config would have. Unchanged, all is restored as saved."""
+    optimizer, schedule = trainer.optimizer, trainer.lr_scheduler
+    rates = [group["initial_lr"] for group in optimizer.param_groups]  # this config's, before the checkpoint's
+    saved = state["optimizer"]["param_groups"]
+    if len(saved) == len(optimizer.param_groups) and set(saved[0]) == set(optimizer.param_groups[0]):
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        log.warning("the optimizer is not the checkpoint's (a fix changed it): its state starts afresh")
+    schedule.load_state_dict(state["lr_scheduler"])
+    # new / old is exactly 1.0 where the rate is unchanged: the resume stays bit-identical
+    lrs = [lr * (new / old) for lr, new, old in zip(schedule.get_last_lr(), rates, schedule.base_lrs)]
+    schedule.base_lrs, schedule._last_lr = rates, lrs
+    for group, rate, lr in zip(optimizer.param_groups, rates, lrs):
+        group["initial_lr"], group["lr"] = rate, lr
+    if state["scaler"]:  # empty when the checkpoint trained without fp16's scaler
+        trainer.placement.scaler.load_state_dict(state["scaler"])
 
 
 def _latest_checkpoint(trainer: Trainer) -> tuple[Path, dict, dict] | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from training.config import TrainingConfig
 from training.run_files import RunFiles
 from training.workspace import loras_dir, runs_dir
 
@@ -51,6 +52,42 @@ def find_resume_lora(resume_from: str, relative_to: Path | None = None) -> Path:
         "whose run has completed (or saved a checkpoint), a LoRA in loras/ by its name, a run folder or a "
         ".safetensors file; train that config first (start-training), or remove resume_from to start afresh"
     )
+
+
+# What an exact resume cannot change, and why: it continues the checkpoint's LoRA, optimizer state and data
+# position as they are.
+RESUME_FIXED = {
+    "rank": "its LoRA and optimizer state have that rank's shapes",
+    "alpha": "alpha scales what its LoRA learned",
+    "model_name": "its LoRA was learned on that model",
+    "dataset_path": "its data position counts that dataset's images",
+}
+
+
+def resume_conflicts(config: TrainingConfig, run_dir: Path) -> list[str]:
+    """How `config` differs from the run's latest checkpoint in what an exact resume cannot change, one line
+    each naming both values and what to do; empty when it has no checkpoint (or one without its config). Other
+    options (steps, learning rate, batch, resolution, precision) may change between a stop and its resume."""
+    checkpoints = RunFiles(run_dir).list_checkpoints()
+    saved = checkpoints[-1][1] / "config.yaml" if checkpoints else None
+    if saved is None or not saved.is_file():
+        return []
+    before = TrainingConfig.load(saved)
+    return [
+        f"{field} is {_resolved(config, field)!r} but checkpoint {saved.parent.name} was trained with "
+        f"{_resolved(before, field)!r} ({why}): set {field} back to {_resolved(before, field)!r} in "
+        f"{run_dir / 'config.yaml'} to resume, or start a new run with resume_from: {saved.parent} (it starts from "
+        "that LoRA and zero-pads a smaller rank to the new one)"
+        for field, why in RESUME_FIXED.items()
+        if _resolved(config, field) != _resolved(before, field)
+    ]
+
+
+def _resolved(config: TrainingConfig, field: str):
+    """The value the LoRA is trained with: kohya's network_dim / network_alpha where given, and alpha None is the
+    rank (so alpha None against alpha 16 at rank 16 is no change)."""
+    resolved = {"rank": config.effective_rank, "alpha": config.effective_alpha}
+    return resolved[field] if field in resolved else getattr(config, field)
 
 
 def run_name(run_dir: Path) -> str:

@@ -171,6 +171,8 @@ class EvidenceRecorder:
 
         evidence = RunEvidence.from_run_dir(self._files.dir).model_copy(update={"model_family": self._family})
         for condition in self._config.auto_stop_on:
+            if condition not in AUTO_STOP_RULES:  # memory_spill: the trainer's MemoryWatch checks it every 10 steps
+                continue
             findings = [rule(evidence) for rule in AUTO_STOP_RULES[condition]]
             finding = next((f for f in findings if f is not None and f.severity != "info"), None)
             self._met[condition] = self._met.get(condition, 0) + 1 if finding else 0

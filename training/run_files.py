@@ -21,6 +21,7 @@ from training.workspace import append_line, atomic_write_json, atomic_write_text
 
 RunState = Literal["running", "completed", "failed", "stopped"]
 HEARTBEAT_SECONDS = 2.0  # status.json is rewritten at least this often while the process lives
+STATUS_WARNINGS = 5  # the latest warnings status.json keeps: train.log and metrics.jsonl hold them all
 # EMA weight of the loss and step time shown in status.json; the server's loss curve smooths metrics.jsonl's
 # losses with the same function, so its bold line ends at the status's loss.
 LOSS_SMOOTHING = 0.9
@@ -178,6 +179,11 @@ class StatusWriter:
     def update(self, **fields: Any) -> None:
         with self._lock:
             self._fields.update(fields)
+
+    def warn(self, message: str) -> None:
+        """A problem the run met and went on from (a round of samples abandoned), for whoever watches the status."""
+        with self._lock:
+            self._fields["warnings"] = [*self._fields.get("warnings", []), message][-STATUS_WARNINGS:]
 
     def finish(self, state: RunState, **fields: Any) -> None:
         """Write the final state and stop the heartbeat."""

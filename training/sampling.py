@@ -3,17 +3,20 @@ successive steps differ only by what the LoRA learned.
 
 Next to the test prompts, a control prompt without the trigger word is rendered: a LoRA that
 changes it is bleeding into what it should leave alone. Each image's statistics go into its row
-of samples/index.jsonl (training/run_evidence.py).
+of samples/index.jsonl (training/run_evidence.py). A round of samples that runs past sample_timeout_s is
+abandoned between two denoising steps, with a warning, and training goes on.
 """
 
 from __future__ import annotations
 
-import re
+import logging
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from training.data.captions import fill_trigger
+from training.data.captions import control_prompt, rendered_prompts
 from training.prompts import TextConditioning, encode_text
 from training.workspace import atomic_output, read_jsonl
 
@@ -26,25 +29,17 @@ if TYPE_CHECKING:
     from training.run_evidence import SampleStatistics
     from training.run_files import RunFiles
 
-
-def rendered_prompts(config: TrainingConfig) -> list[str]:
-    """The test prompts as rendered: `[trigger]` (ai-toolkit's placeholder) replaced by the trigger word."""
-    return [fill_trigger(prompt, config.trigger_word) for prompt in config.test_prompts]
+log = logging.getLogger("training")
 
 
-def control_prompt(config: TrainingConfig) -> str | None:
-    """The configured control prompt, else the first test prompt with its trigger words taken out
-    (None when nothing is left, or there are no test prompts)."""
-    if config.control_prompt:
-        return config.control_prompt
-    if not config.test_prompts:
-        return None
-    first = prompt = rendered_prompts(config)[0]
-    for word in [config.trigger_word, *config.trigger_words.values()]:
-        if word:
-            prompt = re.sub(rf"(?<![\w-]){re.escape(word)}(?![\w-])", " ", prompt)
-    prompt = re.sub(r"\s+", " ", re.sub(r"^[\s,]+|[\s,]+$", "", prompt)).strip()
-    return prompt if prompt and prompt != first else None
+class SamplingTimedOut(Exception):
+    """A round of samples ran past sample_timeout_s (raised between two denoising steps)."""
+
+
+@dataclass(frozen=True)
+class SampleRound:
+    files: list[str]  # the images written at this step (fewer than the prompts when it timed out)
+    timed_out: str | None = None  # the warning, when sample_timeout_s cut the round short
 
 
 def render(base: LoadedModel, placement: Placement, *, height: int, width: int, **arguments) -> list[Image]:
@@ -57,7 +52,11 @@ def render(base: LoadedModel, placement: Placement, *, height: int, width: int, 
     latents = base.family_rules.sample_latents(base, latents, height, width)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
-    return base.pipeline.image_processor.postprocess(pixels, output_type="pil")
+    finite = torch.isfinite(pixels).flatten(1).all(dim=1).tolist()
+    images = base.pipeline.image_processor.postprocess(pixels, output_type="pil")
+    for image, ok in zip(images, finite):
+        image.info["non_finite"] = not ok  # NaN/inf pixels (an fp16 VAE overflowing) are saved as black
+    return images
 
 
 def render_samples(
@@ -67,24 +66,27 @@ def render_samples(
     files: RunFiles,
     step: int,
     stats: SampleStatistics,
-) -> list[str]:
-    """Render every test prompt, then the control prompt, at `step`; returns the file names written.
+) -> SampleRound:
+    """Render every test prompt, then the control prompt, at `step`; returns the file names written, and the
+    warning when the round ran past sample_timeout_s (logged, and a `sample_timeout` row in metrics.jsonl).
 
     Runs under fork_rng: sampling draws no numbers from the training RNG streams, so a run
     with sampling trains exactly like one without (and resume stays exact).
     """
     devices = [base.device] if base.device.type in ("cuda", "mps") else []
     device_type = devices[0].type if devices else "cuda"  # torch's default: unused without devices
-    written = []
+    written: list[str] = []
     models = list(base.lora_models.values())  # eval: no LoRA dropout in samples; modes restored after
     was_training = [model.training for model in models]
     for model in models:
         model.eval()
+    control = control_prompt(config)
+    prompts = rendered_prompts(config) + ([control] if control else [])
+    started = time.monotonic()
     try:
         with torch.random.fork_rng(devices=devices, device_type=device_type), torch.no_grad():
-            control = control_prompt(config)
-            prompts = rendered_prompts(config) + ([control] if control else [])
             previous = _previous_samples(files, step)
+            limit = _time_limit(started + config.sample_timeout_s) if config.sample_timeout_s else {}
             for index, prompt in enumerate(prompts):
                 generator = torch.Generator(base.device).manual_seed(config.seed)
                 [image] = render(
@@ -96,6 +98,7 @@ def render_samples(
                     num_inference_steps=config.sample_steps,
                     guidance_scale=config.sample_guidance_scale,
                     generator=generator,
+                    **limit,
                 )
                 path = files.sample_image(step, index)
                 with atomic_output(path) as tmp:
@@ -108,6 +111,7 @@ def render_samples(
                     "seed": config.seed,
                     "file": path.name,
                     "control": is_control,
+                    "non_finite": image.info["non_finite"],
                 }
                 row.update(
                     stats.row(
@@ -119,10 +123,50 @@ def render_samples(
                 )
                 files.append_sample(row)
                 written.append(path.name)
+    except SamplingTimedOut:
+        return SampleRound(written, _timed_out(files, config, step, time.monotonic() - started, written, prompts))
     finally:
         for model, mode in zip(models, was_training):
             model.train(mode)
-    return written
+    return SampleRound(written)
+
+
+def _time_limit(deadline: float) -> dict:
+    """The pipeline argument that ends a round past `deadline` (time.monotonic()), checked after every
+    denoising step. A single step that never returns (a driver hang) cannot be cut short from inside the
+    process; the heartbeat of status.json still tells a watcher the process lives."""
+
+    def check(pipeline, step_index, timestep, tensors: dict) -> dict:
+        if time.monotonic() > deadline:
+            raise SamplingTimedOut
+        return tensors
+
+    return {"callback_on_step_end": check}
+
+
+def _timed_out(
+    files: RunFiles, config: TrainingConfig, step: int, seconds: float, written: list[str], prompts: list[str]
+) -> str:
+    """The warning of a round cut short, in train.log and as a `sample_timeout` metrics row (the
+    sampling-timeout rule reads those)."""
+    files.append_metric(
+        {
+            "kind": "sample_timeout",
+            "step": step,
+            "seconds": round(seconds, 3),
+            "limit": config.sample_timeout_s,
+            "rendered": len(written),
+            "prompts": len(prompts),
+        }
+    )
+    message = (
+        f"sampling at step {step} abandoned after {seconds:.0f} s (sample_timeout_s {config.sample_timeout_s:g}), "
+        f"{len(written)} of {len(prompts)} images rendered; training goes on. Sampling this slow usually means the "
+        "GPU memory spilled into shared system memory, or sample_steps / resolution are high for this card: lower "
+        "sample_steps, raise sample_every, or raise sample_timeout_s (0: no limit)."
+    )
+    log.warning("%s", message)
+    return message
 
 
 def prompt_arguments(base: LoadedModel, config: TrainingConfig, prompts: list[str]) -> dict:

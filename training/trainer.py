@@ -21,25 +21,28 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from training.config import ConfigError, TrainingConfig
-from training.data.dataset import DatasetError, class_image_records, hold_out, locate_dataset, scan_dataset
+from training.data.dataset import DatasetError, ImageRecord, class_image_records, hold_out, locate_dataset, scan_dataset
 from training.data.loader import Batch, TrainingData
 from training.distributed import Distributed, PeerLost
 from training.export import export_lora
 from training.lora import LoraFileError, attach_lora, load_lora_weights_into, lora_components, read_lora_file
 from training.families.flux import QuantizationUnavailable
+from training.memory_watch import MemoryWatch, memory_in_use_gb
 from training.models.loading import device_memory_gb, load_base_model, pick_device
 from training.models.source import ModelNotFoundError, resolve_model
 from training.optimizers import OptimizerUnavailable, build_lr_scheduler, build_optimizer
-from training.placement import Placement, text_encoders_stay_on_cpu
+from training.placement import Placement, native_bf16, text_encoders_stay_on_cpu
 from training.prior import ensure_class_images
 from training.published_loras import publish_final_lora
 from training.resume import restore_latest_checkpoint, training_state
-from training.resume_source import ResumeSourceError, find_resume_lora
+from training.resume_source import ResumeSourceError, find_resume_lora, resume_conflicts
+from training.run_config import resolve_run_config
 from training.run_evidence import EvidenceRecorder, SampleStatistics
 from training.run_loggers import LoggerUnavailable, RunLoggers
 from training.run_summary import describe_run
 from training.run_files import RunAlreadyExists, RunFiles, StatusWriter, default_run_dir, smoothed
 from training.sampling import render_samples
+from training.step_failures import NonFiniteLoss, non_finite_message, out_of_memory_failure
 from training.stop_signals import stop_on_signals
 from training.validation import ValidationSet
 from training.workspace import DIR_MODE, atomic_output, atomic_write_text, datasets_dir, loras_dir
@@ -58,10 +61,6 @@ EXPECTED_ERRORS = (
     QuantizationUnavailable,
     LoggerUnavailable,
 )
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 @dataclass
@@ -108,6 +107,8 @@ class Trainer:
         self.loggers = RunLoggers(config, self.files, main=self.dist.is_main)  # log_with
         self.loss_ema: float | None = None
         self._step_time_ema: float | None = None
+        self.updating_to = 0  # the step the optimizer is writing into the weights: until it is done, they are half new
+        self.data_before_step: dict | None = None  # where the step under way began drawing: a rescue checkpoint's position
 
     def setup(self) -> None:
         """Load and prepare everything. The order matters:
@@ -119,12 +120,10 @@ class Trainer:
         6. a checkpoint's state last, since it overwrites adapters, optimizer, schedule and RNG.
         """
         self._open_run_directory()
+        if self.resume and (changed := resume_conflicts(self.config, self.files.dir)):
+            raise ConfigError(changed)  # before the model loads: the checkpoint cannot continue under this config
         self.loggers.open()  # a logger that is not installed fails the run before the model loads
-        self.device = self.dist.device or pick_device()
-        self.device_memory_gb = device_memory_gb(self.device)  # also for the diagnostics' VRAM check
-        self.status.update(device=self.device.type, device_memory_gb=self.device_memory_gb)
-        if self.dist.multi:
-            self.status.update(processes=self.dist.processes(self.device))
+        self._open_device()
         config = self.config
         source = resolve_model(config.model_name, config.base_model_config)
         self.base = load_base_model(
@@ -145,48 +144,16 @@ class Trainer:
             config.validation_split,
             config.seed,
         )
-        captions = [record.caption for record in self.dataset.images]
-        warnings = config.warnings(captions) + self.dataset.warnings  # before resolve() folds network_* into rank
-        self.config = config = config.resolve(
-            native_resolution=self.base.native_resolution,
-            num_images=self.dataset.num_images,
-            family=self.base.family,
-            captions=captions,
-        )
-        self._check_against_model()
+        self.config, warnings = resolve_run_config(config, self.base, self.dataset)
+        config = self.config
         self._write_config()
         self.status.update(total_steps=config.steps)
         for warning in warnings if self.dist.is_main else ():
             log.warning("%s", warning)
 
         self.placement = Placement(self.base, config, self.device)
-        records = list(self.dataset.images)
-        if config.prior_preservation:
-            # The dataset's class/ images are read, never written: the missing ones are rendered into the run.
-            given = [] if config.class_data_dir else self.dataset.class_images
-            class_dir = Path(config.class_data_dir or self.files.dir / "class_images")
-            with self.dist.local_main_first():  # it renders the machine's class images, the others find them
-                class_images = ensure_class_images(self.base, self.placement, config, class_dir, given)
-            repeats = max(1, round(self.dataset.num_samples / max(1, len(class_images))))
-            records += class_image_records(
-                class_images, config.class_prompt, repeats=repeats, loss_weight=config.prior_loss_weight
-            )
-
-        attach_lora(
-            self.base.lora_models,
-            rank=config.rank,
-            alpha=config.alpha,
-            dropout=config.dropout,
-            seed=config.seed,
-            train_text_encoder=config.train_text_encoder,
-            target_modules=config.target_modules,
-        )
-        if config.resume_from and not self.resume:
-            lora_file = find_resume_lora(config.resume_from)
-            log.info("starting from the LoRA %s", lora_file)
-            weights = read_lora_file(lora_file, self.base.lora_models)
-            for note in load_lora_weights_into(weights, self.base.lora_models):
-                log.info("%s", note)
+        records = list(self.dataset.images) + self._class_image_records()
+        self._attach_lora()
         self.placement.enable_memory_savers()
 
         self.data = TrainingData(records, self.base, config, self.files.latent_cache, self.files.text_cache, self.dist)
@@ -204,7 +171,66 @@ class Trainer:
         self.objective = self.base.family_rules.objective(self.base, config)
         self.sample_stats = SampleStatistics([r.path for r in self.dataset.images])
 
+        self._build_optimizer()
+        self.noise_generator = torch.Generator(self.device).manual_seed(config.seed)
+        if self.resume:
+            restore_latest_checkpoint(self)
+        for line in describe_run(self) if self.dist.is_main else ():
+            log.info("%s", line)
+
+    def _open_device(self) -> None:
+        """The device, its memory (for the status and the diagnostics' VRAM check) and the watch for a spill
+        into shared memory (auto_stop_on memory_spill)."""
+        self.device = self.dist.device or pick_device()
+        self.device_memory_gb = device_memory_gb(self.device)
+        self.status.update(
+            device=self.device.type, device_memory_gb=self.device_memory_gb, bf16_native=native_bf16(self.device)
+        )
+        stops = "memory_spill" in self.config.auto_stop_on
+        self.memory = MemoryWatch(lambda: memory_in_use_gb(self.device), self.device_memory_gb, stops, self.status)
+        if self.dist.multi:
+            self.status.update(processes=self.dist.processes(self.device))
+
+    def _class_image_records(self) -> list[ImageRecord]:
+        """Prior preservation's class images, repeated to about as many samples as the dataset's own; none
+        without it. The dataset's class/ images are read, never written: the missing ones are rendered into the
+        run, with the base model before the LoRA is attached (setup step 4)."""
+        config = self.config
+        if not config.prior_preservation:
+            return []
+        given = [] if config.class_data_dir else self.dataset.class_images
+        class_dir = Path(config.class_data_dir or self.files.dir / "class_images")
+        with self.dist.local_main_first():  # it renders the machine's class images, the others find them
+            class_images = ensure_class_images(self.base, self.placement, config, class_dir, given)
+        repeats = max(1, round(self.dataset.num_samples / max(1, len(class_images))))
+        return class_image_records(
+            class_images, config.class_prompt, repeats=repeats, loss_weight=config.prior_loss_weight
+        )
+
+    def _attach_lora(self) -> None:
+        """The LoRA's layers; a new run with `resume_from` starts from that LoRA's weights (a resumed run's
+        weights come from its checkpoint, setup step 6)."""
+        config = self.config
+        attach_lora(
+            self.base.lora_models,
+            rank=config.rank,
+            alpha=config.alpha,
+            dropout=config.dropout,
+            seed=config.seed,
+            train_text_encoder=config.train_text_encoder,
+            target_modules=config.target_modules,
+        )
+        if config.resume_from and not self.resume:
+            lora_file = find_resume_lora(config.resume_from)
+            log.info("starting from the LoRA %s", lora_file)
+            weights = read_lora_file(lora_file, self.base.lora_models)
+            for note in load_lora_weights_into(weights, self.base.lora_models):
+                log.info("%s", note)
+
+    def _build_optimizer(self) -> None:
+        config = self.config
         self.params = self._param_groups()
+        self.trainable = [p for group in self.params for p in group["params"]]
         self.optimizer = build_optimizer(config.optimizer, self.params, config.learning_rate)
         self.lr_scheduler = build_lr_scheduler(
             config.lr_scheduler,
@@ -213,12 +239,6 @@ class Trainer:
             total_steps=config.steps,
             num_cycles=config.lr_scheduler_num_cycles,
         )
-        self.noise_generator = torch.Generator(self.device).manual_seed(config.seed)
-        self.trainable = [p for group in self.params for p in group["params"]]
-        if self.resume:
-            restore_latest_checkpoint(self)
-        for line in describe_run(self) if self.dist.is_main else ():
-            log.info("%s", line)
 
     def _write_config(self) -> None:
         if self.dist.is_local_main:  # every machine's, so that `--resume` works there too
@@ -266,6 +286,7 @@ class Trainer:
         lr = self.lr_scheduler.get_last_lr()[0]
         loss_sum = torch.zeros((), device=self.device)
         files: list[str] = []
+        self.data_before_step = self.data.state()
         for _ in range(accumulation):
             batch = self.data.next_batch()
             files += batch.files
@@ -281,8 +302,9 @@ class Trainer:
         # that all-reduce also carries the stop wish of each process, so all stop after the same step
         loss_value, self.stop_requested = self.dist.sum_gradients(self.trainable, loss_sum, self._wants_stop())
         if not math.isfinite(loss_value):
-            raise NonFiniteLoss(self._non_finite_message(loss_value, files))
+            raise NonFiniteLoss(non_finite_message(self, loss_value, files))
         self.placement.scaler.unscale_(self.optimizer)
+        self.updating_to = self.step + 1
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm or math.inf)
         self.placement.scaler.step(self.optimizer)
         self.placement.scaler.update()
@@ -395,8 +417,10 @@ class Trainer:
                 "step_time": record.seconds,
                 "time": time.time(),
                 "files": [self._dataset_name(f) for f in record.files],  # a loss spike points at its images
+                **self.memory.after_step(self.step, record.seconds),  # and a spill into shared memory
             }
         )
+        self._stop_wanted = self._stop_wanted or self.memory.stop_wanted
         self.loss_ema = smoothed(self.loss_ema, record.loss)
         self._step_time_ema = smoothed(self._step_time_ema, record.seconds)
         self.status.update(
@@ -460,8 +484,10 @@ class Trainer:
         if not self.dist.is_main:
             return self.dist.barrier()
         with self.placement.encoders_on_device():
-            names = render_samples(self.base, self.placement, self.config, self.files, self.step, self.sample_stats)
-        self.status.update(latest_samples=names)
+            rendered = render_samples(self.base, self.placement, self.config, self.files, self.step, self.sample_stats)
+        self.status.update(latest_samples=rendered.files)
+        if rendered.timed_out:
+            self.status.warn(rendered.timed_out)
         self.loggers.samples(self.step)
         self.status.write()
         self.dist.barrier()
@@ -490,15 +516,6 @@ class Trainer:
         micro_batches = self.config.steps * self.config.gradient_accumulation_steps
         return micro_batches / max(1, self.data.batches.batches_per_epoch)
 
-    def _non_finite_message(self, loss: float, files: list[str]) -> str:
-        checkpoints = self.files.list_checkpoints()
-        kept = f"the last good checkpoint is {checkpoints[-1][1]}" if checkpoints else "no checkpoint was saved yet"
-        return (
-            f"the loss became {loss} at step {self.step + 1} (batch: {', '.join(Path(f).name for f in files)}); "
-            f"lower learning_rate (now {self.config.learning_rate:g}), keep max_grad_norm on, "
-            f"or check those images; {kept}"
-        )
-
     def _open_run_directory(self) -> None:
         if not self.dist.is_main:  # the main process's directory; this machine's first one makes its cache folder
             return self.files.create() if self.dist.is_local_main else None
@@ -513,25 +530,6 @@ class Trainer:
         self.status.start()
         if partial:
             log.info("removed %d partial write(s) of the previous process", len(partial))
-
-    def _check_against_model(self) -> None:
-        config, layers = self.config, self.base.text_encoder.config.num_hidden_layers
-        errors, warnings = config.family_conflicts(self.base.family)
-        if errors:
-            raise ConfigError(errors)
-        for warning in warnings:
-            log.warning("%s", warning)
-        if config.clip_skip > layers:
-            raise ConfigError(
-                [f"clip_skip = {config.clip_skip}: the text encoder has only {layers} layers (allowed: 1-{layers})"]
-            )
-        if config.resolution < self.base.native_resolution:
-            log.info(
-                "training at %dpx, below the model's native %dpx (fine for speed; the guide advises not always "
-                "training at full resolution)",
-                config.resolution,
-                self.base.native_resolution,
-            )
 
     # --- parameters ----------------------------------------------------------------------------
     def _param_groups(self) -> list[dict]:
@@ -565,6 +563,7 @@ def run_training(
     A worker of a data-parallel run (`dist`) records its failure for the launcher, unless it failed because
     another process was lost first."""
     trainer = Trainer(config, run_dir, resume=resume, progress=progress, dist=dist)
+    out_of_memory = None
     with stop_on_signals(trainer.request_stop):  # a signal while a failure is handled is a stop, not a kill
         try:
             trainer.setup()
@@ -577,11 +576,17 @@ def run_training(
         except EXPECTED_ERRORS + (NonFiniteLoss,) as exc:
             result = RunResult("failed", trainer.files.dir, trainer.step, error=str(exc))
             trainer.dist.record_failure(result.error)
+        except torch.OutOfMemoryError as exc:
+            out_of_memory = str(exc)  # handled below, once `exc` and the failed step's frames (its tensors) are gone
         except KeyboardInterrupt:
             error = "interrupted twice: no final checkpoint"
             result = RunResult("stopped", trainer.files.dir, trainer.step, error=error)
         except Exception as exc:
             log.exception("training failed")
             result = RunResult("failed", trainer.files.dir, trainer.step, error=f"{type(exc).__name__}: {exc}")
+            trainer.dist.record_failure(result.error)
+        if out_of_memory is not None:
+            error = out_of_memory_failure(trainer, out_of_memory)
+            result = RunResult("failed", trainer.files.dir, trainer.step, error=error)
             trainer.dist.record_failure(result.error)
     return trainer.cleanup(result)

@@ -28,8 +28,9 @@ class DiagnosticTools:
         "diagnose-training",
         "What is wrong with a training job, running or finished: findings by severity (loss spikes, "
         "plateau, oscillation, validation loss rising, no effect, samples copying the training images, style "
-        "bleeding, exploding gradients, non-finite loss, and the pre-flight checks), each with its evidence and "
-        "the config change that fixes it; plus the checkpoint to use and why.",
+        "bleeding, exploding gradients, non-finite loss, the pre-flight checks, and where evaluate-lora measured "
+        "the LoRA: no effect, copying, prompt following lost, style bleeding, from its numbers), each with its "
+        "evidence and the config change that fixes it; plus the checkpoint to use and why.",
         READ_ONLY,
     )
     def diagnose_training(self, job_id: str = Field(description="Job id from start-training.")) -> Diagnosis:
@@ -54,7 +55,9 @@ class DiagnosticTools:
     @tool(
         "compare-training-runs",
         "Compare 2-8 jobs side by side: the config options that differ, and per run the latest and "
-        "lowest loss, the best validation loss and its step, speed, warnings and the recommended checkpoint.",
+        "lowest loss, the best validation loss and its step, what evaluate-lora measured, speed, warnings and the "
+        "recommended checkpoint; the best run by evaluate-lora's numbers where every run has them, else by "
+        "validation loss.",
         READ_ONLY,
     )
     def compare_training_runs(

@@ -71,6 +71,8 @@ TROUBLESHOOT_PROMPT = """Something may be wrong with training job {job_id}. Find
    is the control prompt, without the trigger word: if it changed too, the LoRA is bleeding into everything.
 4. If a loss spike names files, look at them (lora://datasets/<name>/images/<file>) for corrupt or odd images.
 5. Propose the fix of the most serious finding: apply-fix job_id={job_id} finding_id=<rule> writes a new config.
-   Tell me exactly what it changed and why, and ask before start-training it.
+   Tell me exactly what it changed and why, and ask before start-training it. A stopped or failed job (out of
+   memory, say) can instead continue from its last checkpoint with the fix: resume-training job_id={job_id}
+   apply_fix=<rule>.
 6. If the run is usable already, say which checkpoint diagnose-training recommends and why, and offer
    export-model with that step."""

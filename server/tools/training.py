@@ -14,6 +14,7 @@ from server.configs import ConfigSummary, ImportConfigRequest, ImportedConfig, V
 from server.charts import loss_curve_png, samples_grid_jpeg
 from server.images import RESULT_IMAGE_BUDGET, images_within_budget
 from server.jobs import JobDeleted, JobStatus, PruneReport, PruneRequest
+from server.resume_fix import ResumedJob, resume_job
 from server.tools import READ_ONLY, Deleted, Services, add_tools, resource, tool
 from server.tools.arguments import request_parameters
 from server.training_runs import BaseModelDownload
@@ -192,10 +193,20 @@ class JobTools:
         self.call(self.jobs.stop, job_id)
         return self.call(self.jobs.status, job_id)
 
-    @tool("resume-training", "Continue a stopped, interrupted or failed job from its last checkpoint (same job_id).")
-    def resume_training(self, job_id: str = Field(description=ANY_JOB_ID)) -> JobStatus:
-        self.call(self.jobs.resume, job_id)
-        return self.call(self.jobs.status, job_id)
+    @tool(
+        "resume-training",
+        "Continue a stopped, interrupted or failed job from its last checkpoint (same job_id). With apply_fix (a "
+        "finding id from diagnose-training, e.g. out-of-memory) it continues with that finding's config change "
+        "(returned as changes); a fix of rank, alpha, model or dataset needs a new run: apply-fix.",
+    )
+    def resume_training(
+        self,
+        job_id: str = Field(description=ANY_JOB_ID),
+        apply_fix: str | None = Field(
+            None, description="A training job's finding id from diagnose-training whose patch to resume with."
+        ),
+    ) -> ResumedJob:
+        return self.call(resume_job, self.jobs, job_id, apply_fix)
 
     @tool(
         "delete-job",

@@ -3,10 +3,13 @@ shuffling (kohya semantics)."""
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the server reads captions too, and imports no numpy for it
     import numpy as np
+
+    from training.config import TrainingConfig
 
 TRIGGER_PLACEHOLDER = "[trigger]"
 
@@ -18,6 +21,32 @@ def fill_trigger(text: str, trigger: str | None) -> str:
         return text
     tags = text.replace(TRIGGER_PLACEHOLDER, trigger or "").split(",")
     return ", ".join(" ".join(tag.split()) for tag in tags if tag.strip())
+
+
+def rendered_prompts(config: TrainingConfig) -> list[str]:
+    """The test prompts as rendered: `[trigger]` (ai-toolkit's placeholder) replaced by the trigger word."""
+    return [fill_trigger(prompt, config.trigger_word) for prompt in config.test_prompts]
+
+
+def control_prompt(config: TrainingConfig) -> str | None:
+    """The configured control prompt, else the first test prompt with its trigger words taken out
+    (None when nothing is left, or there are no test prompts)."""
+    if config.control_prompt:
+        return config.control_prompt
+    if not config.test_prompts:
+        return None
+    return without_trigger(rendered_prompts(config)[0], [config.trigger_word, *config.trigger_words.values()])
+
+
+def without_trigger(prompt: str, words: list[str | None]) -> str | None:
+    """`prompt` with the trigger `words` taken out, and the commas and spaces they leave at its ends; None when
+    nothing is left or no word was in it (the prompt would be the same)."""
+    stripped = prompt
+    for word in words:
+        if word:
+            stripped = re.sub(rf"(?<![\w-]){re.escape(word)}(?![\w-])", " ", stripped)
+    stripped = re.sub(r"\s+", " ", re.sub(r"^[\s,]+|[\s,]+$", "", stripped)).strip()
+    return stripped if stripped and stripped != prompt else None
 
 
 def augment_caption(

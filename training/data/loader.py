@@ -87,8 +87,8 @@ class TrainingData:
         self.samples = [i for i, record in enumerate(records) for _ in range(record.repeats)]
         self._dist = dist or Distributed.single()
         # Every process forms the global batches (batch_size x processes) and takes its slice of each.
-        global_batch = config.batch_size * self._dist.world_size
-        self.batches = BucketBatches([self.record_buckets[i] for i in self.samples], global_batch, config.seed)
+        self.global_batch = config.batch_size * self._dist.world_size
+        self.batches = BucketBatches([self.record_buckets[i] for i in self.samples], self.global_batch, config.seed)
         self.epoch, self.batch_index = 0, 0
         self._epoch_batches = self.batches.epoch(0)
         self._latents: dict[tuple[int, bool], torch.Tensor] = {}
@@ -243,13 +243,32 @@ class TrainingData:
         return Batch(latents, empty, empty, files, first=first, global_size=global_size)
 
     def state(self) -> dict:
-        """The position in the data order, and the VAE's sampling RNG (used per step when
-        latents are not cached)."""
-        return {"epoch": self.epoch, "batch_index": self.batch_index, "vae_rng": self._vae_generator.get_state()}
+        """The position in the data order (with the batch size and epoch length it counts in), and the VAE's
+        sampling RNG (used per step when latents are not cached)."""
+        return {
+            "epoch": self.epoch,
+            "batch_index": self.batch_index,
+            "global_batch": self.global_batch,
+            "epoch_batches": len(self._epoch_batches),
+            "vae_rng": self._vae_generator.get_state(),
+        }
 
     def restore(self, state: dict) -> None:
+        """The saved position. A resume with another batch size (resume-training apply_fix out-of-memory: batch 2
+        to 1) or other buckets (a new resolution) has epochs of another length and order: its position goes to the
+        same share of the epoch (batch 1 of 2 -> batch 2 of 4), so that the epoch is neither replayed nor overrun,
+        and the resume is no longer exact (the rest of that epoch's images are not exactly the ones left)."""
         self.epoch, self.batch_index = state["epoch"], state["batch_index"]
         self._epoch_batches = self.batches.epoch(self.epoch)
+        saved = (state.get("global_batch"), state.get("epoch_batches"))  # None: a checkpoint from before they were
+        now = (self.global_batch, len(self._epoch_batches))
+        if None not in saved and saved != now:
+            self.batch_index = state["batch_index"] * now[1] // saved[1]  # rounded down: at most a batch seen again
+            log.warning(
+                f"batches of {now[0]} image(s), {now[1]} an epoch (the checkpoint's: {saved[0]}, {saved[1]}): epoch "
+                f"{self.epoch} continues at batch {self.batch_index} instead of {state['batch_index']}, the same share "
+                "of it; this resume is not exact"
+            )
         self._vae_generator.set_state(state["vae_rng"])
 
     # --- encoding --------------------------------------------------------------------------

@@ -13,11 +13,19 @@ import re
 from collections.abc import Callable
 from statistics import linear_regression, mean, median, variance
 
-from training.config import TrainingConfig
 from training.diagnostics.checkpoints import COPY_DISTANCE, NO_EFFECT_DISTANCE
 from training.diagnostics.evidence import RunEvidence, SampleRow
-from training.diagnostics.findings import SEVERITY_ORDER, Finding
-from training.guide import CONSERVATIVE_LEARNING_RATE, GUIDE_LOSS_TARGET, GUIDE_LR_RANGE
+from training.diagnostics.findings import Finding
+from training.diagnostics.patches import (
+    DROPOUT_AGAINST_COPYING,
+    DROPOUT_AGAINST_OVERFITTING,
+    bleeding_patch,
+    dropout_patch,
+    lr_patch,
+    no_effect_patch,
+)
+from training.diagnostics.trend import fit_trend
+from training.guide import CONSERVATIVE_LEARNING_RATE, GUIDE_LOSS_TARGET
 
 MIN_ROWS = 20  # training rows before any loss rule speaks: fewer is mostly warm-up and noise
 
@@ -30,19 +38,6 @@ def _losses(evidence: RunEvidence) -> list[float]:
 def _recent_median(values: list[float], window: int = MIN_ROWS) -> float:
     """The smoothed latest value: the median of the last `window` values (robust to single spikes)."""
     return median(values[-window:])
-
-
-def _lr_patch(config: TrainingConfig, factor: float) -> dict:
-    """learning_rate times `factor`, brought into the guide's range 5e-5 (fine-tuning) to 3e-4 (aggressive):
-    raising 1e-9 gives 5e-5, not 2e-9, and lowering 10 gives 3e-4, not 5. Empty for Prodigy (it sets its
-    own step and the pre-flight rule wants its lr at 1.0) or where the range leaves nothing to change."""
-    if config.optimizer == "prodigy":
-        return {}
-    low, high = GUIDE_LR_RANGE
-    lr = config.learning_rate
-    new = float(f"{min(max(lr * factor, low), high):.3g}")
-    moved = new > lr if factor > 1 else new < lr
-    return {"learning_rate": new} if moved else {}
 
 
 def _per_step_mean(samples: list[SampleRow], field: str, *, control: bool) -> dict[int, float]:
@@ -99,52 +94,62 @@ def loss_spike(evidence: RunEvidence) -> Finding | None:
     )
 
 
-PLATEAU_MIN_GAIN = 0.02  # the latest quarter of the record improved less than 2% on the quarter before ...
+PLATEAU_MIN_GAIN = 0.02  # the fitted loss fell less than 2% over the latest quarter of the record ...
 PLATEAU_EARLY = 0.5  # ... while under half of config.steps are done (later, a flat loss is expected) ...
-PLATEAU_MIN_GAIN_SINCE_START = 0.05  # ... or the last three quarters together improved less than 5%
+PLATEAU_MIN_GAIN_SINCE_START = 0.05  # ... or less than 5% over the last three quarters together ...
+PLATEAU_PRIOR_DROP = 0.05  # ... after the first half fell 5% or more, beyond noise (trend.TREND_Z)
 PLATEAU_MAX_RISE = 0.10  # a loss rising more than 10% is not a plateau: raising lr would make it worse
 PLATEAU_LR_FACTOR = 1.5
 
 
 def plateau_early(evidence: RunEvidence) -> Finding | None:
-    """The smoothed loss (quarter medians) stopped improving early, above the guide's target band. The guide:
-    "Plateaued early -> Increase learning rate". Early: the run is under half done, or the loss has not
-    improved since its first quarter. An oscillating or exploding run stops improving too, but there a
-    higher lr makes it worse: those rules report it instead. A flow-matching (FLUX) run is judged by its
-    validation loss instead: its training loss is flat and noisy by nature (it mostly tracks the noise
-    levels drawn), so its quarters never show progress."""
-    if _flow_matching(evidence):
+    """The loss fell, then stopped falling early, above the guide's target band. The guide: "Plateaued early ->
+    Increase learning rate". With held-out images the validation loss decides (scored at fixed noise levels,
+    its changes are the LoRA's). Else the trend of the training loss (trend.py): a fall beyond noise in the
+    first half, then a latest quarter that no longer falls. A healthy diffusion loss is often flat from the
+    start (it mostly tracks the noise levels drawn; FLUX's always is): never seen to fall, it is flat, not
+    stalled, and the no-effect rule judges whether that LoRA learns. Early: under half done, or no fall since
+    the first quarter. An oscillating or exploding run stops improving too, but there a higher lr makes it
+    worse: those rules report it instead."""
+    if evidence.validation:
         return _validation_plateau(evidence)
     losses = _losses(evidence)
     if len(losses) < 2 * MIN_ROWS or oscillation(evidence) or gradient_exploding(evidence):
         return None
     q = len(losses) // 4
-    second, third, last = median(losses[q : 2 * q]), median(losses[2 * q : 3 * q]), median(losses[3 * q :])
-    gain, gain_since_start = (third - last) / third, (second - last) / second
+    first_half, latest, since_start = fit_trend(losses[: 2 * q]), fit_trend(losses[3 * q :]), fit_trend(losses[q:])
+    last, flow = median(losses[3 * q :]), _flow_matching(evidence)
     steps = evidence.config.steps
     progress = evidence.train[-1].step / steps if steps else None
-    early = (progress is not None and progress < PLATEAU_EARLY) or gain_since_start < PLATEAU_MIN_GAIN_SINCE_START
-    if gain >= PLATEAU_MIN_GAIN or gain < -PLATEAU_MAX_RISE or not early or last <= GUIDE_LOSS_TARGET[1]:
+    early = (progress is not None and progress < PLATEAU_EARLY) or (
+        since_start.drop < PLATEAU_MIN_GAIN_SINCE_START and not since_start.falling
+    )
+    fell = first_half.falling and first_half.drop >= PLATEAU_PRIOR_DROP
+    stalled = -PLATEAU_MAX_RISE <= latest.drop < PLATEAU_MIN_GAIN and not latest.falling
+    if not (fell and stalled and early) or (last <= GUIDE_LOSS_TARGET[1] and not flow):
         return None
+    # FLUX's velocity loss sits above the guide's band by nature (see loss_target): its level says nothing.
+    level = "" if flow else f" (above the guide's {GUIDE_LOSS_TARGET[1]:g})"
     return _plateau_finding(
         evidence,
-        f"the loss has stalled at {last:.3g} (above the guide's {GUIDE_LOSS_TARGET[1]:g})",
+        f"the loss fell {first_half.drop:.0%} in the first half of the record, then stalled at {last:.3g}{level}",
         {
             "step": evidence.train[-1].step,
             "progress": progress,
-            "previous_quarter_median": third,
+            "first_half_drop": first_half.drop,
+            "latest_quarter_drop": latest.drop,
+            "latest_quarter_trend_z": latest.z,
             "latest_quarter_median": last,
-            "improvement": gain,
         },
     )
 
 
-PLATEAU_VALIDATION_CHECKS = 4  # validation scores a flow-matching plateau needs: step 0 and three more
+PLATEAU_VALIDATION_CHECKS = 4  # validation scores the plateau rule needs: step 0 and three more
 
 
 def _validation_plateau(evidence: RunEvidence) -> Finding | None:
     """The held-out loss (fixed noise levels, so its changes are the LoRA's) improved less than 2% over
-    its last two checks while the run is under half done; without validation, nothing is said."""
+    its last two checks while the run is under half done; before its fourth check, nothing is said."""
     scores = evidence.validation
     steps = evidence.config.steps
     if len(scores) < PLATEAU_VALIDATION_CHECKS or not steps:
@@ -161,7 +166,7 @@ def _validation_plateau(evidence: RunEvidence) -> Finding | None:
 
 
 def _plateau_finding(evidence: RunEvidence, stalled: str, facts: dict) -> Finding:
-    patch = _lr_patch(evidence.config, PLATEAU_LR_FACTOR)
+    patch = lr_patch(evidence.config, PLATEAU_LR_FACTOR)
     fix = "raise learning_rate" if patch else "learning_rate cannot go higher here: try a larger rank"
     return Finding(
         rule="loss-plateau",
@@ -212,13 +217,12 @@ def oscillation(evidence: RunEvidence) -> Finding | None:
             "trend_crossings": crossings,
             "trend_drop": drop,
         },
-        patch=_lr_patch(evidence.config, 0.5),
+        patch=lr_patch(evidence.config, 0.5),
     )
 
 
 VAL_RISE = 0.10  # latest validation loss >= 10% above its minimum ...
 VAL_ROWS_AFTER_BEST = 2  # ... with at least 2 validation rows after the minimum (one could be noise)
-DROPOUT_AGAINST_OVERFITTING = 0.1  # the guide: "Add dropout (0.1-0.3)"
 
 
 def overfitting_divergence(evidence: RunEvidence) -> Finding | None:
@@ -234,9 +238,7 @@ def overfitting_divergence(evidence: RunEvidence) -> Finding | None:
     before = [row.loss for row in evidence.train if row.step <= best.step][-len(after) :] if after else []
     if rise < VAL_RISE or len(after) < 5 or not before or median(after) >= median(before):
         return None
-    patch: dict = {"steps": max(1, best.step)}
-    if evidence.config.dropout < DROPOUT_AGAINST_OVERFITTING:
-        patch["dropout"] = DROPOUT_AGAINST_OVERFITTING
+    patch = {"steps": max(1, best.step)} | dropout_patch(evidence.config, DROPOUT_AGAINST_OVERFITTING)
     return Finding(
         rule="validation-divergence",
         severity="warning",
@@ -260,7 +262,6 @@ def overfitting_divergence(evidence: RunEvidence) -> Finding | None:
 # --- sample and update rules -------------------------------------------------------------------
 NO_EFFECT_UPDATE = 1e-4  # ||BA|| / ||W|| below 1e-4: the LoRA has moved the weights by a hundredth of a percent
 NO_EFFECT_MIN_PROGRESS = 0.1  # judged from 10% of config.steps on: a LoRA starts at zero and needs steps
-STEPS_MAX = 1_000_000  # TrainingConfig.steps' upper limit
 
 
 def no_effect(evidence: RunEvidence) -> Finding | None:
@@ -285,20 +286,14 @@ def no_effect(evidence: RunEvidence) -> Finding | None:
             return None
     if not facts:
         return None
-    patch = _lr_patch(config, 2.0)
-    if config.steps and config.steps < STEPS_MAX:
-        patch["steps"] = min(STEPS_MAX, round(config.steps * 1.5))
     return Finding(
         rule="no-effect",
         severity="warning",
         message=f"the LoRA has no visible effect ({'; '.join(seen)}): raise the learning rate, train longer or "
         "raise rank, and check the trigger word is in the captions and the test prompts.",
         evidence=facts,
-        patch=patch,
+        patch=no_effect_patch(config),
     )
-
-
-DROPOUT_AGAINST_COPYING = 0.2  # the middle of the guide's 0.1-0.3
 
 
 def sample_collapse(evidence: RunEvidence) -> Finding | None:
@@ -312,9 +307,7 @@ def sample_collapse(evidence: RunEvidence) -> Finding | None:
     first_close = len(steps) - 1
     while first_close > 0 and nearest[steps[first_close - 1]] < COPY_DISTANCE:
         first_close -= 1
-    patch: dict = {}
-    if evidence.config.dropout < DROPOUT_AGAINST_COPYING:
-        patch["dropout"] = DROPOUT_AGAINST_COPYING
+    patch = dropout_patch(evidence.config, DROPOUT_AGAINST_COPYING)
     if first_close > 0:
         patch["steps"] = steps[first_close - 1]
     latest = [r.file for r in evidence.samples if r.step == steps[-1] and not r.control]
@@ -344,8 +337,6 @@ def style_bleeding(evidence: RunEvidence) -> Finding | None:
         return None
     if control[step] <= BLEED_DISTANCE or control[step] <= BLEED_SHARE * trigger[step]:
         return None
-    config = evidence.config
-    prior = config.class_prompt is not None and not config.prior_preservation
     return Finding(
         rule="style-bleeding",
         severity="warning",
@@ -354,7 +345,7 @@ def style_bleeding(evidence: RunEvidence) -> Finding | None:
         "prompts without the trigger word; make captions more specific, use regularisation images, narrow the "
         "focus, or use it at a lower strength.",
         evidence={"step": step, "control_distance": control[step], "trigger_distance": trigger[step]},
-        patch={"prior_preservation": True} if prior else {},
+        patch=bleeding_patch(evidence.config),
     )
 
 
@@ -395,7 +386,7 @@ def gradient_exploding(evidence: RunEvidence) -> Finding | None:
     seen = [reason for reason, found in reasons.items() if found]
     if not seen:
         return None
-    patch = _lr_patch(evidence.config, 0.5)
+    patch = lr_patch(evidence.config, 0.5)
     if evidence.config.max_grad_norm == 0:
         patch["max_grad_norm"] = 1.0
     return Finding(
@@ -433,7 +424,7 @@ def gradient_vanishing(evidence: RunEvidence) -> Finding | None:
         message=f"gradient norms have vanished (recent median {median(recent):.2g}) and the loss is not improving: "
         "the LoRA gets no training signal; raise the learning rate and check the lr schedule has not decayed to 0.",
         evidence={"recent_median": median(recent), "early_loss": before, "recent_loss": after},
-        patch=_lr_patch(evidence.config, 2.0),
+        patch=lr_patch(evidence.config, 2.0),
     )
 
 
@@ -539,12 +530,6 @@ TRAINING_RULES: list[Callable[[RunEvidence], Finding | None]] = [
     loss_target,
     training_time,
 ]
-
-
-def training_findings(evidence: RunEvidence) -> list[Finding]:
-    """Every training rule's finding, errors first, then warnings, then information."""
-    findings = [finding for rule in TRAINING_RULES if (finding := rule(evidence)) is not None]
-    return sorted(findings, key=lambda finding: SEVERITY_ORDER[finding.severity])
 
 
 # What each `auto_stop_on` condition of the config watches for (training/run_evidence.py checks them).

@@ -36,12 +36,14 @@ CHILD_MODULES: dict[str, str] = {
     "captioning": "training.captioning",
     "generation": "training.generation",
     "download": "training.downloads",
+    "evaluation": "training.evaluation.run",
 }
 RESUME_FROM = {  # what resume-training does for an interrupted job of each kind
     "training": "continues from its last checkpoint",
     "captioning": "continues with the images not yet captioned",
     "generation": "renders the images again",
     "download": "continues each file where it stopped",
+    "evaluation": "renders and scores every image again",
 }
 STARTUP_GRACE_S = 120.0  # a job marked running may take this long to show its pid (the spawn follows the commit)
 STOP_TIMEOUT_S = 60.0  # after a stop request the trainer finishes its step and saves; then it is killed

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 JobState = Literal["queued", "running", "completed", "failed", "stopped", "interrupted"]
-JobKind = Literal["training", "captioning", "generation", "download"]
+JobKind = Literal["training", "captioning", "generation", "download", "evaluation"]
 FINAL_STATES = ("completed", "failed", "stopped", "interrupted")
 CPU = "cpu"  # the one device of a machine without GPUs: a job that takes a device takes the machine
 

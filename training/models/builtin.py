@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from transformers import CLIPTextConfig, CLIPTokenizer
 
 BUILTIN_PREFIX = "builtin:"
+MODEL_INDEX_FILE = "model_index.json"  # a diffusers pipeline folder's, saved last: a folder with it is complete
 # Bump when a builder changes, so stale caches are rebuilt instead of reused.
 BUILDER_VERSION = 1
 
@@ -72,7 +74,7 @@ def ensure_builtin(model_name: str, models_root: Path) -> Path:
     if key not in BUILTINS:
         raise KeyError(f"unknown built-in model {model_name!r}; built-ins are: {', '.join(builtin_names())}")
     target = builtin_folder(key, models_root)
-    if not (target / "model_index.json").is_file():
+    if not (target / MODEL_INDEX_FILE).is_file():
         try:
             run_request("training.models.builtin", model_name=model_name, models_root=str(models_root))
         except (RequestRefused, RequestChildFailed) as exc:
@@ -87,19 +89,29 @@ def builtin_folder(key: str, models_root: Path) -> Path:
 def build_builtin(model_name: str, models_root: Path) -> Path:
     """Build a built-in model's folder (in this process: it imports torch) unless it is there already."""
     key = model_name.removeprefix(BUILTIN_PREFIX)
-    target = builtin_folder(key, models_root)
-    if (target / "model_index.json").is_file():
+    spec = BUILTINS[key]
+    return build_folder_once(
+        builtin_folder(key, models_root),
+        MODEL_INDEX_FILE,
+        lambda staging: FAMILIES[spec.family].tiny_pipeline(spec).save_pretrained(staging, safe_serialization=True),
+    )
+
+
+def build_folder_once(target: Path, marker: str, save: Callable[[Path], None]) -> Path:
+    """`target`, made by `save(folder)` into a temporary folder beside it and one rename, unless it holds
+    `marker` already: concurrent first uses never see a half-built folder, and the loser of the rename
+    discards its copy."""
+    if (target / marker).is_file():
         return target
-    models_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".building-{key}-", dir=models_root))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".building-{target.name}-", dir=target.parent))
     try:
-        spec = BUILTINS[key]
-        FAMILIES[spec.family].tiny_pipeline(spec).save_pretrained(staging, safe_serialization=True)
+        save(staging)
         try:
             os.chmod(staging, DIR_MODE)
             os.rename(staging, target)
         except OSError:
-            if not (target / "model_index.json").is_file():
+            if not (target / marker).is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
