@@ -185,7 +185,8 @@ def _report_place(status: JobStatus, step: str | None) -> tuple[Path, int | None
 def _check_scorers(request: EvaluationRequest) -> None:
     """The CLIP and DINOv2 models are here before the job starts: the child loads them from a local folder or
     the Hugging Face cache only (it downloads nothing), and would fail after a torch import and a queue wait.
-    Torch-free: a hub model counts as here when its config.json is cached."""
+    Torch-free: a hub model counts as here when its config.json is cached (a download-base-model job places it
+    last, so a partial download does not count)."""
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 
@@ -199,10 +200,10 @@ def _check_scorers(request: EvaluationRequest) -> None:
         if not cached:
             raise ServiceError(
                 f"the {role} model {name!r} is neither a folder here nor in this machine's Hugging Face cache, and "
-                f"evaluate-lora downloads nothing: download it once where the server runs (`hf download {name}`; "
-                f"download-base-model fetches diffusers pipelines only), or give {field} a local folder of the "
-                "model; builtin:tiny-clip and builtin:tiny-dinov2 only test the arithmetic (their numbers mean "
-                "nothing)"
+                f"evaluate-lora downloads nothing itself: start download-base-model model_name={name} (a background "
+                f"job; poll get-training-status) and evaluate again once it is completed, or give {field} a local "
+                "folder of the model; builtin:tiny-clip and builtin:tiny-dinov2 only test the arithmetic (their "
+                "numbers mean nothing)"
             )
 
 

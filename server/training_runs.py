@@ -31,12 +31,15 @@ class Sample(NamedTuple):
 
 
 class BaseModelDownload(BaseModel):
-    """download-base-model: a diffusers pipeline from the Hugging Face hub into this machine's HF cache."""
+    """download-base-model: a diffusers pipeline (or evaluate-lora's CLIP/DINOv2, a transformers model) from the
+    Hugging Face hub into this machine's HF cache."""
 
     model_name: str = Field(
         description="A Hugging Face id of a diffusers pipeline (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5, "
-        "stabilityai/stable-diffusion-xl-base-1.0), as model_name of a config names it. Built-in models, local "
-        "paths and models already cached are refused: there is nothing to download."
+        "stabilityai/stable-diffusion-xl-base-1.0), as model_name of a config names it, or of a transformers model "
+        "evaluate-lora scores with, as its clip_model or dino_model names it (e.g. openai/clip-vit-large-patch14, "
+        "facebook/dinov2-small). Built-in models, local paths and models already cached are refused: there is "
+        "nothing to download."
     )
 
 

@@ -3,6 +3,7 @@ address (HF_ENDPOINT) that serves the tiny built-in SD 1.5 model's folder, throu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -144,14 +145,22 @@ def lfs(path: str, data: bytes) -> str | None:
     return hashlib.sha256(data).hexdigest() if path.endswith((".safetensors", ".bin")) else None
 
 
+@contextlib.contextmanager
+def serving(folder: Path):
+    """A TinyHub of `folder`, listening until the block ends."""
+    server = TinyHub(folder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()  # again, for a test that closed it: nothing happens
+        server.server_close()
+
+
 @pytest.fixture
 def hub(tiny_sd15):
-    server = TinyHub(tiny_sd15)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()  # again, for a test that closed it: nothing happens
-    server.server_close()
+    with serving(tiny_sd15) as server:
+        yield server
 
 
 def run_session(workspace: Path, hub: TinyHub, script, **env: str):
@@ -262,6 +271,80 @@ def test_a_download_job_stops_resumes_and_feeds_a_training(tmp_path, hub, shapes
     assert fetched["kind"] == "download" and fetched["state"] == "completed", fetched
     assert trained["state"] == "completed", trained
     assert trained["started_at"] >= fetched["finished_at"]  # it started only once the download had completed
+
+
+def test_evaluate_loras_scorer_model_is_downloaded_top_level_files_only_config_last(monkeypatch, tmp_path):
+    """A transformers model (config.json, no model_index.json), as evaluate-lora's CLIP or DINOv2: the refusal
+    of a scorer that is not cached names the download-base-model call; that job fetches its top-level files
+    (safetensors, not the .bin; no other framework's weights; no subfolder) with config.json last, where the
+    scorer check finds it; and a second download of it is refused as cached."""
+    import huggingface_hub.constants
+    from huggingface_hub import try_to_load_from_cache
+
+    from server.errors import ServiceError
+    from server.evaluations import _check_scorers
+    from training.evaluation.request import EvaluationRequest
+
+    repo, cache = tmp_path / "repo", tmp_path / "hf" / "hub"
+    files = {
+        "config.json": b'{"model_type": "dinov2"}',
+        "model.safetensors": bytes(range(256)) * 64,
+        "pytorch_model.bin": b"\x80" * 4096,  # the same weights in PyTorch's format: skipped for the safetensors
+        "tf_model.h5": b"\x89HDF" * 256,
+        "preprocessor_config.json": b'{"crop_size": {"height": 224, "width": 224}}',
+        "onnx/model.safetensors": b"\x00" * 512,  # a subfolder: another format's copy in real repositories
+    }
+    for path, data in files.items():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_bytes(data)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # the server's, from HF_HOME
+    request = EvaluationRequest(lora="some.safetensors", clip_model="builtin:tiny-clip", dino_model="someone/dinov2")
+    with pytest.raises(ServiceError) as refused:
+        _check_scorers(request)
+    assert "start download-base-model model_name=someone/dinov2" in str(refused.value), refused.value
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+
+    async def script(session):
+        job = await call(session, "download-base-model", {"model_name": "someone/dinov2"})
+        done = await wait_for(session, job["job_id"], FINAL)
+        again = await session.call_tool("download-base-model", {"model_name": "someone/dinov2"})
+        return done, again
+
+    with serving(repo) as hub:
+        done, again = run_session(workspace, hub, script)
+    assert done["state"] == "completed", done
+    manifest = json.loads((workspace / "models" / "downloads" / "models--someone--dinov2.json").read_text())
+    planned = [f["path"] for f in manifest["files"]]  # in the order fetched
+    assert planned == ["model.safetensors", "preprocessor_config.json", "config.json"], planned
+    snapshot = cache / "models--someone--dinov2" / "snapshots" / COMMIT
+    fetched = {p.relative_to(snapshot).as_posix(): p.read_bytes() for p in snapshot.rglob("*") if p.is_file()}
+    assert fetched == {path: files[path] for path in planned}
+    assert try_to_load_from_cache("someone/dinov2", "config.json", cache_dir=cache) == str(snapshot / "config.json")
+    _check_scorers(request)  # refused before the download, passes now
+    assert again.is_error and "already in the Hugging Face cache" in again.content[0].text, again.content
+
+
+def test_a_repository_neither_a_pipeline_nor_a_transformers_model_is_refused_saying_what_is_fetched(
+    monkeypatch, tmp_path
+):
+    """A config.json only in a subfolder does not make a transformers model: the plan refuses before any file."""
+    import huggingface_hub.constants
+
+    from training.downloads import DownloadRefused, plan_download
+
+    repo = tmp_path / "repo"
+    (repo / "sub").mkdir(parents=True)
+    (repo / "README.md").write_text("a model card")
+    (repo / "sub" / "config.json").write_text("{}")
+    with serving(repo) as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # conftest's, for the real hub
+        with pytest.raises(DownloadRefused) as refused:
+            plan_download("someone/neither")
+    message = str(refused.value)
+    assert "someone/neither has neither model_index.json nor a top-level config.json" in message, message
+    assert "the two kinds download-base-model fetches" in message and "CLIP/DINOv2" in message
 
 
 def test_a_download_that_would_fill_the_disk_is_refused_with_the_numbers(tmp_path, hub):

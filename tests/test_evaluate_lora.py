@@ -216,4 +216,6 @@ def test_what_cannot_be_scored_is_refused_before_a_job_exists(trained, lora_byte
         ("no dino", "DINOv2", "dino_model", "no-such-org/no-such-dinov2"),
     ):
         assert f"the {role} model '{model}' is neither a folder here nor in this machine's" in refusals[name]
-        assert f"hf download {model}" in refusals[name] and f"give {field} a local folder" in refusals[name]
+        assert f"download-base-model model_name={model}" in refusals[name], refusals[name]
+        assert "evaluate again once it is completed" in refusals[name]
+        assert f"give {field} a local folder" in refusals[name]

@@ -1,23 +1,28 @@
 """Downloading a base model from the Hugging Face hub: the `download` job's child
 (`python -m training.downloads RUN_DIR`, queued by download-base-model, or by start-training for a model
 that is not cached, which then waits for it), `lora-train`'s own download before it trains (the same
-code, in its process), and what the cache holds of a model.
+code, in its process), and what the cache holds of a model. download-base-model also fetches the
+transformers models evaluate-lora scores with (CLIP, DINOv2): a repository with a top-level config.json
+and no model_index.json.
 
 Which files: those DiffusionPipeline.download fetches for a pipeline without a variant: model_index.json
 and the folders of the parts it names, safetensors weights where a folder has them (else .bin), no
 variant weights (`*.fp16.safetensors`), no other frameworks' weights (flax, ONNX, TF) and none of the
 repository's top-level single-file checkpoints (SD 1.5's repository holds 12 GB of those beside the 5 GB
-pipeline). They are chosen here, from the hub's file list, because the job must know the sizes first
-(for the disk-space check and the progress) and diffusers says neither.
+pipeline). For a transformers model, what from_pretrained reads: its top-level files (CLIP's tokenizer
+and preprocessor files beside the weights; its subfolders hold other formats or copies), with the same
+choice of weights. They are chosen here, from the hub's file list, because the job must know the sizes
+first (for the disk-space check and the progress) and diffusers and transformers say neither.
 
 Why not huggingface_hub's own download: since its PR 4228 (1.x) each file goes to a process-unique
 temporary file that is deleted on failure, so a stopped or killed download starts every file again, and
 it reports progress only to a console bar. Here each file is fetched with HTTP Range requests into
 `blobs/<etag>.incomplete` of the HF cache, continued by the next run of the job, and placed as
 huggingface_hub places its own (`blobs/<etag>`, `snapshots/<commit>/<path>` linked to it, `refs/main`),
-so every cache lookup (huggingface_hub's, diffusers') finds it. model_index.json is placed last: a
-snapshot that has it is complete. The list of files chosen is kept in the workspace
-(`models/downloads/<repo folder>.json`), so that offline, what is missing can be named file by file.
+so every cache lookup (huggingface_hub's, diffusers', transformers') finds it. model_index.json (a
+transformers model's config.json) is placed last: a snapshot that has it is complete. The list of files
+chosen is kept in the workspace (`models/downloads/<repo folder>.json`), so that offline, what is missing
+can be named file by file.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from training.workspace import atomic_write_json, atomic_write_text, models_dir
 log = logging.getLogger("training.downloads")
 
 MODEL_INDEX = "model_index.json"  # what makes a repository a diffusers pipeline
+CONFIG = "config.json"  # what makes a repository without MODEL_INDEX a transformers model
 RESERVE_VARIABLE = "LORA_MCP_DOWNLOAD_RESERVE_MB"
 # Space a download leaves free on the cache's disk: the workspace (checkpoints of ~100 MB, latent caches)
 # often shares it, and a disk filled to the last byte fails every writer on it, not only this one.
@@ -63,7 +69,7 @@ class PlannedFile(BaseModel):
 class DownloadPlan(BaseModel):
     repo_id: str
     commit: str
-    files: list[PlannedFile]  # model_index.json last
+    files: list[PlannedFile]  # model_index.json (config.json) last
 
     @property
     def total(self) -> int:
@@ -79,12 +85,23 @@ def pipeline_files(model_index: dict, paths: list[str]) -> list[str]:
     }
     chosen = []
     for part in sorted(parts):
-        inside = [p for p in paths if p.startswith(f"{part}/") and not p.endswith(OTHER_FRAMEWORKS)]
-        inside = [p for p in inside if not _is_variant(p)]
-        if any(p.endswith(".safetensors") for p in inside):  # diffusers loads these and ignores .bin then
-            inside = [p for p in inside if not (p.endswith(".bin") or p.endswith(".bin.index.json"))]
-        chosen.extend(sorted(inside))
+        chosen.extend(_loaded([p for p in paths if p.startswith(f"{part}/")]))
     return [*chosen, MODEL_INDEX]
+
+
+def transformers_files(paths: list[str]) -> list[str]:
+    """The files of a transformers model's repository (`paths`) that from_pretrained reads: its top-level
+    ones, config.json last."""
+    return [*_loaded([p for p in paths if "/" not in p and p != CONFIG]), CONFIG]
+
+
+def _loaded(paths: list[str]) -> list[str]:
+    """Of one folder's files, those the loader reads: no other framework's weights, no variants, and no .bin
+    where safetensors are there (diffusers and transformers load these and ignore .bin then)."""
+    kept = [p for p in paths if not p.endswith(OTHER_FRAMEWORKS) and not _is_variant(p)]
+    if any(p.endswith(".safetensors") for p in kept):
+        kept = [p for p in kept if not (p.endswith(".bin") or p.endswith(".bin.index.json"))]
+    return sorted(kept)
 
 
 def _is_variant(path: str) -> bool:
@@ -111,7 +128,7 @@ def _manifest(repo_id: str) -> Path:
 
 
 def missing_files(repo_id: str) -> str:
-    """What of `repo_id`'s pipeline is not in the cache, said file by file where a download job listed them."""
+    """What of `repo_id` is not in the cache, said file by file where a download job listed them."""
     folder = repo_cache(repo_id)
     snapshots = folder / "snapshots"
     cached = [p for p in snapshots.rglob("*") if p.is_file()] if snapshots.is_dir() else []
@@ -122,7 +139,10 @@ def missing_files(repo_id: str) -> str:
     if plan is None:
         if not cached:
             return f"nothing of {repo_id} is cached"
-        return f"{MODEL_INDEX} of {repo_id} is not cached ({len(cached)} other files of it are)"
+        return (
+            f"{MODEL_INDEX} (a pipeline's) or {CONFIG} (a transformers model's) of {repo_id} is not cached "
+            f"({len(cached)} other files of it are)"
+        )
     snapshot = snapshots / plan.commit
     missing = [f for f in plan.files if not (snapshot / f.path).is_file()]
     listed = ", ".join(f"{f.path} ({f.size:,} bytes)" for f in missing[:8])
@@ -160,23 +180,30 @@ class Progress:
 
 
 def plan_download(repo_id: str) -> DownloadPlan:
-    """The hub's file list (with sizes) and model_index.json, read into the files to fetch."""
+    """The hub's file list (with sizes) and model_index.json, read into the files to fetch; a repository
+    without model_index.json but with a config.json is a transformers model."""
     from huggingface_hub import HfApi, get_session, hf_hub_url
     from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
     info = HfApi().model_info(repo_id, files_metadata=True)
     siblings = {s.rfilename: s for s in info.siblings or []}
-    if MODEL_INDEX not in siblings:
-        raise DownloadRefused(
-            f"{repo_id} has no {MODEL_INDEX}: it is not a diffusers pipeline. Give the id of a diffusers "
-            "repository, or download a single-file checkpoint yourself and point model_name at the file"
+    if MODEL_INDEX in siblings:
+        response = get_session().get(
+            hf_hub_url(repo_id, MODEL_INDEX, revision=info.sha), headers=build_hf_headers(), follow_redirects=True
         )
-    response = get_session().get(
-        hf_hub_url(repo_id, MODEL_INDEX, revision=info.sha), headers=build_hf_headers(), follow_redirects=True
-    )
-    hf_raise_for_status(response)
+        hf_raise_for_status(response)
+        chosen = pipeline_files(response.json(), list(siblings))
+    elif CONFIG in siblings:
+        chosen = transformers_files(list(siblings))
+    else:
+        raise DownloadRefused(
+            f"{repo_id} has neither {MODEL_INDEX} nor a top-level {CONFIG}: it is not a diffusers pipeline nor a "
+            "transformers model, the two kinds download-base-model fetches. Give the id of a diffusers repository "
+            "(or of a CLIP/DINOv2 model for evaluate-lora), or download a single-file checkpoint yourself and "
+            "point model_name at the file"
+        )
     files = []
-    for path in pipeline_files(response.json(), list(siblings)):
+    for path in chosen:
         sibling = siblings[path]
         sha256 = sibling.lfs.sha256 if sibling.lfs else None
         files.append(PlannedFile(path=path, size=sibling.size or 0, etag=sha256 or sibling.blob_id, sha256=sha256))
@@ -264,8 +291,8 @@ def _sha256(path: Path) -> str:
 @contextlib.contextmanager
 def _hub_refusals(repo_id: str):
     """The hub's answers that asking again will not change, as refusals that say what to do instead. They
-    come on the first requests (the file list, then model_index.json: a gated repository shows its file
-    list to anyone, its files only to accounts that accepted its licence)."""
+    come on the first requests (the file list, then model_index.json or a transformers model's first file: a
+    gated repository shows its file list to anyone, its files only to accounts that accepted its licence)."""
     from huggingface_hub.constants import ENDPOINT
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
@@ -288,9 +315,9 @@ def _hub_refusals(repo_id: str):
 
 
 def download_model(repo_id: str, status, stop: threading.Event) -> bool:
-    """Fetch `repo_id`'s pipeline into the HF cache, continuing what an earlier run left; `status.update(...)`
-    gets the phase, files and bytes done. False when `stop` ended it on the way; DownloadRefused or the
-    hub's error when it cannot."""
+    """Fetch `repo_id`'s pipeline (or transformers model) into the HF cache, continuing what an earlier run
+    left; `status.update(...)` gets the phase, files and bytes done. False when `stop` ended it on the way;
+    DownloadRefused or the hub's error when it cannot."""
     with _hub_refusals(repo_id):
         plan = plan_download(repo_id)
     atomic_write_json(_manifest(repo_id), plan.model_dump())
@@ -301,11 +328,12 @@ def download_model(repo_id: str, status, stop: threading.Event) -> bool:
     progress = Progress(status, plan.total, present)
     status.update(phase="downloading", total_steps=len(plan.files), bytes_done=present, bytes_total=plan.total)
     log.info("%s: %d files, %d bytes (%d present)", repo_id, len(plan.files), plan.total, present)
-    for index, file in enumerate(plan.files):
-        if not fetch(plan, file, blobs, progress, stop):
-            log.info("stopped at %s", file.path)
-            return False
-        status.update(step=index + 1)
+    with _hub_refusals(repo_id):  # a transformers model's plan read no file: a gated one refuses here
+        for index, file in enumerate(plan.files):
+            if not fetch(plan, file, blobs, progress, stop):
+                log.info("stopped at %s", file.path)
+                return False
+            status.update(step=index + 1)
     log.info("done: %s is in %s", repo_id, repo_cache(repo_id))
     return True
 

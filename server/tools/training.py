@@ -153,11 +153,12 @@ class JobTools:
 
     @tool(
         "download-base-model",
-        "Download a base model (a diffusers pipeline on the Hugging Face hub) into this machine's HF cache as a "
-        "background job: returns its job_id at once; get-training-status shows bytes_done / bytes_total and "
-        "bytes_per_s. Only the files the pipeline needs; a disk-space check first; stop-training and "
-        "resume-training continue it where it stopped. start-training does this by itself for a model that is not "
-        "here (the training waits for the download).",
+        "Download a base model (a diffusers pipeline on the Hugging Face hub), or a CLIP or DINOv2 model "
+        "(transformers) that evaluate-lora scores with, into this machine's HF cache as a background job: returns "
+        "its job_id at once; get-training-status shows bytes_done / bytes_total and bytes_per_s. Only the files "
+        "the model needs; a disk-space check first; stop-training and resume-training continue it where it "
+        "stopped. start-training does this by itself for a model that is not here (the training waits for the "
+        "download).",
         ToolAnnotations(destructiveHint=False, idempotentHint=False, openWorldHint=True),
         request=BaseModelDownload,
     )

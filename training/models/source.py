@@ -89,12 +89,13 @@ def _from_hf_cache(repo_id: str) -> Path:
     )
 
 
-def cached_snapshot(repo_id: str) -> Path | None:
+def cached_snapshot(repo_id: str, marker: str = MODEL_INDEX) -> Path | None:
+    """The cached snapshot of `repo_id` that holds `marker`, the file a complete download has."""
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 
     try:
-        found = try_to_load_from_cache(repo_id, MODEL_INDEX)
+        found = try_to_load_from_cache(repo_id, marker)
     except HFValidationError as exc:
         raise ModelNotFoundError(
             f"model_name {repo_id!r} is not a local path, a built-in or a Hugging Face id ('owner/name'): {exc}"
@@ -126,7 +127,8 @@ def download_target(model_name: str) -> str:
     if local.exists() or model_name.startswith(("/", ".", "~")) or local.suffix.lower() in SINGLE_FILE_SUFFIXES:
         raise ModelNotFoundError(f"{model_name!r} is a local path, not a Hugging Face id: nothing to download")
     repo_id = hub_id(model_name)
-    if cached_snapshot(repo_id) is not None:
+    # a transformers model (evaluate-lora's CLIP, DINOv2) is complete with its config.json, placed last
+    if cached_snapshot(repo_id) is not None or cached_snapshot(repo_id, "config.json") is not None:
         raise ModelNotFoundError(f"{repo_id!r} is already in the Hugging Face cache: use it as it is")
     return repo_id
 
