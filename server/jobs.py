@@ -370,6 +370,7 @@ class JobService:
         """Delete a finished job: its row and its run directory (checkpoints, samples, the LoRA in it).
         A LoRA exported elsewhere (export-lora, a folder the user chose) is not in the run directory and stays."""
         record = self._finished(job_id, "deleted")
+        self._check_not_evaluated(job_id)
         run_dir = Path(record.run_dir)
         owned = self._owns(run_dir)
         freed = cleanup.size_of(run_dir) if owned else 0
@@ -439,6 +440,22 @@ class JobService:
                 f"{done}: stop-training it first"
             )
         return record
+
+    def _check_not_evaluated(self, job_id: str) -> None:
+        """An evaluate-lora job of this job's LoRA or checkpoints, queued or running, writes its report into this
+        job's run folder: deleting the folder under it would lose the report and fail that job."""
+        evaluating = [
+            r.job_id
+            for r in self.store.all()
+            if r.kind == "evaluation"
+            and r.state not in FINAL_STATES
+            and (r.config_name == job_id or r.config_name.startswith(f"{job_id} step "))
+        ]
+        if evaluating:
+            raise WorkspaceStateError(
+                f"job {job_id} is being evaluated by {', '.join(evaluating)}, which writes into its run folder: wait "
+                "for it to finish (get-training-status) or stop-training it, then delete"
+            )
 
     def _owns(self, run_dir: Path) -> bool:
         """Whether `run_dir` is a job's own folder under the workspace's runs/ (a row from an old table may name

@@ -92,7 +92,10 @@ def _patched(run_dir: Path, patch: dict) -> tuple[dict[Path, str], dict[Path, st
             now = TrainingConfig.from_dict({**values, **given})
         except (OSError, yaml.YAMLError, ConfigError) as exc:
             raise WorkspaceStateError(f"the job's config {path} cannot take the fix: {exc}") from None
-        after[path] = now.to_yaml()
+        # config.yaml is the resolved config; request.yaml keeps only what the job was given, plus the patch (a
+        # later apply-fix copies it, and must not pin every default this version resolved)
+        resolved = path.name == "config.yaml"
+        after[path] = now.to_yaml() if resolved else yaml.safe_dump({**values, **given}, sort_keys=False)
         for key in patch:
             if getattr(was, key) != getattr(now, key):
                 changes.setdefault(key, [getattr(was, key), getattr(now, key)])

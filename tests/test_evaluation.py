@@ -49,6 +49,7 @@ def trained(tmp_path_factory, tiny_sd15) -> tuple[Path, Path, Path]:
 
 
 def job(tmp_path: Path, data: Path, lora: Path, **overrides) -> EvaluationJob:
+    tmp_path.mkdir(parents=True, exist_ok=True)  # the run folder the report goes into exists, as a job's does
     values = dict(
         lora=str(lora),
         model_name="builtin:tiny-sd15",

@@ -109,3 +109,44 @@ def test_a_fix_a_checkpoint_cannot_continue_under_is_refused_with_the_way_that_w
     with pytest.raises(WorkspaceStateError, match="ends the run at step 30.*last checkpoint is at step 40"):
         _check_fix_resumable("j", tmp_path, "f", {"steps": 30})
     _check_fix_resumable("j", tmp_path, "f", {"steps": 60, "batch_size": 1})  # later steps, other options: fine
+
+
+def test_the_fix_goes_into_request_yaml_beside_only_what_the_job_was_given(workspace_with_oom_job):
+    """request.yaml keeps the job's own options (apply-fix copies it later, and must not pin every default this
+    version resolves); config.yaml, the resolved config, takes the patch among all its values."""
+    from server.resume_fix import _patched
+
+    root, job_id = workspace_with_oom_job
+    run_dir = root / "runs" / job_id
+    full = yaml.safe_load((run_dir / "request.yaml").read_text())
+    given = {key: full[key] for key in ("name", "model_name", "dataset_path", "steps", "resolution", "batch_size")}
+    (run_dir / "request.yaml").write_text(yaml.safe_dump(given, sort_keys=False))
+    _, after, changes = _patched(run_dir, {"batch_size": 1, "gradient_accumulation_steps": 2})
+    request = yaml.safe_load(after[run_dir / "request.yaml"])
+    assert request == {**given, "batch_size": 1, "gradient_accumulation_steps": 2}
+    resolved = yaml.safe_load(after[run_dir / "config.yaml"])
+    assert resolved["batch_size"] == 1 and set(resolved) > set(request)  # every resolved value, patched
+    assert changes == {"batch_size": [2, 1], "gradient_accumulation_steps": [1, 2]}
+
+
+def test_a_job_being_evaluated_is_not_deleted_under_its_evaluation(workspace_with_oom_job):
+    """An evaluate-lora job of this job's checkpoint writes its report into the job's run folder: delete-job waits
+    for it, and deletes once it has ended."""
+    root, job_id = workspace_with_oom_job
+    service = JobService(root)
+    now = time.time()
+    evaluation = JobRecord(
+        job_id="eval-oom-1",
+        kind="evaluation",
+        config_name=f"{job_id} step 3",
+        state="running",  # being spawned: no pid yet, so the queue leaves it as it is
+        run_dir=str(root / "runs" / "eval-oom-1"),
+        created_at=now,
+        started_at=now,
+    )
+    service.store.insert(evaluation)
+    with pytest.raises(WorkspaceStateError, match=f"job {job_id} is being evaluated by eval-oom-1.*stop-training it"):
+        service.delete(job_id)
+    assert (root / "runs" / job_id / "checkpoints" / "step000003").is_dir()
+    service.store.update("eval-oom-1", state="stopped", finished_at=time.time())
+    assert service.delete(job_id).run_dir_removed and not (root / "runs" / job_id).exists()

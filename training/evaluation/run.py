@@ -253,7 +253,8 @@ def evaluate(
     rows = [strength_row(measured, strength) for strength in job.strengths]
     best, verdicts = judge(rows)
     output = Path(job.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
+    if not output.is_dir():  # its job was deleted meanwhile: a folder made again here would belong to no job
+        raise FileNotFoundError(f"the run folder {output} is gone (its job was deleted): nothing is written")
     previous = read_report(output, job.step)
     # The grid first, under this run's own name, then the report naming it: a reader sees the old report with
     # its old grid or the new one with its new grid, never a mix.
