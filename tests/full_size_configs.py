@@ -1,7 +1,9 @@
 """The published configs of the full-size models, as their Hugging Face repositories hold them
 (config.json of each component; defaults left out), for building the real architectures on the meta
 device without downloading a weight: stable-diffusion-v1-5/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1,
-stabilityai/stable-diffusion-xl-base-1.0 and black-forest-labs/FLUX.1-dev.
+stabilityai/stable-diffusion-xl-base-1.0, black-forest-labs/FLUX.1-dev, stabilityai/stable-diffusion-3.5-medium and
+-large, lodestones/Chroma1-HD, Qwen/Qwen-Image and Tongyi-MAI/Z-Image-Turbo (the last five: their scheduler configs too;
+each block below names where its numbers were read, the gated SD 3.5 repositories through public copies).
 
 `write_model_folder` writes one as a diffusers folder of configs only (model_index.json and each
 component's config.json), which the trainer's own family recognition and meta-model building read.
@@ -71,6 +73,84 @@ FLUX_DEV_TRANSFORMER = {
     "patch_size": 1,
     "pooled_projection_dim": 768,
 }
+# stabilityai/stable-diffusion-3.5-medium transformer/config.json (MMDiT-X), as public code copies it verbatim
+# (tenstorrent's SD 3.5 FP8 loader; the research's find_string hits 53246397469, 53668838869): 24 joint blocks of
+# 24 heads x 64, the first 13 with a second self-attention on the image tokens (attn2, "dual attention").
+SD35_MEDIUM_TRANSFORMER = {
+    "_class_name": "SD3Transformer2DModel",
+    "attention_head_dim": 64,
+    "caption_projection_dim": 1536,
+    "dual_attention_layers": list(range(13)),
+    "in_channels": 16,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 24,
+    "out_channels": 16,
+    "patch_size": 2,
+    "pooled_projection_dim": 2048,  # CLIP-L's 768 + CLIP-G's 1280 pooled vectors
+    "pos_embed_max_size": 384,
+    "qk_norm": "rms_norm",
+    "sample_size": 128,
+}
+# stabilityai/stable-diffusion-3.5-large transformer/config.json (the same copies, and hits 42657771187, 52200000965:
+# "byte-identical between both large releases", Large and Large Turbo): 38 blocks of 38 heads, no dual attention.
+SD35_LARGE_TRANSFORMER = {
+    **SD35_MEDIUM_TRANSFORMER,
+    "caption_projection_dim": 2432,
+    "dual_attention_layers": [],
+    "num_attention_heads": 38,
+    "num_layers": 38,
+    "pos_embed_max_size": 192,
+}
+# lodestones/Chroma1-HD transformer/config.json: FLUX.1-schnell's 19 + 38 blocks with the per-block modulation
+# replaced by one "distilled guidance" approximator (5 layers, 5120 wide); diffusers' ChromaTransformer2DModel
+# defaults are this model (diffusers' single_file_utils.py names lodestones/Chroma1-HD its default config), as
+# a converter deriving the config from the checkpoint's shapes writes it (research hit 54778455255).
+FLUX_MODULATION_INPUTS = ("guidance_embeds", "pooled_projection_dim")
+CHROMA_TRANSFORMER = {
+    # FLUX.1's blocks without what fed its modulation: no guidance embedding, no pooled CLIP vector
+    **{key: value for key, value in FLUX_DEV_TRANSFORMER.items() if key not in FLUX_MODULATION_INPUTS},
+    "_class_name": "ChromaTransformer2DModel",
+    "approximator_hidden_dim": 5120,
+    "approximator_layers": 5,
+    "approximator_num_channels": 64,
+}
+# Qwen/Qwen-Image transformer/config.json (MMDiT, 20B), as musubi-tuner's qwen_image_model.py quotes it and a
+# Qwen-Image-Edit copy states it (research hits 4582033389, 69426042033; the latter: 20,430,401,088 parameters,
+# the 40.86 GB of bf16 shards); its stale `pooled_projection_dim` is not a constructor argument and is left out.
+QWEN_IMAGE_TRANSFORMER = {
+    "_class_name": "QwenImageTransformer2DModel",
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": False,
+    "in_channels": 64,
+    "joint_attention_dim": 3584,  # Qwen2.5-VL-7B's hidden size
+    "num_attention_heads": 24,
+    "num_layers": 60,
+    "out_channels": 16,
+    "patch_size": 2,
+}
+# "From https://huggingface.co/Tongyi-MAI/Z-Image-Turbo/blob/main/transformer/config.json", as an MLX converter
+# and a Rust port's "verbatim upstream" fixture copy it (research hits 14665271616, 56328250317): a single-stream
+# DiT of 30 layers, 3840 wide (30 heads x 128), with 2 noise and 2 context refiner layers before them.
+Z_IMAGE_TURBO_TRANSFORMER = {
+    "_class_name": "ZImageTransformer2DModel",
+    "all_f_patch_size": [1],
+    "all_patch_size": [2],
+    "axes_dims": [32, 48, 48],
+    "axes_lens": [1536, 512, 512],
+    "cap_feat_dim": 2560,  # Qwen3-4B's hidden size
+    "dim": 3840,
+    "in_channels": 16,
+    "n_heads": 30,
+    "n_kv_heads": 30,
+    "n_layers": 30,
+    "n_refiner_layers": 2,
+    "norm_eps": 1e-05,
+    "qk_norm": True,
+    "rope_theta": 256.0,
+    "t_scale": 1000.0,
+}
 
 CLIP_L_TEXT = {  # openai/clip-vit-large-patch14's text tower: SD 1.5's encoder, SDXL's first, FLUX's CLIP
     "architectures": ["CLIPTextModel"],
@@ -120,6 +200,60 @@ T5_XXL_ENCODER = {  # google/t5-v1_1-xxl's encoder, FLUX's text_encoder_2
     "tie_word_embeddings": False,
     "vocab_size": 32128,
 }
+# stabilityai/stable-diffusion-3.5-* text_encoder/config.json: CLIP-L with its 768 x 768 text projection (SD 3.5's
+# first pooled vector); its text_encoder_2 is OPENCLIP_BIGG_TEXT and its text_encoder_3 T5_XXL_ENCODER.
+CLIP_L_PROJECTED_TEXT = {**CLIP_L_TEXT, "architectures": ["CLIPTextModelWithProjection"]}
+# Qwen/Qwen-Image text_encoder/config.json: Qwen2.5-VL-7B-Instruct whole (in transformers' flat layout: the language
+# model's keys at the top, its vision tower in vision_config), of which the pipeline reads the language model's last
+# hidden states; as public code copies it (find_string '"fullatt_block_indexes": [7, 15, 23, 31]').
+QWEN25_VL_7B = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "hidden_act": "silu",
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "max_position_embeddings": 128000,
+    "model_type": "qwen2_5_vl",
+    "num_attention_heads": 28,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"},
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+    "vision_config": {
+        "depth": 32,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "hidden_act": "silu",
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "out_hidden_size": 3584,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+    },
+    "vocab_size": 152064,
+}
+# Tongyi-MAI/Z-Image-Turbo text_encoder/config.json (Qwen3-4B; the Rust port's verbatim fixture, research hit
+# 56328250317). Its model_index.json loads it as a Qwen3Model (INDEX_CLASSES): the layers without the LM head.
+QWEN3_4B = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "attention_bias": False,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 2560,
+    "intermediate_size": 9728,
+    "max_position_embeddings": 40960,
+    "model_type": "qwen3",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 36,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000,
+    "tie_word_embeddings": True,
+    "vocab_size": 151936,
+}
 
 SD_VAE = {
     "_class_name": "AutoencoderKL",
@@ -145,6 +279,46 @@ FLUX_VAE = {
     "use_post_quant_conv": False,
     "use_quant_conv": False,
 }
+# SD 3.5's 16-channel VAE (stabilityai/stable-diffusion-3.5-* vae/config.json): FLUX's layout, its own scale and shift.
+SD35_VAE = {**FLUX_VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609}
+# Qwen/Qwen-Image vae/config.json: Wan 2.1's causal 3D VAE (8x spatial: 2 ** len(temperal_downsample)), 16 channels,
+# with per-channel latent statistics instead of a scale; its published values are AutoencoderKLQwenImage's defaults.
+QWEN_IMAGE_VAE = {
+    "_class_name": "AutoencoderKLQwenImage",
+    "attn_scales": [],
+    "base_dim": 96,
+    "dim_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "temperal_downsample": [False, True, True],
+    "z_dim": 16,
+}
+
+# The flow-matching schedulers (scheduler/scheduler_config.json): SD 3.5 and Z-Image-Turbo (the Rust fixture) shift
+# every schedule by 3; Qwen-Image shifts by the image's token count (up to 8192 tokens, exponentially, the last sigma
+# stretched to 0.02: the research's §2.3); Chroma1-HD's is taken as FLUX.1's (by token count up to 4096), not read
+# from its repository. No test here reads a scheduler: they complete the folders a family's loader sees.
+FLOW_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000}
+SHIFTED_SCHEDULER = {**FLOW_SCHEDULER, "shift": 3.0}
+CHROMA_SCHEDULER = {
+    **FLOW_SCHEDULER,
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+QWEN_IMAGE_SCHEDULER = {
+    **FLOW_SCHEDULER,
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 8192,
+    "max_shift": 0.9,
+    "shift": 1.0,
+    "shift_terminal": 0.02,
+    "time_shift_type": "exponential",
+    "use_dynamic_shifting": True,
+}
 
 # Per model: model_index.json's pipeline class and each component's config.
 MODELS = {
@@ -163,7 +337,58 @@ MODELS = {
             "vae": FLUX_VAE,
         },
     ),
+    "sd35-medium": (
+        "StableDiffusion3Pipeline",
+        {
+            "transformer": SD35_MEDIUM_TRANSFORMER,
+            "text_encoder": CLIP_L_PROJECTED_TEXT,
+            "text_encoder_2": OPENCLIP_BIGG_TEXT,
+            "text_encoder_3": T5_XXL_ENCODER,
+            "vae": SD35_VAE,
+            "scheduler": SHIFTED_SCHEDULER,
+        },
+    ),
+    "sd35-large": (
+        "StableDiffusion3Pipeline",
+        {
+            "transformer": SD35_LARGE_TRANSFORMER,
+            "text_encoder": CLIP_L_PROJECTED_TEXT,
+            "text_encoder_2": OPENCLIP_BIGG_TEXT,
+            "text_encoder_3": T5_XXL_ENCODER,
+            "vae": SD35_VAE,
+            "scheduler": SHIFTED_SCHEDULER,
+        },
+    ),
+    "chroma1-hd": (
+        "ChromaPipeline",
+        {
+            "transformer": CHROMA_TRANSFORMER,
+            "text_encoder": T5_XXL_ENCODER,
+            "vae": FLUX_VAE,
+            "scheduler": CHROMA_SCHEDULER,
+        },
+    ),
+    "qwen-image": (
+        "QwenImagePipeline",
+        {
+            "transformer": QWEN_IMAGE_TRANSFORMER,
+            "text_encoder": QWEN25_VL_7B,
+            "vae": QWEN_IMAGE_VAE,
+            "scheduler": QWEN_IMAGE_SCHEDULER,
+        },
+    ),
+    "z-image-turbo": (
+        "ZImagePipeline",
+        {
+            "transformer": Z_IMAGE_TURBO_TRANSFORMER,
+            "text_encoder": QWEN3_4B,
+            "vae": FLUX_VAE,  # FLUX.1's VAE, as the same fixture shows
+            "scheduler": SHIFTED_SCHEDULER,
+        },
+    ),
 }
+# model_index.json's class where it is not the config's first architecture (a transformers model loaded headless).
+INDEX_CLASSES = {"z-image-turbo": {"text_encoder": "Qwen3Model"}}
 
 
 def write_model_folder(model: str, folder: Path) -> Path:
@@ -175,9 +400,12 @@ def write_model_folder(model: str, folder: Path) -> Path:
     for name, config in components.items():
         diffusers = "_class_name" in config
         index[name] = ["diffusers", config["_class_name"]] if diffusers else ["transformers", *config["architectures"]]
+        if name in INDEX_CLASSES.get(model, {}):
+            index[name][1] = INDEX_CLASSES[model][name]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
     for name, config in components.items():
         (folder / name).mkdir(exist_ok=True)
-        (folder / name / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        file = "scheduler_config.json" if name == "scheduler" else "config.json"  # diffusers' names for them
+        (folder / name / file).write_text(json.dumps(config), encoding="utf-8")
     return folder

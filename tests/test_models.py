@@ -74,11 +74,11 @@ def test_the_family_is_read_from_the_models_own_files(tmp_path, tiny_sd15, tiny_
     flux.mkdir()
     (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["x", "y"]}))
     assert detect_family(resolve_model(str(flux))) == "flux"
-    sd3 = tmp_path / "sd3"
-    sd3.mkdir()
-    index = {"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]}
-    (sd3 / "model_index.json").write_text(json.dumps(index))
-    assert detect_family(resolve_model(str(sd3))) is None  # a transformer pipeline, but not FLUX
+    pixart = tmp_path / "pixart"
+    pixart.mkdir()
+    index = {"_class_name": "PixArtSigmaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]}
+    (pixart / "model_index.json").write_text(json.dumps(index))
+    assert detect_family(resolve_model(str(pixart))) is None  # a transformer pipeline of no family known here
     checkpoint = tmp_path / "model.safetensors"
     checkpoint.write_bytes(b"")
     assert detect_family(resolve_model(str(checkpoint))) is None  # a single file alone does not say
@@ -144,7 +144,7 @@ def test_a_family_override_that_contradicts_the_files_is_refused(tiny_sd15, tiny
     ):
         load_base_model(resolve_model(str(tiny_sd15)), torch.device("cpu"), model_family="flux")
     with pytest.raises(ModelNotFoundError, match="not one of auto"):
-        load_base_model(resolve_model(str(tiny_sd15)), torch.device("cpu"), model_family="sd3")
+        load_base_model(resolve_model(str(tiny_sd15)), torch.device("cpu"), model_family="pixart")
 
 
 def test_a_hugging_face_id_resolves_from_the_local_cache(monkeypatch, tmp_path, tiny_sd15):

@@ -27,7 +27,7 @@ from pydantic import (
 
 from training.config_errors import ConfigError, describe_error
 from training.config_inputs import TrainingInputs
-from training.families import FAMILIES, FLUX, SD1
+from training.families import FAMILIES, default_guidances
 from training.guide import (
     CAPTION_TOKENS,
     DEFAULT_LEARNING_RATE,
@@ -143,11 +143,13 @@ class TrainingConfig(TrainingInputs):
         None,
         gt=0.0,
         le=100.0,
-        description="Min-SNR loss weighting gamma (5 is common); SD 1.x/2.x/SDXL only, not flow-matching FLUX.",
+        description="Min-SNR loss weighting gamma (5 is common); SD 1.x/2.x/SDXL only, not the flow-matching "
+        "transformers (FLUX, SD 3.5, Chroma, Qwen-Image, Z-Image).",
     )
     timestep_sampling: TimestepSampling = Field(
         "shift",
-        description="FLUX (flow matching) only: how noise levels are drawn. uniform; logit_normal (more "
+        description="Flow-matching transformers only (FLUX, SD 3.5, Chroma, Qwen-Image, Z-Image): how noise levels "
+        "are drawn. uniform; logit_normal (more "
         "mid-range noise levels, as SD3 trains); shift (logit-normal shifted towards high noise, as the "
         "model's own scheduler samples at this resolution).",
     )
@@ -155,12 +157,13 @@ class TrainingConfig(TrainingInputs):
         None,
         gt=0.0,
         le=100.0,
-        description="FLUX, timestep_sampling shift only: the shift s (sigma' = s*sigma / (1 + (s-1)*sigma)). "
+        description="Flow matching, timestep_sampling shift only: the shift s (sigma' = s*sigma / (1 + (s-1)*sigma)). "
         "Default: from the model's scheduler, by resolution (about 3.2 at 1024 px for FLUX.1-dev).",
     )
     quantize_base: Literal["none", "8bit"] = Field(
         "none",
-        description="FLUX: load the frozen transformer with 8-bit weights (about half its bf16 memory; the LoRA "
+        description="Transformer models (FLUX, Chroma, Qwen-Image, ...): load the frozen transformer with 8-bit "
+        "weights (about half its bf16 memory; the LoRA "
         "still trains in full precision): bitsandbytes on CUDA, else torchao (pip install torchao).",
     )
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for LoRA init, data order, noise and samples.")
@@ -183,14 +186,16 @@ class TrainingConfig(TrainingInputs):
     network_alpha: float | None = Field(None, gt=0.0, le=4096, description="kohya name of alpha; wins over alpha.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout (0.1-0.3 against overfitting).")
     train_text_encoder: bool = Field(
-        False, description="Also train a LoRA on the text encoder's attention (SD 1.x/2.x and SDXL; not FLUX)."
+        False, description="Also train a LoRA on the text encoder's attention (SD 1.x/2.x, SDXL and SD 3.5's CLIPs; "
+        "not FLUX, Chroma, Qwen-Image or Z-Image).",
     )
     target_modules: list[str] | None = Field(
         None,
         min_length=1,
         description="Layers of the UNet/transformer that get a LoRA, as module-name suffixes (e.g. 'to_q', "
         "'ff.net.2'; conv layers such as 'conv1' make a LoCon). Default: every attention projection (SD); attention, "
-        "feed-forward and single-block MLP projections (FLUX).",
+        "feed-forward and single-block MLP projections (FLUX, Chroma); the joint attention (SD 3.5, Qwen-Image, "
+        "Z-Image).",
     )
     clip_skip: int = Field(
         1, ge=1, le=12, description="Use the text encoder's n-th layer from the end (2 for anime models)."
@@ -274,8 +279,7 @@ class TrainingConfig(TrainingInputs):
         None,
         ge=0.0,
         le=50.0,
-        description=f"Guidance of sample images; default {SD1.sample_guidance:g} (SD), {FLUX.sample_guidance:g} "
-        "(FLUX).",
+        description=f"Guidance of sample images; default by model family: {default_guidances()}.",
     )
     disable_sampling: bool = Field(False, description="Skip sample images entirely (faster).")
     save_every: int = Field(250, ge=1, description="Save a resumable checkpoint every N steps.")
@@ -288,8 +292,8 @@ class TrainingConfig(TrainingInputs):
     output_format: OutputFormat | None = Field(
         None,
         description="kohya (ComfyUI, A1111/Forge) or diffusers (peft layout); both load in diffusers. Default: "
-        "kohya for SD 1.x/2.x/SDXL, diffusers for FLUX (with alphas, the layout ComfyUI maps for FLUX; kohya's "
-        "FLUX layout is not written).",
+        "kohya for SD 1.x/2.x/SDXL, diffusers for the transformer models (the layout ComfyUI maps for them; "
+        "kohya's layouts of those are not written).",
     )
     metadata: LoraMetadata = Field(
         "full",
@@ -442,21 +446,27 @@ class TrainingConfig(TrainingInputs):
         return FAMILIES[family].conflicts(self) if family is not None else ([], [])
 
     def resolve(
-        self, *, native_resolution: int, num_images: int, family: str = "sd1", captions: Sequence[str] = ()
+        self,
+        *,
+        native_resolution: int,
+        num_images: int,
+        family: str = "sd1",
+        captions: Sequence[str] = (),
+        sample_guidance: float | None = None,
     ) -> TrainingConfig:
         """The config a run actually uses: model- and dataset-dependent defaults filled in (the family's
-        output format and sample guidance, the class prompt from the `captions`), and the kohya names folded
-        into rank/alpha."""
+        output format, the sample guidance of the loaded model (`sample_guidance`) or else of its family, the
+        class prompt from the `captions`), and the kohya names folded into rank/alpha."""
         self.check_prior_class(captions)
         return self.model_copy(
             update={
                 "resolution": self.resolution or native_resolution,
                 "steps": self.steps or max(1, STEPS_PER_IMAGE * num_images),
                 "output_format": self.output_format or FAMILIES[family].comfyui_layout,
-                "sample_guidance_scale": (
-                    self.sample_guidance_scale
-                    if self.sample_guidance_scale is not None
-                    else FAMILIES[family].sample_guidance
+                "sample_guidance_scale": next(
+                    guidance
+                    for guidance in (self.sample_guidance_scale, sample_guidance, FAMILIES[family].sample_guidance)
+                    if guidance is not None
                 ),
                 "rank": self.effective_rank,
                 "alpha": self.effective_alpha,

@@ -157,13 +157,14 @@ def write_lora_weights(
 
 
 def empty_models(folder: Path) -> dict:
-    """The models a LoRA of a diffusers folder may adapt, by prefix ({unet, text_encoder[, text_encoder_2]}
-    or FLUX's {transformer, text_encoder}), as module trees without weights."""
+    """The models a LoRA of a diffusers folder may adapt, by prefix ({unet, text_encoder[, text_encoder_2]},
+    FLUX's {transformer, text_encoder}, ...: its family's meta_lora_models), as module trees without weights."""
     try:
         return folder_family(folder).meta_lora_models(folder)
-    except OSError as exc:
+    except (OSError, ValueError, TypeError) as exc:  # a missing config; a transformer of a family not known here
         raise ModelNotFoundError(
-            f"{folder} is not a diffusers model folder with unet/ and text_encoder/ (or a FLUX transformer/): {exc}"
+            f"{folder} is not a diffusers model folder of a family this trainer knows (SD 1.x/2.x, SDXL, FLUX, SD 3.5, "
+            f"Chroma, Qwen-Image, Z-Image), with unet/ and text_encoder/ or a transformer/: {exc}"
         ) from None
 
 

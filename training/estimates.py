@@ -59,7 +59,7 @@ def estimate_vram_gb(config: TrainingConfig, native_resolution: int | None, dete
     AdamW on a rank-32 LoRA, no checkpointing and no low_vram (the guide's examples use fp16; no row of its
     table holds the weights in fp32). What is not weights or LoRA state there is "activations", which scale
     with the micro-batch and the pixels per image."""
-    row = model_family(config, native_resolution, detected).hardware
+    row = model_family(config, native_resolution, detected).hardware_of(config.model_name)
     native = native_resolution or row.native
     fp32 = config.mixed_precision == "no"
     denoiser, quantized = row.denoiser_gb, row.quantized
@@ -87,7 +87,7 @@ def memory_preset_patch(config: TrainingConfig, family: ModelFamily) -> dict:
     memory precision (FLUX: bf16 rather than fp16); for a family whose guide row assumes 8-bit weights
     (FLUX) also those."""
     patch: dict = {key: value for key, value in MEMORY_PRESET.items() if getattr(config, key) != value}
-    if family.hardware.quantized and config.quantize_base == "none":
+    if family.hardware_of(config.model_name).quantized and config.quantize_base == "none":
         patch["quantize_base"] = "8bit"
     if config.batch_size > 1:
         patch["gradient_accumulation_steps"] = min(256, config.batch_size * config.gradient_accumulation_steps)
@@ -107,7 +107,7 @@ def estimate_minutes(
     steps = config.steps or (STEPS_PER_IMAGE * images if images else None)
     if steps is None:
         return None
-    row = model_family(config, native_resolution, detected).hardware
+    row = model_family(config, native_resolution, detected).hardware_of(config.model_name)
     native = native_resolution or row.native
     # Per process: the processes of a data-parallel run work side by side.
     scale = steps / 1000 * config.batch_size * config.gradient_accumulation_steps * pixel_ratio(config, native)

@@ -9,6 +9,9 @@
   `transformer.<module>.alpha` tensor per module, the form ComfyUI maps onto its FLUX model (it
   reads alpha only from such tensors) and diffusers' FLUX loader takes as network alphas. kohya's
   own FLUX layout names BFL's fused qkv projections and is not written.
+- SD 3.5, Qwen-Image, Z-Image (`fold_alpha`): the diffusers layout with alpha / rank folded into the up
+  weights, no alpha tensors and no adapter config (their diffusers loaders refuse alpha tensors, and ComfyUI
+  ignores the config): it loads the same in both, and reads back with alpha = rank.
 
 What else a file tells (the config's `metadata`): `full`, kohya's `ss_*` keys, the SAI model spec's
 `modelspec.*` (as kohya's library/sai_model_spec.py writes them) and the training config as JSON;
@@ -71,10 +74,7 @@ def export_lora(
     elif config.metadata == "none":
         metadata = {}
         if config.output_format == "diffusers" and not base.family_rules.alpha_tensors:
-            # No adapter config to carry alpha: diffusers then takes alpha = rank, so the scale goes into B.
-            scale = config.alpha / config.rank
-            state = {key: value * scale if ".lora_B." in key else value for key, value in state.items()}
-            adapter_configs = {}
+            adapter_configs = {}  # no adapter config to carry alpha: write_lora_file folds it into B
     return write_lora_file(
         path,
         state,
@@ -98,7 +98,8 @@ def write_lora_file(
 ) -> Path:
     """Write peft-named LoRA weights (`unet.<module>.lora_A.weight`, ...) of a model of `family` as a
     kohya or diffusers file, atomically. `adapter_configs` holds each component's peft config (r,
-    lora_alpha, ...)."""
+    lora_alpha, ...); without them (metadata none), or for a `fold_alpha` family, a diffusers file has
+    alpha / rank folded into its up weights."""
     canonical = {}
     for key, value in state.items():
         prefix, rest = key.split(".", 1)
@@ -125,7 +126,15 @@ def write_lora_file(
                 if key.endswith(".lora_A.weight"):
                     tensors[key.removesuffix(".lora_A.weight") + ".alpha"] = torch.tensor(float(alpha))
             metadata.pop("lora_adapter_metadata", None)
-        elif adapter_configs:
+        elif family.fold_alpha or not adapter_configs:
+            # diffusers reads alpha = rank from a file with neither alpha tensors nor the adapter config, and so
+            # does ComfyUI: the scale alpha / rank goes into B (SD 3.5, Qwen-Image, Z-Image, whose diffusers
+            # loaders refuse alpha tensors; kohya's ss_network_alpha still records the run's alpha).
+            for key, value in canonical.items():
+                if ".lora_B." in key:
+                    tensors[key] = value * (alpha / canonical[key.replace(".lora_B.", ".lora_A.")].shape[0])
+            metadata.pop("lora_adapter_metadata", None)
+        else:
             flat = {
                 f"{prefix}.{field}": _without_paths(sorted(value) if isinstance(value, set) else value)
                 for prefix, fields in adapter_configs.items()

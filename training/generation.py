@@ -22,7 +22,7 @@ from typing import Annotated
 
 from pydantic import AliasChoices, BaseModel, Field, model_validator
 
-from training.families import FLUX, SD1
+from training.families import default_guidances
 
 log = logging.getLogger("training.generation")
 GRID_LABEL_HEIGHT = 20  # px of caption strip under each image of a strength grid
@@ -69,7 +69,9 @@ class GenerationRequest(BaseModel):
     prompt: str = Field(description="What to draw; start with the LoRA's trigger word.")
     model_name: str | None = Field(None, description="Base model; default: the first LoRA's base model.")
     negative_prompt: str = Field(
-        "", description="What to avoid (SD 1.x/2.x and SDXL; FLUX is guidance-distilled and ignores it)."
+        "",
+        description="What to avoid, for the models guided against a negative prompt (all but FLUX, which is "
+        "guidance-distilled, and Z-Image Turbo at guidance 0, which ignore it).",
     )
     loras: list[LoraStrength] = Field(default_factory=list, description="LoRAs to apply, in order.")
     steps: Steps = Field(DEFAULT_STEPS, description="Denoising steps.")
@@ -77,8 +79,7 @@ class GenerationRequest(BaseModel):
         None,
         ge=0.0,
         le=30.0,
-        description=f"Guidance scale; default {SD1.sample_guidance:g} for SD 1.x/2.x/SDXL, {FLUX.sample_guidance:g} "
-        "for FLUX.",
+        description=f"Guidance scale; default by model family: {default_guidances()}.",
     )
     width: int | None = Field(None, description="Pixels; default: the model's native size.")
     height: int | None = Field(None, description="Pixels; default: the model's native size.")
@@ -165,11 +166,12 @@ class Renderer:
                 self.names[: len(weights)],
                 [{part: w for part, w in weight.items() if part in self._parts} for weight in weights],
             )
+        family = self.base.family_rules
         return self.pipe(
             prompt=prompt,
-            negative_prompt=negative_prompt or None,
+            negative_prompt=negative_prompt or family.empty_negative_prompt,
             num_inference_steps=steps,
-            guidance_scale=self.base.family_rules.sample_guidance if guidance is None else guidance,
+            **{family.guidance_argument: family.loaded_sample_guidance(self.pipe) if guidance is None else guidance},
             width=width or self.base.native_resolution,
             height=height or self.base.native_resolution,
             generator=torch.Generator(self.device).manual_seed(seed),

@@ -2,8 +2,9 @@
 
 - DDPM (SD 1.x/2.x, SDXL; training/families/sd.py DdpmObjective): latents are noised at a random
   timestep of the scheduler's 1000; the UNet predicts the noise (epsilon) or the velocity (v-prediction).
-- Rectified flow (FLUX; training/families/flux.py FlowMatchingObjective): x_sigma = (1 - sigma) * x0 +
-  sigma * noise for a noise level sigma in (0, 1); the transformer predicts the velocity noise - x0.
+- Rectified flow (FLUX and the other transformer families; training/families/flow.py RectifiedFlow):
+  x_sigma = (1 - sigma) * x0 + sigma * noise for a noise level sigma in (0, 1); the transformer predicts the
+  velocity noise - x0.
 
 Both give the trainer and the validation set the same four operations below, so the training step
 and the held-out score read the same for every family; a model's is `model.family_rules.objective`.

@@ -106,7 +106,10 @@ class Placement:
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
-        return [m for m in (self.base.text_encoder, self.base.text_encoder_2) if m is not None]
+        """The text encoders train_text_encoder trains: the family's that a LoRA may adapt (SD 3.5's CLIPs,
+        not its T5, whose dropout train mode would switch on)."""
+        encoders = self.base.family_rules.text_encoders
+        return [model for prefix, model in self.base.lora_models.items() if prefix in encoders]
 
     def autocast(self):
         return torch.autocast(

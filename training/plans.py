@@ -242,9 +242,12 @@ def recommend_plan(
         reasons["mixed_precision"] = f"{why}; the guide's Memory Optimization writes fp16, which saves no more"
     if "optimizer" not in config:  # the memory and speed presets set their own
         config["optimizer"], reasons["optimizer"] = family.default_optimizer()
-    if family.plan_quantize_reason and (native_resolution is None or native_resolution >= SMALLEST_REAL_NATIVE):
-        config["quantize_base"] = "8bit"
-        reasons["quantize_base"] = family.plan_quantize_reason
+    if native_resolution is None or native_resolution >= SMALLEST_REAL_NATIVE:  # not a built-in tiny model
+        if family.plan_quantize_reason:
+            config["quantize_base"] = "8bit"
+            reasons["quantize_base"] = family.plan_quantize_reason
+        for key, (value, why) in family.plan_settings.items():
+            config[key], reasons[key] = value, why
     # A config that would be refused is a bug here, not the user's problem; the validated one also
     # supplies the defaults (batch size) the estimates need.
     validated = TrainingConfig.from_dict(config)
@@ -257,10 +260,10 @@ def recommend_plan(
     minutes = (round(low, 1), round(high, 1))
     per_step = validated.effective_batch_size
     batches = f" x {per_step} images per step (batch_size x gradient_accumulation_steps)" if per_step > 1 else ""
-    hardware = family.hardware
-    row = "interpolated between its SD 1.5 and SDXL rows (it has none for SD 2.x)" if not hardware.from_guide else "row"
+    hardware = family.hardware_of(validated.model_name)
+    row = f"the guide's {family.name} row" if hardware.from_guide else f"{family.name}'s row ({hardware.estimated})"
     reasons["estimated_minutes"] = (
-        f"{minutes[0]:g}-{minutes[1]:g} min: the guide's {family.name} {row}, {hardware.minutes_per_1k[0]:g}-"
+        f"{minutes[0]:g}-{minutes[1]:g} min: {row}, {hardware.minutes_per_1k[0]:g}-"
         f"{hardware.minutes_per_1k[1]:g} min per 1k steps ('Training Time (1k steps)', on its recommended GPUs) x "
         f"{steps / 1000:g}k steps{batches}; gradient checkpointing, class-image generation and a CPU make it longer"
     )

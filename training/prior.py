@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from training.data.dataset import image_files
-from training.sampling import prompt_arguments, render
+from training.sampling import guidance_argument, prompt_arguments, render
 from training.workspace import atomic_output
 
 if TYPE_CHECKING:
@@ -48,8 +48,8 @@ def ensure_class_images(
                     height=config.resolution,
                     width=config.resolution,
                     num_inference_steps=GENERATION_STEPS,
-                    guidance_scale=config.sample_guidance_scale,
                     generator=generator,
+                    **guidance_argument(base, config.sample_guidance_scale),
                 )
                 for image in images:
                     while (path := class_dir / f"class_{number:05d}.png").exists():

@@ -77,6 +77,9 @@ class TextConditioning:
     states: torch.Tensor  # (batch, tokens, hidden): what the UNet (CLIP) or FLUX's transformer (T5) attends to
     # (batch, projection): SDXL's second encoder, for its text_time embedding; FLUX's CLIP vector
     pooled: torch.Tensor | None = None
+    # (batch, tokens), 1 where the denoiser attends: the families whose text is of varying length (Qwen-Image,
+    # Z-Image) or masked (Chroma: its T5 padding but the first pad token); None: every position counts.
+    mask: torch.Tensor | None = None
 
 
 def encode_text(

@@ -29,13 +29,15 @@ def resolve_run_config(
         num_images=dataset.num_images,
         family=base.family,
         captions=captions,
+        sample_guidance=base.family_rules.loaded_sample_guidance(base.pipeline),
     )
     _check_against_model(resolved, base)
     return resolved, warnings
 
 
 def _check_against_model(config: TrainingConfig, base: LoadedModel) -> None:
-    layers = base.text_encoder.config.num_hidden_layers
+    # the language model's own config in a vision-language encoder (Qwen-Image's Qwen2.5-VL), else the encoder's
+    layers = base.text_encoder.config.get_text_config().num_hidden_layers
     errors, warnings = config.family_conflicts(base.family)
     if errors:
         raise ConfigError(errors)

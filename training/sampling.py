@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from training.data.captions import control_prompt, rendered_prompts
+from training.data.loader import moved_text
 from training.prompts import TextConditioning, encode_text
 from training.workspace import atomic_output, read_jsonl
 
@@ -48,10 +49,8 @@ def render(base: LoadedModel, placement: Placement, *, height: int, width: int, 
     fp32 under fp16 (SD and SDXL VAEs overflow in fp16; autocast would run it in fp16 anyway)."""
     with placement.autocast():
         latents = base.pipeline(height=height, width=width, output_type="latent", **arguments).images
-    vae = base.vae
     latents = base.family_rules.sample_latents(base, latents, height, width)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
+    pixels = base.family_rules.decode_latents(base.vae, latents)
     finite = torch.isfinite(pixels).flatten(1).all(dim=1).tolist()
     images = base.pipeline.image_processor.postprocess(pixels, output_type="pil")
     for image, ok in zip(images, finite):
@@ -96,8 +95,8 @@ def render_samples(
                     height=config.resolution,
                     width=config.resolution,
                     num_inference_steps=config.sample_steps,
-                    guidance_scale=config.sample_guidance_scale,
                     generator=generator,
+                    **guidance_argument(base, config.sample_guidance_scale),
                     **limit,
                 )
                 path = files.sample_image(step, index)
@@ -172,24 +171,23 @@ def _timed_out(
 def prompt_arguments(base: LoadedModel, config: TrainingConfig, prompts: list[str]) -> dict:
     """The pipeline's prompt arguments for `prompts`, encoded by this run's text encoders wherever they
     are (low_vram keeps them on the CPU) and outside autocast (T5 overflows in fp16), then moved to the
-    denoiser's device: the states, for SDXL and FLUX the pooled embeddings, and for SD and SDXL an empty
-    negative prompt for classifier-free guidance (FLUX's guidance is an input of the distilled model)."""
+    denoiser's device, as the family passes them (ModelFamily.prompt_arguments): the states, the pooled
+    embeddings and text masks where it has them, and an empty negative prompt where it guides with one
+    (classifier-free guidance; FLUX's guidance is an input of the distilled model)."""
     device = base.device
 
     def encoded(texts: list[str]) -> TextConditioning:
         text = encode_text(base, texts, max_token_length=config.max_token_length, clip_skip=config.clip_skip)
-        return TextConditioning(text.states.to(device), None if text.pooled is None else text.pooled.to(device))
+        return moved_text(text, device)
 
     positive = encoded(prompts)
-    arguments = {"prompt_embeds": positive.states}
-    if positive.pooled is not None:
-        arguments["pooled_prompt_embeds"] = positive.pooled
-    if base.family_rules.uses_negative_prompt:
-        negative = encoded([""] * len(prompts))
-        arguments["negative_prompt_embeds"] = negative.states
-        if negative.pooled is not None:
-            arguments["negative_pooled_prompt_embeds"] = negative.pooled
-    return arguments
+    negative = encoded([""] * len(prompts)) if base.family_rules.uses_negative_prompt else None
+    return base.family_rules.prompt_arguments(positive, negative)
+
+
+def guidance_argument(base: LoadedModel, scale: float) -> dict:
+    """The pipeline's guidance keyword argument: `guidance_scale`, Qwen-Image's `true_cfg_scale`."""
+    return {base.family_rules.guidance_argument: scale}
 
 
 def _previous_samples(files: RunFiles, step: int) -> dict[int, str]:

@@ -25,7 +25,7 @@ from training.data.images import covering_size, crop_top_left, load_pixels
 from training.data.loader import Batch
 from training.distributed import Distributed
 from training.objectives import VALIDATION_LEVELS
-from training.prompts import encode_text
+from training.prompts import TextConditioning, encode_text
 
 if TYPE_CHECKING:
     from training.config import TrainingConfig
@@ -52,7 +52,6 @@ class ValidationSet:
         step = base.bucket_step
         buckets = make_buckets(config.resolution, step)
         vae = base.vae
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
         with torch.no_grad():
             for record in (self.records[p] for p in self._positions):
                 if config.enable_bucketing:
@@ -60,8 +59,7 @@ class ValidationSet:
                 else:
                     bucket = square_bucket(config.resolution, step)
                 pixels = load_pixels(record.path, bucket, random_crop=False, flip=False, rng=None)
-                moments = vae.encode(pixels[None].to(vae.device, vae.dtype)).latent_dist
-                latent = ((moments.mean - shift) * vae.config.scaling_factor).float()
+                latent = base.family_rules.encode_latents(vae, pixels[None].to(vae.device, vae.dtype), None)
                 text = encode_text(
                     base, [record.caption], max_token_length=config.max_token_length, clip_skip=config.clip_skip
                 )
@@ -77,8 +75,8 @@ class ValidationSet:
                         conditioning=text.states.expand(count, -1, -1),
                         loss_weights=torch.ones(count),
                         files=[str(record.path)],
-                        pooled=None if text.pooled is None else text.pooled.expand(count, -1),
                         time_ids=time_ids,
+                        **_repeated(text, count),
                     )
                 )
 
@@ -119,8 +117,12 @@ class ValidationSet:
         text = encode_text(
             self._base, [record.caption], max_token_length=config.max_token_length, clip_skip=config.clip_skip
         )
-        return replace(
-            item,
-            conditioning=text.states.expand(count, -1, -1),
-            pooled=None if text.pooled is None else text.pooled.expand(count, -1),
-        )
+        return replace(item, conditioning=text.states.expand(count, -1, -1), **_repeated(text, count))
+
+
+def _repeated(text: TextConditioning, count: int) -> dict:
+    """A Batch's pooled vectors and text mask: one caption's, once per noise level."""
+    return {
+        "pooled": None if text.pooled is None else text.pooled.expand(count, -1),
+        "text_mask": None if text.mask is None else text.mask.expand(count, -1),
+    }

@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
+from training.prompts import TextConditioning
 from training.workspace import atomic_output
 
 log = logging.getLogger("training")
@@ -48,31 +48,31 @@ class CacheProgress:
 
 
 class TextCache:
-    """Caption -> (states, pooled or None), kept in memory or in `folder`; `on_disk` is None until
-    the first encoded chunk tells how big the cache would be."""
+    """Caption -> its TextConditioning (one caption's: states (tokens, hidden), pooled (projection) or None,
+    mask (tokens) or None), kept in memory or in `folder`; `on_disk` is None until the first encoded chunk
+    tells how big the cache would be."""
 
     def __init__(self, folder: Path, *, max_token_length: int, clip_skip: int):
         self.folder = folder
         self.on_disk: bool | None = None
         self.ready = False  # every caption of the dataset is in
         self._options = f"{max_token_length}|{clip_skip}"
-        self._memory: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._memory: dict[str, TextConditioning] = {}
 
-    def put(self, caption: str, states: torch.Tensor, pooled: torch.Tensor | None) -> None:
+    def put(self, caption: str, text: TextConditioning) -> None:
         if not self.on_disk:
-            self._memory[caption] = (states, pooled)
+            self._memory[caption] = text
             return
-        tensors = {"states": states.contiguous().clone()}
-        if pooled is not None:
-            tensors["pooled"] = pooled.contiguous().clone()
+        tensors = {"states": text.states, "pooled": text.pooled, "mask": text.mask}
+        tensors = {name: tensor.contiguous().clone() for name, tensor in tensors.items() if tensor is not None}
         with atomic_output(self._file(caption)) as tmp:
             save_file(tensors, str(tmp))
 
-    def get(self, caption: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def get(self, caption: str) -> TextConditioning:
         if not self.on_disk:
             return self._memory[caption]
         tensors = load_file(str(self._file(caption)))
-        return tensors["states"], tensors.get("pooled")
+        return TextConditioning(tensors["states"], tensors.get("pooled"), tensors.get("mask"))
 
     def _file(self, caption: str) -> Path:
         digest = hashlib.sha256(f"{self._options}|{caption}".encode()).hexdigest()

@@ -52,6 +52,8 @@ class Batch:
     # FLUX: CLIP's pooled embedding, and no time ids.
     pooled: torch.Tensor | None = None  # (batch, projection)
     time_ids: torch.Tensor | None = None  # (batch, 6)
+    # (batch, tokens), 1 where the transformer attends (TextConditioning.mask): Chroma, Qwen-Image, Z-Image
+    text_mask: torch.Tensor | None = None
     # Data parallel: this process's samples are [first, first + batch) of a global batch of global_size
     # samples (None: the batch is the whole step's batch). `files` then lists the global batch's images.
     first: int = 0
@@ -99,7 +101,6 @@ class TrainingData:
             clip_skip=config.clip_skip,
         )
         self._size_conditioning = base.family_rules.conditions_on_image_size
-        self._pooled = base.text_encoder_2 is not None  # SDXL's and FLUX's conditioning has a pooled vector
         # Cached latents are the same on every machine; latents encoded per step draw a stream per process.
         vae_seed = config.seed if config.cache_latents else config.seed + self._dist.rank
         self._vae_generator = torch.Generator(base.vae.device).manual_seed(vae_seed)
@@ -170,13 +171,15 @@ class TrainingData:
                 chunk = captions[first : first + step]
                 encoded = self._encode_text(chunk)
                 if self._base.family_rules.text_states_on_cpu:  # FLUX's T5 states: 8 MB per caption
-                    encoded = TextConditioning(encoded.states.cpu(), encoded.pooled.cpu())
+                    encoded = moved_text(encoded, torch.device("cpu"))
+                entries = [_entry(encoded, i) for i in range(len(chunk))]
                 if self.text.on_disk is None:
-                    per_caption = encoded.states[0].nbytes + (0 if encoded.pooled is None else encoded.pooled[0].nbytes)
+                    tensors = (entries[0].states, entries[0].pooled, entries[0].mask)
+                    per_caption = sum(tensor.nbytes for tensor in tensors if tensor is not None)
                     choice = True if self._dist.multi else self._config.cache_text_encoder_outputs_to_disk
                     self.text.on_disk = wants_disk_cache(choice, per_caption * len(captions))
-                for i, caption in enumerate(chunk):
-                    self.text.put(caption, encoded.states[i], None if encoded.pooled is None else encoded.pooled[i])
+                for caption, entry in zip(chunk, entries):
+                    self.text.put(caption, entry)
                 progress.advance(len(chunk))
         self.text.ready = True
         where = f"on disk in {self.text.folder}" if self.text.on_disk else "in memory"
@@ -222,22 +225,19 @@ class TrainingData:
                     [self._pixels(r, bucket, f, rng) for r, f, rng in zip(records, flips, rngs)]
                 )
         if self.text.ready:
-            device = self._base.device
-            entries = [self.text.get(c) for c in captions]
-            conditioning = torch.stack([states for states, _ in entries]).to(device)
-            pooled = torch.stack([p for _, p in entries]).to(device) if self._pooled else None
+            text = moved_text(collate_text([self.text.get(c) for c in captions]), self._base.device)
         else:
-            encoded = self._encode_text(captions)
-            conditioning, pooled = encoded.states, encoded.pooled
+            text = self._encode_text(captions)
         weights = torch.tensor([self.records[r].loss_weight for r in records], device=latents.device)
         global_size = len(every) if self._dist.multi else None
-        return Batch(latents, conditioning, weights, files, pooled, time_ids, first=first, global_size=global_size)
+        return Batch(
+            latents, text.states, weights, files, text.pooled, time_ids, text.mask, first=first, global_size=global_size
+        )
 
     def _empty_batch(self, bucket: Bucket, files: list[str], first: int, global_size: int) -> Batch:
         """No samples, but the latents' shape, so the step still draws the global batch's noise."""
-        vae = self._base.vae
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        shape = (0, vae.config.latent_channels, bucket[1] // factor, bucket[0] // factor)
+        factor, channels = self._base.vae_scale_factor, self._base.family_rules.latent_channels(self._base.vae.config)
+        shape = (0, channels, bucket[1] // factor, bucket[0] // factor)
         empty = torch.zeros(0, device=self._base.device)
         latents = torch.zeros(shape, device=self._base.device)
         return Batch(latents, empty, empty, files, first=first, global_size=global_size)
@@ -280,9 +280,7 @@ class TrainingData:
         vae = self._base.vae
         with torch.no_grad():
             batch = torch.stack(pixels).to(vae.device, vae.dtype)
-            latents = vae.encode(batch).latent_dist.sample(self._vae_generator)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((latents - shift) * vae.config.scaling_factor).float()
+            return self._base.family_rules.encode_latents(vae, batch, self._vae_generator)
 
     def _encode_text(self, captions: list[str]) -> TextConditioning:
         return encode_text(
@@ -321,6 +319,37 @@ class TrainingData:
             return self._latents[(index, flip)]
         # memory-mapped: the file's pages are read for this batch and not kept
         return torch.load(self._latent_file(index, flip), weights_only=True, mmap=True).to(self._base.device)
+
+
+def collate_text(entries: list[TextConditioning]) -> TextConditioning:
+    """One batch's conditioning from its captions' (each without a batch dimension). States of one length and no
+    masks are stacked (SD, SDXL, FLUX); otherwise the states are padded with zeros to the longest and the mask
+    says which positions count (an entry without a mask: all of its own length)."""
+    pooled = torch.stack([entry.pooled for entry in entries]) if entries[0].pooled is not None else None
+    lengths = [entry.states.shape[0] for entry in entries]
+    masks = [entry.mask for entry in entries]
+    if len(set(lengths)) == 1 and all(mask is None for mask in masks):
+        return TextConditioning(torch.stack([entry.states for entry in entries]), pooled)
+    first = entries[0].states
+    states = first.new_zeros((len(entries), max(lengths), first.shape[-1]))
+    mask_type = next((mask.dtype for mask in masks if mask is not None), torch.long)
+    mask = torch.zeros(states.shape[:2], dtype=mask_type, device=first.device)
+    for row, (entry, length) in enumerate(zip(entries, lengths)):
+        states[row, :length] = entry.states
+        mask[row, :length] = 1 if entry.mask is None else entry.mask
+    return TextConditioning(states, pooled, mask)
+
+
+def _entry(text: TextConditioning, index: int) -> TextConditioning:
+    """The `index`-th prompt's conditioning of a batch's, without the batch dimension."""
+    tensors = (text.states, text.pooled, text.mask)
+    return TextConditioning(*(None if tensor is None else tensor[index] for tensor in tensors))
+
+
+def moved_text(text: TextConditioning, device: torch.device) -> TextConditioning:
+    """The conditioning with its tensors on `device`."""
+    tensors = (text.states, text.pooled, text.mask)
+    return TextConditioning(*(None if tensor is None else tensor.to(device) for tensor in tensors))
 
 
 def wants_disk_cache(choice: bool | None, estimated_bytes: int) -> bool:

@@ -111,7 +111,7 @@ def out_of_memory_patch(config: TrainingConfig, family: ModelFamily) -> dict:
         )
     if not config.low_vram:
         patch["low_vram"] = True
-    if family.hardware.quantized and config.quantize_base == "none":
+    if family.hardware_of(config.model_name).quantized and config.quantize_base == "none":
         patch["quantize_base"] = "8bit"
     elif config.optimizer == "adamw" and find_spec("bitsandbytes") is not None:
         patch["optimizer"] = "adamw8bit"

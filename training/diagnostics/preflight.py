@@ -214,10 +214,9 @@ def vram_estimate(evidence: RunEvidence) -> Finding | None:
     need = estimate_vram_gb(config, evidence.native_resolution, evidence.model_family)
     patch = memory_preset_patch(config, family)
     with_preset = estimate_vram_gb(config.model_copy(update=patch), evidence.native_resolution, evidence.model_family)
-    hardware = family.hardware
-    row = f"{family.name}: the guide's minimum {hardware.minimum_gb:g} GB, recommended {hardware.recommended_gb:g} GB"
-    if not hardware.from_guide:
-        row = row.replace("the guide's", "interpolated from the guide,")
+    hardware = family.hardware_of(config.model_name)
+    source = "the guide's" if hardware.from_guide else f"{hardware.estimated}:"
+    row = f"{family.name}: {source} minimum {hardware.minimum_gb:g} GB, recommended {hardware.recommended_gb:g} GB"
     facts = {
         "estimate_gb": round(need, 1),
         "with_memory_preset_gb": round(with_preset, 1),
@@ -274,7 +273,7 @@ def training_time_estimate(evidence: RunEvidence) -> Finding | None:
     config = evidence.config
     family = model_family(config, evidence.native_resolution, evidence.model_family)
     steps = config.steps or STEPS_PER_IMAGE * _images(evidence)
-    low, high = family.hardware.minutes_per_1k
+    low, high = family.hardware_of(config.model_name).minutes_per_1k
     per_process = config.batch_size * config.gradient_accumulation_steps  # data-parallel processes run side by side
     return Finding(
         rule="time-estimate",

@@ -1,6 +1,7 @@
-"""The model families this trainer knows, one module each (sd.py: SD 1.x/2.x, sdxl.py, flux.py), behind
-the interface of base.py; and the one resolution of a model's family that the trainer (load_base_model)
-and the server's config checks (server/configs.py check_model) share.
+"""The model families this trainer knows, one module each (sd.py: SD 1.x/2.x, sdxl.py, flux.py, sd3.py,
+chroma.py, qwen_image.py, z_image.py), behind the interface of base.py (flow.py: what the transformer ones
+share); and the one resolution of a model's family that the trainer (load_base_model) and the server's config
+checks (server/configs.py check_model) share.
 
 A model's family is read from its own files, not its name: model_index.json names the pipeline and
 its components, the component configs say the rest; a single-file checkpoint without
@@ -18,15 +19,21 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from training.families.base import ModelFamily, read_config
 from training.families.checkpoint import checkpoint_kind
+from training.families.chroma import CHROMA
 from training.families.flux import FLUX
+from training.families.qwen_image import QWEN_IMAGE
 from training.families.sd import SD1, SD2
+from training.families.sd3 import SD3
 from training.families.sdxl import SDXL
+from training.families.z_image import Z_IMAGE
 from training.request_child import run_request
 
 if TYPE_CHECKING:
     from training.models.source import ModelSource
 
-FAMILIES: dict[str, ModelFamily] = {family.id: family for family in (SD1, SD2, SDXL, FLUX)}
+FAMILIES: dict[str, ModelFamily] = {
+    family.id: family for family in (SD1, SD2, SDXL, FLUX, SD3, CHROMA, QWEN_IMAGE, Z_IMAGE)
+}
 # Files are judged by a transformer before a UNet: a FLUX pipeline also has a second text encoder, which
 # alone would read as SDXL.
 RECOGNITION_ORDER = sorted(FAMILIES.values(), key=lambda family: family.denoiser_prefix != "transformer")
@@ -34,6 +41,14 @@ RECOGNITION_ORDER = sorted(FAMILIES.values(), key=lambda family: family.denoiser
 # say (and no model_family) loads so, and the loaded UNet's config tells 1.x from 2.x; a folder or LoRA
 # with neither denoiser is read so, and fails with SD's message, which names unet/.
 UNKNOWN_FAMILY = SD1
+
+
+def default_guidances() -> str:
+    """Each family's default sample guidance, as tool descriptions list it: "7.5 SD 1.5, ..., 3.5 FLUX, ..."."""
+    named: dict[str, list[str]] = {}
+    for family in FAMILIES.values():
+        named.setdefault(f"{family.sample_guidance:g}", []).append(family.name + family.guidance_note)
+    return "; ".join(f"{value} {', '.join(names)}" for value, names in named.items())
 
 
 def guess_family(model_name: str, native_resolution: int | None) -> ModelFamily:
@@ -86,7 +101,7 @@ def detect_family(source: ModelSource) -> str | None:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    # SD3, PixArt, ...: a transformer pipeline of a family this trainer does not know is recognised by none.
+    # PixArt, AuraFlow, ...: a transformer pipeline of a family this trainer does not know is recognised by none.
     return next((family.id for family in RECOGNITION_ORDER if family.recognises(index, folder)), None)
 
 
@@ -117,13 +132,28 @@ def read_geometry(folder: Path) -> tuple[int, int] | None:
 
 
 # Where only the denoiser matters (its sizes, the layers a LoRA adapts, the file layouts), SD 1.x/2.x and
-# SDXL's UNets are one: the two functions below judge by the denoiser, and answer SD's family for a UNet.
+# SDXL's UNets are one: the two functions below judge by the denoiser's class, which tells apart the transformer
+# families (every one's component and LoRA prefix is `transformer`), and answer SD's family for a UNet (the
+# first family of that class). A denoiser of a class no family names is taken by its prefix, as the first
+# family with that prefix (an unknown transformer: FLUX's).
 def folder_family(folder: Path) -> ModelFamily:
     """The family whose denoiser's config.json a diffusers folder holds."""
-    holds = (family for family in RECOGNITION_ORDER if (folder / family.denoiser_prefix / "config.json").is_file())
-    return next(holds, UNKNOWN_FAMILY)
+    classes = {}
+    for prefix in {family.denoiser_prefix for family in FAMILIES.values()}:
+        try:
+            classes[prefix] = read_config(folder / prefix / "config.json").get("_class_name")
+        except (OSError, ValueError):
+            continue
+    return _denoiser_family(classes)
 
 
-def lora_family(prefixes) -> ModelFamily:
-    """The family whose denoiser is among a LoRA's model prefixes (`unet`, `transformer`)."""
-    return next((family for family in FAMILIES.values() if family.denoiser_prefix in prefixes), UNKNOWN_FAMILY)
+def lora_family(models) -> ModelFamily:
+    """The family whose denoiser is among the models a LoRA may adapt (by prefix: `unet`, `transformer`)."""
+    return _denoiser_family({prefix: type(model).__name__ for prefix, model in models.items()})
+
+
+def _denoiser_family(classes: dict[str, str | None]) -> ModelFamily:
+    """The family of a denoiser from {component prefix: its class name}."""
+    by_class = (family for family in FAMILIES.values() if classes.get(family.denoiser_prefix) == family.denoiser_class)
+    by_prefix = (family for family in RECOGNITION_ORDER if family.denoiser_prefix in classes)
+    return next(by_class, None) or next(by_prefix, UNKNOWN_FAMILY)

@@ -53,8 +53,20 @@ class HardwareRow:
     denoiser_gb: float  # the UNet or transformer
     encoders_gb: float  # text encoder(s) + VAE: what low_vram keeps off the GPU
     quantized: bool = False  # weights stored in 8 bits, whatever mixed_precision says
-    from_guide: bool = True  # False: interpolated, the guide has no row for the family
+    # How the row was made where the guide has none for the family (plans and pre-flight checks say it); None: the
+    # guide's own row.
+    estimated: str | None = None
 
+    @property
+    def from_guide(self) -> bool:
+        return self.estimated is None
+
+
+# How the rows of the families the guide has no row for are made (HardwareRow.estimated): the weights are the published
+# configs' parameter counts (tests/test_full_size.py counts them on the meta device), the rest scaled from FLUX's row.
+FROM_PARAMETER_COUNTS = (
+    "estimated from the published model's parameter counts; the guide has no row for it, and no GPU run has checked it"
+)
 
 # Why plans train a family in its precision (ModelFamily.plan_precision), as the plan's reason says it.
 PRECISION_REASONS = {
@@ -73,6 +85,12 @@ class ModelFamily:
     described: str  # as a sentence names it: "an SDXL" (model)
     name: str  # as the guide's tables name it: SD 1.5, SD 2.x, SDXL, FLUX
     denoiser_prefix: str  # the denoiser's pipeline component and LoRA-file prefix: unet or transformer
+    # The denoiser's diffusers class (its config's _class_name): what tells apart the families that share a
+    # prefix (every transformer family's LoRA files say `transformer.`).
+    denoiser_class: str
+    # The pipeline components that encode prompts (frozen, kept on the CPU by low_vram): SD 3.5 has three.
+    text_encoders: tuple[str, ...] = ("text_encoder",)
+    pooled_text: bool = False  # the conditioning has a pooled vector beside the token states (SDXL, FLUX, SD 3.5)
     # diffusers' names for single-file checkpoints of this family (single_file_utils.infer_diffusers_model_type)
     checkpoint_types: tuple[str, ...] = ()
     # Components kept fp32 when the frozen weights are stored in fp16: SD and SDXL VAEs overflow in fp16.
@@ -89,20 +107,31 @@ class ModelFamily:
     # The diffusers layout with an `.alpha` tensor per module instead of the adapter config (what ComfyUI
     # reads for FLUX); the default is the adapter config in `lora_adapter_metadata`, as diffusers writes it.
     alpha_tensors: bool = False
+    # Neither: alpha / rank multiplied into lora_B, no adapter config (the families whose diffusers loader refuses
+    # both `.alpha` tensors and ComfyUI ignores the config: SD 3.5, Qwen-Image, Z-Image); read back, alpha = rank.
+    fold_alpha: bool = False
     # The SAI model spec's `modelspec.implementation` of a LoRA, as kohya's sai_model_spec.py writes it.
     modelspec_implementation: str = "diffusers"
     pipeline_options: ClassVar[Mapping] = {}  # keyword arguments of from_pretrained / from_single_file
+    guidance_argument: str = "guidance_scale"  # the pipeline's keyword for the guidance scale (Qwen: true_cfg_scale)
+    # The pipeline's negative_prompt when a render names none: None, which SDXL reads as zeroed unconditional states;
+    # Qwen-Image's "", since its pipeline guides only when given a negative prompt.
+    empty_negative_prompt: str | None = None
 
     # What the guide says of it:
     hardware: HardwareRow
     # Whether a native size alone tells this family (the UNets' 512, 768, 1024 px); FLUX's 1024 is SDXL's too.
     told_by_size: bool = True
     sample_guidance: float = 7.5  # the guidance samples are rendered with unless the config says
+    guidance_note: str = ""  # what tool descriptions add to its name beside sample_guidance (a variant's own)
     plan_precision: str = "bf16"  # the mixed precision plans train it in (PRECISION_REASONS says why)
     # The mixed precision of the guide's memory preset for it: fp16, unless its activations overflow fp16.
     memory_precision: str = "fp16"
     # Why plans load its frozen weights in 8 bits (its hardware row assumes them), or None: they do not.
     plan_quantize_reason: str | None = None
+    # What else plans set for a real-size model of it, with why: config key -> (value, reason). Qwen-Image's 20 B
+    # transformer fits 24 GB only with its encoder off the GPU, checkpointing and below its native size.
+    plan_settings: ClassVar[Mapping[str, tuple[object, str]]] = {}
     # The caption elements the guide asks of this family's captions beyond trigger and subject:
     # element -> a pattern of words that show it (in lower case).
     caption_elements: ClassVar[Mapping[str, str]] = {}
@@ -112,6 +141,11 @@ class ModelFamily:
     def named_by(self, name: str) -> bool:
         """Whether a model's name (lower case) says it is of this family, where its files cannot tell."""
         return False
+
+    def hardware_of(self, model_name: str) -> HardwareRow:
+        """The row of a model of this family named `model_name`: `hardware`, unless the family's variants differ
+        in size by more than a row holds (SD 3.5 Large is 3.6x Medium)."""
+        return self.hardware
 
     def default_optimizer(self) -> tuple[str, str]:
         """The optimizer plans train it with, and why."""
@@ -129,6 +163,11 @@ class ModelFamily:
     def recognises(self, index: Mapping, folder: Path) -> bool:
         """Whether the diffusers folder with this model_index.json is of this family (configs only)."""
         raise NotImplementedError
+
+    def checkpoint_kind(self, header: Mapping[str, torch.Tensor]) -> str | None:
+        """The kind of a single file whose tensors (`header`: name -> meta tensor) only this family reads, where
+        diffusers' own inference has no kind for it (and would answer another's), or None."""
+        return None
 
     def recognises_checkpoint(self, kind: str) -> bool:
         """Whether a single file of diffusers' checkpoint type `kind` is of this family."""
@@ -165,6 +204,46 @@ class ModelFamily:
                 str(source.path), config=config, local_files_only=True, dtype=dtypes["default"], **self.pipeline_options
             )
         return pipeline_class.from_pretrained(str(source.path), dtype=dtypes, **self.pipeline_options)
+
+    def vae_scale_factor(self, vae: Mapping) -> int | None:
+        """Pixels per latent, from the VAE's config (None: it does not say)."""
+        return vae_factor(vae)
+
+    def latent_channels(self, vae: Mapping) -> int:
+        """Channels of the latents the denoiser sees, from the VAE's config."""
+        return vae["latent_channels"]
+
+    def encode_latents(self, vae, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Latents of `pixels` (batch, 3, h, w in [-1, 1], the VAE's device and type) as the denoiser sees them,
+        in fp32: a sample of the VAE's distribution drawn with `generator`, or its mean when None (validation),
+        shifted and scaled as the VAE's config says (AutoencoderKL's scaling_factor, FLUX's shift_factor)."""
+        moments = vae.encode(pixels).latent_dist
+        latents = moments.mean if generator is None else moments.sample(generator)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).float()
+
+    def decode_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] of latents as `encode_latents` gives them (the pipeline's output_type="latent",
+        after `sample_latents`)."""
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
+
+    def prompt_arguments(self, positive: TextConditioning, negative: TextConditioning | None) -> dict:
+        """The pipeline's keyword arguments for encoded prompts (and the encoded empty negative prompt where
+        `uses_negative_prompt`): the states, and the pooled vectors where the family has them."""
+        arguments = {"prompt_embeds": positive.states}
+        if positive.pooled is not None:
+            arguments["pooled_prompt_embeds"] = positive.pooled
+        if negative is not None:
+            arguments["negative_prompt_embeds"] = negative.states
+            if negative.pooled is not None:
+                arguments["negative_pooled_prompt_embeds"] = negative.pooled
+        return arguments
+
+    def loaded_sample_guidance(self, pipeline: DiffusionPipeline) -> float:
+        """The guidance a loaded model renders at unless asked otherwise: `sample_guidance`, unless the family's
+        variants differ (Z-Image: Turbo is distilled to render without guidance, the base model with)."""
+        return self.sample_guidance
 
     def check_loaded(self, pipeline: DiffusionPipeline, source: ModelSource) -> str | None:
         """Why the loaded pipeline cannot be trained after all (what only its loaded parts say), or None."""

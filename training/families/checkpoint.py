@@ -24,7 +24,11 @@ def checkpoint_kind(path: Path) -> str | None:
             header = {key: torch.empty(f.get_slice(key).get_shape(), device="meta") for key in f.keys()}
     except Exception:  # not a safetensors file
         return None
-    return infer_diffusers_model_type(header)
+    from training.families import FAMILIES  # the registry imports this module
+
+    # Kinds diffusers has none for ask their family first: it would call a Qwen-Image transformer SD 1.x ("v1").
+    own = (kind for family in FAMILIES.values() if (kind := family.checkpoint_kind(header)) is not None)
+    return next(own, None) or infer_diffusers_model_type(header)
 
 
 def main() -> int:

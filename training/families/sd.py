@@ -35,7 +35,15 @@ SD15_HARDWARE = HardwareRow(512, 6, 8, (15, 30), denoiser_gb=1.7, encoders_gb=0.
 # The guide has no SD 2.x row: its numbers are interpolated between SD 1.5 and SDXL by pixels (768^2 lies
 # 42% of the way from 512^2 to 1024^2). UNet 866M; OpenCLIP-H's text tower as SD 2.x ships it (23 of its
 # 24 layers) 340M + VAE 84M = 424M.
-SD2_HARDWARE = HardwareRow(768, 8.5, 11.3, (21, 42), denoiser_gb=1.7, encoders_gb=0.8, from_guide=False)
+SD2_HARDWARE = HardwareRow(
+    768,
+    8.5,
+    11.3,
+    (21, 42),
+    denoiser_gb=1.7,
+    encoders_gb=0.8,
+    estimated="interpolated between the guide's SD 1.5 and SDXL rows, it has none for SD 2.x",
+)
 # Names of SD 2.x models: stable-diffusion-2(-1), sd2, sd-2, 2.0, 2-1.
 SD2_NAME = re.compile(r"stable-diffusion-2|(^|[^a-z])sd-?2|2[-.][01]([^0-9]|$)")
 
@@ -44,6 +52,7 @@ class StableDiffusion(ModelFamily):
     """SD 1.x or 2.x (`v2`): one instance each, sharing everything but the tags."""
 
     denoiser_prefix = "unet"
+    denoiser_class = "UNet2DConditionModel"
     lora_target_modules = UNET_TARGET_MODULES
     pipeline_options: ClassVar[Mapping] = {"safety_checker": None, "requires_safety_checker": False}
     plan_precision = "fp16"
@@ -202,7 +211,9 @@ class StableDiffusion(ModelFamily):
                 **betas, prediction_type=spec.prediction_type, clip_sample=False, set_alpha_to_one=False, steps_offset=1
             )
         else:
-            scheduler = PNDMScheduler(**betas, skip_prk_steps=True, steps_offset=1, prediction_type=spec.prediction_type)
+            scheduler = PNDMScheduler(
+                **betas, skip_prk_steps=True, steps_offset=1, prediction_type=spec.prediction_type
+            )
         return StableDiffusionPipeline(
             vae=vae,
             text_encoder=text_encoder,

@@ -36,6 +36,8 @@ SDXL_NAME = re.compile(r"(^|[^a-z])(sd)?xl([^a-z]|$)")
 class StableDiffusionXL(StableDiffusion):
     pipeline_options: ClassVar[Mapping] = {}
     conditions_on_image_size = True
+    text_encoders = ("text_encoder", "text_encoder_2")
+    pooled_text = True  # the second encoder's projection, for the text_time embedding
     plan_precision = "bf16"
     modelspec_implementation = "https://github.com/Stability-AI/generative-models"
 

@@ -29,7 +29,7 @@ from training.workspace import DIR_MODE
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 BUILTIN_PREFIX = "builtin:"
 MODEL_INDEX_FILE = "model_index.json"  # a diffusers pipeline folder's, saved last: a folder with it is complete
@@ -51,6 +51,24 @@ BUILTINS: dict[str, TinySpec] = {
     "tiny-sd2-v": TinySpec("tiny random SD 2.x (v-prediction)", "v_prediction", family="sd2", seed=4321),
     "tiny-sdxl": TinySpec("tiny random SDXL (two text encoders, epsilon)", "epsilon", family="sdxl", seed=2468),
     "tiny-flux": TinySpec("tiny random FLUX-class (flow matching)", "flow_prediction", family="flux", seed=1357),
+    "tiny-sd35": TinySpec(
+        "tiny random SD 3.5 (three text encoders, flow matching)", "flow_prediction", family="sd3", seed=3535
+    ),
+    "tiny-chroma": TinySpec(
+        "tiny random Chroma (T5 only, masked, flow matching)", "flow_prediction", family="chroma", seed=9753
+    ),
+    "tiny-qwen-image": TinySpec(
+        "tiny random Qwen-Image (Qwen2.5-VL text encoder, own VAE, flow matching)",
+        "flow_prediction",
+        family="qwen_image",
+        seed=2020,
+    ),
+    "tiny-z-image": TinySpec(
+        "tiny random Z-Image (Qwen3 text encoder, single-stream, flow matching)",
+        "flow_prediction",
+        family="z_image",
+        seed=8642,
+    ),
 }
 
 
@@ -138,6 +156,15 @@ def tiny_vae(seed: int, **overrides) -> AutoencoderKL:
     return AutoencoderKL(**{**layout, **overrides})
 
 
+def tiny_flux_vae(seed: int, **overrides) -> AutoencoderKL:
+    """tiny_vae with FLUX's 16 latent channels, scaling and shift and no quant convs (FLUX, Chroma, Z-Image; SD 3.5's
+    is the same with its own scaling and shift as `overrides`)."""
+    layout = dict(scaling_factor=0.3611, shift_factor=0.1159)
+    return tiny_vae(
+        seed, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, **{**layout, **overrides}
+    )
+
+
 def tiny_clip_config(tokenizer: CLIPTokenizer, **overrides) -> CLIPTextConfig:
     """A CLIP text encoder of width 32 and 4 layers over the byte-level tokenizer."""
     from transformers import CLIPTextConfig
@@ -155,6 +182,36 @@ def tiny_clip_config(tokenizer: CLIPTokenizer, **overrides) -> CLIPTextConfig:
         pad_token_id=tokenizer.pad_token_id,
     )
     return CLIPTextConfig(**{**layout, **overrides})
+
+
+def tiny_t5_tokenizer() -> T5TokenizerFast:
+    """A T5 tokenizer over T5's SentencePiece vocabulary rebuilt offline: the special tokens, then every byte symbol."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(symbol, -1.0) for symbol in byte_symbols()]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=64)
+
+
+def tiny_t5(seed: int, tokenizer: T5TokenizerFast, d_model: int) -> T5EncoderModel:
+    """A 2-layer T5 encoder of width `d_model` over `tokenizer` (tiny_t5_tokenizer's), seeded."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=d_model,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
 
 
 def byte_level_clip_tokenizer() -> CLIPTokenizer:

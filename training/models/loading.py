@@ -12,16 +12,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from training.families import FAMILIES, UNKNOWN_FAMILY, ModelFamily, check_family
-from training.families.base import vae_factor
-from training.families.flux import QuantizationUnavailable
+from training.families.transformer_loading import QuantizationUnavailable
 from training.models.source import ModelNotFoundError, ModelSource
 
 if TYPE_CHECKING:
     import torch
     from diffusers import AutoencoderKL, DiffusionPipeline, SchedulerMixin
     from transformers import CLIPTextModel, CLIPTokenizer
-
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # pipeline component names (FLUX: CLIP and T5)
 
 
 @dataclass
@@ -125,9 +122,10 @@ def frozen_dtypes(
         return {"default": torch.float32}
     dtypes = {"default": dtype}
     if dtype == torch.float16:
-        dtypes.update(dict.fromkeys(FAMILIES.get(family, UNKNOWN_FAMILY).fp16_overflows, torch.float32))
+        rules = FAMILIES.get(family, UNKNOWN_FAMILY)
+        dtypes.update(dict.fromkeys(rules.fp16_overflows, torch.float32))
         if text_on_cpu:
-            dtypes.update(dict.fromkeys(TEXT_ENCODERS, torch.float32))
+            dtypes.update(dict.fromkeys(rules.text_encoders, torch.float32))
     return dtypes
 
 
@@ -144,7 +142,7 @@ def load_base_model(
     in the types frozen_dtypes gives for the device (a diffusers folder is read straight into them; a
     single file in the main type, its VAE and T5 cast after). LoRA weights train in fp32 either way.
     The family (read from the model's files, or `model_family` when not auto) loads the pipeline.
-    `quantize` "8bit" loads a FLUX transformer with 8-bit weights (see families/flux.py flux_transformer);
+    `quantize` "8bit" loads a transformer with 8-bit weights (see families/transformer_loading.py);
     `text_on_cpu` leaves the text encoders on the CPU (low_vram: they never occupy the GPU)."""
     family_id, refusal = check_family(source, model_family, model_name=str(source.path))
     if refusal:
@@ -177,12 +175,14 @@ def load_base_model(
             module.to(dtype=dtypes[name])
     if text_on_cpu:  # one part at a time, so the text encoders are never on the GPU, not even briefly
         for name, module in pipeline.components.items():
-            if isinstance(module, torch.nn.Module) and name not in TEXT_ENCODERS and not _bitsandbytes_8bit(module):
+            text_encoder = name in family.text_encoders
+            if isinstance(module, torch.nn.Module) and not text_encoder and not _bitsandbytes_8bit(module):
                 module.to(device)
     else:
         pipeline.to(device)
     denoiser = getattr(pipeline, family.denoiser_prefix)
-    for module in (denoiser, pipeline.vae, pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)):
+    encoders = [getattr(pipeline, name, None) for name in family.text_encoders]
+    for module in (denoiser, pipeline.vae, *encoders):
         if module is not None:
             module.requires_grad_(False)
             module.eval()
@@ -199,7 +199,7 @@ def load_base_model(
         noise_scheduler=family.training_scheduler(pipeline),
         family=family.loaded_id(pipeline),
         native_resolution=native_resolution,
-        vae_scale_factor=vae_factor(pipeline.vae.config),
+        vae_scale_factor=family.vae_scale_factor(pipeline.vae.config),
         bucket_step=bucket_step,
     )
 
