@@ -25,6 +25,10 @@ TINY_MODELS = {
     "sd2": "builtin:tiny-sd2-v",
     "sdxl": "builtin:tiny-sdxl",
     "flux": "builtin:tiny-flux",
+    "sd3": "builtin:tiny-sd35",
+    "chroma": "builtin:tiny-chroma",
+    "qwen_image": "builtin:tiny-qwen-image",
+    "z_image": "builtin:tiny-z-image",
 }
 
 
