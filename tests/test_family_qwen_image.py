@@ -246,7 +246,30 @@ def test_generate_image_and_compare_strengths_render_qwen_image_with_its_lora(tr
 
 
 def test_a_run_samples_with_the_negative_prompt_and_its_control(trained):
-    checks.assert_samples_with_control(trained.parent, step=6)
+    checks.assert_samples_with_control(trained.parent, step=6)  # after the text encoder was released
+
+
+def test_the_text_encoder_is_released_once_every_caption_and_prompt_is_encoded(dataset, tmp_path):
+    """Qwen2.5-VL (16.6 GB at full size) leaves the run once the captions are cached: the sample, control and
+    negative prompts are kept encoded, and samples render from them."""
+    from conftest import fast_config
+
+    from training.trainer import Trainer
+
+    config = fast_config(dataset, name="released", model_name=MODEL, steps=1, test_prompts=[PROMPT])
+    trainer = Trainer(config, tmp_path / "released")
+    trainer.setup()
+    try:
+        assert trainer.base.pipeline.text_encoder is None
+        assert {PROMPT, ""} <= set(trainer.base.encoded_prompts)
+        trainer._optimizer_step()
+        trainer._render_samples()
+        samples = json.loads(trainer.files.status.read_text())["latest_samples"]
+        assert len(samples) == 2 and all((trainer.files.samples / name).is_file() for name in samples)  # + control
+        with pytest.raises(RuntimeError, match="released after caching"):
+            encode_text(trainer.base, ["a prompt never encoded"], max_token_length=75, clip_skip=1)
+    finally:
+        trainer.cleanup(trainer.finish())
 
 
 # --- plans and the README's example ---------------------------------------------------------------

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from training.data.captions import control_prompt, rendered_prompts
+from training.prompts import release_text_encoders
+
 if TYPE_CHECKING:
     from training.config import TrainingConfig
     from training.models.loading import LoadedModel
@@ -128,6 +131,18 @@ class Placement:
                 "low_vram is recorded only: it moves encoders out of a CUDA card's memory, and this run is on %s",
                 self.device.type,
             )
+
+    def release_text_encoders(self) -> None:
+        """After caching, for a family that releases its text encoders (ModelFamily.releases_text_encoders) when
+        every caption is cached (static text): the sample, control and empty negative prompts encoded once, then
+        the encoders dropped (training/prompts.py release_text_encoders)."""
+        config = self.config
+        if not (self.base.family_rules.releases_text_encoders and config.static_text):
+            return
+        control = control_prompt(config)
+        prompts = rendered_prompts(config) + ([control] if control else []) + [""]
+        release_text_encoders(self.base, prompts, max_token_length=config.max_token_length, clip_skip=config.clip_skip)
+        log.info("text encoders released after caching: %d prompt(s) kept encoded", len(self.base.encoded_prompts))
 
     def offload_encoders(self) -> None:
         """low_vram on CUDA: after caching, the VAE waits on the CPU (the text encoders never left it,

@@ -164,6 +164,7 @@ class Trainer:
         )
         if validation is not None:
             validation.prepare()
+        self.placement.release_text_encoders()
         self.placement.offload_encoders()
         self.evidence = EvidenceRecorder(
             self.files, config, validation, lambda: lora_components(self.base.lora_models), self.base.family

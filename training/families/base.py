@@ -100,6 +100,9 @@ class ModelFamily:
     uses_negative_prompt: bool = True  # classifier-free guidance with an empty negative prompt
     conditions_on_image_size: bool = False  # SDXL's size and crop ids
     text_states_on_cpu: bool = False  # cached caption states too large to keep on the GPU
+    # The text encoders are dropped once every caption and sample prompt is encoded (where captions are static):
+    # too large to keep in memory for nothing (Qwen-Image's 8.3 B Qwen2.5-VL).
+    releases_text_encoders: bool = False
     sd_v2: bool = False  # kohya's ss_v2 tag
     # Why this family's LoRAs are not written in the kohya layout (None: they are), and what "comfyui" means.
     kohya_layout_refusal: str | None = None

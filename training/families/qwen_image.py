@@ -127,6 +127,7 @@ class QwenImage(FlowFamily):
     single_file_example = "Qwen/Qwen-Image"  # QwenImagePipeline has no single-file loader
     fold_alpha = True
     guidance_argument = "true_cfg_scale"  # its guidance_scale is for guidance-distilled transformers only
+    releases_text_encoders = True  # Qwen2.5-VL: 8.3 B parameters, 16.6 GB of memory in bf16 once captions are cached
     empty_negative_prompt = ""  # QwenImagePipeline guides only with a negative prompt: none is no guidance
 
     def named_by(self, name: str) -> bool:

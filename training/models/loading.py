@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DiffusionPipeline, SchedulerMixin
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from training.prompts import TextConditioning
+
 
 @dataclass
 class LoadedModel:
@@ -34,6 +36,9 @@ class LoadedModel:
     # Pixels by which bucket sides step: VAE factor x UNet downsampling (64 for SD); VAE factor x 2
     # for FLUX, whose transformer sees 2x2 patches of latents (16).
     bucket_step: int
+    # Prompt -> its conditioning (no batch dimension, on the CPU) once the text encoders are released after
+    # caching (training/prompts.py release_text_encoders): what encode_text answers from then on.
+    encoded_prompts: dict[str, TextConditioning] | None = None
 
     @property
     def family_rules(self) -> ModelFamily:
