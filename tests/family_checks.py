@@ -81,6 +81,18 @@ def assert_samples_with_control(run: Path, step: int) -> list[dict]:
     return samples
 
 
+def assert_run_records(run: Path, steps: int) -> None:
+    """A run of `steps` steps that validated at step 0 and at its end and sampled then (`sampling(every=steps)`):
+    a finite loss per step and per validation, PROMPT and its control at both steps, at 64 px."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "kind" not in r]
+    assert len(losses) == steps and all(np.isfinite(losses))
+    validation = [r for r in rows if r.get("kind") == "validation"]
+    assert [r["step"] for r in validation] == [0, steps] and all(np.isfinite([r["loss"] for r in validation]))
+    samples = assert_samples_with_control(run, step=steps)
+    assert np.asarray(Image.open(run / "samples" / samples[2]["file"])).shape == (64, 64, 3)
+
+
 def assert_built_in_recognised(model, family: str) -> None:
     """The built-in folder is told as `family`, at the VAE's sample size 64 and 16 px buckets (8 px per latent
     x 2x2 patches)."""
@@ -100,8 +112,9 @@ def diffusers_pipeline(model):
 def latents(pipe, **options) -> torch.Tensor:
     """PROMPT rendered in 2 steps at 64 px from seed 0, as latents; `options` are the family's guidance."""
     generator = torch.Generator().manual_seed(0)
+    # the prompt by name: Flux2Pipeline's first parameter is a reference image
     return pipe(
-        PROMPT, num_inference_steps=2, height=64, width=64, generator=generator, output_type="latent", **options
+        prompt=PROMPT, num_inference_steps=2, height=64, width=64, generator=generator, output_type="latent", **options
     ).images
 
 

@@ -2,8 +2,9 @@
 (config.json of each component; defaults left out), for building the real architectures on the meta
 device without downloading a weight: stable-diffusion-v1-5/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1,
 stabilityai/stable-diffusion-xl-base-1.0, black-forest-labs/FLUX.1-dev, stabilityai/stable-diffusion-3.5-medium and
--large, lodestones/Chroma1-HD, Qwen/Qwen-Image and Tongyi-MAI/Z-Image-Turbo (the last five: their scheduler configs too;
-each block below names where its numbers were read, the gated SD 3.5 repositories through public copies).
+-large, lodestones/Chroma1-HD, Qwen/Qwen-Image, Tongyi-MAI/Z-Image-Turbo and black-forest-labs/FLUX.2-dev (the last
+six: their scheduler configs too; each block below names where its numbers were read, the gated SD 3.5 repositories
+through public copies).
 
 `write_model_folder` writes one as a diffusers folder of configs only (model_index.json and each
 component's config.json), which the trainer's own family recognition and meta-model building read.
@@ -151,6 +152,25 @@ Z_IMAGE_TURBO_TRANSFORMER = {
     "rope_theta": 256.0,
     "t_scale": 1000.0,
 }
+# black-forest-labs/FLUX.2-dev transformer/config.json: diffusers' Flux2Transformer2DModel defaults are this model, as a
+# converter deriving the config from BFL's checkpoint writes it and a config copy lists it (48 heads x 128, 8 double
+# and 48 single blocks; research hits 52565848514, 58697716367): 6144 wide, Mistral's 3 x 5120 states in.
+FLUX2_DEV_TRANSFORMER = {
+    "_class_name": "Flux2Transformer2DModel",
+    "attention_head_dim": 128,
+    "axes_dims_rope": [32, 32, 32, 32],
+    "eps": 1e-06,
+    "guidance_embeds": True,
+    "in_channels": 128,  # 2x2 patches of the 32-channel latents
+    "joint_attention_dim": 15360,  # three Mistral layers' states side by side
+    "mlp_ratio": 3.0,
+    "num_attention_heads": 48,
+    "num_layers": 8,
+    "num_single_layers": 48,
+    "patch_size": 1,
+    "rope_theta": 2000,
+    "timestep_guidance_channels": 256,
+}
 
 CLIP_L_TEXT = {  # openai/clip-vit-large-patch14's text tower: SD 1.5's encoder, SDXL's first, FLUX's CLIP
     "architectures": ["CLIPTextModel"],
@@ -254,6 +274,36 @@ QWEN3_4B = {
     "tie_word_embeddings": True,
     "vocab_size": 151936,
 }
+# black-forest-labs/FLUX.2-dev text_encoder/config.json: Mistral-Small-3.1-24B whole (language model and its Pixtral
+# vision tower, which the pipeline never calls), as a config copy lists it (research hit 58697716367; §3).
+MISTRAL_SMALL_31_24B = {
+    "architectures": ["Mistral3ForConditionalGeneration"],
+    "model_type": "mistral3",
+    "multimodal_projector_bias": False,
+    "spatial_merge_size": 2,
+    "text_config": {
+        "head_dim": 128,
+        "hidden_size": 5120,
+        "intermediate_size": 32768,
+        "max_position_embeddings": 131072,
+        "model_type": "mistral",
+        "num_attention_heads": 32,
+        "num_hidden_layers": 40,
+        "num_key_value_heads": 8,
+        "rope_theta": 1000000000.0,
+        "sliding_window": None,
+        "vocab_size": 131072,
+    },
+    "vision_config": {
+        "hidden_size": 1024,
+        "image_size": 1540,
+        "intermediate_size": 4096,
+        "model_type": "pixtral",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 24,
+        "patch_size": 14,
+    },
+}
 
 SD_VAE = {
     "_class_name": "AutoencoderKL",
@@ -291,6 +341,17 @@ QWEN_IMAGE_VAE = {
     "num_res_blocks": 2,
     "temperal_downsample": [False, True, True],
     "z_dim": 16,
+}
+# black-forest-labs/FLUX.2-dev vae/config.json: FLUX.1's layout with 32 latent channels, its quant convs, and the
+# batch norm over 2x2 patches of the latents (128 channels) whose statistics normalise them: AutoencoderKLFlux2's
+# defaults (research §3).
+FLUX2_VAE = {
+    "_class_name": "AutoencoderKLFlux2",
+    "batch_norm_eps": 0.0001,
+    "block_out_channels": [128, 256, 512, 512],
+    "latent_channels": 32,
+    "layers_per_block": 2,
+    "sample_size": 1024,
 }
 
 # The flow-matching schedulers (scheduler/scheduler_config.json): SD 3.5 and Z-Image-Turbo (the Rust fixture) shift
@@ -384,6 +445,14 @@ MODELS = {
             "text_encoder": QWEN3_4B,
             "vae": FLUX_VAE,  # FLUX.1's VAE, as the same fixture shows
             "scheduler": SHIFTED_SCHEDULER,
+        },
+    ),    "flux2-dev": (
+        "Flux2Pipeline",
+        {
+            "transformer": FLUX2_DEV_TRANSFORMER,
+            "text_encoder": MISTRAL_SMALL_31_24B,
+            "vae": FLUX2_VAE,
+            "scheduler": CHROMA_SCHEDULER,  # FLUX.1's shift by token count, as Chroma's (not read from its repository)
         },
     ),
 }

@@ -29,6 +29,7 @@ TINY_MODELS = {
     "chroma": "builtin:tiny-chroma",
     "qwen_image": "builtin:tiny-qwen-image",
     "z_image": "builtin:tiny-z-image",
+    "flux2": "builtin:tiny-flux2",
 }
 
 

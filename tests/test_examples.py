@@ -151,14 +151,14 @@ def test_the_guides_advanced_config_trains_with_the_class_its_captions_name(trai
 
 
 def test_the_readme_configs_of_the_newer_families_are_the_example_files():
-    """Each README config of SD 3.5, Chroma, Qwen-Image and Z-Image is an examples/ file as it stands (which the
+    """Each README config of SD 3.5, Chroma, Qwen-Image, Z-Image and FLUX.2 is an examples/ file as it stands (which the
     tests above load and train), and fits its family: nothing refused or ignored."""
     import re
 
     from training.families import guess_family
 
     readme = (EXAMPLES_DIR.parent / "README.md").read_text()
-    section = readme.split("## SD 3.5, Chroma, Qwen-Image and Z-Image", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("## SD 3.5, Chroma, Qwen-Image, Z-Image and FLUX.2", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```yaml\n(.*?)```", section, flags=re.DOTALL)
     families = []
     for block in blocks:
@@ -168,4 +168,4 @@ def test_the_readme_configs_of_the_newer_families_are_the_example_files():
         family = guess_family(config.model_name, None).id
         assert config.family_conflicts(family) == ([], []), file_name
         families.append(family)
-    assert families == ["sd3", "chroma", "qwen_image", "z_image"]
+    assert families == ["sd3", "chroma", "qwen_image", "z_image", "flux2"]

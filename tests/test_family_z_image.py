@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from pathlib import Path
 
 import family_checks as checks
-import numpy as np
 import pytest
 import torch
 from conftest import fast_config
 from family_checks import PROMPT
-from PIL import Image
 from safetensors.torch import save_file
 
 from training.config import TrainingConfig
@@ -209,13 +206,7 @@ def test_zimagepipeline_loads_the_lora_and_strength_0_is_the_base_exactly(traine
 
 
 def test_a_run_samples_with_guidance_and_records_its_losses(trained):
-    rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if "kind" not in r]
-    assert len(losses) == 5 and all(math.isfinite(loss) for loss in losses)
-    validation = [r for r in rows if r.get("kind") == "validation"]
-    assert [r["step"] for r in validation] == [0, 5] and all(math.isfinite(r["loss"]) for r in validation)
-    samples = checks.assert_samples_with_control(trained, step=5)  # the test prompt and the control prompt
-    assert np.asarray(Image.open(trained / "samples" / samples[2]["file"])).shape == (64, 64, 3)
+    checks.assert_run_records(trained, steps=5)  # sampled with the base model's guidance 4
 
 
 def test_an_ai_toolkit_file_with_alphas_reads_at_its_scale(zimage, tmp_path):

@@ -1,5 +1,5 @@
 """The full-size architectures, without a weight: SD 1.5, SD 2.1, SDXL, FLUX.1-dev, SD 3.5 Medium and Large,
-Chroma1-HD, Qwen-Image and Z-Image-Turbo built on the meta device from their published configs
+Chroma1-HD, Qwen-Image, Z-Image-Turbo and FLUX.2-dev built on the meta device from their published configs
 (tests/full_size_configs.py), through the trainer's own recognition, meta-model building, LoRA attachment
 and LoRA-file writing. What the tiny built-in models cannot show:
 how many layers a real LoRA adapts, that every key of a written file names a layer of the real model
@@ -39,6 +39,7 @@ FAMILY = {
     "chroma1-hd": "chroma",
     "qwen-image": "qwen_image",
     "z-image-turbo": "z_image",
+    "flux2-dev": "flux2",
 }
 
 # Layers a LoRA adapts, with train_text_encoder (the trainer adapts FLUX's transformer only).
@@ -59,6 +60,8 @@ FAMILY = {
 # Chroma: FLUX's blocks and targets (its modulation is one approximator outside the blocks): FLUX's 418.
 # Qwen-Image: the same 8 attention projections of each of its 60 dual-stream blocks: 480.
 # Z-Image: to_q/k/v, to_out.0 of the 30 main layers, the 2 noise and the 2 context refiner layers: 34 x 4 = 136.
+# FLUX.2: the 8 attention projections of each of 8 double blocks (64) and the fused qkv + MLP input
+#   (to_qkv_mlp_proj) of each of 48 single blocks: 112.
 ADAPTED = {
     "sd15": {"unet": 128, "text_encoder": 48},
     "sd21": {"unet": 128, "text_encoder": 92},
@@ -69,6 +72,7 @@ ADAPTED = {
     "chroma1-hd": {"transformer": 418},
     "qwen-image": {"transformer": 480},
     "z-image-turbo": {"transformer": 136},
+    "flux2-dev": {"transformer": 112},
 }
 # LoRA parameters per unit of rank: sum of in + out features of the adapted layers. SD 1.5's UNet: per
 # transformer block of width C, self-attention 4 x 2C and cross-attention 2 x 2C + 2 x (768 + C), i.e.
@@ -76,7 +80,9 @@ ADAPTED = {
 # The transformers' adapted layers are all square, heads x head dim wide (the text stream projected to it first):
 # SD 3.5 Medium 24 x 64 = 1536, 243 x 2 x 1536 = 746,496; Large 38 x 64 = 2432, 303 x 2 x 2432 = 1,473,792;
 # Chroma FLUX's 4,085,760; Qwen-Image 24 x 128 = 3072, 480 x 2 x 3072 = 2,949,120; Z-Image 3840 (30 heads and 30
-# key/value heads of 128), 136 x 2 x 3840 = 1,044,480.
+# key/value heads of 128), 136 x 2 x 3840 = 1,044,480. FLUX.2 (48 x 128 = 6144 wide): 64 x 2 x 6144 = 786,432 in the
+# double blocks, and its single blocks' fused input is not square: 48 x (6144 in + 3 x 6144 of q, k, v + 2 x 18432 of
+# the gated MLP out) = 2,949,120; 3,735,552 in all.
 LORA_PARAMS_PER_RANK_OF = {
     "sd15": {"unet": 199_296, "text_encoder": 12 * 8 * 768},
     "sd21": {"unet": 207_488, "text_encoder": 23 * 8 * 1024},
@@ -87,6 +93,7 @@ LORA_PARAMS_PER_RANK_OF = {
     "chroma1-hd": {"transformer": 4_085_760},
     "qwen-image": {"transformer": 2_949_120},
     "z-image-turbo": {"transformer": 1_044_480},
+    "flux2-dev": {"transformer": 3_735_552},
 }
 # Parameter counts of the published models (the model cards' 860M UNet, 2.6B SDXL UNet, 12B FLUX transformer).
 PARAMETERS = {
@@ -122,6 +129,11 @@ PARAMETERS = {
         "vae": 126_892_531,
     },
     "z-image-turbo": {"transformer": 6_154_908_736, "text_encoder": 4_022_468_096, "vae": 83_819_683},
+    "flux2-dev": {
+        "transformer": 32_223_281_152,  # the 32 B of its model card
+        "text_encoder": 23_340_272_640,  # Mistral-Small-3.1-24B whole: language model, LM head and vision tower
+        "vae": 84_046_115,
+    },
 }
 # The hardware rows hold GB rounded to 0.1: each must be within half of that of the counted weights.
 ROUNDING_GB = 0.05
@@ -129,11 +141,12 @@ ROUNDING_GB = 0.05
 # only at 8 bits, as ai-toolkit quantizes them. quantize_base quantizes the transformer alone; this trainer's
 # T5 stays at 16 bits (9.5 GB), which low_vram keeps off the GPU: the estimate errs on the safe side there.
 # The rows of the families not in the guide (from_guide=False) hold the transformer in 8 bits where plans quantize
-# it (Chroma, Qwen-Image), the encoders at 16 bits.
+# it (Chroma, Qwen-Image, FLUX.2), the encoders at 16 bits.
 EIGHT_BIT = {
     "flux-dev": ("transformer", "text_encoder_2"),
     "chroma1-hd": ("transformer",),
     "qwen-image": ("transformer",),
+    "flux2-dev": ("transformer",),
 }
 
 

@@ -70,8 +70,8 @@ class GenerationRequest(BaseModel):
     model_name: str | None = Field(None, description="Base model; default: the first LoRA's base model.")
     negative_prompt: str = Field(
         "",
-        description="What to avoid, for the models guided against a negative prompt (all but FLUX, which is "
-        "guidance-distilled, and Z-Image Turbo at guidance 0, which ignore it).",
+        description="What to avoid, for the models guided against a negative prompt (all but FLUX and FLUX.2, "
+        "which are guidance-distilled, and Z-Image Turbo at guidance 0, which ignore it).",
     )
     loras: list[LoraStrength] = Field(default_factory=list, description="LoRAs to apply, in order.")
     steps: Steps = Field(DEFAULT_STEPS, description="Denoising steps.")
@@ -167,9 +167,12 @@ class Renderer:
                 [{part: w for part, w in weight.items() if part in self._parts} for weight in weights],
             )
         family = self.base.family_rules
+        # Only where the family guides against one: the guidance-distilled pipelines ignore it (FLUX.1's) or take
+        # no negative_prompt at all (FLUX.2's).
+        negative = {"negative_prompt": negative_prompt or family.empty_negative_prompt}
         return self.pipe(
             prompt=prompt,
-            negative_prompt=negative_prompt or family.empty_negative_prompt,
+            **(negative if family.uses_negative_prompt else {}),
             num_inference_steps=steps,
             **{family.guidance_argument: family.loaded_sample_guidance(self.pipe) if guidance is None else guidance},
             width=width or self.base.native_resolution,

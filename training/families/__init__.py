@@ -1,5 +1,5 @@
 """The model families this trainer knows, one module each (sd.py: SD 1.x/2.x, sdxl.py, flux.py, sd3.py,
-chroma.py, qwen_image.py, z_image.py), behind the interface of base.py (flow.py: what the transformer ones
+chroma.py, qwen_image.py, z_image.py, flux2.py), behind the interface of base.py (flow.py: what the transformer ones
 share); and the one resolution of a model's family that the trainer (load_base_model) and the server's config
 checks (server/configs.py check_model) share.
 
@@ -21,6 +21,7 @@ from training.families.base import ModelFamily, read_config
 from training.families.checkpoint import checkpoint_kind
 from training.families.chroma import CHROMA
 from training.families.flux import FLUX
+from training.families.flux2 import FLUX2
 from training.families.qwen_image import QWEN_IMAGE
 from training.families.sd import SD1, SD2
 from training.families.sd3 import SD3
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from training.models.source import ModelSource
 
 FAMILIES: dict[str, ModelFamily] = {
-    family.id: family for family in (SD1, SD2, SDXL, FLUX, SD3, CHROMA, QWEN_IMAGE, Z_IMAGE)
+    family.id: family for family in (SD1, SD2, SDXL, FLUX, SD3, CHROMA, QWEN_IMAGE, Z_IMAGE, FLUX2)
 }
 # Files are judged by a transformer before a UNet: a FLUX pipeline also has a second text encoder, which
 # alone would read as SDXL.

@@ -69,6 +69,12 @@ BUILTINS: dict[str, TinySpec] = {
         family="z_image",
         seed=8642,
     ),
+    "tiny-flux2": TinySpec(
+        "tiny random FLUX.2 (Mistral text encoder, own VAE, flow matching)",
+        "flow_prediction",
+        family="flux2",
+        seed=2626,
+    ),
 }
 
 
