@@ -12,6 +12,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# One thread per process, for these tests and every process they start (before torch reads it): the tiny models'
+# operations are too small to gain from a second thread, and on CI's 2 cores the tests' process, a server's
+# trainer and its renderer often run side by side, where more threads than cores only wait on each other.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402

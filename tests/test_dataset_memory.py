@@ -38,28 +38,35 @@ def captioned_dataset(folder: Path, count: int) -> Path:
     return folder
 
 
-def peak_rss_kib(tmp_path: Path, dataset: Path, name: str) -> tuple[int, Path, set[str]]:
-    """The peak RSS of a 2-step tiny-FLUX run on `dataset`, its run directory, and the phases its
-    status.json showed while it ran."""
-    run = tmp_path / f"run-{name}"
-    config = fast_config(dataset, name=name, model_name="builtin:tiny-flux", steps=2, batch_size=2)
-    config_file = tmp_path / f"{name}.yaml"
-    atomic_write_text(config_file, config.to_yaml())
-    wrapper = subprocess.Popen(
-        [sys.executable, "-c", _PEAK_RSS, str(config_file), "--run-dir", str(run), "--quiet"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    phases = set()
-    while wrapper.poll() is None:
-        if (run / "status.json").exists():  # replaced atomically: always whole
-            phases.add(json.loads((run / "status.json").read_text()).get("phase"))
-        time.sleep(0.5)
-    stdout, stderr = wrapper.communicate(timeout=60)
-    assert wrapper.returncode == 0, stderr[-3000:]
-    return int(stdout.strip().splitlines()[-1]), run, phases
+class PeakRss:
+    """A 2-step tiny-FLUX run on `dataset` in a wrapper process that reports the run's peak RSS (KiB); runs
+    started together train side by side, one thread each."""
+
+    def __init__(self, tmp_path: Path, dataset: Path, name: str):
+        self.run = tmp_path / f"run-{name}"
+        config = fast_config(dataset, name=name, model_name="builtin:tiny-flux", steps=2, batch_size=2)
+        config_file = tmp_path / f"{name}.yaml"
+        atomic_write_text(config_file, config.to_yaml())
+        self.wrapper = subprocess.Popen(
+            [sys.executable, "-c", _PEAK_RSS, str(config_file), "--run-dir", str(self.run), "--quiet"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        self.phases: set[str] = set()  # the phases its status.json showed while it ran
+
+    def running(self) -> bool:
+        if (self.run / "status.json").exists():  # replaced atomically: always whole
+            self.phases.add(json.loads((self.run / "status.json").read_text()).get("phase"))
+        return self.wrapper.poll() is None
+
+    def peak_kib(self) -> int:
+        while self.running():
+            time.sleep(0.5)
+        stdout, stderr = self.wrapper.communicate(timeout=60)
+        assert self.wrapper.returncode == 0, stderr[-3000:]
+        return int(stdout.strip().splitlines()[-1])
 
 
 def cache_options(run: Path) -> dict:
@@ -69,8 +76,12 @@ def cache_options(run: Path) -> dict:
 
 @pytest.mark.slow
 def test_peak_rss_stays_flat_from_100_to_2000_images(tmp_path, workspace):
-    small, small_run, _ = peak_rss_kib(tmp_path, captioned_dataset(tmp_path / "small", 100), "small")
-    large, large_run, phases = peak_rss_kib(tmp_path, captioned_dataset(tmp_path / "large", 2000), "large")
+    runs = [PeakRss(tmp_path, captioned_dataset(tmp_path / "small", 100), "small")]
+    runs.append(PeakRss(tmp_path, captioned_dataset(tmp_path / "large", 2000), "large"))  # made as the first trains
+    while any([run.running() for run in runs]):  # every run polled at each turn, for the phases it shows
+        time.sleep(0.5)
+    (small, small_run), (large, large_run) = [(run.peak_kib(), run.run) for run in runs]
+    phases = runs[1].phases
     print(f"peak RSS: 100 images {small / 1024:.0f} MiB, 2000 images {large / 1024:.0f} MiB, {large / small:.2f}x")
     assert large <= 1.2 * small, f"2000 images peak at {large / 1024:.0f} MiB, 100 at {small / 1024:.0f} MiB"
     # the automatic choice, recorded: 100 x 64 KiB of T5 states stay in memory, 2,000 go to disk

@@ -9,6 +9,7 @@ import json
 import re
 from pathlib import Path
 
+import anyio
 import pytest
 import test_mcp_server as mcp
 import torch
@@ -92,43 +93,52 @@ def test_a_lora_from_elsewhere_generates_converts_merges_and_resumes_over_mcp(ki
     source = make(model, workspace / "loras" / f"{kind}.safetensors")
 
     async def script(session):
-        image = await session.call_tool(
-            "generate-image", {"model_name": model_name, "prompt": "xyz_shape", "loras": [{"lora": kind}], "steps": 2}
-        )
-        assert not image.is_error, image.content
-        assert image.content[-1].type == "image"
-
-        unnamed = await session.call_tool("convert-lora", {"lora": kind, "to": "comfyui"})
-        assert unnamed.is_error and "give model_name" in unnamed.content[0].text, unnamed.content
-        converted = await session.call_tool("convert-lora", {"lora": kind, "to": "comfyui", "model_name": model_name})
-        assert not converted.is_error, converted.content
-        again = await session.call_tool("convert-lora", {"lora": kind, "to": "comfyui", "model_name": model_name})
-        assert not again.is_error, again.content
-        # The default name is taken by the first conversion: the second is numbered, and says so.
-        assert (converted.structured_content["name"], again.structured_content["name"]) == (
-            f"{kind}-comfyui", f"{kind}-comfyui-2"
-        )
-        exact = await session.call_tool(
-            "convert-lora", {"lora": kind, "to": "diffusers", "output_name": kind, "model_name": model_name}
-        )
-        assert exact.is_error and "never overwritten" in exact.content[0].text, exact.content
-
-        merged = await session.call_tool(
-            "merge-loras",
-            {"loras": [{"lora": kind, "weight": 0.5}, {"lora": kind, "weight": 0.5}], "output_name": f"{kind}-merged",
-             "model_name": model_name},
-        )
-        assert not merged.is_error, merged.content
-
+        # The resumed run trains while the other tools answer (the SDK runs them in worker threads).
         options = {"model_name": model_name, "resume_from": kind, "rank": RANK, "alpha": 8, "steps": 1,
                    "learning_rate": 1e-9, "batch_size": 1, "disable_sampling": True}
         if targets:
             options["target_modules"] = targets
         await mcp.create(session, f"{kind}-resumed", shapes, **options)
         job = await mcp.start(session, f"{kind}-resumed")
+        paths = {}
+
+        async def generate():
+            image = await session.call_tool(
+                "generate-image",
+                {"model_name": model_name, "prompt": "xyz_shape", "loras": [{"lora": kind}], "steps": 2},
+            )
+            assert not image.is_error, image.content
+            assert image.content[-1].type == "image"
+
+        async def convert():
+            unnamed = await session.call_tool("convert-lora", {"lora": kind, "to": "comfyui"})
+            assert unnamed.is_error and "give model_name" in unnamed.content[0].text, unnamed.content
+            arguments = {"lora": kind, "to": "comfyui", "model_name": model_name}
+            converted = await session.call_tool("convert-lora", arguments)
+            assert not converted.is_error, converted.content
+            # Named after the source and the layout (numbered when taken: test_merge_convert.py).
+            assert converted.structured_content["name"] == f"{kind}-comfyui"
+            paths["converted"] = converted.structured_content["path"]
+            exact = await session.call_tool(
+                "convert-lora", {"lora": kind, "to": "diffusers", "output_name": kind, "model_name": model_name}
+            )
+            assert exact.is_error and "never overwritten" in exact.content[0].text, exact.content
+
+        async def merge():
+            merged = await session.call_tool(
+                "merge-loras",
+                {"loras": [{"lora": kind, "weight": 0.5}, {"lora": kind, "weight": 0.5}],
+                 "output_name": f"{kind}-merged", "model_name": model_name},
+            )
+            assert not merged.is_error, merged.content
+            paths["merged"] = merged.structured_content["lora"]["path"]
+
+        async with anyio.create_task_group() as group:
+            for call in (generate, convert, merge):
+                group.start_soon(call)
         final = await mcp.wait_for_state(session, job["job_id"], ("completed", "failed", "interrupted"))
         assert final["state"] == "completed", final
-        return converted.structured_content["path"], merged.structured_content["lora"]["path"]
+        return paths["converted"], paths["merged"]
 
     converted, merged = mcp.run_session(workspace, script)
     assert (workspace / "loras" / f"{kind}.safetensors").read_bytes() == source.read_bytes()  # never overwritten
