@@ -250,6 +250,24 @@ def test_options_that_do_not_fit_z_image_are_refused_or_warned(tmp_path, shapes,
     assert result.state == "failed" and "Z-Image LoRAs train the transformer only" in result.error
 
 
+def test_turbo_is_told_by_the_schedulers_shift_where_the_files_are_here(zimage, tmp_path):
+    """The tiny model has Turbo's shift 3: a copy of it under any name is warned about; with the base model's
+    shift 6, even a folder named Turbo is not. Without the files, the name decides."""
+    import shutil
+
+    folder = shutil.copytree(zimage.source.path, tmp_path / "my-finetune", symlinks=True)
+    _, warnings = checks.conflicts("z_image", model_name=str(folder))
+    assert len(warnings) == 1 and "is Z-Image-Turbo" in warnings[0]
+
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps(json.loads(scheduler.read_text()) | {"shift": 6.0}))
+    base = folder.rename(tmp_path / "z-image-turbo-but-retrained")
+    assert checks.conflicts("z_image", model_name=str(base)) == ([], [])
+    assert checks.conflicts("z_image", model_name="x.safetensors", base_model_config=str(base)) == ([], [])
+    _, warnings = checks.conflicts("z_image", model_name="owner/z-image-turbo-not-downloaded")
+    assert "is Z-Image-Turbo" in warnings[0]
+
+
 def test_the_plan_for_z_image_trains_in_bf16_with_adamw_and_the_readme_config_fits():
     recommended = checks.plan("Tongyi-MAI/Z-Image", 1024, detected_family="z_image")
     assert (recommended.config["optimizer"], recommended.config["mixed_precision"]) == ("adamw", "bf16")

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from training.families.base import FROM_PARAMETER_COUNTS, HardwareRow
+from training.families.base import FROM_PARAMETER_COUNTS, HardwareRow, read_config
 from training.families.flow import FlowFamily, RectifiedFlow
 from training.families.flux import FLUX_CAPTION_ELEMENTS
 
@@ -97,9 +97,9 @@ class ZImage(FlowFamily):
         return ZIMAGE_NAME.search(name) is not None
 
     def conflicts(self, config: TrainingConfig) -> tuple[list[str], list[str]]:
-        """FlowFamily's, and a warning for Turbo as the base (by its name: the files are not read here)."""
+        """FlowFamily's, and a warning for Turbo as the base."""
         errors, warnings = super().conflicts(config)
-        if "turbo" in config.model_name.lower():
+        if configured_turbo(config):
             warnings.append(
                 f"{config.model_name} is Z-Image-Turbo, distilled to render in 8-9 steps without guidance: a LoRA "
                 "trained on it directly wears that distillation away (samples blur or lose detail at few steps "
@@ -218,6 +218,27 @@ class ZImage(FlowFamily):
 
 
 Z_IMAGE = ZImage()
+
+
+def configured_turbo(config: TrainingConfig) -> bool:
+    """Whether a config trains on Z-Image-Turbo: by its scheduler's shift where the model's folder is here (a
+    local folder, a single file's base_model_config, a cached hub id), else by its name."""
+    from training.models.source import ModelNotFoundError, cached_snapshot
+
+    named = "turbo" in config.model_name.lower()
+    folder = Path(config.base_model_config or config.model_name).expanduser()
+    if not folder.is_dir():
+        try:
+            folder = cached_snapshot(config.model_name)
+        except ModelNotFoundError:  # not a hub id either: validation says so
+            return named
+    if folder is None:  # a hub id not downloaded yet
+        return named
+    try:
+        scheduler = read_config(folder / "scheduler" / "scheduler_config.json")
+        return float(scheduler.get("shift", BASE_SHIFT)) < BASE_SHIFT
+    except (OSError, ValueError, TypeError, AttributeError):  # not a diffusers folder: loading says why
+        return named
 
 
 def is_turbo(pipeline) -> bool:
