@@ -107,6 +107,26 @@ def present(selector: str) -> Callable:
     return lambda driver: driver.find_elements("css selector", selector)
 
 
+def replaced(element) -> Callable:
+    """A wait condition: `element` is gone from the page, its document replaced by a navigation. Asked about a node in
+    the middle of that navigation, chromedriver may answer "Node with given id does not belong to the document" (a
+    plain WebDriverException, not Selenium's stale element): the same answer, the node is gone."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+
+    def gone(_driver) -> bool:
+        try:
+            element.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as error:
+            if "does not belong to the document" not in str(error):
+                raise
+            return True
+        return False
+
+    return gone
+
+
 def text_of(driver, selector: str) -> str | None:
     """The trimmed text of the first element `selector` matches (None without one), read in one script: no stale
     element while the page re-renders."""

@@ -14,6 +14,7 @@ from browser import (
     console_errors,
     image_counts,
     present,
+    replaced,
     screenshot,
     text_of,
     wait_for,
@@ -34,7 +35,7 @@ def submit_token(driver, server, token: str) -> None:
     (form,) = wait_for(driver, present("form#login"), "no login form")
     form.find_element(By.CSS_SELECTOR, "input[name=token]").send_keys(token)
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    wait_for(driver, expected_conditions.staleness_of(form), "the login form was not answered")
+    wait_for(driver, replaced(form), "the login form was not answered")
 
 
 def errors_but_the_login_pages(driver) -> list[str]:
